@@ -1,0 +1,214 @@
+//! Command line. Every flag has an environment fallback so containers and Nomad tasks can be
+//! configured without rewriting arguments.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "workersd",
+    version,
+    about = "Gives every worker process of a multi-process web service its own Prometheus scrape target"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Probe the targets of a YAML file (hosts, VMs, Nomad) and publish live workers.
+    Standalone(Box<StandaloneArgs>),
+    /// Validate a targets file; print every error (entry, field, why) and exit 1 if any.
+    Check {
+        #[arg(long, env = "WORKERSD_TARGETS")]
+        targets: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct StandaloneArgs {
+    /// YAML targets file; re-read when its content changes.
+    #[arg(long, env = "WORKERSD_TARGETS")]
+    pub targets: PathBuf,
+    /// How often the targets file is checked for changes.
+    #[arg(long, env = "WORKERSD_RELOAD_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub reload_interval: Duration,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Settings shared by every mode: probing, sinks, the controller's own endpoints.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Consul HTTP API address (host:port or URL). The Consul sink is off when unset.
+    #[arg(long, env = "CONSUL_HTTP_ADDR")]
+    pub consul_addr: Option<String>,
+    /// File holding the Consul ACL token (preferred; env CONSUL_HTTP_TOKEN is the fallback).
+    #[arg(long, env = "CONSUL_HTTP_TOKEN_FILE")]
+    pub consul_token_file: Option<PathBuf>,
+    /// Consul datacenter (default: the agent's own).
+    #[arg(long, env = "CONSUL_DATACENTER")]
+    pub consul_datacenter: Option<String>,
+    /// Name of the synthetic Consul node that holds workersd's entries [default: workersd-<hostname>].
+    #[arg(long, env = "WORKERSD_CONSUL_NODE")]
+    pub consul_node: Option<String>,
+    /// Address recorded on the synthetic node (entries carry their own addresses).
+    #[arg(
+        long,
+        env = "WORKERSD_CONSUL_NODE_ADDRESS",
+        default_value = "127.0.0.1"
+    )]
+    pub consul_node_address: String,
+    /// Owner id written on every entry; only entries with this id are ever changed or removed
+    /// [default: the Consul node name].
+    #[arg(long, env = "WORKERSD_OWNER_ID")]
+    pub owner_id: Option<String>,
+    /// How often what Consul holds is re-read and corrected.
+    #[arg(long, env = "WORKERSD_CONSUL_RESYNC_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub consul_resync_interval: Duration,
+    /// Timeout of one Consul request.
+    #[arg(long, env = "WORKERSD_CONSUL_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub consul_timeout: Duration,
+    /// Listen address of the built-in Prometheus HTTP SD endpoint (GET /targets); "off" disables it.
+    #[arg(long, env = "WORKERSD_HTTP_SD_LISTEN", default_value = "127.0.0.1:9464", value_parser = parse_optional_addr)]
+    pub http_sd_listen: OptionalListen,
+    /// Listen address of workersd's own /metrics, /healthz and /readyz.
+    #[arg(long, env = "WORKERSD_LISTEN", default_value = "127.0.0.1:9463")]
+    pub listen: SocketAddr,
+    /// Probe interval once a target is steady.
+    #[arg(long, env = "WORKERSD_PROBE_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub probe_interval: Duration,
+    /// Timeout of one port probe (connect plus response head).
+    #[arg(long, env = "WORKERSD_PROBE_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    pub probe_timeout: Duration,
+    /// Most port probes in flight at once, over all targets.
+    #[arg(long, env = "WORKERSD_PROBE_CONCURRENCY", default_value_t = 512)]
+    pub probe_concurrency: usize,
+    /// Probe interval while a target is new or changing.
+    #[arg(long, env = "WORKERSD_FAST_INTERVAL", default_value = "500ms", value_parser = parse_duration)]
+    pub fast_interval: Duration,
+    /// How long a target stays at the fast interval after it appears or changes.
+    #[arg(long, env = "WORKERSD_FAST_PERIOD", default_value = "30s", value_parser = parse_duration)]
+    pub fast_period: Duration,
+    /// Log format.
+    #[arg(long, env = "WORKERSD_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(text)
+        .map_err(|e| format!("{text:?} is not a duration like 500ms or 10s: {e}"))?;
+    if d.is_zero() {
+        return Err("must be greater than zero".into());
+    }
+    Ok(d)
+}
+
+/// A listen address that can be switched off with "off".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OptionalListen(pub Option<SocketAddr>);
+
+fn parse_optional_addr(text: &str) -> Result<OptionalListen, String> {
+    if text.eq_ignore_ascii_case("off") || text.is_empty() {
+        return Ok(OptionalListen(None));
+    }
+    text.parse()
+        .map(|addr| OptionalListen(Some(addr)))
+        .map_err(|e| format!("{text:?} is not host:port or \"off\": {e}"))
+}
+
+impl RunArgs {
+    /// Checks relations between flags that clap cannot express.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.fast_interval > self.probe_interval {
+            return Err("--fast-interval must not exceed --probe-interval".into());
+        }
+        if !(1..=65_536).contains(&self.probe_concurrency) {
+            return Err("--probe-concurrency must be between 1 and 65536".into());
+        }
+        if self.probe_timeout > self.probe_interval {
+            return Err("--probe-timeout must not exceed --probe-interval".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn parses_standalone_flags() {
+        let cli = Cli::try_parse_from([
+            "workersd",
+            "standalone",
+            "--targets",
+            "t.yaml",
+            "--http-sd-listen",
+            "off",
+            "--probe-interval",
+            "2s",
+            "--fast-interval",
+            "100ms",
+        ])
+        .unwrap();
+        let Command::Standalone(args) = cli.command else {
+            panic!("wrong subcommand")
+        };
+        assert_eq!(args.run.http_sd_listen, OptionalListen(None));
+        assert_eq!(args.run.probe_interval, Duration::from_secs(2));
+        assert!(args.run.validate().is_ok());
+    }
+
+    #[test]
+    fn rejects_bad_flags_with_reasons() {
+        let err = Cli::try_parse_from([
+            "workersd",
+            "standalone",
+            "--targets",
+            "t",
+            "--probe-interval",
+            "soon",
+        ])
+        .unwrap_err();
+        assert!(err.to_string().contains("not a duration"), "{err}");
+        let err = Cli::try_parse_from([
+            "workersd",
+            "standalone",
+            "--targets",
+            "t",
+            "--probe-timeout",
+            "0s",
+        ])
+        .unwrap_err();
+        assert!(err.to_string().contains("greater than zero"), "{err}");
+        let cli = Cli::try_parse_from([
+            "workersd",
+            "standalone",
+            "--targets",
+            "t",
+            "--fast-interval",
+            "1m",
+        ])
+        .unwrap();
+        let Command::Standalone(args) = cli.command else {
+            panic!("wrong subcommand")
+        };
+        assert!(args.run.validate().unwrap_err().contains("--fast-interval"));
+    }
+}

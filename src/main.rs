@@ -1,0 +1,58 @@
+use clap::Parser;
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use tracing_subscriber::EnvFilter;
+use workersd::cli::{Cli, Command, LogFormat};
+use workersd::sources::file;
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_env("WORKERSD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { targets } => match file::load_targets(&targets) {
+            Ok(found) => {
+                println!("{}: OK, {} target(s)", targets.display(), found.len());
+                ExitCode::SUCCESS
+            }
+            Err(errors) => {
+                for error in &errors {
+                    println!("{}: {error}", targets.display());
+                }
+                println!("{}: {} error(s)", targets.display(), errors.len());
+                ExitCode::from(1)
+            }
+        },
+        Command::Standalone(args) => {
+            init_logging(args.run.log_format);
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("workersd: cannot start the async runtime: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            match runtime.block_on(workersd::app::run_standalone(*args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    eprintln!("workersd: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,175 @@
+//! workersd's own metrics, exposed on `--listen` at `/metrics`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use std::time::Duration;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SinkOpLabels {
+    pub sink: &'static str,
+    pub op: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SinkErrorLabels {
+    pub sink: &'static str,
+    pub kind: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    probes: Family<ResultLabel, Counter>,
+    pub targets: Gauge,
+    pub live_endpoints: Gauge,
+    sink_operations: Family<SinkOpLabels, Counter>,
+    sink_requests: Family<SinkOpLabels, Counter>,
+    sink_errors: Family<SinkErrorLabels, Counter>,
+    reconcile_duration: Histogram,
+    config_reloads: Family<ResultLabel, Counter>,
+    pub sweep_overruns: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("workersd");
+        let probes = Family::<ResultLabel, Counter>::default();
+        registry.register("probes", "Port probes by result", probes.clone());
+        let targets = Gauge::default();
+        registry.register(
+            "targets",
+            "Declared targets (address and port range)",
+            targets.clone(),
+        );
+        let live_endpoints = Gauge::default();
+        registry.register(
+            "live_endpoints",
+            "Live worker endpoints in the desired catalog",
+            live_endpoints.clone(),
+        );
+        let sink_operations = Family::<SinkOpLabels, Counter>::default();
+        registry.register(
+            "sink_operations",
+            "Catalog operations written, by sink and operation",
+            sink_operations.clone(),
+        );
+        let sink_requests = Family::<SinkOpLabels, Counter>::default();
+        registry.register(
+            "sink_requests",
+            "Requests made by sinks, by sink and request kind",
+            sink_requests.clone(),
+        );
+        let sink_errors = Family::<SinkErrorLabels, Counter>::default();
+        registry.register(
+            "sink_errors",
+            "Sink errors, by sink and kind",
+            sink_errors.clone(),
+        );
+        let reconcile_duration = Histogram::new([0.0001, 0.001, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]);
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time to plan and write one reconcile pass",
+            reconcile_duration.clone(),
+        );
+        let config_reloads = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "config_reloads",
+            "Targets file reloads by result",
+            config_reloads.clone(),
+        );
+        let sweep_overruns = Counter::default();
+        registry.register(
+            "sweep_overruns",
+            "Sweeps abandoned for exceeding their time bound (results discarded)",
+            sweep_overruns.clone(),
+        );
+        Self {
+            registry,
+            probes,
+            targets,
+            live_endpoints,
+            sink_operations,
+            sink_requests,
+            sink_errors,
+            reconcile_duration,
+            config_reloads,
+            sweep_overruns,
+        }
+    }
+
+    pub fn probe(&self, result: &'static str) {
+        self.probes.get_or_create(&ResultLabel { result }).inc();
+    }
+
+    pub fn sink_operations(&self, sink: &'static str, op: &'static str, count: u64) {
+        self.sink_operations
+            .get_or_create(&SinkOpLabels { sink, op })
+            .inc_by(count);
+    }
+
+    pub fn sink_request(&self, sink: &'static str, op: &'static str) {
+        self.sink_requests
+            .get_or_create(&SinkOpLabels { sink, op })
+            .inc();
+    }
+
+    pub fn sink_error(&self, sink: &'static str, kind: &'static str) {
+        self.sink_errors
+            .get_or_create(&SinkErrorLabels { sink, kind })
+            .inc();
+    }
+
+    pub fn reconcile_duration(&self, elapsed: Duration) {
+        self.reconcile_duration.observe(elapsed.as_secs_f64());
+    }
+
+    pub fn config_reload(&self, result: &'static str) {
+        self.config_reloads
+            .get_or_create(&ResultLabel { result })
+            .inc();
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Encoding into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_counters_with_labels() {
+        let m = Metrics::new();
+        m.probe("live");
+        m.probe("live");
+        m.sink_operations("consul", "register", 3);
+        let text = m.encode();
+        assert!(
+            text.contains("workersd_probes_total{result=\"live\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("workersd_sink_operations_total{sink=\"consul\",op=\"register\"} 3"),
+            "{text}"
+        );
+        assert!(text.ends_with("# EOF\n"));
+    }
+}

@@ -1,0 +1,487 @@
+//! The prober: finds which ports of each target's range are live metrics endpoints.
+//!
+//! One lightweight task per target sweeps its range concurrently under a global limit. A
+//! port counts as live once it answered `GET <path>` with 200 and a Prometheus content type;
+//! while it stays up, later sweeps only open a TCP connection so workers are not scraped
+//! twice. New, changed or changing targets are swept at a fast cadence for a while so ramping
+//! or recycled workers are published within about a second.
+
+use crate::metrics::Metrics;
+use crate::model::{Scheme, Target, TargetId};
+use futures::future::join_all;
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{BTreeSet, HashMap};
+use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::AbortHandle;
+use tokio::time::{Instant, timeout};
+
+/// Response headers larger than this are not a metrics endpoint we recognise.
+const MAX_RESPONSE_HEAD: usize = 16 * 1024;
+
+#[derive(Clone, Debug)]
+pub struct ProbeSettings {
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub concurrency: usize,
+    pub fast_interval: Duration,
+    pub fast_period: Duration,
+}
+
+impl Default for ProbeSettings {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(10),
+            timeout: Duration::from_secs(1),
+            concurrency: 512,
+            fast_interval: Duration::from_millis(500),
+            fast_period: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The live ports of one target after a completed sweep. The first sweep of every target
+/// generation is always reported; later ones only when the set changes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProbeReport {
+    pub target: TargetId,
+    pub generation: u64,
+    pub live: BTreeSet<u16>,
+}
+
+/// Why a port is or is not a live worker; also the `result` label of the probe counter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PortStatus {
+    Live,
+    Refused,
+    Timeout,
+    HttpStatus,
+    ContentType,
+    Malformed,
+}
+
+impl PortStatus {
+    pub fn label(self) -> &'static str {
+        match self {
+            PortStatus::Live => "live",
+            PortStatus::Refused => "refused",
+            PortStatus::Timeout => "timeout",
+            PortStatus::HttpStatus => "http_status",
+            PortStatus::ContentType => "content_type",
+            PortStatus::Malformed => "malformed",
+        }
+    }
+}
+
+struct Running {
+    target: Target,
+    generation: u64,
+    task: AbortHandle,
+}
+
+/// Owns one sweep loop per target and keeps them in step with the sources' snapshots.
+pub struct Prober {
+    settings: ProbeSettings,
+    limiter: Arc<Semaphore>,
+    metrics: Arc<Metrics>,
+    reports: mpsc::Sender<ProbeReport>,
+    running: HashMap<TargetId, Running>,
+    next_generation: u64,
+}
+
+impl Prober {
+    pub fn new(
+        settings: ProbeSettings,
+        metrics: Arc<Metrics>,
+        reports: mpsc::Sender<ProbeReport>,
+    ) -> Self {
+        let limiter = Arc::new(Semaphore::new(settings.concurrency.max(1)));
+        Self {
+            settings,
+            limiter,
+            metrics,
+            reports,
+            running: HashMap::new(),
+            next_generation: 1,
+        }
+    }
+
+    /// Starts loops for new targets, restarts changed ones (probed at once, then fast) and
+    /// stops removed ones.
+    pub fn sync(&mut self, targets: &[Target]) {
+        let wanted: HashMap<&TargetId, &Target> = targets.iter().map(|t| (&t.id, t)).collect();
+        self.running.retain(|id, running| {
+            let keep = wanted.get(id).is_some_and(|t| **t == running.target);
+            if !keep {
+                running.task.abort();
+            }
+            keep
+        });
+        for target in targets {
+            if self.running.contains_key(&target.id) {
+                continue;
+            }
+            let generation = self.next_generation;
+            self.next_generation += 1;
+            let sweeper = Sweeper {
+                target: Arc::new(target.clone()),
+                generation,
+                settings: self.settings.clone(),
+                limiter: self.limiter.clone(),
+                metrics: self.metrics.clone(),
+                reports: self.reports.clone(),
+            };
+            let task = tokio::spawn(sweeper.run()).abort_handle();
+            self.running.insert(
+                target.id.clone(),
+                Running {
+                    target: target.clone(),
+                    generation,
+                    task,
+                },
+            );
+        }
+    }
+
+    /// The generation whose reports are current for `id`; older ones are stale.
+    pub fn generation(&self, id: &TargetId) -> Option<u64> {
+        self.running.get(id).map(|r| r.generation)
+    }
+}
+
+impl Drop for Prober {
+    fn drop(&mut self) {
+        for running in self.running.values() {
+            running.task.abort();
+        }
+    }
+}
+
+struct Sweeper {
+    target: Arc<Target>,
+    generation: u64,
+    settings: ProbeSettings,
+    limiter: Arc<Semaphore>,
+    metrics: Arc<Metrics>,
+    reports: mpsc::Sender<ProbeReport>,
+}
+
+impl Sweeper {
+    async fn run(self) {
+        let mut live: Option<BTreeSet<u16>> = None;
+        let mut fast_until = Instant::now() + self.settings.fast_period;
+        let mut slow_phase_applied = false;
+        // A sweep never runs longer than this; a late result would be stale anyway.
+        let bound = self.settings.interval.max(self.settings.timeout * 3);
+        loop {
+            let verified = live.clone().unwrap_or_default();
+            match timeout(bound, self.sweep(&verified)).await {
+                Ok(now_live) => {
+                    if live.as_ref() != Some(&now_live) {
+                        if live.is_some() {
+                            // Workers are ramping or recycling: watch closely for a while.
+                            fast_until = Instant::now() + self.settings.fast_period;
+                        }
+                        let report = ProbeReport {
+                            target: self.target.id.clone(),
+                            generation: self.generation,
+                            live: now_live.clone(),
+                        };
+                        if self.reports.send(report).await.is_err() {
+                            return;
+                        }
+                        live = Some(now_live);
+                    }
+                }
+                Err(_) => {
+                    self.metrics.sweep_overruns.inc();
+                    tracing::warn!(target = %self.target.id, bound = ?bound, "sweep exceeded its time bound; result discarded");
+                }
+            }
+            let delay = if Instant::now() < fast_until {
+                self.settings.fast_interval
+            } else if !slow_phase_applied {
+                // Spread slow sweeps of targets created together over the interval.
+                slow_phase_applied = true;
+                self.settings.interval + phase_offset(&self.target.id, self.settings.interval)
+            } else {
+                self.settings.interval
+            };
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    async fn sweep(&self, verified: &BTreeSet<u16>) -> BTreeSet<u16> {
+        let probes = self.target.ports.ports().map(|port| async move {
+            let Ok(_permit) = self.limiter.acquire().await else {
+                return (port, PortStatus::Refused);
+            };
+            let addr = SocketAddr::new(self.target.address, port);
+            let status = if verified.contains(&port) {
+                connect_only(addr, self.settings.timeout).await
+            } else {
+                verify(
+                    addr,
+                    &self.target.path,
+                    self.target.scheme,
+                    self.settings.timeout,
+                )
+                .await
+            };
+            self.metrics.probe(status.label());
+            (port, status)
+        });
+        join_all(probes)
+            .await
+            .into_iter()
+            .filter(|(_, status)| *status == PortStatus::Live)
+            .map(|(port, _)| port)
+            .collect()
+    }
+}
+
+fn phase_offset(id: &TargetId, interval: Duration) -> Duration {
+    let mut hasher = DefaultHasher::new();
+    id.hash(&mut hasher);
+    let fraction = (hasher.finish() % 1000) as u32;
+    interval * fraction / 1000
+}
+
+/// A TCP connect, for ports already verified as metrics endpoints.
+pub async fn connect_only(addr: SocketAddr, limit: Duration) -> PortStatus {
+    match timeout(limit, TcpStream::connect(addr)).await {
+        Ok(Ok(_)) => PortStatus::Live,
+        Ok(Err(_)) => PortStatus::Refused,
+        Err(_) => PortStatus::Timeout,
+    }
+}
+
+/// Full verification: connect, `GET path`, and require 200 with a Prometheus text or
+/// OpenMetrics content type. Only the response head is read. HTTPS targets are checked by
+/// TCP connect only (no TLS client in the prober yet).
+pub async fn verify(addr: SocketAddr, path: &str, scheme: Scheme, limit: Duration) -> PortStatus {
+    if scheme == Scheme::Https {
+        return connect_only(addr, limit).await;
+    }
+    match timeout(limit, http_get_head(addr, path)).await {
+        Ok(status) => status,
+        Err(_) => PortStatus::Timeout,
+    }
+}
+
+async fn http_get_head(addr: SocketAddr, path: &str) -> PortStatus {
+    let mut stream = match TcpStream::connect(addr).await {
+        Ok(stream) => stream,
+        Err(_) => return PortStatus::Refused,
+    };
+    let host = match addr {
+        SocketAddr::V4(a) => format!("{}:{}", a.ip(), a.port()),
+        SocketAddr::V6(a) => format!("[{}]:{}", a.ip(), a.port()),
+    };
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: workersd/{}\r\n\
+         Accept: application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5,*/*;q=0.1\r\n\
+         Connection: close\r\n\r\n",
+        env!("CARGO_PKG_VERSION")
+    );
+    if stream.write_all(request.as_bytes()).await.is_err() {
+        return PortStatus::Malformed;
+    }
+    let mut head = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 2048];
+    loop {
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return classify_head(&head),
+            Ok(n) => head.extend_from_slice(&chunk[..n]),
+        }
+        if head.windows(4).any(|w| w == b"\r\n\r\n") || head.len() >= MAX_RESPONSE_HEAD {
+            return classify_head(&head);
+        }
+    }
+}
+
+/// Classifies a response head (status line and headers).
+pub fn classify_head(head: &[u8]) -> PortStatus {
+    let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return PortStatus::Malformed;
+    };
+    let Ok(text) = std::str::from_utf8(&head[..end]) else {
+        return PortStatus::Malformed;
+    };
+    let mut lines = text.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let mut parts = status_line.split(' ');
+    let (Some(version), Some(code)) = (parts.next(), parts.next()) else {
+        return PortStatus::Malformed;
+    };
+    if !version.starts_with("HTTP/1.") {
+        return PortStatus::Malformed;
+    }
+    if code != "200" {
+        return PortStatus::HttpStatus;
+    }
+    let content_type = lines.find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.trim()
+            .eq_ignore_ascii_case("content-type")
+            .then(|| value.trim().to_ascii_lowercase())
+    });
+    let media_type = content_type
+        .as_deref()
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    if media_type == "text/plain" || media_type == "application/openmetrics-text" {
+        PortStatus::Live
+    } else {
+        PortStatus::ContentType
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::PortRange;
+    use std::collections::BTreeMap;
+    use tokio::net::TcpListener;
+
+    #[test]
+    fn classifies_response_heads() {
+        let ok =
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n\r\n";
+        assert_eq!(classify_head(ok), PortStatus::Live);
+        let om = b"HTTP/1.0 200 OK\r\ncontent-type: application/openmetrics-text; version=1.0.0\r\n\r\n# HELP";
+        assert_eq!(classify_head(om), PortStatus::Live);
+        let html = b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\n\r\n";
+        assert_eq!(classify_head(html), PortStatus::ContentType);
+        let none = b"HTTP/1.1 200 OK\r\n\r\n";
+        assert_eq!(classify_head(none), PortStatus::ContentType);
+        let missing = b"HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\n\r\n";
+        assert_eq!(classify_head(missing), PortStatus::HttpStatus);
+        assert_eq!(classify_head(b"SSH-2.0-OpenSSH\r\n"), PortStatus::Malformed);
+        assert_eq!(classify_head(b"\xff\xfe\r\n\r\n"), PortStatus::Malformed);
+    }
+
+    /// A one-shot-per-connection HTTP server answering with `response`.
+    async fn serve(response: &'static str) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    let _ = stream.read(&mut buf).await;
+                    let _ = stream.write_all(response.as_bytes()).await;
+                });
+            }
+        });
+        addr
+    }
+
+    const METRICS_OK: &str = "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: 6\r\n\r\nup 1\n\n";
+
+    #[tokio::test]
+    async fn verifies_real_sockets() {
+        let limit = Duration::from_secs(2);
+        let metrics = serve(METRICS_OK).await;
+        assert_eq!(
+            verify(metrics, "/metrics", Scheme::Http, limit).await,
+            PortStatus::Live
+        );
+        let html = serve("HTTP/1.1 200 OK\r\nContent-Type: text/html\r\n\r\n<html>").await;
+        assert_eq!(
+            verify(html, "/metrics", Scheme::Http, limit).await,
+            PortStatus::ContentType
+        );
+        let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let silent_addr = silent.local_addr().unwrap();
+        assert_eq!(
+            verify(
+                silent_addr,
+                "/metrics",
+                Scheme::Http,
+                Duration::from_millis(200)
+            )
+            .await,
+            PortStatus::Timeout
+        );
+        drop(silent);
+        assert_eq!(
+            verify(silent_addr, "/metrics", Scheme::Http, limit).await,
+            PortStatus::Refused
+        );
+        assert_eq!(connect_only(metrics, limit).await, PortStatus::Live);
+    }
+
+    #[tokio::test]
+    async fn prober_reports_live_ports_and_follows_changes() {
+        // Reserve two adjacent-ish ports by binding, then serve metrics on one of them.
+        let a = serve(METRICS_OK).await;
+        let b_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let b = b_listener.local_addr().unwrap();
+        drop(b_listener);
+        let (lo, hi) = (a.port().min(b.port()), a.port().max(b.port()));
+        if hi - lo >= 200 {
+            // Ports far apart: the range would be too wide; nothing to assert on this host.
+            return;
+        }
+        let target = Target {
+            id: TargetId::new("t"),
+            service: "svc".into(),
+            address: a.ip(),
+            ports: PortRange::new(lo, hi).unwrap(),
+            path: "/metrics".into(),
+            scheme: Scheme::Http,
+            tags: vec![],
+            meta: BTreeMap::new(),
+        };
+        let (tx, mut rx) = mpsc::channel(16);
+        let settings = ProbeSettings {
+            fast_interval: Duration::from_millis(50),
+            ..ProbeSettings::default()
+        };
+        let mut prober = Prober::new(settings, Arc::new(Metrics::new()), tx);
+        prober.sync(std::slice::from_ref(&target));
+        let first = timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(first.live.contains(&a.port()));
+        assert!(!first.live.contains(&b.port()));
+        assert_eq!(Some(first.generation), prober.generation(&target.id));
+
+        // The second port comes alive: reported at the fast cadence.
+        let b_listener = TcpListener::bind(b).await.unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = b_listener.accept().await {
+                let _ = stream.read(&mut [0u8; 1024]).await;
+                let _ = stream.write_all(METRICS_OK.as_bytes()).await;
+            }
+        });
+        let second = timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(second.live.contains(&a.port()) && second.live.contains(&b.port()));
+
+        // A changed spec restarts the loop under a new generation; removal stops it.
+        let mut changed = target.clone();
+        changed.tags.push("new".into());
+        prober.sync(std::slice::from_ref(&changed));
+        let third = timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(third.generation > second.generation);
+        prober.sync(&[]);
+        assert_eq!(prober.generation(&target.id), None);
+    }
+}

@@ -1,0 +1,91 @@
+//! The controller's own HTTP endpoints: `/metrics`, `/healthz`, `/readyz`.
+
+use crate::metrics::Metrics;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Ready once targets are loaded, every target was probed once and (when enabled) Consul
+/// holds the result.
+#[derive(Default)]
+pub struct Readiness {
+    pub probed: AtomicBool,
+    pub consul_synced: Option<Arc<AtomicBool>>,
+}
+
+impl Readiness {
+    pub fn problems(&self) -> Vec<&'static str> {
+        let mut problems = Vec::new();
+        if !self.probed.load(Ordering::Relaxed) {
+            problems.push("targets not yet probed");
+        }
+        if self
+            .consul_synced
+            .as_ref()
+            .is_some_and(|s| !s.load(Ordering::Relaxed))
+        {
+            problems.push("consul not yet synced");
+        }
+        problems
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
+}
+
+async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.encode(),
+    )
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(state): State<AppState>) -> (StatusCode, String) {
+    let problems = state.readiness.problems();
+    if problems.is_empty() {
+        (StatusCode::OK, "ready\n".into())
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {}\n", problems.join(", ")),
+        )
+    }
+}
+
+pub fn router(metrics_: Arc<Metrics>, readiness: Arc<Readiness>) -> axum::Router {
+    axum::Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(AppState {
+            metrics: metrics_,
+            readiness,
+        })
+}
+
+/// Binds first (so a taken port fails start-up with a clear error), then serves forever.
+pub async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} for {what}: {e}"))
+}
+
+pub async fn serve(listener: tokio::net::TcpListener, router: axum::Router) {
+    if let Err(e) = axum::serve(listener, router).await {
+        tracing::error!(error = %e, "HTTP server stopped");
+    }
+}

@@ -1,0 +1,562 @@
+//! The Consul catalog sink. Every live worker becomes one service instance under a synthetic
+//! node that workersd owns; writes go through `/v1/txn` in batches of at most 64 operations.
+//! What Consul really holds is re-read at start, periodically and after any error, and
+//! corrected: missing entries re-registered, stale owned entries garbage-collected, entries of
+//! anyone else never touched.
+
+use crate::metrics::Metrics;
+use crate::model::{Catalog, EXTERNAL_SOURCE, ServiceInstance, meta_keys};
+use crate::pipeline::{DesiredRx, DesiredState};
+use crate::reconcile::{self, Op};
+use crate::secret::Secret;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Consul refuses transactions with more operations than this.
+pub const MAX_TXN_OPS: usize = 64;
+const SINK: &str = "consul";
+
+#[derive(Clone, Debug)]
+pub struct ConsulSettings {
+    /// Base URL, e.g. `http://127.0.0.1:8500`.
+    pub address: String,
+    pub token: Option<Secret>,
+    pub datacenter: Option<String>,
+    pub node: String,
+    pub node_address: String,
+    pub owner: String,
+    pub resync_interval: Duration,
+    pub request_timeout: Duration,
+}
+
+/// Normalises `CONSUL_HTTP_ADDR`-style values (`host:port` or a URL) to a base URL.
+pub fn normalize_address(raw: &str) -> Result<String, String> {
+    let raw = raw.trim();
+    let raw = match raw.strip_suffix('/') {
+        Some(stripped) if !stripped.ends_with(':') && !stripped.ends_with('/') => stripped,
+        _ => raw,
+    };
+    if raw.is_empty() {
+        return Err("Consul address is empty".into());
+    }
+    let url = if raw.starts_with("http://") || raw.starts_with("https://") {
+        raw.to_string()
+    } else if raw.contains("://") {
+        return Err(format!(
+            "Consul address {raw:?} must use http:// or https://"
+        ));
+    } else {
+        format!("http://{raw}")
+    };
+    let parsed = reqwest::Url::parse(&url)
+        .map_err(|e| format!("Consul address {raw:?} is not a valid URL: {e}"))?;
+    if parsed.host_str().is_none() {
+        return Err(format!("Consul address {raw:?} has no host"));
+    }
+    if parsed.scheme() == "https" {
+        return Err("https Consul addresses are not supported yet; use http".into());
+    }
+    Ok(url)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConsulError {
+    #[error("Consul unreachable: {0}")]
+    Unreachable(String),
+    #[error("Consul denied the request (HTTP 403): check the ACL token's policy: {0}")]
+    Forbidden(String),
+    #[error("Consul rejected the transaction (HTTP {status}): {errors}")]
+    TxnRejected { status: u16, errors: String },
+    #[error("Consul answered HTTP {status} to {what}: {body}")]
+    Status {
+        what: &'static str,
+        status: u16,
+        body: String,
+    },
+    #[error("cannot decode Consul's reply to {what}: {error}")]
+    Decode { what: &'static str, error: String },
+    #[error(
+        "Consul node {node:?} exists but was not registered by workersd (NodeMeta external-source is {found:?}); choose another --consul-node"
+    )]
+    NodeNotOwned { node: String, found: Option<String> },
+}
+
+impl ConsulError {
+    fn kind(&self) -> &'static str {
+        match self {
+            ConsulError::Unreachable(_) => "unreachable",
+            ConsulError::Forbidden(_) => "forbidden",
+            ConsulError::TxnRejected { .. } => "txn_rejected",
+            ConsulError::Status { .. } => "status",
+            ConsulError::Decode { .. } => "decode",
+            ConsulError::NodeNotOwned { .. } => "node_not_owned",
+        }
+    }
+}
+
+/// The node and everything registered under it, as Consul reports it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct NodeView {
+    pub node_meta: Option<BTreeMap<String, String>>,
+    pub services: Catalog,
+}
+
+#[derive(Deserialize)]
+struct NodeServicesReply {
+    #[serde(rename = "Node")]
+    node: Option<NodeReply>,
+    #[serde(rename = "Services", default)]
+    services: Option<Vec<ServiceReply>>,
+}
+
+#[derive(Deserialize)]
+struct NodeReply {
+    #[serde(rename = "Meta", alias = "NodeMeta", default)]
+    meta: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Deserialize)]
+struct ServiceReply {
+    #[serde(rename = "ID")]
+    id: String,
+    #[serde(rename = "Service")]
+    service: String,
+    #[serde(rename = "Address", default)]
+    address: String,
+    #[serde(rename = "Port", default)]
+    port: u16,
+    #[serde(rename = "Tags", default)]
+    tags: Option<Vec<String>>,
+    #[serde(rename = "Meta", default)]
+    meta: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Deserialize)]
+struct TxnErrors {
+    #[serde(rename = "Errors", default)]
+    errors: Option<Vec<TxnError>>,
+}
+
+#[derive(Deserialize)]
+struct TxnError {
+    #[serde(rename = "OpIndex", default)]
+    op_index: usize,
+    #[serde(rename = "What", default)]
+    what: String,
+}
+
+#[derive(Serialize)]
+struct ServiceBody<'a> {
+    #[serde(rename = "ID")]
+    id: &'a str,
+    #[serde(rename = "Service")]
+    service: &'a str,
+    #[serde(rename = "Address")]
+    address: &'a str,
+    #[serde(rename = "Port")]
+    port: u16,
+    #[serde(rename = "Tags")]
+    tags: &'a [String],
+    #[serde(rename = "Meta")]
+    meta: &'a BTreeMap<String, String>,
+}
+
+/// A thin client for the few Consul endpoints the sink needs.
+pub struct ConsulClient {
+    http: reqwest::Client,
+    settings: ConsulSettings,
+}
+
+impl ConsulClient {
+    pub fn new(settings: ConsulSettings) -> Result<Self, String> {
+        let http = reqwest::Client::builder()
+            .timeout(settings.request_timeout)
+            .connect_timeout(settings.request_timeout)
+            .build()
+            .map_err(|e| format!("cannot build HTTP client: {e}"))?;
+        Ok(Self { http, settings })
+    }
+
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let mut builder = self
+            .http
+            .request(method, format!("{}{path}", self.settings.address));
+        if let Some(dc) = &self.settings.datacenter {
+            builder = builder.query(&[("dc", dc)]);
+        }
+        if let Some(token) = &self.settings.token {
+            builder = builder.header("X-Consul-Token", token.expose());
+        }
+        builder
+    }
+
+    /// Everything under our node; an absent node is an empty view.
+    pub async fn read_node(&self) -> Result<NodeView, ConsulError> {
+        let path = format!("/v1/catalog/node-services/{}", self.settings.node);
+        let response = self
+            .request(reqwest::Method::GET, &path)
+            .send()
+            .await
+            .map_err(unreachable)?;
+        let status = response.status().as_u16();
+        let body = response.text().await.map_err(unreachable)?;
+        match status {
+            200 => {}
+            404 => return Ok(NodeView::default()),
+            403 => return Err(ConsulError::Forbidden(truncate(&body))),
+            _ => {
+                return Err(ConsulError::Status {
+                    what: "node-services",
+                    status,
+                    body: truncate(&body),
+                });
+            }
+        }
+        let reply: NodeServicesReply =
+            serde_json::from_str(&body).map_err(|e| ConsulError::Decode {
+                what: "node-services",
+                error: e.to_string(),
+            })?;
+        let Some(node) = reply.node else {
+            // Consul answers `{"Node": null}` for an unknown node in some versions.
+            return Ok(NodeView::default());
+        };
+        let services = reply
+            .services
+            .unwrap_or_default()
+            .into_iter()
+            .map(|s| {
+                let instance = ServiceInstance {
+                    id: s.id,
+                    service: s.service,
+                    address: s.address,
+                    port: s.port,
+                    tags: s.tags.unwrap_or_default(),
+                    meta: s.meta.unwrap_or_default(),
+                };
+                (instance.id.clone(), instance)
+            })
+            .collect();
+        Ok(NodeView {
+            node_meta: Some(node.meta.unwrap_or_default()),
+            services,
+        })
+    }
+
+    fn node_op(&self) -> serde_json::Value {
+        let mut node = json!({
+            "Node": self.settings.node,
+            "Address": self.settings.node_address,
+            "Meta": { meta_keys::EXTERNAL_SOURCE: EXTERNAL_SOURCE },
+        });
+        if let Some(dc) = &self.settings.datacenter {
+            node["Datacenter"] = json!(dc);
+        }
+        json!({ "Node": { "Verb": "set", "Node": node } })
+    }
+
+    fn service_op(&self, op: &Op) -> serde_json::Value {
+        match op {
+            Op::Register(i) => json!({ "Service": {
+                "Verb": "set",
+                "Node": self.settings.node,
+                "Service": ServiceBody {
+                    id: &i.id, service: &i.service, address: &i.address, port: i.port, tags: &i.tags, meta: &i.meta,
+                },
+            }}),
+            Op::Deregister(id) => json!({ "Service": {
+                "Verb": "delete",
+                "Node": self.settings.node,
+                "Service": { "ID": id },
+            }}),
+        }
+    }
+
+    pub async fn txn(&self, ops: &[serde_json::Value]) -> Result<(), ConsulError> {
+        let response = self
+            .request(reqwest::Method::PUT, "/v1/txn")
+            .json(ops)
+            .send()
+            .await
+            .map_err(unreachable)?;
+        let status = response.status().as_u16();
+        let body = response.text().await.map_err(unreachable)?;
+        match status {
+            200 => Ok(()),
+            403 => Err(ConsulError::Forbidden(truncate(&body))),
+            409 => {
+                let errors = serde_json::from_str::<TxnErrors>(&body)
+                    .ok()
+                    .and_then(|e| e.errors)
+                    .map(|errors| {
+                        errors
+                            .iter()
+                            .map(|e| format!("op {}: {}", e.op_index, e.what))
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    })
+                    .unwrap_or_else(|| truncate(&body));
+                Err(ConsulError::TxnRejected { status, errors })
+            }
+            _ => Err(ConsulError::Status {
+                what: "txn",
+                status,
+                body: truncate(&body),
+            }),
+        }
+    }
+}
+
+fn unreachable(e: reqwest::Error) -> ConsulError {
+    // reqwest errors name the URL, never headers, so the token cannot leak here.
+    ConsulError::Unreachable(e.to_string())
+}
+
+fn truncate(body: &str) -> String {
+    let body = body.trim();
+    match body.char_indices().nth(300) {
+        Some((i, _)) => format!("{}…", &body[..i]),
+        None => body.to_string(),
+    }
+}
+
+/// Capped exponential backoff for retries while Consul is unhealthy.
+struct Backoff {
+    current: Duration,
+    min: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    fn new(min: Duration, max: Duration) -> Self {
+        Self {
+            current: min,
+            min,
+            max,
+        }
+    }
+    fn next(&mut self) -> Duration {
+        let delay = self.current;
+        self.current = (self.current * 2).min(self.max);
+        delay
+    }
+    fn reset(&mut self) {
+        self.current = self.min;
+    }
+}
+
+/// Result of one successful pass.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct SyncOutcome {
+    pub requests: usize,
+    pub registered: usize,
+    pub deregistered: usize,
+    pub conflicts: usize,
+    pub deferred: usize,
+}
+
+/// The sink's memory of Consul between passes: `None` means "re-read before writing".
+pub struct ConsulSink {
+    client: ConsulClient,
+    metrics: Arc<Metrics>,
+    known: Option<NodeView>,
+    deregister_allowed: bool,
+    pub synced: Arc<AtomicBool>,
+}
+
+impl ConsulSink {
+    pub fn new(client: ConsulClient, metrics: Arc<Metrics>) -> Self {
+        Self {
+            client,
+            metrics,
+            known: None,
+            deregister_allowed: false,
+            synced: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Brings Consul to `desired` with the fewest writes; no request at all when the known
+    /// state already matches.
+    pub async fn sync(&mut self, desired: &DesiredState) -> Result<SyncOutcome, ConsulError> {
+        // Once every target was probed after start, absent entries really are gone.
+        self.deregister_allowed |= desired.complete;
+        let owner = self.client.settings.owner.clone();
+        let mut outcome = SyncOutcome::default();
+        if self.known.is_none() {
+            self.metrics.sink_request(SINK, "read");
+            outcome.requests += 1;
+            let view = self.client.read_node().await?;
+            if let Some(meta) = &view.node_meta {
+                let marker = meta.get(meta_keys::EXTERNAL_SOURCE);
+                if marker.map(String::as_str) != Some(EXTERNAL_SOURCE) {
+                    return Err(ConsulError::NodeNotOwned {
+                        node: self.client.settings.node.clone(),
+                        found: marker.cloned(),
+                    });
+                }
+            }
+            self.known = Some(view);
+        }
+        let known = self.known.as_mut().expect("read above");
+        let plan = reconcile::plan(
+            &desired.catalog,
+            &known.services,
+            &owner,
+            self.deregister_allowed,
+        );
+        outcome.conflicts = plan.conflicts.len();
+        outcome.deferred = plan.deferred_deregistrations;
+        if !plan.conflicts.is_empty() {
+            tracing::warn!(ids = ?plan.conflicts, "service IDs held by entries workersd does not own; left untouched");
+        }
+        // Services need their node; it is (re)created in the first batch when missing.
+        let needs_node = known.node_meta.is_none();
+        if plan.ops.is_empty() {
+            return Ok(outcome);
+        }
+        let mut pending: Vec<serde_json::Value> = Vec::with_capacity(MAX_TXN_OPS);
+        let mut pending_ops: Vec<&Op> = Vec::with_capacity(MAX_TXN_OPS);
+        let mut node_in_batch = false;
+        if needs_node {
+            pending.push(self.client.node_op());
+            node_in_batch = true;
+        }
+        let mut iter = plan.ops.iter().peekable();
+        while iter.peek().is_some() || !pending.is_empty() {
+            while pending.len() < MAX_TXN_OPS {
+                let Some(op) = iter.next() else { break };
+                pending.push(self.client.service_op(op));
+                pending_ops.push(op);
+            }
+            self.metrics.sink_request(SINK, "txn");
+            outcome.requests += 1;
+            if let Err(e) = self.client.txn(&pending).await {
+                self.known = None;
+                return Err(e);
+            }
+            let known = self.known.as_mut().expect("read above");
+            if node_in_batch {
+                known.node_meta = Some(BTreeMap::from([(
+                    meta_keys::EXTERNAL_SOURCE.to_string(),
+                    EXTERNAL_SOURCE.to_string(),
+                )]));
+                node_in_batch = false;
+            }
+            for op in pending_ops.drain(..) {
+                match op {
+                    Op::Register(_) => outcome.registered += 1,
+                    Op::Deregister(_) => outcome.deregistered += 1,
+                }
+                reconcile::apply(&mut known.services, std::slice::from_ref(op));
+            }
+            pending.clear();
+        }
+        self.metrics
+            .sink_operations(SINK, "register", outcome.registered as u64);
+        self.metrics
+            .sink_operations(SINK, "deregister", outcome.deregistered as u64);
+        Ok(outcome)
+    }
+
+    /// Forget the known state so the next pass re-reads Consul.
+    pub fn invalidate(&mut self) {
+        self.known = None;
+    }
+
+    /// Follows the desired state until the channel closes. Never deregisters on shutdown: a
+    /// restarting workersd must leave live entries in place.
+    pub async fn run(mut self, mut desired: DesiredRx) {
+        let resync_interval = self.client.settings.resync_interval;
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+        let mut next_resync = Instant::now() + resync_interval;
+        loop {
+            let state = desired.borrow_and_update().clone();
+            let started = std::time::Instant::now();
+            let retry_in = match self.sync(&state).await {
+                Ok(outcome) => {
+                    self.metrics.reconcile_duration(started.elapsed());
+                    if outcome.registered + outcome.deregistered > 0 {
+                        tracing::info!(
+                            registered = outcome.registered,
+                            deregistered = outcome.deregistered,
+                            requests = outcome.requests,
+                            "consul catalog updated"
+                        );
+                    }
+                    if state.complete {
+                        self.synced.store(true, Ordering::Relaxed);
+                    }
+                    backoff.reset();
+                    None
+                }
+                Err(e) => {
+                    self.metrics.sink_error(SINK, e.kind());
+                    let delay = backoff.next();
+                    tracing::warn!(error = %e, retry_in = ?delay, "consul sync failed; will re-read and retry");
+                    self.invalidate();
+                    Some(delay)
+                }
+            };
+            let wake_at = match retry_in {
+                Some(delay) => Instant::now() + delay,
+                None => next_resync,
+            };
+            tokio::select! {
+                changed = desired.changed(), if retry_in.is_none() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+                _ = tokio::time::sleep_until(wake_at) => {}
+            }
+            if Instant::now() >= next_resync {
+                self.invalidate();
+                next_resync = Instant::now() + resync_interval;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalizes_addresses_like_consul_http_addr() {
+        assert_eq!(
+            normalize_address("127.0.0.1:8500").unwrap(),
+            "http://127.0.0.1:8500"
+        );
+        assert_eq!(
+            normalize_address("http://consul:8500/").unwrap(),
+            "http://consul:8500"
+        );
+        assert!(normalize_address("").is_err());
+        assert!(normalize_address("ftp://x").is_err());
+        assert!(normalize_address("http://").is_err());
+    }
+
+    #[test]
+    fn backoff_is_capped() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(350));
+        let delays: Vec<_> = (0..4).map(|_| b.next().as_millis()).collect();
+        assert_eq!(delays, vec![100, 200, 350, 350]);
+        b.reset();
+        assert_eq!(b.next().as_millis(), 100);
+    }
+
+    #[test]
+    fn decodes_node_services_with_nulls() {
+        let reply: NodeServicesReply = serde_json::from_str(
+            r#"{"Node":{"Node":"n","Meta":null},"Services":[{"ID":"a","Service":"s","Tags":null,"Meta":null,"Port":1,"Address":"x","Weights":{"Passing":1}}]}"#,
+        )
+        .unwrap();
+        assert!(reply.node.unwrap().meta.is_none());
+        assert_eq!(reply.services.unwrap()[0].tags, None);
+    }
+}
