@@ -177,6 +177,9 @@ pub struct Target {
     pub tags: Vec<String>,
     /// User meta plus source meta (e.g. Kubernetes namespace and pod), validated by the source.
     pub meta: BTreeMap<String, String>,
+    /// Bumped by the source when the workers behind the target restarted (e.g. a container
+    /// restart): the target is then probed at once, as if new.
+    pub revision: u64,
 }
 
 /// One live worker endpoint as a catalog service instance. Sinks publish exactly these.

@@ -134,6 +134,7 @@ mod tests {
             scheme: Scheme::Http,
             tags: vec![tag.into()],
             meta: BTreeMap::new(),
+            revision: 0,
         }
     }
 

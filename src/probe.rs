@@ -442,6 +442,7 @@ mod tests {
             scheme: Scheme::Http,
             tags: vec![],
             meta: BTreeMap::new(),
+            revision: 0,
         };
         let (tx, mut rx) = mpsc::channel(16);
         let settings = ProbeSettings {

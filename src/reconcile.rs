@@ -128,6 +128,7 @@ mod tests {
             scheme: Scheme::Http,
             tags: vec!["gunicorn".into()],
             meta: BTreeMap::from([("team".into(), "web".into())]),
+            revision: 0,
         }
     }
 

@@ -138,6 +138,7 @@ mod tests {
             scheme: Scheme::Https,
             tags: vec!["a".into(), "b".into()],
             meta: BTreeMap::from([("team-name".into(), "web".into())]),
+            revision: 0,
         }
     }
 

@@ -291,6 +291,7 @@ fn parse_entry(index: usize, entry: &Value, errors: &mut Vec<FileError>) -> Opti
         scheme: scheme?,
         tags: tags?,
         meta: meta?,
+        revision: 0,
     })
 }
 

@@ -2,6 +2,7 @@
 //! pipeline diffs snapshots, so a source never has to compute changes itself.
 
 pub mod file;
+pub mod kubernetes;
 
 use crate::model::Target;
 use std::sync::Arc;

@@ -1,0 +1,3 @@
+//! The Kubernetes source: annotated pods and `WorkerMetrics` custom resources.
+
+pub mod spec;

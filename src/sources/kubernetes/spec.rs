@@ -1,0 +1,503 @@
+//! What a pod declares about its workers, from annotations or from a `WorkerMetrics` custom
+//! resource, and how a declaration plus a pod becomes targets. Pure: no API calls here.
+
+use crate::model::{PortRange, Scheme, Target, TargetId};
+use crate::validate;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+
+pub const PREFIX: &str = "workersd.io/";
+pub const SERVICE: &str = "workersd.io/service";
+pub const PORTS: &str = "workersd.io/ports";
+pub const PORTS_PREFIX: &str = "workersd.io/ports.";
+pub const PATH: &str = "workersd.io/path";
+pub const SCHEME: &str = "workersd.io/scheme";
+pub const TAGS: &str = "workersd.io/tags";
+pub const META_PREFIX: &str = "workersd.io/meta.";
+
+/// Most port ranges one pod may declare, and most ports over all of them: one tenant must not
+/// be able to exhaust the prober.
+pub const MAX_RANGES_PER_POD: usize = 16;
+pub const MAX_PORTS_PER_POD: usize = 1024;
+/// Longest annotation value read; anything longer is an error, not parsed.
+pub const MAX_ANNOTATION_VALUE: usize = 4096;
+
+/// A problem located by the field that holds it (annotation key or CR path).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+pub fn field_error(field: impl Into<String>, message: impl Into<String>) -> FieldError {
+    FieldError {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// One declared range; `container: None` means "the pod" (any running container).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeclaredRange {
+    pub container: Option<String>,
+    pub ports: PortRange,
+}
+
+/// A validated declaration, ready to apply to matching pods.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkerSpec {
+    pub service: String,
+    pub ranges: Vec<DeclaredRange>,
+    pub path: String,
+    pub scheme: Scheme,
+    pub tags: Vec<String>,
+    pub meta: BTreeMap<String, String>,
+}
+
+/// Checks limits and overlaps common to annotations and custom resources.
+pub fn check_ranges(
+    ranges: &[DeclaredRange],
+    field_of: impl Fn(&DeclaredRange) -> String,
+) -> Vec<FieldError> {
+    let mut errors = Vec::new();
+    if ranges.len() > MAX_RANGES_PER_POD {
+        errors.push(field_error(
+            field_of(&ranges[0]),
+            format!(
+                "{} ranges; at most {MAX_RANGES_PER_POD} per pod",
+                ranges.len()
+            ),
+        ));
+    }
+    let total: usize = ranges.iter().map(|r| r.ports.len()).sum();
+    if total > MAX_PORTS_PER_POD {
+        errors.push(field_error(
+            field_of(&ranges[0]),
+            format!("{total} ports in all; at most {MAX_PORTS_PER_POD} per pod"),
+        ));
+    }
+    for (i, a) in ranges.iter().enumerate() {
+        for b in &ranges[..i] {
+            if a.ports.overlaps(&b.ports) {
+                errors.push(field_error(
+                    field_of(a),
+                    format!(
+                        "{} overlaps {} declared by {}; one port belongs to one range",
+                        a.ports,
+                        b.ports,
+                        field_of(b)
+                    ),
+                ));
+            }
+        }
+    }
+    errors
+}
+
+/// Parses a pod's `workersd.io/*` annotations. `Ok(None)`: the pod did not opt in.
+pub fn parse_annotations(
+    annotations: &BTreeMap<String, String>,
+) -> Result<Option<WorkerSpec>, Vec<FieldError>> {
+    let ours: Vec<(&String, &String)> = annotations
+        .iter()
+        .filter(|(k, _)| k.starts_with(PREFIX))
+        .collect();
+    if ours.is_empty() {
+        return Ok(None);
+    }
+    let mut errors = Vec::new();
+    let mut ranges = Vec::new();
+    let mut meta = BTreeMap::new();
+    for (key, value) in &ours {
+        if value.len() > MAX_ANNOTATION_VALUE {
+            errors.push(field_error(
+                annotation(key),
+                format!("{} bytes; at most {MAX_ANNOTATION_VALUE}", value.len()),
+            ));
+            continue;
+        }
+        let key = key.as_str();
+        if key == PORTS || key.starts_with(PORTS_PREFIX) {
+            let container = key.strip_prefix(PORTS_PREFIX).map(str::to_string);
+            if container.as_deref() == Some("") {
+                errors.push(field_error(
+                    annotation(key),
+                    "container name missing after \"ports.\"",
+                ));
+                continue;
+            }
+            match value.parse::<PortRange>() {
+                Ok(ports) => ranges.push(DeclaredRange { container, ports }),
+                Err(e) => errors.push(field_error(annotation(key), e.to_string())),
+            }
+        } else if let Some(meta_key) = key.strip_prefix(META_PREFIX) {
+            match validate::meta_key(meta_key).and_then(|_| validate::meta_value(meta_key, value)) {
+                Ok(()) => {
+                    meta.insert(meta_key.to_string(), value.to_string());
+                }
+                Err(e) => errors.push(field_error(annotation(key), e)),
+            }
+        } else if ![SERVICE, PATH, SCHEME, TAGS].contains(&key) {
+            errors.push(field_error(
+                annotation(key),
+                "unknown workersd.io annotation (expected service, ports, ports.<container>, path, scheme, tags, meta.<key>)",
+            ));
+        }
+    }
+    let service = match annotations.get(SERVICE) {
+        None => {
+            errors.push(field_error(
+                annotation(SERVICE),
+                "required when other workersd.io annotations are set",
+            ));
+            None
+        }
+        Some(name) => match validate::service_name(name) {
+            Ok(()) => Some(name.clone()),
+            Err(e) => {
+                errors.push(field_error(annotation(SERVICE), e));
+                None
+            }
+        },
+    };
+    if ranges.is_empty() && !errors.iter().any(|e| e.field.contains("ports")) {
+        errors.push(field_error(
+            annotation(PORTS),
+            "no port range declared (workersd.io/ports or workersd.io/ports.<container>)",
+        ));
+    }
+    errors.extend(check_ranges(&ranges, |r| match &r.container {
+        Some(c) => annotation(&format!("{PORTS_PREFIX}{c}")),
+        None => annotation(PORTS),
+    }));
+    let path = annotations
+        .get(PATH)
+        .cloned()
+        .unwrap_or_else(|| "/metrics".into());
+    if let Err(e) = validate::metrics_path(&path) {
+        errors.push(field_error(annotation(PATH), e));
+    }
+    let scheme = match annotations.get(SCHEME).map(|s| s.parse::<Scheme>()) {
+        None => Scheme::Http,
+        Some(Ok(s)) => s,
+        Some(Err(e)) => {
+            errors.push(field_error(annotation(SCHEME), e));
+            Scheme::Http
+        }
+    };
+    let tags: Vec<String> = annotations
+        .get(TAGS)
+        .map(|t| {
+            t.split(',')
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+    if let Err(e) = validate::tags(&tags) {
+        errors.push(field_error(annotation(TAGS), e));
+    }
+    if meta.len() > validate::MAX_USER_META {
+        errors.push(field_error(
+            annotation(&format!("{META_PREFIX}*")),
+            format!("{} pairs; at most {}", meta.len(), validate::MAX_USER_META),
+        ));
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    Ok(Some(WorkerSpec {
+        service: service.expect("checked above"),
+        ranges,
+        path,
+        scheme,
+        tags,
+        meta,
+    }))
+}
+
+fn annotation(key: &str) -> String {
+    format!("metadata.annotations[{key}]")
+}
+
+/// The parts of a pod workersd needs; everything else is dropped on arrival to keep memory low.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodInfo {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub node: Option<String>,
+    pub ip: Option<IpAddr>,
+    pub host_network: bool,
+    pub terminating: bool,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+    /// Running containers and their restart counts.
+    pub running: BTreeMap<String, i32>,
+}
+
+/// How published service names are derived; a namespace can only publish into names the
+/// template allows, e.g. `{namespace}-{service}`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NamePolicy {
+    pub template: String,
+}
+
+impl Default for NamePolicy {
+    fn default() -> Self {
+        Self {
+            template: "{service}".into(),
+        }
+    }
+}
+
+impl NamePolicy {
+    pub fn new(template: &str) -> Result<Self, String> {
+        if !template.contains("{service}") {
+            return Err(format!(
+                "service name template {template:?} must contain {{service}}"
+            ));
+        }
+        let probe = template
+            .replace("{namespace}", "ns")
+            .replace("{service}", "svc");
+        if probe.contains('{') || probe.contains('}') {
+            return Err(format!(
+                "service name template {template:?} may only use {{namespace}} and {{service}}"
+            ));
+        }
+        Ok(Self {
+            template: template.to_string(),
+        })
+    }
+
+    pub fn service_name(&self, namespace: &str, service: &str) -> Result<String, String> {
+        let name = self
+            .template
+            .replace("{namespace}", namespace)
+            .replace("{service}", service);
+        validate::service_name(&name).map(|_| name)
+    }
+}
+
+/// Targets of one pod under one declaration: one per declared range whose container runs.
+/// The restart counts are part of the target, so a container restart re-probes at once.
+pub fn pod_targets(pod: &PodInfo, spec: &WorkerSpec, service: &str) -> Vec<Target> {
+    let (Some(ip), false) = (pod.ip, pod.terminating) else {
+        return Vec::new();
+    };
+    if pod.running.is_empty() {
+        return Vec::new();
+    }
+    spec.ranges
+        .iter()
+        .filter_map(|range| {
+            let restarts = match &range.container {
+                Some(c) => *pod.running.get(c)?,
+                None => pod.running.values().sum(),
+            };
+            let mut meta = spec.meta.clone();
+            meta.insert("k8s-namespace".into(), pod.namespace.clone());
+            meta.insert("k8s-pod".into(), pod.name.clone());
+            if let Some(c) = &range.container {
+                meta.insert("k8s-container".into(), c.clone());
+            }
+            if let Some(node) = &pod.node {
+                meta.insert("k8s-node".into(), node.clone());
+            }
+            let container = range.container.as_deref().unwrap_or("");
+            Some(Target {
+                id: TargetId::new(format!(
+                    "k8s:{}/{}/{}/{container}/{}",
+                    pod.namespace, pod.name, pod.uid, range.ports
+                )),
+                service: service.to_string(),
+                address: ip,
+                ports: range.ports,
+                path: spec.path.clone(),
+                scheme: spec.scheme,
+                tags: spec.tags.clone(),
+                meta,
+                revision: restarts as u64,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn annotations(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn fields(errors: Vec<FieldError>) -> Vec<String> {
+        errors.into_iter().map(|e| e.to_string()).collect()
+    }
+
+    #[test]
+    fn pods_without_our_annotations_are_ignored() {
+        assert_eq!(parse_annotations(&annotations(&[("app", "x")])), Ok(None));
+    }
+
+    #[test]
+    fn parses_a_full_declaration() {
+        let spec = parse_annotations(&annotations(&[
+            (SERVICE, "clever"),
+            ("workersd.io/ports.web", "9011-9020"),
+            ("workersd.io/ports.sidecar", "9100"),
+            (PATH, "/m"),
+            (SCHEME, "https"),
+            (TAGS, "gunicorn, python,"),
+            ("workersd.io/meta.team", "web"),
+        ]))
+        .unwrap()
+        .unwrap();
+        assert_eq!(spec.service, "clever");
+        assert_eq!(spec.ranges.len(), 2);
+        assert_eq!(spec.tags, vec!["gunicorn", "python"]);
+        assert_eq!(spec.scheme, Scheme::Https);
+        assert_eq!(spec.meta["team"], "web");
+    }
+
+    #[test]
+    fn names_every_bad_annotation() {
+        let errors = fields(
+            parse_annotations(&annotations(&[
+                (SERVICE, "Bad_Name"),
+                (PORTS, "9020-9011"),
+                ("workersd.io/ports.web", "1-65535"),
+                ("workersd.io/ports.", "1"),
+                (SCHEME, "ftp"),
+                (PATH, "metrics"),
+                ("workersd.io/meta.consul-x", "y"),
+                ("workersd.io/prots", "1"),
+            ]))
+            .unwrap_err(),
+        );
+        for want in [
+            "metadata.annotations[workersd.io/service]:",
+            "metadata.annotations[workersd.io/ports]: range 9020-9011 is reversed",
+            "metadata.annotations[workersd.io/ports.web]: range 1-65535 spans",
+            "metadata.annotations[workersd.io/ports.]:",
+            "metadata.annotations[workersd.io/scheme]:",
+            "metadata.annotations[workersd.io/path]:",
+            "metadata.annotations[workersd.io/meta.consul-x]:",
+            "metadata.annotations[workersd.io/prots]: unknown",
+        ] {
+            assert!(
+                errors.iter().any(|e| e.starts_with(want)),
+                "missing {want:?} in {errors:#?}"
+            );
+        }
+    }
+
+    #[test]
+    fn overlapping_ranges_and_missing_fields_are_errors() {
+        let errors = fields(
+            parse_annotations(&annotations(&[
+                (SERVICE, "a"),
+                (PORTS, "9011-9020"),
+                ("workersd.io/ports.web", "9020-9030"),
+            ]))
+            .unwrap_err(),
+        );
+        assert_eq!(errors.len(), 1);
+        assert!(errors[0].contains("overlaps"), "{errors:?}");
+        let errors = fields(parse_annotations(&annotations(&[(PORTS, "9011")])).unwrap_err());
+        assert!(errors[0].contains("workersd.io/service]: required"));
+        let errors = fields(parse_annotations(&annotations(&[(SERVICE, "a")])).unwrap_err());
+        assert!(errors[0].contains("no port range"));
+    }
+
+    #[test]
+    fn oversized_declarations_are_rejected() {
+        let mut many: Vec<(String, String)> = (0..20)
+            .map(|i| (format!("workersd.io/ports.c{i}"), format!("{}", 9000 + i)))
+            .collect();
+        many.push((SERVICE.into(), "a".into()));
+        let map: BTreeMap<String, String> = many.into_iter().collect();
+        assert!(
+            fields(parse_annotations(&map).unwrap_err())
+                .iter()
+                .any(|e| e.contains("at most 16"))
+        );
+        let huge = "1".repeat(MAX_ANNOTATION_VALUE + 1);
+        assert!(parse_annotations(&annotations(&[(SERVICE, "a"), (PORTS, &huge)])).is_err());
+    }
+
+    fn pod() -> PodInfo {
+        PodInfo {
+            namespace: "shop".into(),
+            name: "web-1".into(),
+            uid: "u1".into(),
+            node: Some("node-a".into()),
+            ip: Some("127.0.0.2".parse().unwrap()),
+            host_network: false,
+            terminating: false,
+            labels: BTreeMap::new(),
+            annotations: BTreeMap::new(),
+            running: BTreeMap::from([("web".into(), 0)]),
+        }
+    }
+
+    #[test]
+    fn pod_targets_follow_running_containers_and_ip() {
+        let spec = parse_annotations(&annotations(&[
+            (SERVICE, "clever"),
+            ("workersd.io/ports.web", "9011-9020"),
+            ("workersd.io/ports.sidecar", "9100"),
+        ]))
+        .unwrap()
+        .unwrap();
+        let targets = pod_targets(&pod(), &spec, "clever");
+        assert_eq!(targets.len(), 1, "sidecar is not running");
+        let t = &targets[0];
+        assert_eq!(t.address.to_string(), "127.0.0.2");
+        assert_eq!(t.meta["k8s-namespace"], "shop");
+        assert_eq!(t.meta["k8s-pod"], "web-1");
+        assert_eq!(t.meta["k8s-container"], "web");
+        assert_eq!(t.meta["k8s-node"], "node-a");
+
+        let mut restarted = pod();
+        restarted.running.insert("web".into(), 1);
+        assert_ne!(
+            pod_targets(&restarted, &spec, "clever")[0],
+            *t,
+            "a restart changes the target"
+        );
+        assert_eq!(pod_targets(&restarted, &spec, "clever")[0].id, t.id);
+
+        let mut terminating = pod();
+        terminating.terminating = true;
+        assert!(pod_targets(&terminating, &spec, "clever").is_empty());
+        let mut no_ip = pod();
+        no_ip.ip = None;
+        assert!(pod_targets(&no_ip, &spec, "clever").is_empty());
+    }
+
+    #[test]
+    fn name_policy_confines_namespaces() {
+        let policy = NamePolicy::new("{namespace}-{service}").unwrap();
+        assert_eq!(policy.service_name("shop", "web").unwrap(), "shop-web");
+        assert!(policy.service_name("shop", "web_").is_err());
+        assert!(NamePolicy::new("{namespace}").is_err());
+        assert!(NamePolicy::new("{service}-{pod}").is_err());
+        assert_eq!(
+            NamePolicy::default().service_name("any", "web").unwrap(),
+            "web"
+        );
+    }
+}
