@@ -26,6 +26,8 @@ pub enum Command {
         #[arg(long, env = "WORKERSD_TARGETS")]
         targets: PathBuf,
     },
+    /// Print the WorkerMetrics CustomResourceDefinition (YAML).
+    Crd,
 }
 
 #[derive(Debug, Args)]

@@ -33,6 +33,10 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+        Command::Crd => {
+            print!("{}", workersd::sources::kubernetes::crd::crd_yaml());
+            ExitCode::SUCCESS
+        }
         Command::Standalone(args) => {
             init_logging(args.run.log_format);
             let runtime = match tokio::runtime::Builder::new_multi_thread()

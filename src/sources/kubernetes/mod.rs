@@ -1,3 +1,4 @@
 //! The Kubernetes source: annotated pods and `WorkerMetrics` custom resources.
 
+pub mod crd;
 pub mod spec;
