@@ -57,8 +57,8 @@ pub fn is_owned_by(instance: &ServiceInstance, owner: &str) -> bool {
 pub enum Op {
     /// Create or overwrite the instance.
     Register(ServiceInstance),
-    /// Remove the instance with this ID.
-    Deregister(String),
+    /// Remove this instance (Consul's txn delete needs its service name as well as its ID).
+    Deregister(ServiceInstance),
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -86,7 +86,7 @@ pub fn plan(desired: &Catalog, current: &Catalog, owner: &str, allow_deregister:
     for (id, have) in current {
         if is_owned_by(have, owner) && !desired.contains_key(id) {
             if allow_deregister {
-                result.ops.push(Op::Deregister(id.clone()));
+                result.ops.push(Op::Deregister(have.clone()));
             } else {
                 result.deferred_deregistrations += 1;
             }
@@ -102,8 +102,8 @@ pub fn apply(current: &mut Catalog, ops: &[Op]) {
             Op::Register(instance) => {
                 current.insert(instance.id.clone(), instance.clone());
             }
-            Op::Deregister(id) => {
-                current.remove(id);
+            Op::Deregister(instance) => {
+                current.remove(&instance.id);
             }
         }
     }
@@ -183,7 +183,7 @@ mod tests {
         assert!(held.ops.is_empty());
         assert_eq!(held.deferred_deregistrations, 1);
         let done = plan(&Catalog::new(), &stale, OWNER, true);
-        assert_eq!(done.ops, vec![Op::Deregister("x".into())]);
+        assert_eq!(done.ops, vec![Op::Deregister(stale["x"].clone())]);
     }
 
     #[test]
@@ -241,7 +241,7 @@ mod tests {
 
             let p = plan(&desired, &current, OWNER, true);
             for op in &p.ops {
-                let id = match op { Op::Register(i) => &i.id, Op::Deregister(id) => id };
+                let id = match op { Op::Register(i) | Op::Deregister(i) => &i.id };
                 prop_assert!(!foreign_before.contains_key(id), "op touches foreign {id}");
             }
             apply(&mut current, &p.ops);

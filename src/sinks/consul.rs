@@ -269,10 +269,10 @@ impl ConsulClient {
                     id: &i.id, service: &i.service, address: &i.address, port: i.port, tags: &i.tags, meta: &i.meta,
                 },
             }}),
-            Op::Deregister(id) => json!({ "Service": {
+            Op::Deregister(i) => json!({ "Service": {
                 "Verb": "delete",
                 "Node": self.settings.node,
-                "Service": { "ID": id },
+                "Service": { "ID": i.id, "Service": i.service },
             }}),
         }
     }

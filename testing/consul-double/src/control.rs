@@ -1,0 +1,84 @@
+//! The control listener: fault injection and introspection for tests.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{RawQuery, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::json;
+
+use crate::Shared;
+use crate::query::{QueryParams, parse_go_bool};
+
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/control/health", get(health))
+        .route("/control/down", post(down))
+        .route("/control/up", post(up))
+        .route("/control/wipe", post(wipe))
+        .route("/control/state", get(state))
+        .route("/control/stats", get(stats))
+        .route("/control/reset-stats", post(reset_stats))
+        .with_state(shared)
+}
+
+fn listener_status(shared: &Shared) -> Json<serde_json::Value> {
+    let index = shared.read_catalog().index;
+    Json(json!({
+        "api_addr": shared.api_addr.to_string(),
+        "api_up": shared.api_up.load(Ordering::SeqCst),
+        "index": index,
+    }))
+}
+
+async fn health(State(shared): State<Arc<Shared>>) -> Response {
+    listener_status(&shared).into_response()
+}
+
+async fn down(State(shared): State<Arc<Shared>>) -> Response {
+    shared.down().await;
+    listener_status(&shared).into_response()
+}
+
+async fn up(State(shared): State<Arc<Shared>>, RawQuery(raw): RawQuery) -> Response {
+    let params = QueryParams::parse(raw.as_deref());
+    let empty = match params.get("empty") {
+        None => false,
+        Some("") => true,
+        Some(value) => match parse_go_bool(value) {
+            Some(flag) => flag,
+            None => return (StatusCode::BAD_REQUEST, "empty must be a boolean").into_response(),
+        },
+    };
+    match shared.up(empty).await {
+        Ok(()) => listener_status(&shared).into_response(),
+        Err(error) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot rebind {}: {error}", shared.api_addr),
+        )
+            .into_response(),
+    }
+}
+
+async fn wipe(State(shared): State<Arc<Shared>>) -> Response {
+    shared.wipe();
+    listener_status(&shared).into_response()
+}
+
+async fn state(State(shared): State<Arc<Shared>>) -> Response {
+    Json(shared.state_dump()).into_response()
+}
+
+async fn stats(State(shared): State<Arc<Shared>>) -> Response {
+    let snapshot = shared.stats().clone();
+    Json(snapshot).into_response()
+}
+
+async fn reset_stats(State(shared): State<Arc<Shared>>) -> Response {
+    *shared.stats() = Default::default();
+    StatusCode::NO_CONTENT.into_response()
+}

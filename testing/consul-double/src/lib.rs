@@ -1,0 +1,303 @@
+//! A Consul HTTP API test double for workersd's tests and benchmarks.
+//!
+//! It keeps an in-memory catalog (nodes, services, checks) behind the subset
+//! of Consul's `/v1` API that workersd and Prometheus-style `consul_sd_configs`
+//! clients use, with Consul's blocking queries, txn atomicity and ACL token
+//! checks, plus a separate control listener to take the API down, bring it
+//! back (optionally empty) and read state and request statistics.
+//! `CONTRACT.md` lists every endpoint and deviation.
+//!
+//! ```no_run
+//! # async fn demo() -> std::io::Result<()> {
+//! let double = consul_double::ConsulDouble::start(consul_double::Config::default()).await?;
+//! println!("Consul at {}", double.api_url());
+//! double.down().await;          // connections refused, long polls dropped
+//! double.up(false).await?;      // same address, same catalog
+//! double.shutdown().await;
+//! # Ok(()) }
+//! ```
+
+mod api;
+mod control;
+pub mod model;
+mod ops;
+pub mod query;
+mod server;
+pub mod stats;
+pub mod store;
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use serde_json::json;
+use tokio::sync::watch;
+
+pub use stats::{Stats, TxnStats};
+use store::Catalog;
+
+/// Consul's default limit; newer Consul releases accept 128.
+pub const DEFAULT_MAX_TXN_OPS: usize = 64;
+
+#[derive(Clone)]
+pub struct Config {
+    /// API listener; port 0 picks a free port that later "up"s reuse.
+    pub api_listen: SocketAddr,
+    /// Control listener; `None` serves no control HTTP API (the methods on
+    /// [`ConsulDouble`] still work in-process).
+    pub control_listen: Option<SocketAddr>,
+    pub datacenter: String,
+    /// Agent node name reported by `/v1/agent/self`.
+    pub node_name: String,
+    /// When set, every `/v1` request must present this token.
+    pub acl_token: Option<String>,
+    pub max_txn_ops: usize,
+    /// Index of the empty catalog, at start and after a wipe (minimum 1).
+    pub initial_index: u64,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            api_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            control_listen: None,
+            datacenter: "dc1".into(),
+            node_name: "consul-double".into(),
+            acl_token: None,
+            max_txn_ops: DEFAULT_MAX_TXN_OPS,
+            initial_index: 1,
+        }
+    }
+}
+
+// Hand-written so the ACL token never reaches a log line.
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("api_listen", &self.api_listen)
+            .field("control_listen", &self.control_listen)
+            .field("datacenter", &self.datacenter)
+            .field("node_name", &self.node_name)
+            .field("acl_token", &self.acl_token.as_ref().map(|_| "<redacted>"))
+            .field("max_txn_ops", &self.max_txn_ops)
+            .field("initial_index", &self.initial_index)
+            .finish()
+    }
+}
+
+/// State shared by the API handlers, the control handlers and the handle.
+pub(crate) struct Shared {
+    config: Config,
+    catalog: RwLock<Catalog>,
+    /// Broadcasts the catalog index so blocked queries wake on writes.
+    index_tx: watch::Sender<u64>,
+    stats: Mutex<Stats>,
+    api_addr: SocketAddr,
+    api_up: AtomicBool,
+    api_listener: tokio::sync::Mutex<Option<server::RunningListener>>,
+}
+
+impl Shared {
+    // A handler never panics while holding these locks, but recover from
+    // poisoning anyway rather than turn one bug into a cascade.
+    fn read_catalog(&self) -> RwLockReadGuard<'_, Catalog> {
+        self.catalog.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write_catalog(&self) -> RwLockWriteGuard<'_, Catalog> {
+        self.catalog.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn stats(&self) -> MutexGuard<'_, Stats> {
+        self.stats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Publishes a new catalog index to blocked queries.
+    fn publish_index(&self, index: u64) {
+        self.index_tx.send_replace(index);
+    }
+
+    fn wipe(&self) {
+        let index = {
+            let mut catalog = self.write_catalog();
+            *catalog = Catalog::new(self.config.initial_index);
+            catalog.index
+        };
+        self.publish_index(index);
+    }
+
+    async fn down(&self) {
+        let running = self.api_listener.lock().await.take();
+        if let Some(running) = running {
+            running.stop().await;
+        }
+        self.api_up.store(false, Ordering::SeqCst);
+    }
+
+    async fn up(self: &Arc<Self>, empty: bool) -> io::Result<()> {
+        let mut guard = self.api_listener.lock().await;
+        if empty {
+            self.wipe();
+        }
+        if guard.is_none() {
+            let listener = server::bind(self.api_addr)?;
+            *guard = Some(server::spawn_api(listener, api::router(self.clone())));
+            self.api_up.store(true, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
+    fn state_dump(&self) -> serde_json::Value {
+        let catalog = self.read_catalog();
+        let nodes: Vec<serde_json::Value> = catalog
+            .nodes
+            .values()
+            .map(|entry| {
+                json!({
+                    "Node": entry.record,
+                    "Services": entry.services.values().collect::<Vec<_>>(),
+                    "Checks": entry.checks.values().collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        json!({
+            "index": catalog.index,
+            "datacenter": self.config.datacenter,
+            "api_addr": self.api_addr.to_string(),
+            "api_up": self.api_up.load(Ordering::SeqCst),
+            "node_count": catalog.nodes.len(),
+            "service_count": catalog.service_count(),
+            "nodes": nodes,
+        })
+    }
+}
+
+/// Handle to a running double. Dropping it without [`ConsulDouble::shutdown`]
+/// aborts its listeners.
+pub struct ConsulDouble {
+    shared: Arc<Shared>,
+    control_addr: Option<SocketAddr>,
+    control: Option<server::RunningListener>,
+}
+
+impl ConsulDouble {
+    /// Binds the listeners and starts serving; returns once both accept.
+    pub async fn start(config: Config) -> io::Result<ConsulDouble> {
+        let api_listener = server::bind(config.api_listen)?;
+        let api_addr = api_listener.local_addr()?;
+        let control_listener = match config.control_listen {
+            Some(addr) => Some(server::bind(addr)?),
+            None => None,
+        };
+        let initial = Catalog::new(config.initial_index);
+        let (index_tx, _) = watch::channel(initial.index);
+        let shared = Arc::new(Shared {
+            config,
+            catalog: RwLock::new(initial),
+            index_tx,
+            stats: Mutex::new(Stats::default()),
+            api_addr,
+            api_up: AtomicBool::new(true),
+            api_listener: tokio::sync::Mutex::new(None),
+        });
+        *shared.api_listener.lock().await =
+            Some(server::spawn_api(api_listener, api::router(shared.clone())));
+        let (control_addr, control) = match control_listener {
+            Some(listener) => {
+                let addr = listener.local_addr()?;
+                let running = server::spawn_control(listener, control::router(shared.clone()));
+                (Some(addr), Some(running))
+            }
+            None => (None, None),
+        };
+        Ok(ConsulDouble {
+            shared,
+            control_addr,
+            control,
+        })
+    }
+
+    pub fn api_addr(&self) -> SocketAddr {
+        self.shared.api_addr
+    }
+
+    /// `http://host:port` of the API listener, for client configuration.
+    pub fn api_url(&self) -> String {
+        format!("http://{}", self.shared.api_addr)
+    }
+
+    pub fn control_addr(&self) -> Option<SocketAddr> {
+        self.control_addr
+    }
+
+    pub fn datacenter(&self) -> &str {
+        &self.shared.config.datacenter
+    }
+
+    /// Current catalog index (what `X-Consul-Index` reports).
+    pub fn index(&self) -> u64 {
+        self.shared.read_catalog().index
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.shared.api_up.load(Ordering::SeqCst)
+    }
+
+    /// Closes the API listener (new connections are refused) and drops every
+    /// open API connection, including blocked queries. The catalog is kept.
+    pub async fn down(&self) {
+        self.shared.down().await;
+    }
+
+    /// Rebinds the API address. With `empty`, the catalog comes back wiped
+    /// and the index restarts, like a Consul that lost its data.
+    pub async fn up(&self, empty: bool) -> io::Result<()> {
+        self.shared.up(empty).await
+    }
+
+    /// Empties the catalog and resets the index without touching listeners.
+    pub fn wipe(&self) {
+        self.shared.wipe();
+    }
+
+    /// JSON dump of the whole catalog, as served by `GET /control/state`.
+    pub fn state(&self) -> serde_json::Value {
+        self.shared.state_dump()
+    }
+
+    /// Read access to the catalog for assertions that need more than JSON.
+    pub fn with_catalog<T>(&self, f: impl FnOnce(&Catalog) -> T) -> T {
+        f(&self.shared.read_catalog())
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.shared.stats().clone()
+    }
+
+    pub fn reset_stats(&self) {
+        *self.shared.stats() = Stats::default();
+    }
+
+    /// Stops both listeners and drops open connections.
+    pub async fn shutdown(mut self) {
+        self.shared.down().await;
+        if let Some(control) = self.control.take() {
+            control.stop().await;
+        }
+    }
+}
+
+impl Drop for ConsulDouble {
+    fn drop(&mut self) {
+        if let Some(control) = self.control.take() {
+            control.abort();
+        }
+        if let Ok(mut guard) = self.shared.api_listener.try_lock()
+            && let Some(running) = guard.take()
+        {
+            running.abort();
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! `consul-double` binary: a thin CLI around [`consul_double::ConsulDouble`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use consul_double::{Config, ConsulDouble, DEFAULT_MAX_TXN_OPS};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "consul-double",
+    version,
+    about = "Consul HTTP API test double (test support only)"
+)]
+struct Args {
+    /// Consul API listen address.
+    #[arg(long, env = "CONSUL_DOUBLE_LISTEN", default_value = "127.0.0.1:8500")]
+    listen: SocketAddr,
+
+    /// Control API listen address (down/up/wipe/state/stats).
+    #[arg(
+        long,
+        env = "CONSUL_DOUBLE_CONTROL_LISTEN",
+        default_value = "127.0.0.1:8590"
+    )]
+    control_listen: SocketAddr,
+
+    /// Datacenter name reported and accepted.
+    #[arg(long, env = "CONSUL_DOUBLE_DATACENTER", default_value = "dc1")]
+    datacenter: String,
+
+    /// Agent node name reported by /v1/agent/self.
+    #[arg(long, env = "CONSUL_DOUBLE_NODE_NAME", default_value = "consul-double")]
+    node_name: String,
+
+    /// Require this ACL token on every /v1 request.
+    #[arg(
+        long,
+        env = "CONSUL_DOUBLE_ACL_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "acl_token_file"
+    )]
+    acl_token: Option<String>,
+
+    /// Read the required ACL token from this file (surrounding whitespace ignored).
+    #[arg(long, env = "CONSUL_DOUBLE_ACL_TOKEN_FILE")]
+    acl_token_file: Option<PathBuf>,
+
+    /// Maximum operations per /v1/txn (Consul: 64; newer releases 128).
+    #[arg(long, env = "CONSUL_DOUBLE_MAX_TXN_OPS", default_value_t = DEFAULT_MAX_TXN_OPS)]
+    max_txn_ops: usize,
+
+    /// Index of the empty catalog at start and after a wipe.
+    #[arg(long, default_value_t = 1)]
+    initial_index: u64,
+
+    /// Write the bound addresses here as JSON once listening.
+    #[arg(long, env = "CONSUL_DOUBLE_READY_FILE")]
+    ready_file: Option<PathBuf>,
+}
+
+fn acl_token(args: &Args) -> Result<Option<String>, String> {
+    if let Some(token) = &args.acl_token {
+        return Ok(Some(token.clone()));
+    }
+    let Some(path) = &args.acl_token_file else {
+        return Ok(None);
+    };
+    let token = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read ACL token file {}: {e}", path.display()))?;
+    let token = token.trim().to_string();
+    if token.is_empty() {
+        return Err(format!("ACL token file {} is empty", path.display()));
+    }
+    Ok(Some(token))
+}
+
+/// Writes atomically so a watcher never reads a half-written file.
+fn write_ready_file(path: &PathBuf, contents: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, contents)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Returns on SIGINT or SIGTERM (what test harnesses usually send).
+async fn wait_for_termination() {
+    let mut terminate =
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(signal) => signal,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let acl_token = match acl_token(&args) {
+        Ok(token) => token,
+        Err(message) => {
+            eprintln!("consul-double: {message}");
+            return ExitCode::from(2);
+        }
+    };
+    let config = Config {
+        api_listen: args.listen,
+        control_listen: Some(args.control_listen),
+        datacenter: args.datacenter.clone(),
+        node_name: args.node_name.clone(),
+        acl_token,
+        max_txn_ops: args.max_txn_ops,
+        initial_index: args.initial_index,
+    };
+    tracing::info!(?config, "starting");
+    let double = match ConsulDouble::start(config).await {
+        Ok(double) => double,
+        Err(error) => {
+            eprintln!("consul-double: cannot listen: {error}");
+            return ExitCode::from(1);
+        }
+    };
+    let api = double.api_addr();
+    let control = double
+        .control_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    if let Some(path) = &args.ready_file {
+        let contents =
+            serde_json::json!({ "api": api.to_string(), "control": control }).to_string();
+        if let Err(error) = write_ready_file(path, &contents) {
+            eprintln!(
+                "consul-double: cannot write ready file {}: {error}",
+                path.display()
+            );
+            return ExitCode::from(1);
+        }
+    }
+    println!("consul-double ready api=http://{api} control=http://{control}");
+
+    wait_for_termination().await;
+    double.shutdown().await;
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,625 @@
+//! HTTP-level tests of the double's Consul semantics and its control API.
+
+use std::time::{Duration, Instant};
+
+use consul_double::{Config, ConsulDouble};
+use reqwest::{Client, StatusCode};
+use serde_json::{Value, json};
+
+fn client() -> Client {
+    // No idle pooling: down/up tests must not reuse a connection the double cut.
+    Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client")
+}
+
+async fn start() -> ConsulDouble {
+    start_with(Config::default()).await
+}
+
+async fn start_with(config: Config) -> ConsulDouble {
+    ConsulDouble::start(config).await.expect("double starts")
+}
+
+fn index_of(response: &reqwest::Response) -> u64 {
+    response
+        .headers()
+        .get("X-Consul-Index")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .expect("X-Consul-Index header")
+}
+
+async fn txn(client: &Client, double: &ConsulDouble, ops: Value) -> (StatusCode, Value) {
+    let response = client
+        .put(format!("{}/v1/txn", double.api_url()))
+        .json(&ops)
+        .send()
+        .await
+        .expect("txn request");
+    let status = response.status();
+    let text = response.text().await.expect("txn body");
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+fn node_set(name: &str) -> Value {
+    json!({"Node": {"Verb": "set", "Node": {"Node": name, "Address": "127.0.0.1"}}})
+}
+
+fn service_set(node: &str, id: &str, name: &str, port: u16) -> Value {
+    json!({"Service": {"Verb": "set", "Node": node, "Service": {
+        "ID": id, "Service": name, "Port": port, "Tags": ["worker"], "Meta": {"worker_id": id}
+    }}})
+}
+
+async fn get_json(client: &Client, url: String) -> (StatusCode, u64, Value) {
+    let response = client.get(url).send().await.expect("GET");
+    let status = response.status();
+    // Endpoints that do not block (agent/self, datacenters) send no index.
+    let index = if response.headers().contains_key("X-Consul-Index") {
+        index_of(&response)
+    } else {
+        0
+    };
+    let body = response.json().await.unwrap_or(Value::Null);
+    (status, index, body)
+}
+
+#[tokio::test]
+async fn txn_is_atomic_and_reports_every_failed_op() {
+    let double = start().await;
+    let http = client();
+    let (status, body) = txn(
+        &http,
+        &double,
+        json!([node_set("syn"), service_set("syn", "w1", "gunicorn", 9001)]),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["Errors"], Value::Null);
+    assert_eq!(body["Results"].as_array().unwrap().len(), 2);
+    let committed_index = double.index();
+
+    // Op 0 is valid, ops 1 and 2 fail in the state store: nothing applies.
+    let (status, body) = txn(
+        &http,
+        &double,
+        json!([
+            service_set("syn", "w2", "gunicorn", 9002),
+            service_set("ghost", "w3", "gunicorn", 9003),
+            {"Node": {"Verb": "cas", "Node": {"Node": "syn", "Address": "127.0.0.2", "ModifyIndex": 999}}},
+        ]),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(body["Results"], Value::Null);
+    assert_eq!(
+        body["Errors"],
+        json!([
+            {"OpIndex": 1, "What": "Missing node registration"},
+            {"OpIndex": 2, "What": "failed to set node \"syn\", index is stale"},
+        ])
+    );
+    assert_eq!(
+        double.index(),
+        committed_index,
+        "a rolled back txn must not move the index"
+    );
+    let (_, _, instances) = get_json(
+        &http,
+        format!("{}/v1/catalog/service/gunicorn", double.api_url()),
+    )
+    .await;
+    assert_eq!(instances.as_array().unwrap().len(), 1);
+
+    // Deletes produce no result entries; Results is an empty list, not null.
+    let (status, body) = txn(
+        &http,
+        &double,
+        json!([{"Service": {"Verb": "delete", "Node": "syn", "Service": {"ID": "w1", "Service": "gunicorn"}}}]),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, json!({"Results": [], "Errors": null}));
+    let stats = double.stats();
+    assert_eq!(stats.txn.committed, 2);
+    assert_eq!(stats.txn.rolled_back, 1);
+    assert_eq!(stats.txn.ops_applied, 3);
+    assert_eq!(stats.txn.ops_applied_by_verb["Service.delete"], 1);
+    double.shutdown().await;
+}
+
+#[tokio::test]
+async fn txn_operation_limit_and_body_errors() {
+    let double = start().await;
+    let http = client();
+    let mut ops = vec![node_set("syn")];
+    ops.extend((1..64).map(|i| service_set("syn", &format!("w{i}"), "gunicorn", 9000 + i)));
+    let (status, _) = txn(&http, &double, Value::Array(ops.clone())).await;
+    assert_eq!(status, StatusCode::OK, "64 ops are allowed");
+
+    ops.push(service_set("syn", "w64", "gunicorn", 9064));
+    let (status, body) = txn(&http, &double, Value::Array(ops)).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(
+        body,
+        json!("Transaction contains too many operations (65 > 64)")
+    );
+
+    let response = http
+        .put(format!("{}/v1/txn", double.api_url()))
+        .body("[{\"Node\": ")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    assert!(
+        response
+            .text()
+            .await
+            .unwrap()
+            .starts_with("Failed to parse body: ")
+    );
+
+    let response = http
+        .put(format!("{}/v1/catalog/register", double.api_url()))
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    assert!(
+        response
+            .text()
+            .await
+            .unwrap()
+            .starts_with("Request decode failed: ")
+    );
+    assert_eq!(double.stats().txn.rejected, 2);
+    double.shutdown().await;
+}
+
+#[tokio::test]
+async fn blocking_query_wakes_on_write_and_times_out_without_one() {
+    let double = start().await;
+    let http = client();
+    let url = format!("{}/v1/catalog/services", double.api_url());
+    let (_, index, _) = get_json(&http, url.clone()).await;
+
+    // Timeout: nothing writes, so the query returns after wait (+ <= wait/16).
+    let started = Instant::now();
+    let (status, same_index, _) = get_json(&http, format!("{url}?index={index}&wait=1s")).await;
+    let elapsed = started.elapsed();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(same_index, index);
+    assert!(
+        elapsed >= Duration::from_secs(1),
+        "returned early: {elapsed:?}"
+    );
+    assert!(
+        elapsed < Duration::from_millis(1500),
+        "returned late: {elapsed:?}"
+    );
+
+    // Wakeup: a write 300 ms in releases the query long before its wait.
+    let blocked = tokio::spawn({
+        let http = http.clone();
+        let url = format!("{url}?index={index}&wait=30s");
+        async move {
+            let started = Instant::now();
+            let result = get_json(&http, url).await;
+            (started.elapsed(), result)
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, _) = txn(
+        &http,
+        &double,
+        json!([node_set("syn"), service_set("syn", "w1", "web", 80)]),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let (elapsed, (status, new_index, body)) = blocked.await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert!(new_index > index);
+    assert_eq!(body, json!({"web": ["worker"]}));
+    assert!(
+        elapsed < Duration::from_secs(5),
+        "not woken by the write: {elapsed:?}"
+    );
+
+    // index=0 never blocks; an invalid wait is a 400 like Consul's.
+    let started = Instant::now();
+    let (status, _, _) = get_json(&http, format!("{url}?index=0&wait=30s")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(started.elapsed() < Duration::from_secs(2));
+    let response = http
+        .get(format!("{url}?index=1&wait=10"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(response.text().await.unwrap(), "Invalid wait time");
+    assert_eq!(double.stats().blocking_queries, 2);
+    double.shutdown().await;
+}
+
+#[tokio::test]
+async fn acl_token_is_required_in_any_of_consuls_places() {
+    let double = start_with(Config {
+        acl_token: Some("s3cret".into()),
+        ..Config::default()
+    })
+    .await;
+    let http = client();
+    let url = format!("{}/v1/catalog/services", double.api_url());
+
+    let response = http.get(&url).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    assert_eq!(response.text().await.unwrap(), "Permission denied");
+
+    let response = http
+        .get(&url)
+        .header("X-Consul-Token", "wrong")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    assert_eq!(response.text().await.unwrap(), "ACL not found");
+
+    let response = http
+        .put(format!("{}/v1/txn", double.api_url()))
+        .json(&json!([node_set("syn")]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    assert_eq!(double.index(), 1, "a denied write must not apply");
+
+    for request in [
+        http.get(&url).header("X-Consul-Token", "s3cret"),
+        http.get(&url).header("Authorization", "Bearer s3cret"),
+        http.get(format!("{url}?token=s3cret")),
+    ] {
+        assert_eq!(request.send().await.unwrap().status(), StatusCode::OK);
+    }
+    let stats = double.stats();
+    assert_eq!(stats.acl_denied, 3);
+    // Only parameter names are recorded, never the token value.
+    let recorded = serde_json::to_string(&stats).unwrap();
+    assert!(!recorded.contains("s3cret"));
+    double.shutdown().await;
+}
+
+#[tokio::test]
+async fn down_refuses_connections_and_drops_long_polls_then_up_restores() {
+    let double = start_with(Config {
+        control_listen: Some("127.0.0.1:0".parse().unwrap()),
+        ..Config::default()
+    })
+    .await;
+    let control = format!("http://{}", double.control_addr().unwrap());
+    let http = client();
+    let (status, _) = txn(
+        &http,
+        &double,
+        json!([node_set("syn"), service_set("syn", "w1", "web", 80)]),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let index = double.index();
+    let services = format!("{}/v1/catalog/services", double.api_url());
+
+    let long_poll = tokio::spawn({
+        let http = http.clone();
+        let url = format!("{services}?index={index}&wait=60s");
+        async move { http.get(url).send().await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    let response = http
+        .post(format!("{control}/control/down"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let state: Value = response.json().await.unwrap();
+    assert_eq!(state["api_up"], json!(false));
+
+    let dropped = tokio::time::timeout(Duration::from_secs(5), long_poll)
+        .await
+        .expect("long poll must end when the API goes down")
+        .unwrap();
+    assert!(
+        dropped.is_err(),
+        "in-flight blocking query must be dropped, got {dropped:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let refused = http.get(&services).send().await.unwrap_err();
+    assert!(
+        refused.is_connect(),
+        "expected connection refused, got {refused:?}"
+    );
+
+    // Back up on the same address with the catalog intact.
+    let response = http
+        .post(format!("{control}/control/up"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let (status, same_index, body) = get_json(&http, services.clone()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(same_index, index);
+    assert_eq!(body, json!({"web": ["worker"]}));
+
+    // Down, then up empty: a Consul that lost its data.
+    http.post(format!("{control}/control/down"))
+        .send()
+        .await
+        .unwrap();
+    let response = http
+        .post(format!("{control}/control/up?empty=true"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let (_, wiped_index, body) = get_json(&http, services.clone()).await;
+    assert_eq!(body, json!({}));
+    assert_eq!(wiped_index, 1);
+
+    // A client still holding the old, higher index blocks for its full wait
+    // (Consul only returns once the index passes it), then sees the index go
+    // backwards and must reset to 0.
+    let started = Instant::now();
+    let (status, returned, _) = get_json(&http, format!("{services}?index={index}&wait=1s")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    assert!(returned < index);
+
+    let state: Value = http
+        .get(format!("{control}/control/state"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(state["node_count"], json!(0));
+    assert_eq!(state["api_up"], json!(true));
+    double.shutdown().await;
+}
+
+#[tokio::test]
+async fn wipe_and_stats_controls() {
+    let double = start_with(Config {
+        control_listen: Some("127.0.0.1:0".parse().unwrap()),
+        initial_index: 10,
+        ..Config::default()
+    })
+    .await;
+    let control = format!("http://{}", double.control_addr().unwrap());
+    let http = client();
+    txn(
+        &http,
+        &double,
+        json!([node_set("syn"), service_set("syn", "w1", "web", 80)]),
+    )
+    .await;
+    assert_eq!(double.index(), 11);
+    let stats: Value = http
+        .get(format!("{control}/control/stats"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stats["requests"]["PUT /v1/txn"], json!(1));
+    assert_eq!(stats["catalog_writes"], json!(1));
+
+    http.post(format!("{control}/control/wipe"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(double.index(), 10);
+    assert_eq!(double.state()["service_count"], json!(0));
+
+    let response = http
+        .post(format!("{control}/control/reset-stats"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    assert_eq!(double.stats(), Default::default());
+
+    http.get(format!("{}/v1/kv/anything", double.api_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(double.stats().unmatched["GET /v1/kv/anything"], 1);
+    double.shutdown().await;
+}
+
+#[tokio::test]
+async fn node_services_for_unknown_node_matches_consul() {
+    let double = start().await;
+    let http = client();
+    // Consul answers 200 with nulls here, not 404 (see CONTRACT.md).
+    let (status, _, body) = get_json(
+        &http,
+        format!("{}/v1/catalog/node-services/ghost", double.api_url()),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, json!({"Node": null, "Services": null}));
+    let (_, _, body) = get_json(&http, format!("{}/v1/catalog/node/ghost", double.api_url())).await;
+    assert_eq!(body, Value::Null);
+
+    txn(
+        &http,
+        &double,
+        json!([node_set("syn"), service_set("syn", "w1", "web", 80)]),
+    )
+    .await;
+    let (status, _, body) = get_json(
+        &http,
+        format!("{}/v1/catalog/node-services/SYN", double.api_url()),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["Node"]["Node"], json!("syn"));
+    assert_eq!(body["Services"][0]["ID"], json!("w1"));
+    assert_eq!(body["Services"][0]["Meta"], json!({"worker_id": "w1"}));
+    double.shutdown().await;
+}
+
+#[tokio::test]
+async fn catalog_register_deregister_and_health_filters() {
+    let double = start().await;
+    let http = client();
+    let api = double.api_url();
+    let register = |body: Value| {
+        http.put(format!("{api}/v1/catalog/register"))
+            .json(&body)
+            .send()
+    };
+
+    let response = register(json!({
+        "Node": "syn", "Address": "10.1.2.3", "NodeMeta": {"role": "workers"},
+        "Service": {"Service": "gunicorn", "Port": 9100, "Tags": ["a"]},
+        "Check": {"Name": "alive", "Status": "passing", "ServiceID": "gunicorn"}
+    }))
+    .await
+    .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.text().await.unwrap(), "true");
+    let response = register(json!({
+        "Node": "syn", "Address": "10.1.2.3", "NodeMeta": {"role": "workers"},
+        "Service": {"ID": "gunicorn-2", "Service": "gunicorn", "Port": 9101, "Tags": ["b"]},
+        "Check": {"CheckID": "g2", "Name": "alive", "Status": "critical", "ServiceID": "gunicorn-2"}
+    }))
+    .await
+    .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+
+    let response = register(json!({"Node": "syn", "Service": {"Service": "x"}}))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(
+        response.text().await.unwrap(),
+        "Must provide address if SkipNodeUpdate is not set"
+    );
+
+    let health = format!("{api}/v1/health/service/gunicorn");
+    let (_, _, all) = get_json(&http, health.clone()).await;
+    assert_eq!(all.as_array().unwrap().len(), 2);
+    assert_eq!(all[0]["Checks"][0]["ServiceName"], json!("gunicorn"));
+    let (_, _, passing) = get_json(&http, format!("{health}?passing")).await;
+    assert_eq!(passing.as_array().unwrap().len(), 1);
+    assert_eq!(passing[0]["Service"]["ID"], json!("gunicorn"));
+    let (_, _, tagged) = get_json(&http, format!("{health}?tag=b")).await;
+    assert_eq!(tagged[0]["Service"]["Port"], json!(9101));
+    let (_, _, by_meta) = get_json(&http, format!("{health}?node-meta=role:other")).await;
+    assert_eq!(by_meta, json!([]));
+    let response = http
+        .get(format!("{health}?passing=maybe"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let response = http
+        .get(format!("{health}?filter=Service.Port%3D%3D1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+
+    let response = http
+        .put(format!("{api}/v1/catalog/deregister"))
+        .json(&json!({"Node": "syn", "ServiceID": "gunicorn-2"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let (_, _, all) = get_json(&http, health.clone()).await;
+    assert_eq!(all.as_array().unwrap().len(), 1);
+    assert_eq!(
+        double.state()["nodes"][0]["Checks"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+
+    http.put(format!("{api}/v1/catalog/deregister"))
+        .json(&json!({"Node": "syn"}))
+        .send()
+        .await
+        .unwrap();
+    let (_, _, nodes) = get_json(&http, format!("{api}/v1/catalog/nodes")).await;
+    assert_eq!(nodes, json!([]));
+
+    let (_, _, agent) = get_json(&http, format!("{api}/v1/agent/self")).await;
+    assert_eq!(agent["Config"]["Datacenter"], json!("dc1"));
+    let (_, _, dcs) = get_json(&http, format!("{api}/v1/catalog/datacenters")).await;
+    assert_eq!(dcs, json!(["dc1"]));
+    let response = http
+        .get(format!("{api}/v1/catalog/services?dc=elsewhere"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(response.text().await.unwrap(), "No path to datacenter");
+    double.shutdown().await;
+}
+
+#[tokio::test]
+async fn binary_prints_ready_line_and_writes_ready_file() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    let dir = std::env::temp_dir().join(format!("consul-double-bin-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ready = dir.join("ready.json");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_consul-double"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--control-listen",
+            "127.0.0.1:0",
+            "--ready-file",
+        ])
+        .arg(&ready)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn consul-double");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addresses: Value = serde_json::from_str(&std::fs::read_to_string(&ready).unwrap()).unwrap();
+    let api = addresses["api"].as_str().unwrap().to_string();
+    assert!(
+        line.starts_with("consul-double ready api=http://"),
+        "{line}"
+    );
+    assert!(line.contains(&api), "{line}");
+
+    let response = client()
+        .get(format!("http://{api}/v1/catalog/services"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,256 @@
+//! The Consul sink against the in-repo Consul double (in process): batching, minimal writes,
+//! ownership, restart safety, outages, ACL.
+
+use consul_double::{Config, ConsulDouble};
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+use workersd::metrics::Metrics;
+use workersd::model::{PortRange, Scheme, Target, TargetId};
+use workersd::pipeline::DesiredState;
+use workersd::reconcile::desired_catalog;
+use workersd::secret::Secret;
+use workersd::sinks::consul::{ConsulClient, ConsulError, ConsulSettings, ConsulSink};
+
+const NODE: &str = "workersd-test";
+const OWNER: &str = "cluster-a";
+
+fn settings(double: &ConsulDouble, token: Option<&str>) -> ConsulSettings {
+    ConsulSettings {
+        address: double.api_url(),
+        token: token.map(Secret::new),
+        datacenter: None,
+        node: NODE.into(),
+        node_address: "127.0.0.1".into(),
+        owner: OWNER.into(),
+        resync_interval: Duration::from_secs(60),
+        request_timeout: Duration::from_secs(2),
+    }
+}
+
+fn sink(double: &ConsulDouble, token: Option<&str>) -> ConsulSink {
+    ConsulSink::new(
+        ConsulClient::new(settings(double, token)).unwrap(),
+        Arc::new(Metrics::new()),
+    )
+}
+
+/// `pods` targets on 10.1.x.y, each with `live` workers.
+fn desired(pods: usize, live: u16, complete: bool) -> DesiredState {
+    let targets: Vec<Target> = (0..pods)
+        .map(|i| Target {
+            id: TargetId::new(format!("pod-{i}")),
+            service: "clever".into(),
+            address: format!("10.1.{}.{}", i / 250, i % 250 + 1).parse().unwrap(),
+            ports: PortRange::new(9011, 9020).unwrap(),
+            path: "/metrics".into(),
+            scheme: Scheme::Http,
+            tags: vec!["gunicorn".into()],
+            meta: BTreeMap::from([("team".into(), "web".into())]),
+            revision: 0,
+        })
+        .collect();
+    let ports: BTreeSet<u16> = (9011..9011 + live).collect();
+    DesiredState {
+        catalog: desired_catalog(OWNER, targets.iter().map(|t| (t, &ports))),
+        complete,
+    }
+}
+
+async fn get(double: &ConsulDouble, path: &str) -> Value {
+    reqwest::get(format!("{}{path}", double.api_url()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+async fn put(double: &ConsulDouble, path: &str, body: Value) {
+    let response = reqwest::Client::new()
+        .put(format!("{}{path}", double.api_url()))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        response.status().is_success(),
+        "{path}: {}",
+        response.status()
+    );
+}
+
+async fn instances(double: &ConsulDouble, service: &str) -> Vec<Value> {
+    get(double, &format!("/v1/catalog/service/{service}"))
+        .await
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+async fn start() -> ConsulDouble {
+    ConsulDouble::start(Config::default()).await.unwrap()
+}
+
+#[tokio::test]
+async fn initial_sync_is_batched_and_a_repeat_writes_nothing() {
+    let double = start().await;
+    let mut sink = sink(&double, None);
+    let state = desired(50, 4, true); // 200 endpoints
+    let outcome = sink.sync(&state).await.unwrap();
+    assert_eq!(outcome.registered, 200);
+    // One read, then ceil((200 + node op) / 64) = 4 transactions.
+    assert_eq!(outcome.requests, 1 + 4);
+    let listed = instances(&double, "clever").await;
+    assert_eq!(listed.len(), 200);
+    let one = &listed[0];
+    assert_eq!(one["Node"], NODE);
+    assert_eq!(one["NodeMeta"]["external-source"], "workersd");
+    assert_eq!(one["ServiceMeta"]["external-source"], "workersd");
+    assert_eq!(one["ServiceMeta"]["workersd-owner"], OWNER);
+    assert_eq!(one["ServiceMeta"]["metrics-path"], "/metrics");
+    assert_eq!(one["ServiceMeta"]["metrics-scheme"], "http");
+    assert_eq!(one["ServiceMeta"]["team"], "web");
+    assert_eq!(one["ServiceTags"], json!(["gunicorn"]));
+
+    let again = sink.sync(&state).await.unwrap();
+    assert_eq!(again.requests, 0, "no change, no request");
+    // Even after re-reading Consul, an unchanged catalog costs no write.
+    sink.invalidate();
+    let reread = sink.sync(&state).await.unwrap();
+    assert_eq!(
+        (reread.requests, reread.registered, reread.deregistered),
+        (1, 0, 0)
+    );
+}
+
+#[tokio::test]
+async fn garbage_collects_only_what_it_owns() {
+    let double = start().await;
+    // A foreign service on another node, a foreign entry on our node, and an entry of another
+    // workersd owner sharing the node.
+    put(
+        &double,
+        "/v1/catalog/register",
+        json!({
+            "Node": "other-node", "Address": "10.9.9.9",
+            "Service": {"ID": "foreign-1", "Service": "clever", "Address": "10.9.9.9", "Port": 9011}
+        }),
+    )
+    .await;
+    let mut first = sink(&double, None);
+    first.sync(&desired(2, 2, true)).await.unwrap();
+    put(&double, "/v1/catalog/register", json!({
+        "Node": NODE, "Address": "127.0.0.1", "NodeMeta": {"external-source": "workersd"},
+        "Service": {"ID": "hand-made", "Service": "clever", "Address": "10.9.9.8", "Port": 1, "Meta": {"team": "ops"}}
+    }))
+    .await;
+    put(&double, "/v1/catalog/register", json!({
+        "Node": NODE, "Address": "127.0.0.1", "NodeMeta": {"external-source": "workersd"},
+        "Service": {"ID": "cluster-b:clever:10.2.0.1:9011", "Service": "clever", "Address": "10.2.0.1", "Port": 9011,
+                    "Meta": {"external-source": "workersd", "workersd-owner": "cluster-b"}}
+    }))
+    .await;
+    let before = instances(&double, "clever").await;
+    assert_eq!(before.len(), 4 + 3);
+
+    // Everything of ours goes away; nothing else does.
+    let mut restarted = sink(&double, None);
+    let outcome = restarted.sync(&desired(0, 0, true)).await.unwrap();
+    assert_eq!(outcome.deregistered, 4);
+    let ids: BTreeSet<String> = instances(&double, "clever")
+        .await
+        .iter()
+        .map(|i| i["ServiceID"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        ids,
+        BTreeSet::from([
+            "foreign-1".to_string(),
+            "hand-made".into(),
+            "cluster-b:clever:10.2.0.1:9011".into()
+        ])
+    );
+}
+
+#[tokio::test]
+async fn a_restarted_sink_deregisters_nothing_until_targets_were_probed() {
+    let double = start().await;
+    sink(&double, None)
+        .sync(&desired(3, 4, true))
+        .await
+        .unwrap();
+    let mut restarted = sink(&double, None);
+    // After a restart nothing is probed yet: the desired catalog is empty and incomplete.
+    let outcome = restarted.sync(&desired(0, 0, false)).await.unwrap();
+    assert_eq!((outcome.deregistered, outcome.deferred), (0, 12));
+    assert_eq!(instances(&double, "clever").await.len(), 12);
+    // Probing completes with one worker fewer per pod: exactly those go.
+    let outcome = restarted.sync(&desired(3, 3, true)).await.unwrap();
+    assert_eq!((outcome.registered, outcome.deregistered), (0, 3));
+    assert_eq!(instances(&double, "clever").await.len(), 9);
+}
+
+#[tokio::test]
+async fn refills_a_consul_that_lost_its_catalog_and_survives_an_outage() {
+    let double = start().await;
+    let mut sink = sink(&double, None);
+    let state = desired(2, 3, true);
+    sink.sync(&state).await.unwrap();
+    double.down().await;
+    // A change while Consul is down is an `Unreachable` error, not a panic or a lost write.
+    let err = sink.sync(&desired(2, 2, true)).await.unwrap_err();
+    assert!(matches!(err, ConsulError::Unreachable(_)), "{err}");
+    assert!(matches!(
+        sink.sync(&state).await,
+        Err(ConsulError::Unreachable(_))
+    ));
+    double.up(true).await.unwrap(); // back, but empty
+    sink.invalidate();
+    let outcome = sink.sync(&state).await.unwrap();
+    assert_eq!(outcome.registered, 6);
+    let listed = instances(&double, "clever").await;
+    assert_eq!(listed.len(), 6);
+    let ids: BTreeSet<&str> = listed
+        .iter()
+        .map(|i| i["ServiceID"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 6, "no duplicates");
+}
+
+#[tokio::test]
+async fn acl_token_is_sent_and_never_shown() {
+    let double = ConsulDouble::start(Config {
+        acl_token: Some("s3cret-token".into()),
+        ..Config::default()
+    })
+    .await
+    .unwrap();
+    let mut without = sink(&double, None);
+    let err = without.sync(&desired(1, 1, true)).await.unwrap_err();
+    assert!(matches!(err, ConsulError::Forbidden(_)), "{err}");
+    let mut wrong = sink(&double, Some("nope"));
+    let err = wrong.sync(&desired(1, 1, true)).await.unwrap_err();
+    assert!(!err.to_string().contains("nope"));
+    let mut with = sink(&double, Some("s3cret-token"));
+    assert_eq!(with.sync(&desired(1, 1, true)).await.unwrap().registered, 1);
+    assert!(!format!("{:?}", settings(&double, Some("s3cret-token"))).contains("s3cret"));
+}
+
+#[tokio::test]
+async fn refuses_a_node_it_did_not_create() {
+    let double = start().await;
+    put(
+        &double,
+        "/v1/catalog/register",
+        json!({"Node": NODE, "Address": "10.0.0.1", "NodeMeta": {"team": "x"}}),
+    )
+    .await;
+    let err = sink(&double, None)
+        .sync(&desired(1, 1, true))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ConsulError::NodeNotOwned { .. }), "{err}");
+    assert!(instances(&double, "clever").await.is_empty());
+}
