@@ -1,18 +1,23 @@
-//! Assembles a running controller from a source of targets. Every mode (standalone now,
-//! Kubernetes next) feeds the same pipeline and sinks through a `TargetSnapshot` channel.
+//! Assembles a running controller. Every mode (standalone, Kubernetes) feeds the same
+//! pipeline and sinks through a `TargetSnapshot` channel.
 
-use crate::cli::{RunArgs, StandaloneArgs};
+use crate::cli::{KubernetesArgs, RunArgs, StandaloneArgs};
 use crate::metrics::Metrics;
-use crate::pipeline::{self, desired_channel};
+use crate::pipeline::{self, DesiredRx, desired_channel};
 use crate::probe::ProbeSettings;
 use crate::secret::Secret;
 use crate::server::{self, Readiness};
 use crate::sinks::{consul, http_sd};
+use crate::sources::kubernetes::leader::{self, LeaseSettings};
+use crate::sources::kubernetes::resolve::ResolveSettings;
+use crate::sources::kubernetes::spec::NamePolicy;
+use crate::sources::kubernetes::{status, watch as kube_watch};
 use crate::sources::{TargetSnapshot, file};
 use crate::validate;
 use anyhow::{Context, bail};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 pub async fn run_standalone(args: StandaloneArgs) -> anyhow::Result<()> {
@@ -33,16 +38,86 @@ pub async fn run_standalone(args: StandaloneArgs) -> anyhow::Result<()> {
         }
     };
     tracing::info!(file = %args.targets.display(), targets = targets.len(), "targets file loaded");
-    let metrics = Arc::new(Metrics::new());
+    let controller =
+        Controller::prepare(args.run, default_node_name(), Arc::new(Metrics::new())).await?;
     let (targets_tx, targets_rx) = watch::channel::<TargetSnapshot>(Arc::new(targets));
     tokio::spawn(file::watch_targets_file(
         args.targets.clone(),
         args.reload_interval,
         text,
         targets_tx,
-        metrics.clone(),
+        controller.metrics.clone(),
     ));
-    run_controller(args.run, targets_rx, metrics).await
+    controller.start(targets_rx);
+    shutdown_signal().await;
+    tracing::info!("shutting down; catalog entries are left in place for the next instance");
+    Ok(())
+}
+
+pub async fn run_kubernetes(args: KubernetesArgs) -> anyhow::Result<()> {
+    validate::owner_id(&args.cluster_name)
+        .map_err(anyhow::Error::msg)
+        .context("--cluster-name")?;
+    let names = NamePolicy::new(&args.service_name_template)
+        .map_err(anyhow::Error::msg)
+        .context("--service-name-template")?;
+    let client = kube::Client::try_default().await.context(
+        "cannot configure the Kubernetes client (in-cluster service account or KUBECONFIG)",
+    )?;
+    let controller = Controller::prepare(
+        args.run,
+        format!("workersd-{}", args.cluster_name),
+        Arc::new(Metrics::new()),
+    )
+    .await?;
+    let identity = args.identity.clone().unwrap_or_else(hostname_or_localhost);
+    let lease = if args.leader_election {
+        let settings = LeaseSettings {
+            namespace: args
+                .lease_namespace
+                .clone()
+                .unwrap_or_else(|| client.default_namespace().to_string()),
+            name: args.lease_name.clone(),
+            identity: identity.clone(),
+            duration: args.lease_duration,
+        };
+        let api = kube::Api::namespaced(client.clone(), &settings.namespace);
+        controller.readiness.standby.store(true, Ordering::Relaxed);
+        tokio::select! {
+            _ = leader::acquire(&api, &settings) => {}
+            _ = shutdown_signal() => return Ok(()),
+        }
+        controller.readiness.standby.store(false, Ordering::Relaxed);
+        Some((api, settings))
+    } else {
+        None
+    };
+    let watch_settings = kube_watch::WatchSettings {
+        namespaces: args.namespaces.clone(),
+        resolve: ResolveSettings {
+            names,
+            allow_host_network: args.allow_host_network,
+        },
+        identity,
+    };
+    let metrics = controller.metrics.clone();
+    let outputs = tokio::select! {
+        outputs = kube_watch::start(client.clone(), watch_settings, metrics) => outputs,
+        _ = shutdown_signal() => return Ok(()),
+    };
+    let desired = controller.start(outputs.targets);
+    tokio::spawn(status::run(client, outputs.resources, desired));
+    match lease {
+        Some((api, settings)) => tokio::select! {
+            _ = leader::hold(&api, &settings) => {
+                bail!("lost leadership of lease {}/{}; exiting so a standby takes over", settings.namespace, settings.name)
+            }
+            _ = shutdown_signal() => {}
+        },
+        None => shutdown_signal().await,
+    }
+    tracing::info!("shutting down; catalog entries are left in place for the next instance");
+    Ok(())
 }
 
 fn consul_settings(
@@ -77,88 +152,107 @@ fn consul_settings(
     })
 }
 
-/// Runs the pipeline and sinks for targets arriving on `targets` until SIGINT/SIGTERM.
-/// Shutdown deregisters nothing: entries stay live for the next instance to adopt.
-pub async fn run_controller(
+/// A validated, bound controller whose health endpoints already answer; `start` begins the work.
+pub struct Controller {
     run: RunArgs,
-    targets: watch::Receiver<TargetSnapshot>,
-    metrics: Arc<Metrics>,
-) -> anyhow::Result<()> {
-    run.validate().map_err(anyhow::Error::msg)?;
-    let node = match &run.consul_node {
-        Some(node) => node.clone(),
-        None => default_node_name(),
-    };
-    let owner = run.owner_id.clone().unwrap_or_else(|| node.clone());
-    validate::owner_id(&owner)
-        .map_err(anyhow::Error::msg)
-        .context("--owner-id")?;
-    validate::owner_id(&node)
-        .map_err(anyhow::Error::msg)
-        .context("--consul-node")?;
-
-    let mut readiness = Readiness::default();
-    let sink = match &run.consul_addr {
-        Some(addr) => {
-            let settings = consul_settings(&run, addr, node.clone(), owner.clone())?;
-            tracing::info!(
-                consul = %settings.address,
-                node = %settings.node,
-                owner = %settings.owner,
-                token = settings.token.is_some(),
-                "consul sink enabled"
-            );
-            let client = consul::ConsulClient::new(settings).map_err(anyhow::Error::msg)?;
-            let sink = consul::ConsulSink::new(client, metrics.clone());
-            readiness.consul_synced = Some(sink.synced.clone());
-            Some(sink)
-        }
-        None => {
-            tracing::info!("consul sink disabled (no --consul-addr)");
-            None
-        }
-    };
-    let readiness = Arc::new(readiness);
-
-    // Bind before starting work so a taken port is a clear start-up error.
-    let own = server::bind(run.listen, "--listen").await?;
-    let sd = match run.http_sd_listen.0 {
-        Some(addr) => Some(server::bind(addr, "--http-sd-listen").await?),
-        None => None,
-    };
-
-    let (desired_tx, desired_rx) = desired_channel();
-    let settings = ProbeSettings {
-        interval: run.probe_interval,
-        timeout: run.probe_timeout,
-        concurrency: run.probe_concurrency,
-        fast_interval: run.fast_interval,
-        fast_period: run.fast_period,
-    };
-    tokio::spawn(pipeline::run(
-        owner,
-        targets,
-        settings,
-        metrics.clone(),
-        desired_tx,
-    ));
-    if let Some(sink) = sink {
-        tokio::spawn(sink.run(desired_rx.clone()));
-    }
-    tokio::spawn(mark_probed(desired_rx.clone(), readiness.clone()));
-
-    tracing::info!(listen = %run.listen, "serving /metrics, /healthz and /readyz");
-    tokio::spawn(server::serve(own, server::router(metrics, readiness)));
-    if let Some(listener) = sd {
-        tracing::info!(listen = %listener.local_addr()?, "serving Prometheus HTTP SD at /targets");
-        tokio::spawn(server::serve(listener, http_sd::router(desired_rx)));
-    }
-    shutdown_signal().await;
-    tracing::info!("shutting down; catalog entries are left in place for the next instance");
-    Ok(())
+    owner: String,
+    sink: Option<consul::ConsulSink>,
+    sd_listener: Option<TcpListener>,
+    pub metrics: Arc<Metrics>,
+    pub readiness: Arc<Readiness>,
 }
 
-async fn mark_probed(mut desired: pipeline::DesiredRx, readiness: Arc<Readiness>) {
+impl Controller {
+    pub async fn prepare(
+        run: RunArgs,
+        default_node: String,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Self> {
+        run.validate().map_err(anyhow::Error::msg)?;
+        let node = run.consul_node.clone().unwrap_or(default_node);
+        let owner = run.owner_id.clone().unwrap_or_else(|| node.clone());
+        validate::owner_id(&owner)
+            .map_err(anyhow::Error::msg)
+            .context("--owner-id")?;
+        validate::owner_id(&node)
+            .map_err(anyhow::Error::msg)
+            .context("--consul-node")?;
+
+        let mut readiness = Readiness::default();
+        let sink = match &run.consul_addr {
+            Some(addr) => {
+                let settings = consul_settings(&run, addr, node.clone(), owner.clone())?;
+                tracing::info!(
+                    consul = %settings.address,
+                    node = %settings.node,
+                    owner = %settings.owner,
+                    token = settings.token.is_some(),
+                    "consul sink enabled"
+                );
+                let client = consul::ConsulClient::new(settings).map_err(anyhow::Error::msg)?;
+                let sink = consul::ConsulSink::new(client, metrics.clone());
+                readiness.consul_synced = Some(sink.synced.clone());
+                Some(sink)
+            }
+            None => {
+                tracing::info!("consul sink disabled (no --consul-addr)");
+                None
+            }
+        };
+        let readiness = Arc::new(readiness);
+        // Bind before any work so a taken port is a clear start-up error.
+        let own = server::bind(run.listen, "--listen").await?;
+        let sd_listener = match run.http_sd_listen.0 {
+            Some(addr) => Some(server::bind(addr, "--http-sd-listen").await?),
+            None => None,
+        };
+        tracing::info!(listen = %run.listen, "serving /metrics, /healthz and /readyz");
+        tokio::spawn(server::serve(
+            own,
+            server::router(metrics.clone(), readiness.clone()),
+        ));
+        Ok(Self {
+            run,
+            owner,
+            sink,
+            sd_listener,
+            metrics,
+            readiness,
+        })
+    }
+
+    /// Starts probing, publishing and serving HTTP SD for the targets on `targets`.
+    pub fn start(self, targets: watch::Receiver<TargetSnapshot>) -> DesiredRx {
+        let (desired_tx, desired_rx) = desired_channel();
+        let settings = ProbeSettings {
+            interval: self.run.probe_interval,
+            timeout: self.run.probe_timeout,
+            concurrency: self.run.probe_concurrency,
+            fast_interval: self.run.fast_interval,
+            fast_period: self.run.fast_period,
+        };
+        tokio::spawn(pipeline::run(
+            self.owner,
+            targets,
+            settings,
+            self.metrics.clone(),
+            desired_tx,
+        ));
+        if let Some(sink) = self.sink {
+            tokio::spawn(sink.run(desired_rx.clone()));
+        }
+        tokio::spawn(mark_probed(desired_rx.clone(), self.readiness.clone()));
+        if let Some(listener) = self.sd_listener {
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(listen = %addr, "serving Prometheus HTTP SD at /targets");
+            }
+            tokio::spawn(server::serve(listener, http_sd::router(desired_rx.clone())));
+        }
+        desired_rx
+    }
+}
+
+async fn mark_probed(mut desired: DesiredRx, readiness: Arc<Readiness>) {
     loop {
         if desired.borrow_and_update().complete {
             readiness.probed.store(true, Ordering::Relaxed);
@@ -170,12 +264,15 @@ async fn mark_probed(mut desired: pipeline::DesiredRx, readiness: Arc<Readiness>
     }
 }
 
-fn default_node_name() -> String {
-    let host = hostname::get()
+fn hostname_or_localhost() -> String {
+    hostname::get()
         .ok()
         .and_then(|h| h.into_string().ok())
-        .unwrap_or_else(|| "localhost".into());
-    let host: String = host
+        .unwrap_or_else(|| "localhost".into())
+}
+
+fn default_node_name() -> String {
+    let host: String = hostname_or_localhost()
         .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '-' || c == '.' {

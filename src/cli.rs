@@ -21,6 +21,8 @@ pub struct Cli {
 pub enum Command {
     /// Probe the targets of a YAML file (hosts, VMs, Nomad) and publish live workers.
     Standalone(Box<StandaloneArgs>),
+    /// Watch Kubernetes pods (annotations and WorkerMetrics resources) and publish live workers.
+    Kubernetes(Box<KubernetesArgs>),
     /// Validate a targets file; print every error (entry, field, why) and exit 1 if any.
     Check {
         #[arg(long, env = "WORKERSD_TARGETS")]
@@ -38,6 +40,43 @@ pub struct StandaloneArgs {
     /// How often the targets file is checked for changes.
     #[arg(long, env = "WORKERSD_RELOAD_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     pub reload_interval: Duration,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct KubernetesArgs {
+    /// Names this cluster in Consul: the synthetic node is `workersd-<cluster>` and the owner id
+    /// includes it, so clusters sharing one Consul never touch each other's entries.
+    #[arg(long, env = "WORKERSD_CLUSTER_NAME", default_value = "kubernetes")]
+    pub cluster_name: String,
+    /// Only watch these namespaces (comma-separated); all namespaces when empty.
+    #[arg(long, env = "WORKERSD_NAMESPACES", value_delimiter = ',')]
+    pub namespaces: Vec<String>,
+    /// Published service name; `{namespace}-{service}` keeps a namespace inside its own names.
+    #[arg(
+        long,
+        env = "WORKERSD_SERVICE_NAME_TEMPLATE",
+        default_value = "{service}"
+    )]
+    pub service_name_template: String,
+    /// Accept pods with hostNetwork (they publish the node's IP).
+    #[arg(long, env = "WORKERSD_ALLOW_HOST_NETWORK")]
+    pub allow_host_network: bool,
+    /// Elect a leader through a Lease; only the leader probes and writes.
+    #[arg(long, env = "WORKERSD_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_election: bool,
+    /// Namespace of the Lease [default: the client's namespace, in-cluster the pod's].
+    #[arg(long, env = "WORKERSD_LEASE_NAMESPACE")]
+    pub lease_namespace: Option<String>,
+    #[arg(long, env = "WORKERSD_LEASE_NAME", default_value = "workersd")]
+    pub lease_name: String,
+    /// A standby takes over this long after the leader's last renewal.
+    #[arg(long, env = "WORKERSD_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
+    pub lease_duration: Duration,
+    /// This instance's identity in the Lease and in Events [default: the hostname].
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
     #[command(flatten)]
     pub run: RunArgs,
 }

@@ -37,26 +37,34 @@ fn main() -> ExitCode {
             print!("{}", workersd::sources::kubernetes::crd::crd_yaml());
             ExitCode::SUCCESS
         }
+        Command::Kubernetes(args) => {
+            init_logging(args.run.log_format);
+            run_async(workersd::app::run_kubernetes(*args))
+        }
         Command::Standalone(args) => {
             init_logging(args.run.log_format);
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("workersd: cannot start the async runtime: {e}");
-                    return ExitCode::from(1);
-                }
-            };
-            match runtime.block_on(workersd::app::run_standalone(*args)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!("{e:#}");
-                    eprintln!("workersd: {e:#}");
-                    ExitCode::from(1)
-                }
-            }
+            run_async(workersd::app::run_standalone(*args))
+        }
+    }
+}
+
+fn run_async(work: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("workersd: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(work) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("workersd: {e:#}");
+            ExitCode::from(1)
         }
     }
 }

@@ -36,6 +36,12 @@ pub struct Metrics {
     reconcile_duration: Histogram,
     config_reloads: Family<ResultLabel, Counter>,
     pub sweep_overruns: Counter,
+    invalid_objects: Family<KindLabel, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: &'static str,
 }
 
 impl Default for Metrics {
@@ -97,7 +103,14 @@ impl Metrics {
             "Sweeps abandoned for exceeding their time bound (results discarded)",
             sweep_overruns.clone(),
         );
+        let invalid_objects = Family::<KindLabel, Gauge>::default();
+        registry.register(
+            "invalid_objects",
+            "Objects whose workersd declaration is refused (see their Warning Events), by kind",
+            invalid_objects.clone(),
+        );
         Self {
+            invalid_objects,
             registry,
             probes,
             targets,
@@ -141,6 +154,12 @@ impl Metrics {
         self.config_reloads
             .get_or_create(&ResultLabel { result })
             .inc();
+    }
+
+    pub fn invalid_objects(&self, kind: &'static str, count: usize) {
+        self.invalid_objects
+            .get_or_create(&KindLabel { kind })
+            .set(count as i64);
     }
 
     pub fn encode(&self) -> String {

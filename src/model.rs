@@ -180,6 +180,8 @@ pub struct Target {
     /// Bumped by the source when the workers behind the target restarted (e.g. a container
     /// restart): the target is then probed at once, as if new.
     pub revision: u64,
+    /// Steady-state probe interval for this target; `None` uses the controller's.
+    pub probe_interval: Option<std::time::Duration>,
 }
 
 /// One live worker endpoint as a catalog service instance. Sinks publish exactly these.

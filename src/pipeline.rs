@@ -135,6 +135,7 @@ mod tests {
             tags: vec![tag.into()],
             meta: BTreeMap::new(),
             revision: 0,
+            probe_interval: None,
         }
     }
 

@@ -177,7 +177,8 @@ impl Sweeper {
         let mut fast_until = Instant::now() + self.settings.fast_period;
         let mut slow_phase_applied = false;
         // A sweep never runs longer than this; a late result would be stale anyway.
-        let bound = self.settings.interval.max(self.settings.timeout * 3);
+        let interval = self.target.probe_interval.unwrap_or(self.settings.interval);
+        let bound = interval.max(self.settings.timeout * 3);
         loop {
             let verified = live.clone().unwrap_or_default();
             match timeout(bound, self.sweep(&verified)).await {
@@ -208,9 +209,9 @@ impl Sweeper {
             } else if !slow_phase_applied {
                 // Spread slow sweeps of targets created together over the interval.
                 slow_phase_applied = true;
-                self.settings.interval + phase_offset(&self.target.id, self.settings.interval)
+                interval + phase_offset(&self.target.id, interval)
             } else {
-                self.settings.interval
+                interval
             };
             tokio::time::sleep(delay).await;
         }
@@ -443,6 +444,7 @@ mod tests {
             tags: vec![],
             meta: BTreeMap::new(),
             revision: 0,
+            probe_interval: None,
         };
         let (tx, mut rx) = mpsc::channel(16);
         let settings = ProbeSettings {

@@ -129,6 +129,7 @@ mod tests {
             tags: vec!["gunicorn".into()],
             meta: BTreeMap::from([("team".into(), "web".into())]),
             revision: 0,
+            probe_interval: None,
         }
     }
 

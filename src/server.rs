@@ -13,6 +13,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 /// holds the result.
 #[derive(Default)]
 pub struct Readiness {
+    /// Waiting for leadership: healthy, but not the instance doing the work.
+    pub standby: AtomicBool,
     pub probed: AtomicBool,
     pub consul_synced: Option<Arc<AtomicBool>>,
 }
@@ -20,6 +22,9 @@ pub struct Readiness {
 impl Readiness {
     pub fn problems(&self) -> Vec<&'static str> {
         let mut problems = Vec::new();
+        if self.standby.load(Ordering::Relaxed) {
+            problems.push("standing by for leadership");
+        }
         if !self.probed.load(Ordering::Relaxed) {
             problems.push("targets not yet probed");
         }

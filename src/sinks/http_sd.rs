@@ -139,6 +139,7 @@ mod tests {
             tags: vec!["a".into(), "b".into()],
             meta: BTreeMap::from([("team-name".into(), "web".into())]),
             revision: 0,
+            probe_interval: None,
         }
     }
 

@@ -292,6 +292,7 @@ fn parse_entry(index: usize, entry: &Value, errors: &mut Vec<FileError>) -> Opti
         tags: tags?,
         meta: meta?,
         revision: 0,
+        probe_interval: None,
     })
 }
 

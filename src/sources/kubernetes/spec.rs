@@ -327,6 +327,7 @@ pub fn pod_targets(pod: &PodInfo, spec: &WorkerSpec, service: &str) -> Vec<Targe
                 tags: spec.tags.clone(),
                 meta,
                 revision: restarts as u64,
+                probe_interval: None,
             })
         })
         .collect()

@@ -1,0 +1,321 @@
+//! Turns the cluster view (slim pods and compiled `WorkerMetrics`) into targets, plus what
+//! must be reported back: invalid objects and which pods each custom resource covers. Pure.
+
+use super::crd::CompiledWorkerMetrics;
+use super::spec::{
+    FieldError, NamePolicy, PodInfo, WorkerSpec, field_error, parse_annotations, pod_targets,
+};
+use crate::model::Target;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Namespace and name.
+pub type ObjectKey = (String, String);
+
+/// A `WorkerMetrics` as the controller sees it.
+#[derive(Clone, Debug)]
+pub struct CustomResourceEntry {
+    pub uid: String,
+    pub generation: Option<i64>,
+    /// Orders competing resources: the oldest wins, then the name.
+    pub created: String,
+    pub compiled: Result<CompiledWorkerMetrics, Vec<FieldError>>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct ClusterView {
+    pub pods: BTreeMap<ObjectKey, PodInfo>,
+    pub resources: BTreeMap<ObjectKey, CustomResourceEntry>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CoveredPods {
+    pub pods: BTreeSet<String>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Resolution {
+    pub targets: Vec<Target>,
+    /// Pods whose declaration is refused, with every reason (for Events).
+    pub invalid_pods: BTreeMap<ObjectKey, (String, Vec<FieldError>)>,
+    /// Pods each valid custom resource covers (for its status).
+    pub covered: BTreeMap<ObjectKey, CoveredPods>,
+}
+
+#[derive(Clone, Debug)]
+pub struct ResolveSettings {
+    pub names: NamePolicy,
+    pub allow_host_network: bool,
+}
+
+/// Which declaration applies to a pod. A `WorkerMetrics` wins over annotations: it is an
+/// explicit, RBAC-controlled object, while annotations travel with any pod template.
+pub fn resolve(view: &ClusterView, settings: &ResolveSettings) -> Resolution {
+    let mut out = Resolution::default();
+    let mut by_namespace: BTreeMap<
+        &str,
+        Vec<(&ObjectKey, &CustomResourceEntry, &CompiledWorkerMetrics)>,
+    > = BTreeMap::new();
+    for (key, entry) in &view.resources {
+        if let Ok(compiled) = &entry.compiled {
+            by_namespace
+                .entry(key.0.as_str())
+                .or_default()
+                .push((key, entry, compiled));
+            out.covered.insert(key.clone(), CoveredPods::default());
+        }
+    }
+    for list in by_namespace.values_mut() {
+        list.sort_by(|a, b| (&a.1.created, &a.0.1).cmp(&(&b.1.created, &b.0.1)));
+    }
+    for (key, pod) in &view.pods {
+        let from_resource = by_namespace.get(pod.namespace.as_str()).and_then(|list| {
+            list.iter()
+                .find(|(_, _, compiled)| compiled.matches(&pod.labels))
+        });
+        let (spec, interval): (WorkerSpec, _) = match from_resource {
+            Some((cr_key, _, compiled)) => {
+                if let Some(covered) = out.covered.get_mut(*cr_key) {
+                    covered.pods.insert(pod.name.clone());
+                }
+                (compiled.spec.clone(), compiled.probe_interval)
+            }
+            None => match parse_annotations(&pod.annotations) {
+                Ok(None) => continue,
+                Ok(Some(spec)) => (spec, None),
+                Err(errors) => {
+                    out.invalid_pods
+                        .insert(key.clone(), (pod.uid.clone(), errors));
+                    continue;
+                }
+            },
+        };
+        if pod.host_network && !settings.allow_host_network {
+            let error = field_error(
+                "spec.hostNetwork",
+                "hostNetwork pods share the node's IP and are refused (start workersd with --allow-host-network to permit)",
+            );
+            out.invalid_pods
+                .insert(key.clone(), (pod.uid.clone(), vec![error]));
+            continue;
+        }
+        let service = match settings.names.service_name(&pod.namespace, &spec.service) {
+            Ok(name) => name,
+            Err(e) => {
+                let error = field_error(
+                    "service",
+                    format!("service-name policy {:?}: {e}", settings.names.template),
+                );
+                out.invalid_pods
+                    .insert(key.clone(), (pod.uid.clone(), vec![error]));
+                continue;
+            }
+        };
+        out.targets
+            .extend(pod_targets(pod, &spec, &service).into_iter().map(|mut t| {
+                t.probe_interval = interval;
+                t
+            }));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sources::kubernetes::crd::{ContainerPorts, WorkerMetricsSpec, compile};
+    use crate::sources::kubernetes::spec::SERVICE;
+    use std::time::Duration;
+
+    fn pod(ns: &str, name: &str, labels: &[(&str, &str)], annotations: &[(&str, &str)]) -> PodInfo {
+        PodInfo {
+            namespace: ns.into(),
+            name: name.into(),
+            uid: format!("uid-{name}"),
+            node: None,
+            ip: Some("127.0.0.2".parse().unwrap()),
+            host_network: false,
+            terminating: false,
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            annotations: annotations
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            running: BTreeMap::from([("web".into(), 0)]),
+        }
+    }
+
+    fn resource(service: &str, app: &str, created: &str) -> CustomResourceEntry {
+        let spec = WorkerMetricsSpec {
+            selector: serde_json::from_value(serde_json::json!({"matchLabels": {"app": app}}))
+                .unwrap(),
+            service: service.into(),
+            containers: vec![ContainerPorts {
+                name: "web".into(),
+                ports: "9100-9101".into(),
+            }],
+            path: None,
+            scheme: None,
+            tags: vec![],
+            meta: BTreeMap::new(),
+            probe_interval: Some("3s".into()),
+        };
+        CustomResourceEntry {
+            uid: format!("cr-{service}"),
+            generation: Some(1),
+            created: created.into(),
+            compiled: compile(&spec),
+        }
+    }
+
+    fn settings(template: &str) -> ResolveSettings {
+        ResolveSettings {
+            names: NamePolicy::new(template).unwrap(),
+            allow_host_network: false,
+        }
+    }
+
+    fn add(view: &mut ClusterView, p: PodInfo) {
+        view.pods.insert((p.namespace.clone(), p.name.clone()), p);
+    }
+
+    #[test]
+    fn custom_resource_wins_over_annotations_and_oldest_resource_wins() {
+        let mut view = ClusterView::default();
+        add(
+            &mut view,
+            pod(
+                "shop",
+                "web-1",
+                &[("app", "web")],
+                &[(SERVICE, "annotated"), ("workersd.io/ports", "9011-9020")],
+            ),
+        );
+        add(
+            &mut view,
+            pod(
+                "shop",
+                "other",
+                &[("app", "other")],
+                &[(SERVICE, "annotated"), ("workersd.io/ports", "9011-9020")],
+            ),
+        );
+        add(&mut view, pod("elsewhere", "web-2", &[("app", "web")], &[]));
+        view.resources.insert(
+            ("shop".into(), "newer".into()),
+            resource("newer", "web", "2026-02-01T00:00:00Z"),
+        );
+        view.resources.insert(
+            ("shop".into(), "older".into()),
+            resource("older", "web", "2026-01-01T00:00:00Z"),
+        );
+        let r = resolve(&view, &settings("{service}"));
+        let services: BTreeSet<(&str, &str)> = r
+            .targets
+            .iter()
+            .map(|t| (t.meta["k8s-pod"].as_str(), t.service.as_str()))
+            .collect();
+        assert_eq!(
+            services,
+            BTreeSet::from([("web-1", "older"), ("other", "annotated")])
+        );
+        let web1 = r
+            .targets
+            .iter()
+            .find(|t| t.meta["k8s-pod"] == "web-1")
+            .unwrap();
+        assert_eq!(web1.probe_interval, Some(Duration::from_secs(3)));
+        assert_eq!(
+            r.covered[&("shop".into(), "older".into())].pods,
+            BTreeSet::from(["web-1".to_string()])
+        );
+        assert!(r.covered[&("shop".into(), "newer".into())].pods.is_empty());
+        assert!(r.invalid_pods.is_empty());
+    }
+
+    #[test]
+    fn invalid_pods_are_reported_without_affecting_others() {
+        let mut view = ClusterView::default();
+        add(
+            &mut view,
+            pod(
+                "a",
+                "bad",
+                &[],
+                &[(SERVICE, "x"), ("workersd.io/ports", "9020-9011")],
+            ),
+        );
+        add(
+            &mut view,
+            pod(
+                "a",
+                "good",
+                &[],
+                &[(SERVICE, "x"), ("workersd.io/ports", "9011-9020")],
+            ),
+        );
+        let mut host = pod(
+            "a",
+            "host",
+            &[],
+            &[(SERVICE, "x"), ("workersd.io/ports", "9011-9020")],
+        );
+        host.host_network = true;
+        add(&mut view, host);
+        let r = resolve(&view, &settings("{service}"));
+        assert_eq!(r.targets.len(), 1);
+        assert_eq!(r.targets[0].meta["k8s-pod"], "good");
+        assert!(
+            r.invalid_pods[&("a".into(), "bad".into())].1[0]
+                .to_string()
+                .contains("workersd.io/ports")
+        );
+        assert!(
+            r.invalid_pods[&("a".into(), "host".into())].1[0]
+                .to_string()
+                .starts_with("spec.hostNetwork")
+        );
+        let allowed = resolve(
+            &view,
+            &ResolveSettings {
+                allow_host_network: true,
+                ..settings("{service}")
+            },
+        );
+        assert_eq!(allowed.targets.len(), 2);
+    }
+
+    #[test]
+    fn a_hostile_namespace_cannot_publish_into_another_teams_service() {
+        let mut view = ClusterView::default();
+        add(
+            &mut view,
+            pod(
+                "mallory",
+                "evil",
+                &[],
+                &[(SERVICE, "payments"), ("workersd.io/ports", "9011")],
+            ),
+        );
+        add(
+            &mut view,
+            pod(
+                "payments",
+                "api",
+                &[],
+                &[(SERVICE, "api"), ("workersd.io/ports", "9011")],
+            ),
+        );
+        let r = resolve(&view, &settings("{namespace}-{service}"));
+        let names: BTreeSet<&str> = r.targets.iter().map(|t| t.service.as_str()).collect();
+        assert_eq!(names, BTreeSet::from(["mallory-payments", "payments-api"]));
+        assert!(
+            r.targets
+                .iter()
+                .all(|t| t.address.to_string() == "127.0.0.2"),
+            "only the pod's own IP"
+        );
+    }
+}
