@@ -49,6 +49,7 @@ fn desired(pods: usize, live: u16, complete: bool) -> DesiredState {
             tags: vec!["gunicorn".into()],
             meta: BTreeMap::from([("team".into(), "web".into())]),
             revision: 0,
+            probe_interval: None,
         })
         .collect();
     let ports: BTreeSet<u16> = (9011..9011 + live).collect();
