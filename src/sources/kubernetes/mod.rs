@@ -6,3 +6,6 @@ pub mod resolve;
 pub mod spec;
 pub mod status;
 pub mod watch;
+
+#[cfg(test)]
+mod api_tests;

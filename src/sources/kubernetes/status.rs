@@ -142,7 +142,7 @@ pub async fn run(
     }
 }
 
-async fn patch(
+pub(crate) async fn patch(
     client: &Client,
     namespace: &str,
     name: &str,

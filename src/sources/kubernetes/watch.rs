@@ -373,7 +373,7 @@ async fn run(
 /// Remembers which problems were already reported, so an Event is published once per distinct
 /// problem, not on every resolution.
 #[derive(Default)]
-struct Warned {
+pub(crate) struct Warned {
     pods: HashMap<String, String>,
     resources: HashMap<String, String>,
 }
@@ -414,7 +414,7 @@ fn describe(errors: &[FieldError]) -> String {
 }
 
 impl Warned {
-    async fn pods(
+    pub(crate) async fn pods(
         &mut self,
         recorder: &Recorder,
         invalid: &BTreeMap<ObjectKey, (String, Vec<FieldError>)>,
