@@ -1,0 +1,737 @@
+"""Fidelity tests for the fake Kubernetes API server (tests/support/fake_kube).
+
+Part 1 drives it with a REAL kubectl (Debian's kubernetes-client, kubectl 1.20; install
+with tests/support/install_kubectl.sh; KUBECTL=/path overrides). Part 2 checks the API
+conventions directly over HTTP. Everything runs on 127.0.0.1 and every wait is bounded.
+
+    python3 -m pytest tests/support -q
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from fake_kube.client import FakeKube, make_pod  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+NO_PROXY = {"http": None, "https": None}
+
+
+# ---------------------------------------------------------------------------
+# fixtures and helpers
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fk(tmp_path):
+    server = FakeKube(tmp_path / "fk", bookmark_interval=0.5)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def debian_kubectl():
+    if os.environ.get("KUBECTL"):
+        return os.environ["KUBECTL"]
+    unpacked = "/opt/kubernetes-client/usr/bin/kubectl"
+    if os.access(unpacked, os.X_OK):
+        return unpacked
+    if subprocess.run(["dpkg", "-s", "kubernetes-client"], capture_output=True).returncode == 0:
+        return "/usr/bin/kubectl"
+    return None
+
+
+@pytest.fixture(scope="session")
+def kubectl_bin():
+    k = debian_kubectl()
+    if not k:
+        pytest.fail("Debian's kubectl (package kubernetes-client) is not installed: run "
+                    "`bash tests/support/install_kubectl.sh` (or set KUBECTL=/path/to/kubectl)")
+    out = subprocess.run([k, "version", "--client"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, f"{k} version --client failed: {out.stderr}"
+    return k
+
+
+class Kubectl:
+    def __init__(self, binary, fk, tmp_path):
+        self.binary = binary
+        self.fk = fk
+        self.base = [binary, "--kubeconfig", fk.kubeconfig, "--cache-dir", str(tmp_path / "kcache")]
+
+    def __call__(self, *args, check=True, timeout=60, input=None):
+        p = subprocess.run(self.base + list(args), capture_output=True, text=True, timeout=timeout, input=input)
+        if check and p.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} -> rc {p.returncode}\nstdout: {p.stdout}\nstderr: {p.stderr}\n"
+                                 f"server log: {self.fk.log_tail()}")
+        return p
+
+    def json(self, *args):
+        return json.loads(self(*args, "-o", "json").stdout)
+
+
+@pytest.fixture
+def kubectl(kubectl_bin, fk, tmp_path):
+    return Kubectl(kubectl_bin, fk, tmp_path)
+
+
+def json_stream(text):
+    dec = json.JSONDecoder()
+    i, out = 0, []
+    while i < len(text):
+        while i < len(text) and text[i].isspace():
+            i += 1
+        if i >= len(text):
+            break
+        try:
+            obj, i = dec.raw_decode(text, i)
+        except ValueError:
+            break  # a partial document at the end
+        out.append(obj)
+    return out
+
+
+def http(fk, method, path, body=None, ctype="application/json", **params):
+    data = None if body is None else (body if isinstance(body, (bytes, str)) else json.dumps(body))
+    return requests.request(method, fk.url + path, params=params or None, data=data,
+                            headers={"Content-Type": ctype} if data is not None else {}, timeout=30, proxies=NO_PROXY)
+
+
+def watch(fk, path, *, timeout_seconds=3, max_events=None, stop=None, **params):
+    """Read a watch stream until it ends (timeoutSeconds), max_events, or stop(event) is true."""
+    params = dict(params, watch="true", timeoutSeconds=str(timeout_seconds))
+    events = []
+    t0 = time.time()
+    with requests.get(fk.url + path, params=params, stream=True, timeout=(5, timeout_seconds + 10),
+                      proxies=NO_PROXY) as r:
+        assert r.status_code == 200, r.text
+        for line in r.iter_lines():
+            if not line:
+                continue
+            ev = json.loads(line)
+            events.append(ev)
+            if (max_events and len(events) >= max_events) or (stop and stop(ev)):
+                break
+            assert time.time() - t0 < timeout_seconds + 10, "watch did not end in time"
+    return events
+
+
+def ensure_ns(fk, name):
+    r = http(fk, "POST", "/api/v1/namespaces", {"metadata": {"name": name}})
+    assert r.status_code in (201, 409), r.text
+
+
+def create_pod(fk, ns, name, **kw):
+    r = http(fk, "POST", f"/api/v1/namespaces/{ns}/pods", make_pod(name, ns, **kw))
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+WM = {
+    "apiVersion": "workersd.io/v1alpha1",
+    "kind": "WorkerMetrics",
+    "metadata": {"name": "web", "namespace": "demo"},
+    "spec": {"service": "web", "selector": {"matchLabels": {"app": "web"}}, "ports": "9100-9103"},
+}
+WM_PATH = "/apis/workersd.io/v1alpha1/namespaces/demo/workermetrics"
+
+
+# ---------------------------------------------------------------------------
+# Part 1: a real kubectl
+# ---------------------------------------------------------------------------
+
+
+def test_kubectl_discovery_and_empty_lists(kubectl):
+    v = kubectl("version")
+    assert "v1.30.0-fake-kube" in v.stdout
+    pods = kubectl.json("get", "pods", "-A")
+    assert pods["kind"] == "List" and pods["items"] == []
+    res = kubectl("api-resources").stdout
+    for line in ("workermetrics", "leases", "events", "pods", "namespaces", "customresourcedefinitions"):
+        assert line in res, res
+    wm_line = [l for l in res.splitlines() if l.startswith("workermetrics")][0]
+    assert "workersd.io/v1alpha1" in wm_line and "true" in wm_line and "WorkerMetrics" in wm_line
+    ns = kubectl.json("get", "namespaces")
+    assert {"default", "kube-system"} <= {n["metadata"]["name"] for n in ns["items"]}
+    crd = kubectl.json("get", "crd", "workermetrics.workersd.io")
+    assert crd["spec"]["names"]["kind"] == "WorkerMetrics"
+
+
+def test_kubectl_apply_annotate_delete_and_watch(kubectl, fk, tmp_path):
+    kubectl("create", "namespace", "demo")
+    out_path = tmp_path / "watch.out"
+    with open(out_path, "w") as out:
+        watcher = subprocess.Popen(kubectl.base + ["get", "pods", "-n", "demo", "--watch", "-o", "json",
+                                                   "--output-watch-events", "--request-timeout=40s"],
+                                   stdout=out, stderr=subprocess.PIPE, text=True)
+    try:
+        fk.wait_for_watch("pods", timeout=30)
+        pod_yaml = tmp_path / "pod.yaml"
+        pod_yaml.write_text(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web-1\n  namespace: demo\n  labels: {app: web}\n"
+            "  annotations:\n    workersd.io/service: web\n    workersd.io/ports: \"9100-9103\"\n"
+            "spec:\n  containers:\n  - name: app\n    image: busybox\n    ports: [{containerPort: 8080}]\n")
+        assert "pod/web-1 created" in kubectl("apply", "-f", str(pod_yaml)).stdout
+        wm_yaml = tmp_path / "wm.yaml"
+        wm_yaml.write_text(json.dumps(WM))
+        assert "workermetrics.workersd.io/web created" in kubectl("apply", "-f", str(wm_yaml)).stdout
+
+        wms = kubectl.json("get", "workermetrics", "-n", "demo")
+        assert [w["metadata"]["name"] for w in wms["items"]] == ["web"]
+        assert wms["items"][0]["metadata"]["generation"] == 1
+        table = kubectl("get", "workermetrics", "-n", "demo").stdout
+        assert table.split()[:3] == ["NAME", "AGE", "web"], table
+
+        kubectl("annotate", "pod", "web-1", "-n", "demo", "workersd.io/ports=9200", "--overwrite")
+        pod = kubectl.json("get", "pod", "web-1", "-n", "demo")
+        assert pod["metadata"]["annotations"]["workersd.io/ports"] == "9200"
+        assert pod["status"]["phase"] == "Pending"
+
+        # re-apply with a changed image: a strategic merge patch on containers[name=app]
+        pod_yaml.write_text(pod_yaml.read_text().replace("image: busybox", "image: busybox:2"))
+        assert "configured" in kubectl("apply", "-f", str(pod_yaml)).stdout
+        pod = kubectl.json("get", "pod", "web-1", "-n", "demo")
+        assert pod["spec"]["containers"] == [{"name": "app", "image": "busybox:2", "ports": [{"containerPort": 8080}]}]
+        # three-way apply re-asserts the declared value and keeps what it never declared
+        assert pod["metadata"]["annotations"]["workersd.io/ports"] == "9100-9103"
+        assert "kubectl.kubernetes.io/last-applied-configuration" in pod["metadata"]["annotations"]
+        assert pod["metadata"]["generation"] == 2
+
+        assert 'pod "web-1" deleted' in kubectl("delete", "pod", "web-1", "-n", "demo").stdout
+        assert kubectl("get", "pod", "web-1", "-n", "demo", check=False).returncode != 0
+
+        deadline = time.time() + 20
+        events = []
+        while time.time() < deadline:
+            events = json_stream(out_path.read_text())
+            if any(e.get("type") == "DELETED" for e in events):
+                break
+            time.sleep(0.1)
+    finally:
+        watcher.terminate()
+        try:
+            watcher.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            watcher.kill()
+            watcher.wait(timeout=10)
+    types = [e["type"] for e in events]
+    assert types == ["ADDED", "MODIFIED", "MODIFIED", "DELETED"], (types, watcher.stderr.read() if watcher.stderr else "")
+    rvs = [int(e["object"]["metadata"]["resourceVersion"]) for e in events]
+    assert rvs == sorted(rvs) and len(set(rvs)) == 4
+    assert events[1]["object"]["metadata"]["annotations"]["workersd.io/ports"] == "9200"
+    assert events[3]["object"]["metadata"]["name"] == "web-1"
+
+
+def test_kubectl_human_tables_status_and_events(kubectl, fk):
+    ensure_ns(fk, "demo")
+    create_pod(fk, "demo", "p1", labels={"app": "web"})
+    fk.set_pod_status("demo", "p1", podIP="127.0.0.7", phase="Running", ready=True, restartCount=2)
+    out = kubectl("get", "pods", "-n", "demo", "-o", "wide").stdout.split("\n")
+    assert out[0].split()[:6] == ["NAME", "READY", "STATUS", "RESTARTS", "IP", "NODE"], out
+    assert out[1].split()[:5] == ["p1", "1/1", "Running", "2", "127.0.0.7"], out
+    sel = kubectl.json("get", "pods", "-A", "-l", "app in (web,api)", "--field-selector", "status.phase=Running")
+    assert [p["metadata"]["name"] for p in sel["items"]] == ["p1"]
+    bad = kubectl("get", "pods", "-A", "--field-selector", "spec.bogus=1", check=False)
+    assert bad.returncode != 0 and "field label not supported: spec.bogus" in bad.stderr
+    # an events.k8s.io/v1 Event (what kube-rs' Recorder writes) is visible as a core/v1 Event
+    ev = {"apiVersion": "events.k8s.io/v1", "kind": "Event",
+          "metadata": {"name": "p1.abc", "namespace": "demo"},
+          "eventTime": "2024-01-01T00:00:00.000000Z", "reportingController": "workersd.io/controller",
+          "reportingInstance": "workersd-0", "action": "Probe", "reason": "NoLiveWorkers", "type": "Warning",
+          "note": "no worker answered", "regarding": {"kind": "Pod", "namespace": "demo", "name": "p1",
+                                                      "apiVersion": "v1"}}
+    assert http(fk, "POST", "/apis/events.k8s.io/v1/namespaces/demo/events", ev).status_code == 201
+    evs = kubectl.json("get", "events", "-n", "demo", "--field-selector", "involvedObject.name=p1")
+    assert [(e["reason"], e["message"], e["involvedObject"]["name"], e["reportingComponent"]) for e in evs["items"]] == \
+        [("NoLiveWorkers", "no worker answered", "p1", "workersd.io/controller")]
+
+
+def test_kubectl_apply_custom_resource_update_and_spec_rules(kubectl, fk, tmp_path):
+    kubectl("create", "namespace", "demo")
+    f = tmp_path / "wm.yaml"
+    f.write_text(json.dumps(WM))
+    kubectl("apply", "-f", str(f))
+    wm2 = json.loads(json.dumps(WM))
+    wm2["spec"]["ports"] = "9100-9107"
+    f.write_text(json.dumps(wm2))
+    assert "configured" in kubectl("apply", "-f", str(f)).stdout
+    got = kubectl.json("get", "workermetrics", "web", "-n", "demo")
+    assert got["spec"]["ports"] == "9100-9107" and got["metadata"]["generation"] == 2
+    # pods' specs are immutable apart from images (like the real server)
+    create_pod(fk, "demo", "p1")
+    r = kubectl("patch", "pod", "p1", "-n", "demo", "--type=merge", "-p", '{"spec":{"restartPolicy":"Never"}}', check=False)
+    assert r.returncode != 0 and "Forbidden: pod updates may not change fields" in r.stderr
+    r = kubectl("create", "-f", "-", check=False, input=json.dumps(make_pod("x", "nowhere")))
+    assert r.returncode != 0 and 'namespaces "nowhere" not found' in r.stderr
+
+
+def test_other_kubectl_smoke(fk, tmp_path):
+    """Any other kubectl on PATH (e.g. a newer one) must work too; skipped when there is none."""
+    other = shutil.which("kubectl")
+    deb = debian_kubectl()
+    if not other or (deb and os.path.realpath(other) == os.path.realpath(deb)):
+        pytest.skip("no second kubectl on PATH")
+    k = Kubectl(other, fk, tmp_path)
+    if k("version", "--client", check=False, timeout=60).returncode != 0:
+        pytest.skip(f"{other} does not run here")
+    k("create", "namespace", "demo")
+    f = tmp_path / "wm.yaml"
+    f.write_text(json.dumps(WM))
+    k("apply", "-f", str(f))
+    assert [w["metadata"]["name"] for w in k.json("get", "workermetrics", "-n", "demo")["items"]] == ["web"]
+    create_pod(fk, "demo", "p1")
+    assert "p1" in k("get", "pods", "-A").stdout
+
+
+# ---------------------------------------------------------------------------
+# Part 2: API conventions over HTTP
+# ---------------------------------------------------------------------------
+
+
+def test_resource_versions_are_one_increasing_counter(fk):
+    ensure_ns(fk, "demo")
+    rvs = [int(create_pod(fk, "demo", f"p{i}")["metadata"]["resourceVersion"]) for i in range(3)]
+    lease = http(fk, "POST", "/apis/coordination.k8s.io/v1/namespaces/demo/leases",
+                 {"metadata": {"name": "leader"}, "spec": {"holderIdentity": "a"}}).json()
+    rvs.append(int(lease["metadata"]["resourceVersion"]))
+    wm = http(fk, "POST", WM_PATH, WM).json()
+    rvs.append(int(wm["metadata"]["resourceVersion"]))
+    assert rvs == sorted(rvs) and len(set(rvs)) == len(rvs)
+    lst = http(fk, "GET", "/api/v1/pods").json()
+    assert lst["kind"] == "PodList" and lst["apiVersion"] == "v1"
+    assert int(lst["metadata"]["resourceVersion"]) >= rvs[-1]
+    for p in lst["items"]:
+        assert p["kind"] == "Pod" and p["metadata"]["uid"] and p["metadata"]["creationTimestamp"]
+    assert http(fk, "GET", WM_PATH).json()["kind"] == "WorkerMetricsList"
+
+
+def test_watch_from_resource_version_replays_in_order_and_times_out(fk):
+    ensure_ns(fk, "demo")
+    a = create_pod(fk, "demo", "a")
+    rv0 = a["metadata"]["resourceVersion"]
+    http(fk, "PATCH", "/api/v1/namespaces/demo/pods/a", {"metadata": {"labels": {"x": "1"}}},
+         "application/merge-patch+json")
+    create_pod(fk, "demo", "b")
+    http(fk, "DELETE", "/api/v1/namespaces/demo/pods/a")
+    t0 = time.time()
+    evs = watch(fk, "/api/v1/namespaces/demo/pods", resourceVersion=rv0, timeout_seconds=1)
+    assert 0.9 <= time.time() - t0 < 5, "timeoutSeconds must end the stream"
+    assert [(e["type"], e["object"]["metadata"]["name"]) for e in evs] == [("MODIFIED", "a"), ("ADDED", "b"), ("DELETED", "a")]
+    rvs = [int(e["object"]["metadata"]["resourceVersion"]) for e in evs]
+    assert rvs == sorted(rvs) and rvs[0] > int(rv0)
+    # resourceVersion unset (and "0"): synthetic ADDED for the current state first
+    for rv in (None, "0"):
+        extra = {"resourceVersion": rv} if rv is not None else {}
+        evs = watch(fk, "/api/v1/pods", timeout_seconds=1, **extra)
+        assert [(e["type"], e["object"]["metadata"]["name"]) for e in evs] == [("ADDED", "b")]
+
+
+def test_watch_live_events_and_selector_transitions(fk):
+    ensure_ns(fk, "demo")
+    create_pod(fk, "demo", "a", labels={"app": "web"})
+    got = []
+
+    def run():
+        got.extend(watch(fk, "/api/v1/pods", labelSelector="app=web", timeout_seconds=4, max_events=4))
+
+    t = threading.Thread(target=run)
+    t.start()
+    fk.wait_for_watch("pods", timeout=10)
+    p = "/api/v1/namespaces/demo/pods/a"
+    http(fk, "PATCH", p, {"metadata": {"labels": {"app": "api"}}}, "application/merge-patch+json")  # leaves
+    http(fk, "PATCH", p, {"metadata": {"labels": {"app": "web"}}}, "application/merge-patch+json")  # enters
+    create_pod(fk, "demo", "other", labels={"app": "api"})  # never matches
+    t.join(timeout=15)
+    assert not t.is_alive()
+    assert [e["type"] for e in got] == ["ADDED", "DELETED", "ADDED"]
+    # the DELETED carries the previous content at the event's resourceVersion (like the watch cache)
+    assert got[1]["object"]["metadata"]["labels"] == {"app": "web"}
+    assert int(got[1]["object"]["metadata"]["resourceVersion"]) > int(got[0]["object"]["metadata"]["resourceVersion"])
+
+
+def test_bookmarks(fk):
+    ensure_ns(fk, "demo")
+    create_pod(fk, "demo", "a")
+    rv = http(fk, "GET", "/api/v1/pods").json()["metadata"]["resourceVersion"]
+    evs = watch(fk, "/api/v1/pods", resourceVersion=rv, allowWatchBookmarks="true", timeout_seconds=5,
+                stop=lambda e: e["type"] == "BOOKMARK")
+    bm = evs[-1]
+    assert bm["type"] == "BOOKMARK"
+    assert set(bm["object"]) == {"kind", "apiVersion", "metadata"} and bm["object"]["kind"] == "Pod"
+    assert int(bm["object"]["metadata"]["resourceVersion"]) >= int(rv)
+    # no bookmarks unless asked
+    evs = watch(fk, "/api/v1/pods", resourceVersion=rv, timeout_seconds=1.5)
+    assert evs == []
+    # streaming list (sendInitialEvents): ADDED..., then the initial-events-end bookmark
+    evs = watch(fk, "/api/v1/pods", sendInitialEvents="true", resourceVersionMatch="NotOlderThan",
+                allowWatchBookmarks="true", timeout_seconds=5, stop=lambda e: e["type"] == "BOOKMARK")
+    assert [e["type"] for e in evs] == ["ADDED", "BOOKMARK"]
+    assert evs[1]["object"]["metadata"]["annotations"] == {"k8s.io/initial-events-end": "true"}
+    bad = http(fk, "GET", "/api/v1/pods", watch="true", sendInitialEvents="true")
+    assert bad.status_code == 422
+
+
+def test_compaction_gives_410_gone(fk):
+    ensure_ns(fk, "demo")
+    old_rv = create_pod(fk, "demo", "a")["metadata"]["resourceVersion"]
+    create_pod(fk, "demo", "b")
+    page = http(fk, "GET", "/api/v1/pods", limit="1").json()
+    assert page["metadata"]["continue"]
+    create_pod(fk, "demo", "c")  # the token's revision is now older than the compaction point
+    fk.compact()
+    evs = watch(fk, "/api/v1/pods", resourceVersion=old_rv, timeout_seconds=3)
+    assert len(evs) == 1 and evs[0]["type"] == "ERROR"
+    st = evs[0]["object"]
+    assert (st["kind"], st["code"], st["reason"], st["status"]) == ("Status", 410, "Expired", "Failure")
+    assert "too old resource version" in st["message"]
+    r = http(fk, "GET", "/api/v1/pods", resourceVersion=old_rv, resourceVersionMatch="Exact")
+    assert r.status_code == 410 and r.json()["reason"] == "Expired"
+    r = http(fk, "GET", "/api/v1/pods", resourceVersion=old_rv, limit="10")  # legacy exact semantics
+    assert r.status_code == 410
+    r = http(fk, "GET", "/api/v1/pods", limit="1", **{"continue": page["metadata"]["continue"]})
+    assert r.status_code == 410 and r.json()["reason"] == "Expired"
+    # "not older than" semantics still serve the current state; a fresh RV watches fine
+    assert len(http(fk, "GET", "/api/v1/pods", resourceVersion=old_rv).json()["items"]) == 3
+    cur = http(fk, "GET", "/api/v1/pods").json()["metadata"]["resourceVersion"]
+    assert watch(fk, "/api/v1/pods", resourceVersion=cur, timeout_seconds=1) == []
+
+
+def test_history_limit_expires_old_watch_positions(tmp_path):
+    with FakeKube(tmp_path / "fk", history_limit=8) as small:
+        ensure_ns(small, "demo")
+        first = create_pod(small, "demo", "p0")["metadata"]["resourceVersion"]
+        for i in range(1, 30):
+            create_pod(small, "demo", f"p{i}")
+        evs = watch(small, "/api/v1/pods", resourceVersion=first, timeout_seconds=2)
+        assert evs[0]["type"] == "ERROR" and evs[0]["object"]["code"] == 410
+        recent = http(small, "GET", "/api/v1/namespaces/demo/pods/p27").json()["metadata"]["resourceVersion"]
+        evs = watch(small, "/api/v1/pods", resourceVersion=recent, timeout_seconds=1)
+        assert [e["object"]["metadata"]["name"] for e in evs] == ["p28", "p29"]
+        # exact lists inside the horizon are reconstructed from history
+        snap = http(small, "GET", "/api/v1/pods", resourceVersion=recent, resourceVersionMatch="Exact").json()
+        assert len(snap["items"]) == 28 and snap["metadata"]["resourceVersion"] == recent
+
+
+def test_optimistic_concurrency(fk):
+    ensure_ns(fk, "demo")
+    for path, body in (("/apis/coordination.k8s.io/v1/namespaces/demo/leases",
+                        {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {"name": "leader"},
+                         "spec": {"holderIdentity": "a", "leaseDurationSeconds": 15}}),
+                       (WM_PATH, WM)):
+        created = http(fk, "POST", path, body)
+        assert created.status_code == 201
+        assert http(fk, "POST", path, body).json()["reason"] == "AlreadyExists"
+        obj = created.json()
+        name = obj["metadata"]["name"]
+        stale = json.loads(json.dumps(obj))
+        obj["spec"]["holderIdentity" if "holderIdentity" in obj["spec"] else "service"] = "b"
+        r1 = http(fk, "PUT", f"{path}/{name}", obj)
+        assert r1.status_code == 200, r1.text
+        assert int(r1.json()["metadata"]["resourceVersion"]) > int(obj["metadata"]["resourceVersion"])
+        r2 = http(fk, "PUT", f"{path}/{name}", stale)  # still the old resourceVersion
+        assert r2.status_code == 409 and r2.json()["reason"] == "Conflict", r2.text
+        assert "the object has been modified" in r2.json()["message"]
+        r3 = http(fk, "PATCH", f"{path}/{name}", {"metadata": {"resourceVersion": stale["metadata"]["resourceVersion"],
+                                                               "labels": {"x": "y"}}}, "application/merge-patch+json")
+        assert r3.status_code == 409
+        # a no-op write keeps the resourceVersion and emits nothing
+        cur = r1.json()
+        r4 = http(fk, "PUT", f"{path}/{name}", cur)
+        assert r4.json()["metadata"]["resourceVersion"] == cur["metadata"]["resourceVersion"]
+        # delete with a stale precondition -> 409, then for real
+        r5 = http(fk, "DELETE", f"{path}/{name}", {"preconditions": {"resourceVersion": stale["metadata"]["resourceVersion"]}})
+        assert r5.status_code == 409
+        assert http(fk, "DELETE", f"{path}/{name}").status_code == 200
+        assert http(fk, "GET", f"{path}/{name}").json()["reason"] == "NotFound"
+
+
+def test_status_subresource_and_generation(fk):
+    ensure_ns(fk, "demo")
+    body = json.loads(json.dumps(WM))
+    body["status"] = {"livePods": 3}
+    wm = http(fk, "POST", WM_PATH, body).json()
+    assert "status" not in wm and wm["metadata"]["generation"] == 1  # create drops status
+    p = f"{WM_PATH}/web"
+    # /status writes change only .status
+    sub = json.loads(json.dumps(wm))
+    sub["status"] = {"livePods": 2}
+    sub["spec"]["service"] = "ignored"
+    sub["metadata"]["labels"] = {"ignored": "yes"}
+    r = http(fk, "PUT", p + "/status", sub).json()
+    assert r["status"] == {"livePods": 2} and r["spec"]["service"] == "web"
+    assert "labels" not in r["metadata"] and r["metadata"]["generation"] == 1
+    r = http(fk, "PATCH", p + "/status", {"status": {"observedGeneration": 1}}, "application/merge-patch+json").json()
+    assert r["status"] == {"livePods": 2, "observedGeneration": 1}
+    assert http(fk, "GET", p + "/status").json()["status"]["livePods"] == 2
+    # main-resource writes ignore .status; metadata changes do not bump generation
+    r = http(fk, "PATCH", p, {"status": {"livePods": 99}, "metadata": {"labels": {"a": "b"}}},
+             "application/merge-patch+json").json()
+    assert r["status"]["livePods"] == 2 and r["metadata"]["labels"] == {"a": "b"} and r["metadata"]["generation"] == 1
+    r = http(fk, "PATCH", p, {"spec": {"ports": "9100"}}, "application/merge-patch+json").json()
+    assert r["metadata"]["generation"] == 2 and r["spec"]["ports"] == "9100"
+    r = http(fk, "PATCH", p + "/status", [{"op": "replace", "path": "/status/livePods", "value": 5}],
+             "application/json-patch+json").json()
+    assert r["status"]["livePods"] == 5 and r["metadata"]["generation"] == 2
+    # strategic merge patch is rejected for custom resources (like a CRD)
+    assert http(fk, "PATCH", p, {"spec": {}}, "application/strategic-merge-patch+json").status_code == 415
+    # pods: status via the subresource, not via the main resource
+    create_pod(fk, "demo", "a")
+    pp = "/api/v1/namespaces/demo/pods/a"
+    assert http(fk, "PATCH", pp, {"status": {"podIP": "1.2.3.4"}}, "application/merge-patch+json").json()["status"].get("podIP") is None
+    assert http(fk, "PATCH", pp + "/status", {"status": {"podIP": "127.0.0.9"}}, "application/merge-patch+json").json()["status"]["podIP"] == "127.0.0.9"
+
+
+def test_label_and_field_selectors(fk):
+    ensure_ns(fk, "a")
+    ensure_ns(fk, "b")
+    specs = [("a", "p1", {"app": "web", "tier": "fe"}, "n1"), ("a", "p2", {"app": "api"}, "n2"),
+             ("b", "p3", {"app": "web"}, None), ("b", "p4", {}, "n1")]
+    for ns, name, labels, node in specs:
+        create_pod(fk, ns, name, labels=labels, node_name=node)
+    fk.set_pod_status("a", "p1", podIP="127.0.0.2", phase="Running", ready=True)
+
+    def names(**params):
+        r = http(fk, "GET", "/api/v1/pods", **params)
+        assert r.status_code == 200, r.text
+        return sorted(p["metadata"]["name"] for p in r.json()["items"])
+
+    assert names(labelSelector="app=web") == ["p1", "p3"]
+    assert names(labelSelector="app==web,tier=fe") == ["p1"]
+    assert names(labelSelector="app!=web") == ["p2", "p4"]
+    assert names(labelSelector="app in (web, api)") == ["p1", "p2", "p3"]
+    assert names(labelSelector="app notin (web)") == ["p2", "p4"]
+    assert names(labelSelector="tier") == ["p1"]
+    assert names(labelSelector="!app") == ["p4"]
+    assert names(labelSelector="app,!tier") == ["p2", "p3"]
+    assert names(fieldSelector="metadata.name=p2") == ["p2"]
+    assert names(fieldSelector="metadata.namespace=b") == ["p3", "p4"]
+    assert names(fieldSelector="spec.nodeName=n1") == ["p1", "p4"]
+    assert names(fieldSelector="spec.nodeName=") == ["p3"]
+    assert names(fieldSelector="status.phase=Running") == ["p1"]
+    assert names(fieldSelector="status.phase!=Running,metadata.namespace=a") == ["p2"]
+    assert names(labelSelector="app=web", fieldSelector="spec.nodeName!=n1") == ["p3"]
+    r = http(fk, "GET", "/api/v1/namespaces/a/pods", labelSelector="app=web")
+    assert [p["metadata"]["name"] for p in r.json()["items"]] == ["p1"]
+    for bad in ({"fieldSelector": "spec.containers=x"}, {"labelSelector": "app in (web"},
+                {"labelSelector": "a=b=c"}, {"labelSelector": "bad key=1"}):
+        r = http(fk, "GET", "/api/v1/pods", **bad)
+        assert r.status_code == 400 and r.json()["reason"] == "BadRequest", (bad, r.text)
+    assert "field label not supported: spec.containers" in http(fk, "GET", "/api/v1/pods", fieldSelector="spec.containers=x").json()["message"]
+
+
+def test_patch_flavours(fk):
+    ensure_ns(fk, "demo")
+    pod = make_pod("a", "demo", containers=2)
+    pod["spec"]["containers"][0]["env"] = [{"name": "A", "value": "1"}]
+    assert http(fk, "POST", "/api/v1/namespaces/demo/pods", pod).status_code == 201
+    p = "/api/v1/namespaces/demo/pods/a"
+    smp = {"metadata": {"annotations": {"k": "v"}},
+           "spec": {"containers": [{"name": "c1", "image": "busybox:2"}],
+                    "$setElementOrder/containers": [{"name": "c0"}, {"name": "c1"}]}}
+    r = http(fk, "PATCH", p, smp, "application/strategic-merge-patch+json").json()
+    assert [(c["name"], c["image"]) for c in r["spec"]["containers"]] == [("c0", "busybox"), ("c1", "busybox:2")]
+    assert r["spec"]["containers"][0]["env"] == [{"name": "A", "value": "1"}]
+    assert not any(k.startswith("$") for k in r["spec"])
+    r = http(fk, "PATCH", p, {"metadata": {"annotations": {"k": None}}}, "application/merge-patch+json").json()
+    assert "k" not in (r["metadata"].get("annotations") or {})
+    r = http(fk, "PATCH", p, [{"op": "add", "path": "/metadata/labels", "value": {"x": "1"}},
+                              {"op": "test", "path": "/metadata/name", "value": "a"}], "application/json-patch+json")
+    assert r.status_code == 200 and r.json()["metadata"]["labels"] == {"x": "1"}
+    assert http(fk, "PATCH", p, [{"op": "test", "path": "/metadata/name", "value": "zz"}],
+                "application/json-patch+json").status_code == 422
+    # server-side apply (simplified): creates when missing, needs a fieldManager
+    lp = "/apis/coordination.k8s.io/v1/namespaces/demo/leases/l1"
+    body = "apiVersion: coordination.k8s.io/v1\nkind: Lease\nmetadata:\n  name: l1\nspec:\n  holderIdentity: me\n"
+    assert http(fk, "PATCH", lp, body, "application/apply-patch+yaml").status_code == 422
+    r = requests.patch(fk.url + lp, params={"fieldManager": "t"}, data=body, timeout=10, proxies=NO_PROXY,
+                       headers={"Content-Type": "application/apply-patch+yaml"})
+    assert r.status_code == 201 and r.json()["spec"]["holderIdentity"] == "me"
+    assert http(fk, "PATCH", p, "{}", "text/plain").status_code == 415
+
+
+def test_deletion_graceful_and_finalizers(fk):
+    ensure_ns(fk, "demo")
+    create_pod(fk, "demo", "a")
+    # default: immediate
+    r = http(fk, "DELETE", "/api/v1/namespaces/demo/pods/a", {"gracePeriodSeconds": 30})
+    assert r.status_code == 200 and http(fk, "GET", "/api/v1/namespaces/demo/pods/a").status_code == 404
+    # opt-in graceful deletion: deletionTimestamp first (MODIFIED), gone after the grace period
+    fk.config(gracefulDeletion=True)
+    rv = create_pod(fk, "demo", "b")["metadata"]["resourceVersion"]
+    r = http(fk, "DELETE", "/api/v1/namespaces/demo/pods/b", gracePeriodSeconds="1").json()
+    assert r["metadata"]["deletionTimestamp"] and r["metadata"]["deletionGracePeriodSeconds"] == 1
+    evs = watch(fk, "/api/v1/pods", resourceVersion=rv, timeout_seconds=5, max_events=2)
+    assert [e["type"] for e in evs] == ["MODIFIED", "DELETED"]
+    # control: terminate (no deadline) then finalize
+    create_pod(fk, "demo", "c")
+    t = fk.terminate_pod("demo", "c", None)
+    assert t["metadata"]["deletionTimestamp"]
+    time.sleep(0.3)
+    assert http(fk, "GET", "/api/v1/namespaces/demo/pods/c").status_code == 200
+    fk.finalize_pod("demo", "c")
+    assert http(fk, "GET", "/api/v1/namespaces/demo/pods/c").status_code == 404
+    # finalizers hold deletion until removed
+    body = json.loads(json.dumps(WM))
+    body["metadata"]["finalizers"] = ["workersd.io/cleanup"]
+    http(fk, "POST", WM_PATH, body)
+    r = http(fk, "DELETE", f"{WM_PATH}/web").json()
+    assert r["metadata"]["deletionTimestamp"] and r["metadata"]["generation"] == 2
+    assert http(fk, "GET", f"{WM_PATH}/web").status_code == 200
+    http(fk, "PATCH", f"{WM_PATH}/web", {"metadata": {"finalizers": None}}, "application/merge-patch+json")
+    assert http(fk, "GET", f"{WM_PATH}/web").status_code == 404
+    # deleting a namespace removes its content
+    create_pod(fk, "demo", "d")
+    assert http(fk, "DELETE", "/api/v1/namespaces/demo").status_code == 200
+    assert http(fk, "GET", "/api/v1/pods").json()["items"] == []
+
+
+def test_controls_faults_drop_watches_and_request_counts(fk):
+    ensure_ns(fk, "demo")
+    fk.reset_requests()
+    fk.add_fault("/api/v1/pods", code=500, count=2, method="GET")
+    fk.add_fault("/apis/coordination.k8s.io", code=429, count=1, retry_after=2)
+    codes = [http(fk, "GET", "/api/v1/pods").status_code for _ in range(3)]
+    assert codes == [500, 500, 200]
+    r = http(fk, "GET", "/apis/coordination.k8s.io/v1/namespaces/demo/leases")
+    assert r.status_code == 429 and r.headers["Retry-After"] == "2" and r.json()["reason"] == "TooManyRequests"
+    counts = fk.requests()
+    assert counts["byVerb"]["list pods"] == 3 and counts["byPath"]["GET /api/v1/pods"] == 3
+    # dropping watches ends the streams; the client sees the connection go away
+    result = {}
+
+    def run():
+        t0 = time.time()
+        try:
+            watch(fk, "/api/v1/pods", timeout_seconds=30)
+            result["how"] = "ended"
+        except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ConnectionError):
+            result["how"] = "reset"
+        result["took"] = time.time() - t0
+
+    t = threading.Thread(target=run)
+    t.start()
+    fk.wait_for_watch("pods", timeout=10)
+    assert fk.requests()["byVerb"]["watch pods"] == 1
+    assert fk.drop_watches() == 1
+    t.join(timeout=15)
+    assert not t.is_alive() and result["took"] < 10 and result["how"] in ("ended", "reset")
+    deadline = time.time() + 5
+    while fk.watches() and time.time() < deadline:
+        time.sleep(0.05)
+    assert fk.watches() == []
+    st = fk.state("namespaces")
+    assert "demo" in [o["metadata"]["name"] for o in st["storages"]["/namespaces"]["objects"]]
+
+
+def test_crd_created_at_run_time_is_served(fk):
+    crd = {"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+           "metadata": {"name": "widgets.example.com"},
+           "spec": {"group": "example.com", "scope": "Cluster",
+                    "names": {"plural": "widgets", "singular": "widget", "kind": "Widget", "shortNames": ["wd"]},
+                    "versions": [{"name": "v1", "served": True, "storage": True,
+                                  "schema": {"openAPIV3Schema": {"type": "object"}}}]}}
+    assert http(fk, "POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", crd).status_code == 201
+    groups = [g["name"] for g in http(fk, "GET", "/apis").json()["groups"]]
+    assert "example.com" in groups
+    res = http(fk, "GET", "/apis/example.com/v1").json()["resources"]
+    assert res[0]["name"] == "widgets" and res[0]["namespaced"] is False and res[0]["shortNames"] == ["wd"]
+    r = http(fk, "POST", "/apis/example.com/v1/widgets", {"apiVersion": "example.com/v1", "kind": "Widget",
+                                                         "metadata": {"name": "w1"}, "spec": {"size": 1}})
+    assert r.status_code == 201 and r.json()["metadata"]["generation"] == 1
+    assert http(fk, "DELETE", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/widgets.example.com").status_code == 200
+    assert http(fk, "GET", "/apis/example.com/v1/widgets").status_code == 404
+
+
+def test_ten_thousand_pods_list_fast_and_chunked(fk):
+    n = 10_000
+    t0 = time.time()
+    assert fk.bulk_pods("bench", n, annotations={"workersd.io/service": "w", "workersd.io/ports": "9100"},
+                        labels={"app": "w"}, ip=lambda i: f"127.1.{i // 250}.{i % 250 + 1}") == n
+    created_in = time.time() - t0
+    t0 = time.time()
+    r = requests.get(fk.url + "/api/v1/pods", timeout=60, proxies=NO_PROXY)
+    listed_in = time.time() - t0
+    assert r.status_code == 200
+    items = r.json()["items"]
+    assert len(items) == n and items[0]["status"]["podIP"].startswith("127.1.")
+    assert listed_in < 5.0, f"listing {n} pods took {listed_in:.2f}s"
+    # chunked list (what kubectl and kube-rs' watcher do): consistent pages, continue tokens
+    names, cont, pages = [], None, 0
+    t0 = time.time()
+    while True:
+        params = {"limit": "500"}
+        if cont:
+            params["continue"] = cont
+        page = requests.get(fk.url + "/api/v1/namespaces/bench/pods", params=params, timeout=60,
+                            proxies=NO_PROXY).json()
+        pages += 1
+        names += [p["metadata"]["name"] for p in page["items"]]
+        cont = page["metadata"].get("continue")
+        if not cont:
+            break
+        assert page["metadata"]["remainingItemCount"] == n - len(names)
+        assert pages < 100
+    assert pages == 20 and len(set(names)) == n and time.time() - t0 < 10
+    sel = requests.get(fk.url + "/api/v1/pods", params={"fieldSelector": "metadata.name=pod-9999"}, timeout=30,
+                       proxies=NO_PROXY).json()
+    assert [p["metadata"]["name"] for p in sel["items"]] == ["pod-9999"]
+    print(f"bulk-created {n} pods in {created_in:.2f}s, listed in {listed_in:.2f}s")
+
+
+SEED = """\
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {name: workermetrics.workersd.io}
+spec:
+  group: workersd.io
+  scope: Namespaced
+  names: {plural: workermetrics, singular: workermetrics, kind: WorkerMetrics, shortNames: [wm]}
+  versions:
+  - name: v1alpha1
+    served: true
+    storage: true
+    subresources: {status: {}}
+    additionalPrinterColumns:
+    - {name: Service, type: string, jsonPath: .spec.service}
+    schema: {openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: seeded
+  namespace: seedns
+  annotations: {workersd.io/service: web, workersd.io/ports: "9100"}
+spec:
+  containers: [{name: app, image: busybox}]
+status: {phase: Running, podIP: 127.0.0.9}
+---
+apiVersion: workersd.io/v1alpha1
+kind: WorkerMetrics
+metadata: {name: web, namespace: seedns}
+spec: {service: web}
+"""
+
+
+def test_seed_file_and_crd_printer_columns(kubectl_bin, tmp_path):
+    seed = tmp_path / "seed.yaml"
+    seed.write_text(SEED)
+    with FakeKube(tmp_path / "fk", seeds=[seed]) as server:
+        k = Kubectl(kubectl_bin, server, tmp_path)
+        pod = k.json("get", "pod", "seeded", "-n", "seedns")
+        assert pod["status"]["podIP"] == "127.0.0.9" and pod["status"]["phase"] == "Running"
+        out = k("get", "wm", "-n", "seedns").stdout.split()
+        assert out[:6] == ["NAME", "SERVICE", "AGE", "web", "web", out[5]], out
+        assert "seedns" in [n["metadata"]["name"] for n in k.json("get", "ns")["items"]]
