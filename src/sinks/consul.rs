@@ -198,13 +198,7 @@ impl ConsulClient {
     /// Everything under our node; an absent node is an empty view.
     pub async fn read_node(&self) -> Result<NodeView, ConsulError> {
         let path = format!("/v1/catalog/node-services/{}", self.settings.node);
-        let response = self
-            .request(reqwest::Method::GET, &path)
-            .send()
-            .await
-            .map_err(unreachable)?;
-        let status = response.status().as_u16();
-        let body = response.text().await.map_err(unreachable)?;
+        let (status, body) = send(self.request(reqwest::Method::GET, &path)).await?;
         match status {
             200 => {}
             404 => return Ok(NodeView::default()),
@@ -278,14 +272,7 @@ impl ConsulClient {
     }
 
     pub async fn txn(&self, ops: &[serde_json::Value]) -> Result<(), ConsulError> {
-        let response = self
-            .request(reqwest::Method::PUT, "/v1/txn")
-            .json(ops)
-            .send()
-            .await
-            .map_err(unreachable)?;
-        let status = response.status().as_u16();
-        let body = response.text().await.map_err(unreachable)?;
+        let (status, body) = send(self.request(reqwest::Method::PUT, "/v1/txn").json(ops)).await?;
         match status {
             200 => Ok(()),
             403 => Err(ConsulError::Forbidden(truncate(&body))),
@@ -310,6 +297,14 @@ impl ConsulClient {
             }),
         }
     }
+}
+
+/// Sends a request and reads the whole reply as text.
+async fn send(request: reqwest::RequestBuilder) -> Result<(u16, String), ConsulError> {
+    let response = request.send().await.map_err(unreachable)?;
+    let status = response.status().as_u16();
+    let body = response.text().await.map_err(unreachable)?;
+    Ok((status, body))
 }
 
 fn unreachable(e: reqwest::Error) -> ConsulError {

@@ -413,74 +413,80 @@ fn describe(errors: &[FieldError]) -> String {
     note
 }
 
+/// Kind-specific wording of a refusal Event.
+struct Refusal {
+    api_version: &'static str,
+    kind: &'static str,
+    reason: &'static str,
+}
+
+const POD_REFUSAL: Refusal = Refusal {
+    api_version: "v1",
+    kind: "Pod",
+    reason: "InvalidWorkerMetrics",
+};
+const RESOURCE_REFUSAL: Refusal = Refusal {
+    api_version: "workersd.io/v1alpha1",
+    kind: "WorkerMetrics",
+    reason: "InvalidSpec",
+};
+
+/// Publishes one Warning Event per object and distinct problem; `seen` maps uid → note.
+async fn warn_once<'a>(
+    recorder: &Recorder,
+    seen: &mut HashMap<String, String>,
+    refusal: &Refusal,
+    invalid: impl IntoIterator<Item = (&'a ObjectKey, &'a str, &'a [FieldError])>,
+) {
+    let invalid: Vec<_> = invalid.into_iter().collect();
+    let live: BTreeSet<&str> = invalid.iter().map(|(_, uid, _)| *uid).collect();
+    seen.retain(|uid, _| live.contains(uid.as_str()));
+    for ((namespace, name), uid, errors) in invalid {
+        let note = describe(errors);
+        if seen.get(uid) == Some(&note) {
+            continue;
+        }
+        tracing::warn!(namespace, name, kind = refusal.kind, problems = %note, "declaration refused");
+        let event = KubeEvent {
+            type_: EventType::Warning,
+            reason: refusal.reason.into(),
+            note: Some(note.clone()),
+            action: "Validate".into(),
+            secondary: None,
+        };
+        let target = reference(refusal.api_version, refusal.kind, namespace, name, uid);
+        match recorder.publish(&event, &target).await {
+            Ok(()) => {
+                seen.insert(uid.to_string(), note);
+            }
+            Err(e) => {
+                tracing::warn!(namespace, name, kind = refusal.kind, error = %e, "cannot publish Event")
+            }
+        }
+    }
+}
+
 impl Warned {
     pub(crate) async fn pods(
         &mut self,
         recorder: &Recorder,
         invalid: &BTreeMap<ObjectKey, (String, Vec<FieldError>)>,
     ) {
-        let live: BTreeSet<&String> = invalid.values().map(|(uid, _)| uid).collect();
-        self.pods.retain(|uid, _| live.contains(uid));
-        for ((namespace, name), (uid, errors)) in invalid {
-            let note = describe(errors);
-            if self.pods.get(uid) == Some(&note) {
-                continue;
-            }
-            tracing::warn!(namespace, pod = name, problems = %note, "pod declaration refused");
-            let event = KubeEvent {
-                type_: EventType::Warning,
-                reason: "InvalidWorkerMetrics".into(),
-                note: Some(note.clone()),
-                action: "Validate".into(),
-                secondary: None,
-            };
-            let target = reference("v1", "Pod", namespace, name, uid);
-            match recorder.publish(&event, &target).await {
-                Ok(()) => {
-                    self.pods.insert(uid.clone(), note);
-                }
-                Err(e) => tracing::warn!(namespace, pod = name, error = %e, "cannot publish Event"),
-            }
-        }
+        let invalid = invalid
+            .iter()
+            .map(|(key, (uid, errors))| (key, uid.as_str(), errors.as_slice()));
+        warn_once(recorder, &mut self.pods, &POD_REFUSAL, invalid).await;
     }
 
     async fn resources(&mut self, recorder: &Recorder, view: &ClusterView) {
-        let invalid: Vec<(&ObjectKey, &CustomResourceEntry, &Vec<FieldError>)> = view
-            .resources
-            .iter()
-            .filter_map(|(k, e)| e.compiled.as_ref().err().map(|errors| (k, e, errors)))
-            .collect();
-        let live: BTreeSet<&String> = invalid.iter().map(|(_, e, _)| &e.uid).collect();
-        self.resources.retain(|uid, _| live.contains(uid));
-        for ((namespace, name), entry, errors) in invalid {
-            let note = describe(errors);
-            if self.resources.get(&entry.uid) == Some(&note) {
-                continue;
-            }
-            tracing::warn!(namespace, workermetrics = name, problems = %note, "WorkerMetrics spec refused");
-            let event = KubeEvent {
-                type_: EventType::Warning,
-                reason: "InvalidSpec".into(),
-                note: Some(note.clone()),
-                action: "Validate".into(),
-                secondary: None,
-            };
-            let target = reference(
-                "workersd.io/v1alpha1",
-                "WorkerMetrics",
-                namespace,
-                name,
-                &entry.uid,
-            );
-            match recorder.publish(&event, &target).await {
-                Ok(()) => {
-                    self.resources.insert(entry.uid.clone(), note);
-                }
-                Err(e) => {
-                    tracing::warn!(namespace, workermetrics = name, error = %e, "cannot publish Event")
-                }
-            }
-        }
+        let invalid = view.resources.iter().filter_map(|(key, entry)| {
+            entry
+                .compiled
+                .as_ref()
+                .err()
+                .map(|errors| (key, entry.uid.as_str(), errors.as_slice()))
+        });
+        warn_once(recorder, &mut self.resources, &RESOURCE_REFUSAL, invalid).await;
     }
 }
 
