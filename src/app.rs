@@ -5,7 +5,7 @@ use crate::cli::{KubernetesArgs, RunArgs, StandaloneArgs};
 use crate::metrics::Metrics;
 use crate::pipeline::{self, DesiredRx, desired_channel};
 use crate::probe::ProbeSettings;
-use crate::secret::Secret;
+use crate::secret::{FileSecret, Secret, TokenSource};
 use crate::server::{self, Readiness};
 use crate::sinks::{consul, http_sd};
 use crate::sources::kubernetes::leader::{self, LeaseSettings};
@@ -130,15 +130,15 @@ fn consul_settings(
         .map_err(anyhow::Error::msg)
         .context("--consul-addr")?;
     let token = match &run.consul_token_file {
-        Some(path) => Some(
-            Secret::from_file(path)
+        Some(path) => TokenSource::File(
+            FileSecret::open(path)
                 .map_err(anyhow::Error::msg)
                 .context("--consul-token-file")?,
         ),
-        None => std::env::var("CONSUL_HTTP_TOKEN")
-            .ok()
-            .filter(|t| !t.trim().is_empty())
-            .map(|t| Secret::new(t.trim())),
+        None => match std::env::var("CONSUL_HTTP_TOKEN") {
+            Ok(token) if !token.trim().is_empty() => TokenSource::Fixed(Secret::new(token.trim())),
+            _ => TokenSource::None,
+        },
     };
     Ok(consul::ConsulSettings {
         address,

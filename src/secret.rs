@@ -1,7 +1,9 @@
 //! Secrets (Consul ACL tokens) that can never reach a log line, metric or error message.
 
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::SystemTime;
 
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
@@ -40,6 +42,91 @@ impl fmt::Display for Secret {
     }
 }
 
+/// Where a token comes from. A file is re-read when it changes (a rotated Kubernetes Secret
+/// swaps the mounted file), so rotation needs no restart.
+pub enum TokenSource {
+    None,
+    Fixed(Secret),
+    File(FileSecret),
+}
+
+impl TokenSource {
+    pub fn current(&self) -> Option<Secret> {
+        match self {
+            TokenSource::None => None,
+            TokenSource::Fixed(secret) => Some(secret.clone()),
+            TokenSource::File(file) => Some(file.current()),
+        }
+    }
+
+    pub fn is_some(&self) -> bool {
+        !matches!(self, TokenSource::None)
+    }
+}
+
+impl fmt::Debug for TokenSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TokenSource::None => f.write_str("TokenSource::None"),
+            TokenSource::Fixed(_) => f.write_str("TokenSource::Fixed(<redacted>)"),
+            TokenSource::File(file) => write!(f, "TokenSource::File({})", file.path.display()),
+        }
+    }
+}
+
+/// A secret file and the value last read from it.
+pub struct FileSecret {
+    path: PathBuf,
+    state: Mutex<FileState>,
+}
+
+struct FileState {
+    stamp: Option<(SystemTime, u64)>,
+    secret: Secret,
+}
+
+fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
+}
+
+impl FileSecret {
+    /// The first read must succeed: a missing or empty token file is a start-up error.
+    pub fn open(path: &Path) -> Result<Self, String> {
+        let stamp = stamp(path);
+        let secret = Secret::from_file(path)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            state: Mutex::new(FileState { stamp, secret }),
+        })
+    }
+
+    /// The current value: re-read when the file's modification time or size changed. A
+    /// failed re-read (mid-rotation, say) keeps the last good value.
+    pub fn current(&self) -> Secret {
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let now = stamp(&self.path);
+        if now.is_some() && now != state.stamp {
+            match Secret::from_file(&self.path) {
+                Ok(secret) => {
+                    if secret != state.secret {
+                        tracing::info!(file = %self.path.display(), "token file changed; using the new token");
+                    }
+                    state.secret = secret;
+                    state.stamp = now;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot re-read token file; keeping the previous token")
+                }
+            }
+        }
+        state.secret.clone()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -62,5 +149,26 @@ mod tests {
         assert!(Secret::from_file(&file).unwrap_err().contains("empty"));
         assert!(Secret::from_file(&dir.join("missing")).is_err());
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn file_tokens_follow_rotation_and_survive_a_bad_rewrite() {
+        let dir = std::env::temp_dir().join(format!("workersd-rotate-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("token");
+        std::fs::write(&file, "first\n").unwrap();
+        let source = TokenSource::File(FileSecret::open(&file).unwrap());
+        assert_eq!(source.current().unwrap().expose(), "first");
+        std::fs::write(&file, "second-token\n").unwrap();
+        assert_eq!(source.current().unwrap().expose(), "second-token");
+        std::fs::write(&file, "").unwrap();
+        assert_eq!(
+            source.current().unwrap().expose(),
+            "second-token",
+            "an empty rewrite is ignored"
+        );
+        assert!(!format!("{source:?}").contains("second"));
+        std::fs::remove_dir_all(dir).unwrap();
+        assert!(FileSecret::open(&file).is_err());
     }
 }

@@ -10,7 +10,7 @@ use workersd::metrics::Metrics;
 use workersd::model::{PortRange, Scheme, Target, TargetId};
 use workersd::pipeline::DesiredState;
 use workersd::reconcile::desired_catalog;
-use workersd::secret::Secret;
+use workersd::secret::{FileSecret, Secret, TokenSource};
 use workersd::sinks::consul::{ConsulClient, ConsulError, ConsulSettings, ConsulSink};
 
 const NODE: &str = "workersd-test";
@@ -19,7 +19,7 @@ const OWNER: &str = "cluster-a";
 fn settings(double: &ConsulDouble, token: Option<&str>) -> ConsulSettings {
     ConsulSettings {
         address: double.api_url(),
-        token: token.map(Secret::new),
+        token: token.map_or(TokenSource::None, |t| TokenSource::Fixed(Secret::new(t))),
         datacenter: None,
         node: NODE.into(),
         node_address: "127.0.0.1".into(),
@@ -254,4 +254,31 @@ async fn refuses_a_node_it_did_not_create() {
         .unwrap_err();
     assert!(matches!(err, ConsulError::NodeNotOwned { .. }), "{err}");
     assert!(instances(&double, "clever").await.is_empty());
+}
+
+#[tokio::test]
+async fn a_rotated_token_file_is_used_without_restart() {
+    let double = ConsulDouble::start(Config {
+        acl_token: Some("rotated-token".into()),
+        ..Config::default()
+    })
+    .await
+    .unwrap();
+    let dir = std::env::temp_dir().join(format!("workersd-sink-token-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("token");
+    std::fs::write(&file, "expired-token\n").unwrap();
+    let settings = ConsulSettings {
+        token: TokenSource::File(FileSecret::open(&file).unwrap()),
+        ..settings(&double, None)
+    };
+    let mut sink = ConsulSink::new(
+        ConsulClient::new(settings).unwrap(),
+        Arc::new(Metrics::new()),
+    );
+    let err = sink.sync(&desired(1, 1, true)).await.unwrap_err();
+    assert!(matches!(err, ConsulError::Forbidden(_)), "{err}");
+    std::fs::write(&file, "rotated-token\n").unwrap();
+    assert_eq!(sink.sync(&desired(1, 1, true)).await.unwrap().registered, 1);
+    std::fs::remove_dir_all(dir).unwrap();
 }

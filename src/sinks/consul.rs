@@ -8,7 +8,7 @@ use crate::metrics::Metrics;
 use crate::model::{Catalog, EXTERNAL_SOURCE, ServiceInstance, meta_keys};
 use crate::pipeline::{DesiredRx, DesiredState};
 use crate::reconcile::{self, Op};
-use crate::secret::Secret;
+use crate::secret::TokenSource;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -21,11 +21,11 @@ use tokio::time::Instant;
 pub const MAX_TXN_OPS: usize = 64;
 const SINK: &str = "consul";
 
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct ConsulSettings {
     /// Base URL, e.g. `http://127.0.0.1:8500`.
     pub address: String,
-    pub token: Option<Secret>,
+    pub token: TokenSource,
     pub datacenter: Option<String>,
     pub node: String,
     pub node_address: String,
@@ -189,7 +189,7 @@ impl ConsulClient {
         if let Some(dc) = &self.settings.datacenter {
             builder = builder.query(&[("dc", dc)]);
         }
-        if let Some(token) = &self.settings.token {
+        if let Some(token) = self.settings.token.current() {
             builder = builder.header("X-Consul-Token", token.expose());
         }
         builder
