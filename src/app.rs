@@ -149,6 +149,12 @@ fn consul_settings(
         owner,
         resync_interval: run.consul_resync_interval,
         request_timeout: run.consul_timeout,
+        tls: crate::tls::TlsSettings {
+            ca_file: run.consul_ca_file.clone(),
+            client_cert: run.consul_client_cert.clone(),
+            client_key: run.consul_client_key.clone(),
+            server_name: run.consul_tls_server_name.clone(),
+        },
     })
 }
 

@@ -96,6 +96,18 @@ pub struct RunArgs {
     /// File holding the Consul ACL token (preferred; env CONSUL_HTTP_TOKEN is the fallback).
     #[arg(long, env = "CONSUL_HTTP_TOKEN_FILE")]
     pub consul_token_file: Option<PathBuf>,
+    /// PEM CA bundle verifying an https Consul (default: the system roots).
+    #[arg(long, env = "CONSUL_CACERT")]
+    pub consul_ca_file: Option<PathBuf>,
+    /// PEM client certificate for Consul's verify_incoming (with --consul-client-key).
+    #[arg(long, env = "CONSUL_CLIENT_CERT")]
+    pub consul_client_cert: Option<PathBuf>,
+    /// PEM private key of --consul-client-cert.
+    #[arg(long, env = "CONSUL_CLIENT_KEY")]
+    pub consul_client_key: Option<PathBuf>,
+    /// Verify Consul's certificate against this name instead of the address' host.
+    #[arg(long, env = "CONSUL_TLS_SERVER_NAME")]
+    pub consul_tls_server_name: Option<String>,
     /// Consul datacenter (default: the agent's own).
     #[arg(long, env = "CONSUL_DATACENTER")]
     pub consul_datacenter: Option<String>,

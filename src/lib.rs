@@ -12,4 +12,5 @@ pub mod secret;
 pub mod server;
 pub mod sinks;
 pub mod sources;
+pub mod tls;
 pub mod validate;

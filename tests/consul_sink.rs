@@ -26,6 +26,7 @@ fn settings(double: &ConsulDouble, token: Option<&str>) -> ConsulSettings {
         owner: OWNER.into(),
         resync_interval: Duration::from_secs(60),
         request_timeout: Duration::from_secs(2),
+        tls: Default::default(),
     }
 }
 
@@ -60,6 +61,7 @@ fn desired(pods: usize, live: u16, complete: bool) -> DesiredState {
 }
 
 async fn get(double: &ConsulDouble, path: &str) -> Value {
+    workersd::tls::install_crypto_provider();
     reqwest::get(format!("{}{path}", double.api_url()))
         .await
         .unwrap()
@@ -69,6 +71,7 @@ async fn get(double: &ConsulDouble, path: &str) -> Value {
 }
 
 async fn put(double: &ConsulDouble, path: &str, body: Value) {
+    workersd::tls::install_crypto_provider();
     let response = reqwest::Client::new()
         .put(format!("{}{path}", double.api_url()))
         .json(&body)

@@ -32,6 +32,8 @@ pub struct ConsulSettings {
     pub owner: String,
     pub resync_interval: Duration,
     pub request_timeout: Duration,
+    /// Used for `https://` addresses.
+    pub tls: crate::tls::TlsSettings,
 }
 
 /// Normalises `CONSUL_HTTP_ADDR`-style values (`host:port` or a URL) to a base URL.
@@ -57,9 +59,6 @@ pub fn normalize_address(raw: &str) -> Result<String, String> {
         .map_err(|e| format!("Consul address {raw:?} is not a valid URL: {e}"))?;
     if parsed.host_str().is_none() {
         return Err(format!("Consul address {raw:?} has no host"));
-    }
-    if parsed.scheme() == "https" {
-        return Err("https Consul addresses are not supported yet; use http".into());
     }
     Ok(url)
 }
@@ -174,9 +173,17 @@ pub struct ConsulClient {
 
 impl ConsulClient {
     pub fn new(settings: ConsulSettings) -> Result<Self, String> {
-        let http = reqwest::Client::builder()
+        // reqwest's rustls needs the process-wide provider even for plain http clients.
+        crate::tls::install_crypto_provider();
+        let mut builder = reqwest::Client::builder()
             .timeout(settings.request_timeout)
-            .connect_timeout(settings.request_timeout)
+            .connect_timeout(settings.request_timeout);
+        if settings.address.starts_with("https://") {
+            builder = builder
+                .use_preconfigured_tls(crate::tls::client_config(&settings.tls)?)
+                .https_only(true);
+        }
+        let http = builder
             .build()
             .map_err(|e| format!("cannot build HTTP client: {e}"))?;
         Ok(Self { http, settings })
@@ -533,6 +540,10 @@ mod tests {
         );
         assert!(normalize_address("").is_err());
         assert!(normalize_address("ftp://x").is_err());
+        assert_eq!(
+            normalize_address("https://consul:8501").unwrap(),
+            "https://consul:8501"
+        );
         assert!(normalize_address("http://").is_err());
     }
 

@@ -8,6 +8,7 @@ use serde_json::{Value, json};
 
 fn client() -> Client {
     // No idle pooling: down/up tests must not reuse a connection the double cut.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     Client::builder()
         .pool_max_idle_per_host(0)
         .timeout(Duration::from_secs(30))

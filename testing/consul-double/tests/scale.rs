@@ -12,6 +12,7 @@ const OPS_PER_TXN: usize = 64;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forty_thousand_instances_stay_fast() {
     let double = ConsulDouble::start(Config::default()).await.expect("start");
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .build()

@@ -174,6 +174,7 @@ async fn victoria_metrics_discovers_workers_through_the_double() {
     let double = ConsulDouble::start(Config::default())
         .await
         .expect("start double");
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
         .build()

@@ -1,0 +1,170 @@
+//! TLS for the Consul client: a CA file (or the system roots), an optional client certificate,
+//! and a server-name override for Consul servers addressed by IP.
+
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+#[derive(Clone, Debug, Default)]
+pub struct TlsSettings {
+    /// PEM CA bundle; the system roots when unset.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate chain and its key, for Consul's `verify_incoming`.
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    /// Name to verify the server certificate against instead of the URL's host.
+    pub server_name: Option<String>,
+}
+
+/// The process-wide crypto provider; kube's rustls uses the same one.
+pub fn install_crypto_provider() {
+    // Err only means one is installed already, which is what we want.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+fn read_certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("{what} {}: {e}", path.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{what} {}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "{what} {} holds no PEM certificate",
+            path.display()
+        ));
+    }
+    Ok(certs)
+}
+
+/// Builds the client configuration, naming the file and flag at fault on any error.
+pub fn client_config(settings: &TlsSettings) -> Result<ClientConfig, String> {
+    install_crypto_provider();
+    let mut roots = RootCertStore::empty();
+    match &settings.ca_file {
+        Some(path) => {
+            for cert in read_certs(path, "--consul-ca-file")? {
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("--consul-ca-file {}: {e}", path.display()))?;
+            }
+        }
+        None => {
+            let loaded = rustls_native_certs::load_native_certs();
+            for cert in loaded.certs {
+                // A broken system certificate must not stop the others from loading.
+                let _ = roots.add(cert);
+            }
+        }
+    }
+    let roots = Arc::new(roots);
+    let builder = match &settings.server_name {
+        Some(name) => {
+            let name = ServerName::try_from(name.clone())
+                .map_err(|e| format!("--consul-tls-server-name {name:?}: {e}"))?;
+            let inner = WebPkiServerVerifier::builder(roots)
+                .build()
+                .map_err(|e| format!("TLS verifier: {e}"))?;
+            ClientConfig::builder()
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(NamedVerifier { inner, name }))
+        }
+        None => ClientConfig::builder().with_root_certificates(roots),
+    };
+    match (&settings.client_cert, &settings.client_key) {
+        (Some(cert), Some(key)) => {
+            let chain = read_certs(cert, "--consul-client-cert")?;
+            let key = PrivateKeyDer::from_pem_file(key)
+                .map_err(|e| format!("--consul-client-key {}: {e}", key.display()))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| format!("client certificate: {e}"))
+        }
+        (None, None) => Ok(builder.with_no_client_auth()),
+        _ => Err("--consul-client-cert and --consul-client-key go together".into()),
+    }
+}
+
+/// Full WebPKI verification, against a fixed name instead of the one in the URL.
+#[derive(Debug)]
+struct NamedVerifier {
+    inner: Arc<WebPkiServerVerifier>,
+    name: ServerName<'static>,
+}
+
+impl ServerCertVerifier for NamedVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.inner
+            .verify_server_cert(end_entity, intermediates, &self.name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_files_are_named() {
+        let missing = TlsSettings {
+            ca_file: Some("/nonexistent/ca.pem".into()),
+            ..TlsSettings::default()
+        };
+        assert!(
+            client_config(&missing)
+                .unwrap_err()
+                .contains("--consul-ca-file /nonexistent/ca.pem")
+        );
+        let dir = std::env::temp_dir().join(format!("workersd-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        let err = client_config(&TlsSettings {
+            ca_file: Some(empty.clone()),
+            ..TlsSettings::default()
+        })
+        .unwrap_err();
+        assert!(err.contains("no PEM certificate"), "{err}");
+        let half = TlsSettings {
+            client_cert: Some(empty),
+            ..TlsSettings::default()
+        };
+        assert!(client_config(&half).unwrap_err().contains("go together"));
+        std::fs::remove_dir_all(dir).unwrap();
+        assert!(
+            client_config(&TlsSettings::default()).is_ok(),
+            "system roots"
+        );
+    }
+}
