@@ -48,9 +48,9 @@ pub async fn run_standalone(args: StandaloneArgs) -> anyhow::Result<()> {
         targets_tx,
         controller.metrics.clone(),
     ));
-    controller.start(targets_rx);
+    let running = controller.start(targets_rx);
     shutdown_signal().await;
-    tracing::info!("shutting down; catalog entries are left in place for the next instance");
+    running.stop().await;
     Ok(())
 }
 
@@ -105,8 +105,12 @@ pub async fn run_kubernetes(args: KubernetesArgs) -> anyhow::Result<()> {
         outputs = kube_watch::start(client.clone(), watch_settings, metrics) => outputs,
         _ = shutdown_signal() => return Ok(()),
     };
-    let desired = controller.start(outputs.targets);
-    tokio::spawn(status::run(client, outputs.resources, desired));
+    let running = controller.start(outputs.targets);
+    tokio::spawn(status::run(
+        client,
+        outputs.resources,
+        running.desired.clone(),
+    ));
     match lease {
         Some((api, settings)) => tokio::select! {
             _ = leader::hold(&api, &settings) => {
@@ -116,7 +120,7 @@ pub async fn run_kubernetes(args: KubernetesArgs) -> anyhow::Result<()> {
         },
         None => shutdown_signal().await,
     }
-    tracing::info!("shutting down; catalog entries are left in place for the next instance");
+    running.stop().await;
     Ok(())
 }
 
@@ -163,6 +167,8 @@ pub struct Controller {
     run: RunArgs,
     owner: String,
     sink: Option<consul::ConsulSink>,
+    /// A second client for the final clean-up of `--deregister-on-exit`.
+    exit_sink: Option<consul::ConsulSink>,
     sd_listener: Option<TcpListener>,
     pub metrics: Arc<Metrics>,
     pub readiness: Arc<Readiness>,
@@ -185,6 +191,14 @@ impl Controller {
             .context("--consul-node")?;
 
         let mut readiness = Readiness::default();
+        let exit_sink = match (&run.consul_addr, run.deregister_on_exit) {
+            (Some(addr), true) => {
+                let settings = consul_settings(&run, addr, node.clone(), owner.clone())?;
+                let client = consul::ConsulClient::new(settings).map_err(anyhow::Error::msg)?;
+                Some(consul::ConsulSink::new(client, metrics.clone()))
+            }
+            _ => None,
+        };
         let sink = match &run.consul_addr {
             Some(addr) => {
                 let settings = consul_settings(&run, addr, node.clone(), owner.clone())?;
@@ -221,6 +235,7 @@ impl Controller {
             run,
             owner,
             sink,
+            exit_sink,
             sd_listener,
             metrics,
             readiness,
@@ -228,7 +243,7 @@ impl Controller {
     }
 
     /// Starts probing, publishing and serving HTTP SD for the targets on `targets`.
-    pub fn start(self, targets: watch::Receiver<TargetSnapshot>) -> DesiredRx {
+    pub fn start(self, targets: watch::Receiver<TargetSnapshot>) -> Running {
         let (desired_tx, desired_rx) = desired_channel();
         let settings = ProbeSettings {
             interval: self.run.probe_interval,
@@ -244,9 +259,9 @@ impl Controller {
             self.metrics.clone(),
             desired_tx,
         ));
-        if let Some(sink) = self.sink {
-            tokio::spawn(sink.run(desired_rx.clone()));
-        }
+        let sink_task = self
+            .sink
+            .map(|sink| tokio::spawn(sink.run(desired_rx.clone())));
         tokio::spawn(mark_probed(desired_rx.clone(), self.readiness.clone()));
         if let Some(listener) = self.sd_listener {
             if let Ok(addr) = listener.local_addr() {
@@ -254,7 +269,49 @@ impl Controller {
             }
             tokio::spawn(server::serve(listener, http_sd::router(desired_rx.clone())));
         }
-        desired_rx
+        Running {
+            desired: desired_rx,
+            sink_task,
+            exit_sink: self.exit_sink,
+        }
+    }
+}
+
+/// A started controller.
+pub struct Running {
+    pub desired: DesiredRx,
+    sink_task: Option<tokio::task::JoinHandle<()>>,
+    exit_sink: Option<consul::ConsulSink>,
+}
+
+impl Running {
+    /// Stops writing. Entries stay in place for the next instance, unless
+    /// `--deregister-on-exit` asked for this owner's entries to be removed.
+    pub async fn stop(self) {
+        if let Some(task) = self.sink_task {
+            task.abort();
+            let _ = task.await;
+        }
+        let Some(mut sink) = self.exit_sink else {
+            tracing::info!(
+                "shutting down; catalog entries are left in place for the next instance"
+            );
+            return;
+        };
+        let empty = pipeline::DesiredState {
+            catalog: Default::default(),
+            complete: true,
+        };
+        match tokio::time::timeout(std::time::Duration::from_secs(10), sink.sync(&empty)).await {
+            Ok(Ok(outcome)) => tracing::info!(
+                deregistered = outcome.deregistered,
+                "shutting down; deregistered this owner's entries"
+            ),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "shutting down; could not deregister this owner's entries")
+            }
+            Err(_) => tracing::error!("shutting down; deregistration timed out after 10s"),
+        }
     }
 }
 

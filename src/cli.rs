@@ -131,6 +131,10 @@ pub struct RunArgs {
     /// Timeout of one Consul request.
     #[arg(long, env = "WORKERSD_CONSUL_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub consul_timeout: Duration,
+    /// On SIGTERM/SIGINT, deregister this owner's entries. For per-allocation sidecars (Nomad)
+    /// whose owner id dies with them; off by default, so restarts never flap live entries.
+    #[arg(long, env = "WORKERSD_DEREGISTER_ON_EXIT")]
+    pub deregister_on_exit: bool,
     /// Listen address of the built-in Prometheus HTTP SD endpoint (GET /targets); "off" disables it.
     #[arg(long, env = "WORKERSD_HTTP_SD_LISTEN", default_value = "127.0.0.1:9464", value_parser = parse_optional_addr)]
     pub http_sd_listen: OptionalListen,
