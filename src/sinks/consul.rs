@@ -218,35 +218,7 @@ impl ConsulClient {
                 });
             }
         }
-        let reply: NodeServicesReply =
-            serde_json::from_str(&body).map_err(|e| ConsulError::Decode {
-                what: "node-services",
-                error: e.to_string(),
-            })?;
-        let Some(node) = reply.node else {
-            // Consul answers `{"Node": null}` for an unknown node in some versions.
-            return Ok(NodeView::default());
-        };
-        let services = reply
-            .services
-            .unwrap_or_default()
-            .into_iter()
-            .map(|s| {
-                let instance = ServiceInstance {
-                    id: s.id,
-                    service: s.service,
-                    address: s.address,
-                    port: s.port,
-                    tags: s.tags.unwrap_or_default(),
-                    meta: s.meta.unwrap_or_default(),
-                };
-                (instance.id.clone(), instance)
-            })
-            .collect();
-        Ok(NodeView {
-            node_meta: Some(node.meta.unwrap_or_default()),
-            services,
-        })
+        decode_node_services(&body)
     }
 
     fn node_op(&self) -> serde_json::Value {
@@ -304,6 +276,38 @@ impl ConsulClient {
             }),
         }
     }
+}
+
+/// Decodes a `/v1/catalog/node-services/:node` reply. Real Consul answers `{"Node": null}` for
+/// an unknown node; `null` lists are empty lists.
+pub fn decode_node_services(body: &str) -> Result<NodeView, ConsulError> {
+    let reply: NodeServicesReply = serde_json::from_str(body).map_err(|e| ConsulError::Decode {
+        what: "node-services",
+        error: e.to_string(),
+    })?;
+    let Some(node) = reply.node else {
+        return Ok(NodeView::default());
+    };
+    let services = reply
+        .services
+        .unwrap_or_default()
+        .into_iter()
+        .map(|s| {
+            let instance = ServiceInstance {
+                id: s.id,
+                service: s.service,
+                address: s.address,
+                port: s.port,
+                tags: s.tags.unwrap_or_default(),
+                meta: s.meta.unwrap_or_default(),
+            };
+            (instance.id.clone(), instance)
+        })
+        .collect();
+    Ok(NodeView {
+        node_meta: Some(node.meta.unwrap_or_default()),
+        services,
+    })
 }
 
 /// Sends a request and reads the whole reply as text.
