@@ -17,7 +17,6 @@ use crate::validate;
 use anyhow::{Context, bail};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 pub async fn run_standalone(args: StandaloneArgs) -> anyhow::Result<()> {
@@ -83,12 +82,12 @@ pub async fn run_kubernetes(args: KubernetesArgs) -> anyhow::Result<()> {
         };
         let api = kube::Api::namespaced(client.clone(), &settings.namespace);
         controller.readiness.standby.store(true, Ordering::Relaxed);
-        tokio::select! {
-            _ = leader::acquire(&api, &settings) => {}
+        let acquired = tokio::select! {
+            acquired = leader::acquire(&api, &settings) => acquired,
             _ = shutdown_signal() => return Ok(()),
-        }
+        };
         controller.readiness.standby.store(false, Ordering::Relaxed);
-        Some((api, settings))
+        Some((api, settings, acquired))
     } else {
         None
     };
@@ -112,8 +111,8 @@ pub async fn run_kubernetes(args: KubernetesArgs) -> anyhow::Result<()> {
         running.desired.clone(),
     ));
     match lease {
-        Some((api, settings)) => tokio::select! {
-            _ = leader::hold(&api, &settings) => {
+        Some((api, settings, acquired)) => tokio::select! {
+            _ = leader::hold(&api, &settings, acquired) => {
                 bail!("lost leadership of lease {}/{}; exiting so a standby takes over", settings.namespace, settings.name)
             }
             _ = shutdown_signal() => {}
@@ -169,7 +168,8 @@ pub struct Controller {
     sink: Option<consul::ConsulSink>,
     /// A second client for the final clean-up of `--deregister-on-exit`.
     exit_sink: Option<consul::ConsulSink>,
-    sd_listener: Option<TcpListener>,
+    desired_tx: watch::Sender<Arc<pipeline::DesiredState>>,
+    desired_rx: DesiredRx,
     pub metrics: Arc<Metrics>,
     pub readiness: Arc<Readiness>,
 }
@@ -231,12 +231,23 @@ impl Controller {
             own,
             server::router(metrics.clone(), readiness.clone()),
         ));
+        // HTTP SD answers from the start: a standby says so (503) rather than leaving
+        // Prometheus hanging.
+        let (desired_tx, desired_rx) = desired_channel();
+        if let Some(listener) = sd_listener {
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(listen = %addr, "serving Prometheus HTTP SD at /targets");
+            }
+            let router = http_sd::router(desired_rx.clone(), readiness.clone());
+            tokio::spawn(server::serve(listener, router));
+        }
         Ok(Self {
             run,
             owner,
             sink,
             exit_sink,
-            sd_listener,
+            desired_tx,
+            desired_rx,
             metrics,
             readiness,
         })
@@ -244,7 +255,7 @@ impl Controller {
 
     /// Starts probing, publishing and serving HTTP SD for the targets on `targets`.
     pub fn start(self, targets: watch::Receiver<TargetSnapshot>) -> Running {
-        let (desired_tx, desired_rx) = desired_channel();
+        let (desired_tx, desired_rx) = (self.desired_tx, self.desired_rx);
         let settings = ProbeSettings {
             interval: self.run.probe_interval,
             timeout: self.run.probe_timeout,
@@ -263,12 +274,6 @@ impl Controller {
             .sink
             .map(|sink| tokio::spawn(sink.run(desired_rx.clone())));
         tokio::spawn(mark_probed(desired_rx.clone(), self.readiness.clone()));
-        if let Some(listener) = self.sd_listener {
-            if let Ok(addr) = listener.local_addr() {
-                tracing::info!(listen = %addr, "serving Prometheus HTTP SD at /targets");
-            }
-            tokio::spawn(server::serve(listener, http_sd::router(desired_rx.clone())));
-        }
         Running {
             desired: desired_rx,
             sink_task,

@@ -63,6 +63,7 @@ pub enum PortStatus {
     HttpStatus,
     ContentType,
     Malformed,
+    TlsHandshake,
 }
 
 impl PortStatus {
@@ -74,6 +75,7 @@ impl PortStatus {
             PortStatus::HttpStatus => "http_status",
             PortStatus::ContentType => "content_type",
             PortStatus::Malformed => "malformed",
+            PortStatus::TlsHandshake => "tls_handshake",
         }
     }
 }
@@ -262,24 +264,38 @@ pub async fn connect_only(addr: SocketAddr, limit: Duration) -> PortStatus {
     }
 }
 
-/// Full verification: connect, `GET path`, and require 200 with a Prometheus text or
-/// OpenMetrics content type. Only the response head is read. HTTPS targets are checked by
-/// TCP connect only (no TLS client in the prober yet).
+/// Full verification: connect (TLS for https), `GET path`, and require 200 with a Prometheus
+/// text or OpenMetrics content type. Only the response head is read.
 pub async fn verify(addr: SocketAddr, path: &str, scheme: Scheme, limit: Duration) -> PortStatus {
-    if scheme == Scheme::Https {
-        return connect_only(addr, limit).await;
-    }
-    match timeout(limit, http_get_head(addr, path)).await {
+    match timeout(limit, get_head(addr, path, scheme)).await {
         Ok(status) => status,
         Err(_) => PortStatus::Timeout,
     }
 }
 
-async fn http_get_head(addr: SocketAddr, path: &str) -> PortStatus {
-    let mut stream = match TcpStream::connect(addr).await {
+async fn get_head(addr: SocketAddr, path: &str, scheme: Scheme) -> PortStatus {
+    let stream = match TcpStream::connect(addr).await {
         Ok(stream) => stream,
         Err(_) => return PortStatus::Refused,
     };
+    match scheme {
+        Scheme::Http => http_get_head(stream, addr, path).await,
+        Scheme::Https => {
+            let connector = tokio_rustls::TlsConnector::from(crate::tls::probe_client_config());
+            let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+            match connector.connect(name, stream).await {
+                Ok(tls) => http_get_head(tls, addr, path).await,
+                Err(_) => PortStatus::TlsHandshake,
+            }
+        }
+    }
+}
+
+async fn http_get_head(
+    mut stream: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    addr: SocketAddr,
+    path: &str,
+) -> PortStatus {
     let host = match addr {
         SocketAddr::V4(a) => format!("{}:{}", a.ip(), a.port()),
         SocketAddr::V6(a) => format!("[{}]:{}", a.ip(), a.port()),
@@ -420,6 +436,40 @@ mod tests {
             PortStatus::Refused
         );
         assert_eq!(connect_only(metrics, limit).await, PortStatus::Live);
+    }
+
+    #[tokio::test]
+    async fn verifies_https_workers_with_any_certificate() {
+        use tokio_rustls::rustls::ServerConfig;
+        use tokio_rustls::rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+        crate::tls::install_crypto_provider();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["worker.invalid".to_string()]).unwrap().self_signed(&key).unwrap();
+        let config = ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            )
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(stream).await else { return };
+                    let _ = tls.read(&mut [0u8; 1024]).await;
+                    let _ = tls.write_all(METRICS_OK.as_bytes()).await;
+                    let _ = tls.shutdown().await;
+                });
+            }
+        });
+        let limit = Duration::from_secs(2);
+        assert_eq!(verify(addr, "/metrics", Scheme::Https, limit).await, PortStatus::Live);
+        let plain = serve(METRICS_OK).await;
+        assert_eq!(verify(plain, "/metrics", Scheme::Https, limit).await, PortStatus::TlsHandshake);
     }
 
     #[tokio::test]

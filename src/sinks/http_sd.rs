@@ -3,13 +3,16 @@
 
 use crate::model::{Catalog, ServiceInstance, meta_keys};
 use crate::pipeline::DesiredRx;
+use crate::server::Readiness;
 use axum::Json;
 use axum::extract::{Query, State};
-use axum::http::{HeaderValue, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 /// One `http_sd_configs` target group.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -104,8 +107,26 @@ struct TargetsQuery {
     service: Option<String>,
 }
 
-async fn targets(State(desired): State<DesiredRx>, Query(query): Query<TargetsQuery>) -> Response {
-    let state = desired.borrow().clone();
+#[derive(Clone)]
+struct SdState {
+    desired: DesiredRx,
+    readiness: Arc<Readiness>,
+}
+
+async fn targets(State(sd): State<SdState>, Query(query): Query<TargetsQuery>) -> Response {
+    // A list that is empty only because nothing was probed yet would make Prometheus drop
+    // every target: refuse instead, so it keeps its last good list.
+    if sd.readiness.standby.load(Ordering::Relaxed) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "standing by for leadership\n",
+        )
+            .into_response();
+    }
+    if !sd.readiness.probed.load(Ordering::Relaxed) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "targets not yet probed\n").into_response();
+    }
+    let state = sd.desired.borrow().clone();
     let mut response =
         Json(target_groups(&state.catalog, query.service.as_deref())).into_response();
     response.headers_mut().insert(
@@ -115,10 +136,10 @@ async fn targets(State(desired): State<DesiredRx>, Query(query): Query<TargetsQu
     response
 }
 
-pub fn router(desired: DesiredRx) -> axum::Router {
+pub fn router(desired: DesiredRx, readiness: Arc<Readiness>) -> axum::Router {
     axum::Router::new()
         .route("/targets", get(targets))
-        .with_state(desired)
+        .with_state(SdState { desired, readiness })
 }
 
 #[cfg(test)]

@@ -21,6 +21,12 @@ impl LeaseSettings {
     pub fn renew_every(&self) -> Duration {
         self.duration / 3
     }
+
+    /// A leader that has not renewed for this long steps down, a third of the lease before a
+    /// standby may take over, so two instances never lead at once.
+    pub fn renew_deadline(&self) -> Duration {
+        self.duration * 2 / 3
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -125,17 +131,21 @@ pub async fn try_hold(api: &Api<Lease>, settings: &LeaseSettings) -> Result<bool
     }
 }
 
-/// Waits until this instance holds the lease.
-pub async fn acquire(api: &Api<Lease>, settings: &LeaseSettings) {
+/// Waits until this instance holds the lease; returns when the successful attempt started,
+/// which is no later than the renewTime recorded in the lease.
+pub async fn acquire(api: &Api<Lease>, settings: &LeaseSettings) -> tokio::time::Instant {
     let mut logged_holder = None;
     loop {
-        match try_hold(api, settings).await {
-            Ok(true) => {
+        let attempt = tokio::time::Instant::now();
+        match tokio::time::timeout(settings.renew_deadline(), try_hold(api, settings)).await {
+            Ok(Ok(true)) => {
                 tracing::info!(lease = %settings.name, identity = %settings.identity, "became leader");
-                return;
+                return attempt;
             }
-            Ok(false) => {
-                if let Ok(Some(lease)) = api.get_opt(&settings.name).await {
+            Ok(Ok(false)) => {
+                if let Ok(Ok(Some(lease))) =
+                    tokio::time::timeout(settings.renew_every(), api.get_opt(&settings.name)).await
+                {
                     let holder = lease.spec.and_then(|s| s.holder_identity);
                     if holder != logged_holder {
                         tracing::info!(lease = %settings.name, holder = ?holder, "standing by; another instance leads");
@@ -143,30 +153,41 @@ pub async fn acquire(api: &Api<Lease>, settings: &LeaseSettings) {
                     }
                 }
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 tracing::warn!(lease = %settings.name, error = %e, "lease request failed; retrying")
             }
+            Err(_) => tracing::warn!(lease = %settings.name, "lease request timed out; retrying"),
         }
         tokio::time::sleep(settings.renew_every()).await;
     }
 }
 
-/// Renews the lease; returns when leadership is lost (another holder, or no successful
-/// renewal for a whole lease duration), so the caller stops writing at once.
-pub async fn hold(api: &Api<Lease>, settings: &LeaseSettings) {
-    let mut last_renewed = tokio::time::Instant::now();
+/// Renews the lease; returns when leadership must be given up: another holder took it, or no
+/// renewal succeeded within the renew deadline. Every attempt is bounded by what is left of
+/// that deadline, so a hung request cannot keep a leader writing past its lease (the standby
+/// takes over only after the full lease duration).
+pub async fn hold(api: &Api<Lease>, settings: &LeaseSettings, acquired: tokio::time::Instant) {
+    // The start of the last successful attempt: never later than the renewTime it wrote.
+    let mut last_renewed = acquired;
     loop {
         tokio::time::sleep(settings.renew_every()).await;
-        match try_hold(api, settings).await {
-            Ok(true) => last_renewed = tokio::time::Instant::now(),
-            Ok(false) => {
+        let attempt = tokio::time::Instant::now();
+        let left = settings
+            .renew_deadline()
+            .saturating_sub(attempt - last_renewed);
+        match tokio::time::timeout(left, try_hold(api, settings)).await {
+            Ok(Ok(true)) => last_renewed = attempt,
+            Ok(Ok(false)) => {
                 tracing::error!(lease = %settings.name, "lost the lease to another instance");
                 return;
             }
-            Err(e) => tracing::warn!(lease = %settings.name, error = %e, "lease renewal failed"),
+            Ok(Err(e)) => {
+                tracing::warn!(lease = %settings.name, error = %e, "lease renewal failed")
+            }
+            Err(_) => tracing::warn!(lease = %settings.name, "lease renewal timed out"),
         }
-        if last_renewed.elapsed() >= settings.duration {
-            tracing::error!(lease = %settings.name, "could not renew the lease within its duration");
+        if last_renewed.elapsed() >= settings.renew_deadline() {
+            tracing::error!(lease = %settings.name, "could not renew the lease before its renew deadline");
             return;
         }
     }
