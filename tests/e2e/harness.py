@@ -5,11 +5,14 @@ in time and in iterations.
 
 Building blocks:
   wait_until(...)            bounded polling with a clear timeout message
+  Sampler(fn, interval)      fn() sampled in a background thread (bounded)
   free_port(host)            a free TCP port on a loopback address
   free_port_range(host, n)   a free contiguous range (for worker metrics ports)
   ProcessManager             children in their own process groups, logs in
                              files, all killed on teardown (the `procs` fixture)
   http_get / parse_metric    HTTP (never through a proxy) and exposition parsing
+  write_atomic / targets_yaml   targets files written at once (rename)
+  readme_yaml_block(heading)    README.md's documented YAML, parsed (used verbatim)
 
 Runners (each takes the ProcessManager first; construct, then .start()):
   Gunicorn, VictoriaMetrics, Prometheus, ConsulDouble, Workersd
@@ -117,6 +120,43 @@ def wait_until(
     )
 
 
+class Sampler:
+    """Calls fn() every `interval` s in a background thread while in a `with` block,
+    recording (monotonic time, value) pairs in .samples; a raising call records
+    (time, exc). Bounded: at most max_seconds/interval calls. E.g. "the catalog never
+    shrank during a restart"."""
+
+    def __init__(self, fn: Callable[[], Any], interval: float = 0.1, max_seconds: float = 60):
+        self.fn, self.interval = fn, interval
+        self.max_samples = int(max_seconds / interval) + 1
+        self.samples: list[tuple[float, Any]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
+
+    def _run(self) -> None:
+        for _ in range(self.max_samples):
+            if self._stop.is_set():
+                return
+            started = time.monotonic()
+            try:
+                value = self.fn()
+            except Exception as exc:  # noqa: BLE001 - recorded for the test to judge
+                value = exc
+            self.samples.append((started, value))
+            self._stop.wait(max(0.0, self.interval - (time.monotonic() - started)))
+
+    def errors(self) -> list[tuple[float, BaseException]]:
+        return [(t, v) for t, v in self.samples if isinstance(v, BaseException)]
+
+    def __enter__(self) -> "Sampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
 # --------------------------------------------------------------------------
 # Ports and addresses
 # --------------------------------------------------------------------------
@@ -187,6 +227,55 @@ def loopback_works(address: str) -> bool:
                 return True
     except OSError:
         return False
+
+
+# --------------------------------------------------------------------------
+# Files: targets files and README snippets
+# --------------------------------------------------------------------------
+
+
+def write_atomic(path: Path | str, text: str) -> None:
+    """Replace path's content at once (a poller never reads half a file)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def targets_yaml(entries: Sequence[Mapping[str, Any]]) -> str:
+    """A workersd targets file: entries are dicts (service, address, ports, ...);
+    a (first, last) ports tuple becomes "first-last"."""
+    out = []
+    for entry in entries:
+        entry = dict(entry)
+        ports = entry.get("ports")
+        if isinstance(ports, tuple):
+            entry["ports"] = f"{ports[0]}-{ports[1]}"
+        out.append(entry)
+    return yaml.safe_dump({"targets": out}, sort_keys=False)
+
+
+def readme_yaml_block(heading: str, readme: Path | None = None) -> Any:
+    """The first ```yaml block after the Markdown heading `heading` in README.md,
+    parsed. Tests use README's documented configs verbatim, so they fail when
+    the documentation drifts from what works."""
+    text = (readme or REPO_ROOT / "README.md").read_text()
+    lines = text.splitlines()
+    try:
+        start = next(
+            i
+            for i, line in enumerate(lines)
+            if line.strip() == heading or line.startswith(heading + " ")
+        )
+    except StopIteration:
+        raise AssertionError(f"README.md has no heading {heading!r}") from None
+    for i in range(start + 1, len(lines)):
+        if lines[i].startswith("##"):
+            break  # next heading: no block in this section
+        if lines[i].strip() == "```yaml":
+            end = next(j for j in range(i + 1, len(lines)) if lines[j].strip() == "```")
+            return yaml.safe_load("\n".join(lines[i + 1 : end]))
+    raise AssertionError(f"README.md section {heading!r} has no ```yaml block")
 
 
 # --------------------------------------------------------------------------
@@ -1070,8 +1159,11 @@ class ConsulDouble(_Runner):
     ConsulDouble(procs, acl_token=None, datacenter=None, extra_args=(), binary=None)
 
     addr ("127.0.0.1:P", for consul_sd_configs `server`), url (http://...,
-    for workersd --consul-addr), control_url; down(), up(), wipe(), state(),
-    stats(), api_get(path, **params), catalog_services(), catalog_service(name).
+    for workersd --consul-addr), control_url; down(), up(empty=False), wipe(),
+    state(), stats(), reset_stats(), health(), api_get(path, **params),
+    api_put(path, body), register(entity), catalog_services(),
+    catalog_service(name), node_services(node), owned_entries(service, owner),
+    owned_ports(service, owner).
     """
 
     name = "consul-double"
@@ -1132,8 +1224,9 @@ class ConsulDouble(_Runner):
         """Make the Consul API fail (simulated outage)."""
         self._control("down")
 
-    def up(self) -> None:
-        self._control("up")
+    def up(self, empty: bool = False) -> None:
+        """API back; empty=True: the catalog comes back wiped (index reset)."""
+        self._control("up?empty=true" if empty else "up")
 
     def wipe(self) -> None:
         """Forget every registration (simulated Consul data loss)."""
@@ -1147,6 +1240,36 @@ class ConsulDouble(_Runner):
     def stats(self) -> Any:
         """Request counters (GET /control/stats)."""
         r = http_get(f"{self.control_url}/control/stats", timeout=5)
+        r.raise_for_status()
+        return r.json()
+
+    def reset_stats(self) -> None:
+        """Zero the request statistics (POST /control/reset-stats)."""
+        self._control("reset-stats")
+
+    def health(self) -> Any:
+        r = http_get(f"{self.control_url}/control/health", timeout=5)
+        r.raise_for_status()
+        return r.json()
+
+    def api_put(self, path: str, body: Any, **params) -> requests.Response:
+        return http_request(
+            "PUT",
+            f"{self.url}{path}",
+            params=params or None,
+            json=body,
+            headers=self._headers(),
+            timeout=5,
+        )
+
+    def register(self, entity: Mapping[str, Any]) -> None:
+        """PUT /v1/catalog/register (e.g. a foreign entry a test must see survive)."""
+        r = self.api_put("/v1/catalog/register", dict(entity))
+        if r.status_code != 200:
+            raise RuntimeError(f"catalog/register: {r.status_code} {r.text}")
+
+    def node_services(self, node: str) -> Any:
+        r = self.api_get(f"/v1/catalog/node-services/{node}")
         r.raise_for_status()
         return r.json()
 
@@ -1165,6 +1288,19 @@ class ConsulDouble(_Runner):
         r.raise_for_status()
         return r.json()
 
+    def owned_entries(self, service: str, owner: str) -> list[dict]:
+        """catalog_service(service) entries whose ServiceMeta names workersd `owner`."""
+        return [
+            e
+            for e in self.catalog_service(service)
+            if (e.get("ServiceMeta") or {}).get("external-source") == "workersd"
+            and (e.get("ServiceMeta") or {}).get("workersd-owner") == owner
+        ]
+
+    def owned_ports(self, service: str, owner: str) -> list[int]:
+        """Sorted ServicePorts of owned_entries (duplicates kept, so they show)."""
+        return sorted(e["ServicePort"] for e in self.owned_entries(service, owner))
+
 
 class Workersd(_Runner):
     """The workersd binary.
@@ -1179,7 +1315,8 @@ class Workersd(_Runner):
     for GET /readyz == 200 on --listen. http_sd_url
     (http://127.0.0.1:P/targets), metrics_url, listen_url, readyz_url.
     Inherited WORKERSD_*/CONSUL_HTTP_*/CONSUL_DATACENTER env vars are not
-    passed on (pass env= to set them).
+    passed on (pass env= to set them). metric(name, labels) reads one value
+    of its /metrics; Workersd.check(file) runs `workersd check --targets`.
     """
 
     name = "workersd"
@@ -1265,3 +1402,106 @@ class Workersd(_Runner):
 
     def reload(self) -> None:
         self.proc.send_signal(signal.SIGHUP)
+
+    def metric(self, name: str, labels: Mapping[str, str] | None = None) -> float | None:
+        """Sum of the samples `name` (matching labels) on /metrics; None if absent."""
+        return parse_metric(self.metrics_text(), name, labels)
+
+    @staticmethod
+    def check(targets_file: Path | str, binary: Path | str | None = None, timeout: float = 30):
+        """`workersd check --targets FILE` -> subprocess.CompletedProcess (text)."""
+        exe = require_binary(Path(binary) if binary else workersd_bin(), "workersd (WORKERSD_BIN)")
+        drop = Workersd.env_remove_prefixes
+        env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+        return subprocess.run(
+            [str(exe), "check", "--targets", str(targets_file)],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+        )
+
+
+# --------------------------------------------------------------------------
+# Fake Kubernetes API server (tests/support/fake_kube) and kubectl
+# --------------------------------------------------------------------------
+
+SUPPORT_DIR = REPO_ROOT / "tests" / "support"
+
+
+def _fake_kube_client_class():
+    if str(SUPPORT_DIR) not in sys.path:
+        sys.path.insert(0, str(SUPPORT_DIR))
+    from fake_kube.client import FakeKube as client_class
+
+    return client_class
+
+
+class FakeKube(_Runner):
+    """tests/support/fake_kube/server.py under the ProcessManager (its log is attached to a
+    failing test's report), driven through fake_kube.client.FakeKube.
+
+    FakeKube(procs, bookmark_interval=None, history_limit=None, extra_args=())
+
+    .url, .kubeconfig (for KUBECONFIG= / kubectl --kubeconfig) and every method of the
+    client (api, ok, compact, drop_watches, watches, wait_for_watch, requests, add_fault,
+    set_pod_status, terminate_pod, ...) are available on the runner itself.
+    """
+
+    name = "fake-kube"
+
+    def __init__(
+        self,
+        procs: ProcessManager,
+        bookmark_interval: float | None = None,
+        history_limit: int | None = None,
+        extra_args: Sequence[str] = (),
+    ):
+        super().__init__(procs)
+        workdir = procs.path(procs.unique_name("fake-kube"), "x").parent
+        self.client = _fake_kube_client_class()(
+            workdir,
+            bookmark_interval=bookmark_interval,
+            history_limit=history_limit,
+            extra_args=extra_args,
+        )
+        self.kubeconfig = self.client.kubeconfig
+
+    def start(self, timeout: float = START_TIMEOUT) -> "FakeKube":
+        ready_file = self.client.ready_file
+        ready_file.unlink(missing_ok=True)
+        self._launch(self.client.args)
+
+        def ready():
+            text = ready_file.read_text().strip() if ready_file.exists() else ""
+            return bool(text) and http_ok(f"{text}/healthz")
+
+        self._wait_ready(_safe_check(ready), f"fake_kube ready file {ready_file}", timeout)
+        self.client.url = ready_file.read_text().strip()
+        return self
+
+    @property
+    def url(self) -> str:
+        return self.client.url
+
+    def __getattr__(self, attr: str) -> Any:
+        # Only called for attributes the runner lacks: delegate to the client.
+        if attr == "client":
+            raise AttributeError(attr)
+        return getattr(self.client, attr)
+
+
+def kubectl_bin() -> str | None:
+    """Debian's kubectl (kubernetes-client), as tests/support/test_fake_kube.py finds it:
+    KUBECTL, else /opt/kubernetes-client (install_kubectl.sh), else /usr/bin/kubectl when
+    the kubernetes-client package owns it."""
+    if os.environ.get("KUBECTL"):
+        return os.environ["KUBECTL"]
+    unpacked = "/opt/kubernetes-client/usr/bin/kubectl"
+    if os.access(unpacked, os.X_OK):
+        return unpacked
+    probe = subprocess.run(["dpkg", "-s", "kubernetes-client"], capture_output=True)
+    if probe.returncode == 0 and os.access("/usr/bin/kubectl", os.X_OK):
+        return "/usr/bin/kubectl"
+    return None
