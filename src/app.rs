@@ -96,6 +96,7 @@ pub async fn run_kubernetes(args: KubernetesArgs) -> anyhow::Result<()> {
         resolve: ResolveSettings {
             names,
             allow_host_network: args.allow_host_network,
+            max_ports_per_namespace: args.max_ports_per_namespace,
         },
         identity,
     };

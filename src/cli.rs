@@ -60,6 +60,13 @@ pub struct KubernetesArgs {
         default_value = "{service}"
     )]
     pub service_name_template: String,
+    /// Most worker ports probed per namespace; pods beyond it are refused with an Event.
+    #[arg(
+        long,
+        env = "WORKERSD_MAX_PORTS_PER_NAMESPACE",
+        default_value_t = 10_240
+    )]
+    pub max_ports_per_namespace: usize,
     /// Accept pods with hostNetwork (they publish the node's IP).
     #[arg(long, env = "WORKERSD_ALLOW_HOST_NETWORK")]
     pub allow_host_network: bool,

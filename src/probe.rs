@@ -444,7 +444,10 @@ mod tests {
         use tokio_rustls::rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
         crate::tls::install_crypto_provider();
         let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(vec!["worker.invalid".to_string()]).unwrap().self_signed(&key).unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["worker.invalid".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
         let config = ServerConfig::builder()
             .with_no_client_auth()
             .with_single_cert(
@@ -459,7 +462,9 @@ mod tests {
             while let Ok((stream, _)) = listener.accept().await {
                 let acceptor = acceptor.clone();
                 tokio::spawn(async move {
-                    let Ok(mut tls) = acceptor.accept(stream).await else { return };
+                    let Ok(mut tls) = acceptor.accept(stream).await else {
+                        return;
+                    };
                     let _ = tls.read(&mut [0u8; 1024]).await;
                     let _ = tls.write_all(METRICS_OK.as_bytes()).await;
                     let _ = tls.shutdown().await;
@@ -467,9 +472,15 @@ mod tests {
             }
         });
         let limit = Duration::from_secs(2);
-        assert_eq!(verify(addr, "/metrics", Scheme::Https, limit).await, PortStatus::Live);
+        assert_eq!(
+            verify(addr, "/metrics", Scheme::Https, limit).await,
+            PortStatus::Live
+        );
         let plain = serve(METRICS_OK).await;
-        assert_eq!(verify(plain, "/metrics", Scheme::Https, limit).await, PortStatus::TlsHandshake);
+        assert_eq!(
+            verify(plain, "/metrics", Scheme::Https, limit).await,
+            PortStatus::TlsHandshake
+        );
     }
 
     #[tokio::test]

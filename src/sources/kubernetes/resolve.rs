@@ -45,6 +45,8 @@ pub struct Resolution {
 pub struct ResolveSettings {
     pub names: NamePolicy,
     pub allow_host_network: bool,
+    /// Most ports probed for one namespace: one tenant cannot exhaust the prober.
+    pub max_ports_per_namespace: usize,
 }
 
 /// Which declaration applies to a pod. A `WorkerMetrics` wins over annotations: it is an
@@ -67,6 +69,7 @@ pub fn resolve(view: &ClusterView, settings: &ResolveSettings) -> Resolution {
     for list in by_namespace.values_mut() {
         list.sort_by(|a, b| (&a.1.created, &a.0.1).cmp(&(&b.1.created, &b.0.1)));
     }
+    let mut ports_used: BTreeMap<&str, usize> = BTreeMap::new();
     for (key, pod) in &view.pods {
         let from_resource = by_namespace.get(pod.namespace.as_str()).and_then(|list| {
             list.iter()
@@ -110,11 +113,26 @@ pub fn resolve(view: &ClusterView, settings: &ResolveSettings) -> Resolution {
                 continue;
             }
         };
-        out.targets
-            .extend(pod_targets(pod, &spec, &service).into_iter().map(|mut t| {
-                t.probe_interval = interval;
-                t
-            }));
+        let targets = pod_targets(pod, &spec, &service);
+        let ports: usize = targets.iter().map(|t| t.ports.len()).sum();
+        let used = ports_used.entry(pod.namespace.as_str()).or_default();
+        if *used + ports > settings.max_ports_per_namespace {
+            let error = field_error(
+                "metadata.namespace",
+                format!(
+                    "namespace {:?} would probe more than {} ports (--max-ports-per-namespace); this pod's {ports} are refused",
+                    pod.namespace, settings.max_ports_per_namespace
+                ),
+            );
+            out.invalid_pods
+                .insert(key.clone(), (pod.uid.clone(), vec![error]));
+            continue;
+        }
+        *used += ports;
+        out.targets.extend(targets.into_iter().map(|mut t| {
+            t.probe_interval = interval;
+            t
+        }));
     }
     out
 }
@@ -122,6 +140,52 @@ pub fn resolve(view: &ClusterView, settings: &ResolveSettings) -> Resolution {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_namespace_cannot_exceed_its_port_quota() {
+        let mut view = ClusterView::default();
+        for name in ["a", "b", "c"] {
+            add(
+                &mut view,
+                pod(
+                    "greedy",
+                    name,
+                    &[],
+                    &[(SERVICE, "x"), ("workersd.io/ports", "9000-9099")],
+                ),
+            );
+        }
+        add(
+            &mut view,
+            pod(
+                "modest",
+                "m",
+                &[],
+                &[(SERVICE, "y"), ("workersd.io/ports", "9000-9009")],
+            ),
+        );
+        let settings = ResolveSettings {
+            max_ports_per_namespace: 250,
+            ..settings("{service}")
+        };
+        let r = resolve(&view, &settings);
+        let pods: BTreeSet<&str> = r
+            .targets
+            .iter()
+            .map(|t| t.meta["k8s-pod"].as_str())
+            .collect();
+        assert_eq!(
+            pods,
+            BTreeSet::from(["a", "b", "m"]),
+            "the third greedy pod is refused, others are not"
+        );
+        let refusal = r.invalid_pods[&("greedy".into(), "c".into())].1[0].to_string();
+        assert!(
+            refusal.starts_with("metadata.namespace:")
+                && refusal.contains("--max-ports-per-namespace"),
+            "{refusal}"
+        );
+    }
     use crate::sources::kubernetes::crd::{ContainerPorts, WorkerMetricsSpec, compile};
     use crate::sources::kubernetes::spec::SERVICE;
     use std::time::Duration;
@@ -174,6 +238,7 @@ mod tests {
         ResolveSettings {
             names: NamePolicy::new(template).unwrap(),
             allow_host_network: false,
+            max_ports_per_namespace: 10_240,
         }
     }
 
