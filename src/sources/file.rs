@@ -363,8 +363,17 @@ pub async fn watch_targets_file(
     let mut last_text = initial_text;
     let mut ticker = tokio::time::interval(poll_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // SIGHUP, the usual "reload" signal, re-reads at once instead of killing the process.
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     loop {
-        ticker.tick().await;
+        tokio::select! {
+            _ = ticker.tick() => {}
+            Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
+                tracing::info!(file = %path.display(), "SIGHUP: re-reading the targets file");
+                // A re-read of unchanged content is reported too, so the operator sees it worked.
+                last_text.clear();
+            }
+        }
         let text = match tokio::fs::read_to_string(&path).await {
             Ok(text) => text,
             Err(e) => {
