@@ -372,6 +372,7 @@ pub struct ConsulSink {
     metrics: Arc<Metrics>,
     known: Option<NodeView>,
     deregister_allowed: bool,
+    reported_conflicts: Vec<String>,
     pub synced: Arc<AtomicBool>,
 }
 
@@ -382,6 +383,7 @@ impl ConsulSink {
             metrics,
             known: None,
             deregister_allowed: false,
+            reported_conflicts: Vec::new(),
             synced: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -417,8 +419,12 @@ impl ConsulSink {
         );
         outcome.conflicts = plan.conflicts.len();
         outcome.deferred = plan.deferred_deregistrations;
-        if !plan.conflicts.is_empty() {
-            tracing::warn!(ids = ?plan.conflicts, "service IDs held by entries workersd does not own; left untouched");
+        // Reported when the set changes, not on every pass.
+        if plan.conflicts != self.reported_conflicts {
+            if !plan.conflicts.is_empty() {
+                tracing::warn!(ids = ?plan.conflicts, "service IDs held by entries workersd does not own; left untouched");
+            }
+            self.reported_conflicts = plan.conflicts.clone();
         }
         // Services need their node; it is (re)created in the first batch when missing.
         let needs_node = known.node_meta.is_none();
