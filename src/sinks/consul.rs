@@ -484,7 +484,8 @@ impl ConsulSink {
     /// restarting workersd must leave live entries in place.
     pub async fn run(mut self, mut desired: DesiredRx) {
         let resync_interval = self.client.settings.resync_interval;
-        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+        // Capped low: a retry is one cheap read, and a long outage must not delay convergence.
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
         let mut next_resync = Instant::now() + resync_interval;
         loop {
             let state = desired.borrow_and_update().clone();

@@ -6,11 +6,11 @@ use super::crd::WorkerMetricsStatus;
 use super::leader::{LeaseSettings, try_hold};
 use super::spec::field_error;
 use super::status;
-use super::watch::Warned;
+use super::watch::{EventPublisher, Warned};
 use http::{Method, Request, Response, StatusCode};
 use kube::Client;
 use kube::client::Body;
-use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::events::Reporter;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::pin::pin;
@@ -85,13 +85,13 @@ async fn status_patch_is_a_merge_patch_on_the_status_subresource() {
 #[tokio::test]
 async fn invalid_pod_gets_one_warning_event_per_distinct_problem() {
     let (client, mut handle) = client();
-    let recorder = Recorder::new(
+    let events = EventPublisher {
         client,
-        Reporter {
+        reporter: Reporter {
             controller: "workersd".into(),
             instance: Some("test".into()),
         },
-    );
+    };
     let mut warned = Warned::default();
     let key = ("shop".to_string(), "web-1".to_string());
     let problem = vec![field_error(
@@ -104,7 +104,7 @@ async fn invalid_pod_gets_one_warning_event_per_distinct_problem() {
         let first = answer(&mut handle, StatusCode::CREATED, json!({})).await;
         (first, handle)
     });
-    warned.pods(&recorder, &invalid).await;
+    warned.pods(&events, &invalid).await;
     let ((method, uri, event), mut handle) = server.await.unwrap();
     assert_eq!(method, Method::POST);
     assert!(
@@ -124,13 +124,39 @@ async fn invalid_pod_gets_one_warning_event_per_distinct_problem() {
     );
 
     // Same problem again: no request at all.
-    warned.pods(&recorder, &invalid).await;
-    let mut pending = pin!(&mut handle);
+    warned.pods(&events, &invalid).await;
+    {
+        let mut pending = pin!(&mut handle);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), pending.next_request())
+                .await
+                .is_err(),
+            "no second Event for the same problem"
+        );
+    }
+
+    // A different problem on the same object: a new Event (not folded into the first one)
+    // whose note names the new field.
+    let other = vec![field_error(
+        "metadata.annotations[workersd.io/service]",
+        "\"Bad_Name\" is not a DNS-compatible name",
+    )];
+    let changed = BTreeMap::from([(key, ("uid-1".to_string(), other))]);
+    let server =
+        tokio::spawn(async move { answer(&mut handle, StatusCode::CREATED, json!({})).await });
+    warned.pods(&events, &changed).await;
+    let (method, _, event) = server.await.unwrap();
+    assert_eq!(
+        method,
+        Method::POST,
+        "a new Event, not a patch of the old series"
+    );
     assert!(
-        tokio::time::timeout(Duration::from_millis(200), pending.next_request())
-            .await
-            .is_err(),
-        "no second Event for the same problem"
+        event["note"]
+            .as_str()
+            .unwrap()
+            .contains("workersd.io/service"),
+        "{event}"
     );
 }
 

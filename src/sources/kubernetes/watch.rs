@@ -297,13 +297,13 @@ async fn run(
         scopes,
         synced: BTreeSet::new(),
     };
-    let recorder = Recorder::new(
-        client.clone(),
-        Reporter {
+    let events = EventPublisher {
+        client: client.clone(),
+        reporter: Reporter {
             controller: "workersd".into(),
             instance: Some(settings.identity.clone()),
         },
-    );
+    };
     let mut warned = Warned::default();
     let mut ready = Some(ready);
     while let Some(change) = changes.next().await {
@@ -327,8 +327,8 @@ async fn run(
             .filter(|e| e.compiled.is_err())
             .count();
         metrics.invalid_objects("workermetrics", invalid_resources);
-        warned.pods(&recorder, &resolution.invalid_pods).await;
-        warned.resources(&recorder, &source.view).await;
+        warned.pods(&events, &resolution.invalid_pods).await;
+        warned.resources(&events, &source.view).await;
         let report: ResourceReport = source
             .view
             .resources
@@ -413,6 +413,26 @@ fn describe(errors: &[FieldError]) -> String {
     note
 }
 
+/// Publishes Events. kube-runtime's `Recorder` folds every Event with the same reason on one
+/// object into a single series for minutes, keeping the first message; workersd de-duplicates
+/// by message itself (`Warned`), so each distinct problem gets a fresh Event that names it.
+pub(crate) struct EventPublisher {
+    pub(crate) client: Client,
+    pub(crate) reporter: Reporter,
+}
+
+impl EventPublisher {
+    async fn publish(
+        &self,
+        event: &KubeEvent,
+        target: &ObjectReference,
+    ) -> Result<(), kube::Error> {
+        Recorder::new(self.client.clone(), self.reporter.clone())
+            .publish(event, target)
+            .await
+    }
+}
+
 /// Kind-specific wording of a refusal Event.
 struct Refusal {
     api_version: &'static str,
@@ -433,7 +453,7 @@ const RESOURCE_REFUSAL: Refusal = Refusal {
 
 /// Publishes one Warning Event per object and distinct problem; `seen` maps uid → note.
 async fn warn_once<'a>(
-    recorder: &Recorder,
+    events: &EventPublisher,
     seen: &mut HashMap<String, String>,
     refusal: &Refusal,
     invalid: impl IntoIterator<Item = (&'a ObjectKey, &'a str, &'a [FieldError])>,
@@ -455,7 +475,7 @@ async fn warn_once<'a>(
             secondary: None,
         };
         let target = reference(refusal.api_version, refusal.kind, namespace, name, uid);
-        match recorder.publish(&event, &target).await {
+        match events.publish(&event, &target).await {
             Ok(()) => {
                 seen.insert(uid.to_string(), note);
             }
@@ -469,16 +489,16 @@ async fn warn_once<'a>(
 impl Warned {
     pub(crate) async fn pods(
         &mut self,
-        recorder: &Recorder,
+        events: &EventPublisher,
         invalid: &BTreeMap<ObjectKey, (String, Vec<FieldError>)>,
     ) {
         let invalid = invalid
             .iter()
             .map(|(key, (uid, errors))| (key, uid.as_str(), errors.as_slice()));
-        warn_once(recorder, &mut self.pods, &POD_REFUSAL, invalid).await;
+        warn_once(events, &mut self.pods, &POD_REFUSAL, invalid).await;
     }
 
-    async fn resources(&mut self, recorder: &Recorder, view: &ClusterView) {
+    async fn resources(&mut self, events: &EventPublisher, view: &ClusterView) {
         let invalid = view.resources.iter().filter_map(|(key, entry)| {
             entry
                 .compiled
@@ -486,7 +506,7 @@ impl Warned {
                 .err()
                 .map(|errors| (key, entry.uid.as_str(), errors.as_slice()))
         });
-        warn_once(recorder, &mut self.resources, &RESOURCE_REFUSAL, invalid).await;
+        warn_once(events, &mut self.resources, &RESOURCE_REFUSAL, invalid).await;
     }
 }
 
