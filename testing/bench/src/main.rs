@@ -1,0 +1,1035 @@
+//! workersd benchmark harness (see BENCHMARKS.md). Scenarios:
+//!
+//! - `sweep`: N simulated pods (10-port range, 4 open, on 127.20.x.y) served by child
+//!   processes; one full sweep by workersd's prober vs `nmap -sT` vs a bare tokio connect loop.
+//! - `consul`: initial sync of 4·N endpoints against the in-process Consul double, then a
+//!   no-change sync and a re-read resync.
+//! - `latency`: port opened → entry visible in the Consul double, fast cadence and steady state.
+//! - `kube-memory`: `target/release/workersd kubernetes` against the fake API server with N pods.
+//!
+//! Everything is loopback only; every wait is bounded; children die with the harness
+//! (PR_SET_PDEATHSIG plus an explicit kill on exit).
+
+use anyhow::{Context, bail};
+use consul_double::{Config as DoubleConfig, ConsulDouble};
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use workersd::metrics::Metrics;
+use workersd::model::{PortRange, Scheme, Target, TargetId};
+use workersd::pipeline::{self, DesiredState};
+use workersd::probe::{ProbeSettings, sweep_target};
+use workersd::reconcile::{desired_catalog, instance_id};
+use workersd::secret::TokenSource;
+use workersd::sinks::consul::{ConsulClient, ConsulSettings, ConsulSink};
+
+const FIRST_PORT: u16 = 9011;
+const RANGE_PORTS: u16 = 10;
+const OPEN_PORTS: u16 = 4;
+/// Listeners per serving child: 4 per pod, well under the 20,000 fd hard limit of this host.
+const PODS_PER_CHILD: usize = 4000;
+const OWNER: &str = "workersd-bench";
+const SERVICE: &str = "bench";
+const EXPOSITION: &str = "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: 58\r\nConnection: close\r\n\r\n# TYPE up gauge\nup 1\n# TYPE requests_total counter\nrequests_total 7\n";
+
+fn pod_addr(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(127, 20, (i / 200) as u8, (1 + i % 200) as u8)
+}
+
+fn pod_target(i: usize) -> Target {
+    Target {
+        id: TargetId::new(format!("pod-{i}")),
+        service: SERVICE.into(),
+        address: IpAddr::V4(pod_addr(i)),
+        ports: PortRange::new(FIRST_PORT, FIRST_PORT + RANGE_PORTS - 1).expect("valid range"),
+        path: "/metrics".into(),
+        scheme: Scheme::Http,
+        tags: vec!["bench".into()],
+        meta: BTreeMap::new(),
+        revision: 0,
+        probe_interval: None,
+    }
+}
+
+fn open_ports() -> BTreeSet<u16> {
+    (FIRST_PORT..FIRST_PORT + OPEN_PORTS).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Arguments
+
+struct Args {
+    scenario: String,
+    pods: Vec<usize>,
+    concurrency: usize,
+    timeout: Duration,
+    samples: usize,
+    steady_samples: usize,
+    steady_interval: Duration,
+    measure: Duration,
+    no_nmap: bool,
+    first: usize,
+    kube_fast_period: u64,
+    workersd: Option<std::path::PathBuf>,
+}
+
+fn parse_args() -> anyhow::Result<Args> {
+    let mut it = std::env::args().skip(1);
+    let scenario = it.next().context(
+        "usage: workersd-bench <sweep|consul|latency|kube-memory> [--pods N[,N..]] [--concurrency C] \
+         [--samples S] [--steady-samples S] [--steady-interval SECS] [--measure SECS] [--kube-fast-period SECS] [--workersd BINARY] [--no-nmap]",
+    )?;
+    let mut args = Args {
+        scenario,
+        pods: vec![100, 1000, 10_000],
+        concurrency: 512,
+        timeout: Duration::from_secs(1),
+        samples: 50,
+        steady_samples: 10,
+        steady_interval: Duration::from_secs(10),
+        measure: Duration::from_secs(60),
+        no_nmap: false,
+        first: 0,
+        kube_fast_period: 30,
+        workersd: None,
+    };
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--pods" => {
+                args.pods = value()?
+                    .split(',')
+                    .map(|s| s.trim().parse::<usize>())
+                    .collect::<Result<_, _>>()
+                    .context("--pods")?;
+                if args.pods.iter().any(|&n| n == 0 || n > 50_000) {
+                    bail!("--pods: 1 to 50000");
+                }
+            }
+            "--concurrency" => args.concurrency = value()?.parse()?,
+            "--timeout-ms" => args.timeout = Duration::from_millis(value()?.parse()?),
+            "--samples" => args.samples = value()?.parse()?,
+            "--steady-samples" => args.steady_samples = value()?.parse()?,
+            "--steady-interval" => args.steady_interval = Duration::from_secs(value()?.parse()?),
+            "--measure" => args.measure = Duration::from_secs(value()?.parse()?),
+            "--first" => args.first = value()?.parse()?,
+            "--no-nmap" => args.no_nmap = true,
+            "--kube-fast-period" => args.kube_fast_period = value()?.parse()?,
+            "--workersd" => args.workersd = Some(value()?.into()),
+            other => bail!("unknown flag {other}"),
+        }
+    }
+    Ok(args)
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = parse_args()?;
+    let nofile = raise_nofile();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    if args.scenario == "serve" {
+        return runtime.block_on(serve(args.first, args.pods[0]));
+    }
+    if args.scenario == "probe-workersd" || args.scenario == "probe-bare" {
+        return runtime.block_on(probe_child(&args));
+    }
+    workersd::tls::install_crypto_provider();
+    println!(
+        "# workersd-bench {} | RLIMIT_NOFILE soft=hard={nofile} | concurrency {} | probe timeout {:?}",
+        args.scenario, args.concurrency, args.timeout
+    );
+    match args.scenario.as_str() {
+        "sweep" => runtime.block_on(sweep_scenario(&args)),
+        "consul" => runtime.block_on(consul_scenario(&args)),
+        "latency" => runtime.block_on(latency_scenario(&args)),
+        "kube-memory" => runtime.block_on(kube_scenario(&args)),
+        other => bail!("unknown scenario {other}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Process plumbing
+
+/// Raises the soft fd limit to the hard one (raising the hard limit needs CAP_SYS_RESOURCE).
+fn raise_nofile() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a stack struct.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        lim.rlim_cur = lim.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+    }
+    lim.rlim_cur
+}
+
+/// A command whose process is killed when the harness dies.
+fn child_command(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = Command::new(program);
+    // SAFETY: prctl is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    cmd
+}
+
+/// Children killed (SIGKILL) and reaped on drop.
+#[derive(Default)]
+struct Children(Vec<Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        // SIGTERM first so a child can stop its own children (the fake API server), then
+        // SIGKILL after at most 3 s.
+        for child in &mut self.0 {
+            // SAFETY: signalling our own child by pid.
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        }
+        let deadline = Instant::now() + Duration::from_secs(3);
+        for child in &mut self.0 {
+            while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Usage {
+    cpu: f64,
+    maxrss_kb: i64,
+}
+
+fn rusage(who: i32) -> Usage {
+    // SAFETY: getrusage fills the struct.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(who, &mut ru);
+        ru
+    };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    Usage {
+        cpu: secs(ru.ru_utime) + secs(ru.ru_stime),
+        maxrss_kb: ru.ru_maxrss,
+    }
+}
+
+fn proc_status_kb(pid: &str, field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    text.lines()
+        .find(|l| l.starts_with(field))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Runs `cmd` to completion; returns its stdout, wall time, CPU seconds and peak RSS (MB), the
+/// last two from wait4 for exactly that process.
+fn run_child(cmd: &mut Command, limit: Duration) -> anyhow::Result<(String, f64, Usage)> {
+    let started = Instant::now();
+    let mut child = cmd.stdout(Stdio::piped()).spawn()?;
+    let pid = child.id() as libc::pid_t;
+    let mut stdout = child.stdout.take().expect("piped");
+    let reader = std::thread::spawn(move || {
+        let mut out = String::new();
+        let _ = std::io::Read::read_to_string(&mut stdout, &mut out);
+        out
+    });
+    let mut status = 0;
+    // SAFETY: wait4 fills the struct; the Child is not waited elsewhere (std never reaps on drop).
+    let ru = loop {
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        let got = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut ru) };
+        if got == pid {
+            break ru;
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+            bail!("child {pid} exceeded {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let wall = started.elapsed().as_secs_f64();
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    let usage = Usage {
+        cpu: secs(ru.ru_utime) + secs(ru.ru_stime),
+        maxrss_kb: ru.ru_maxrss,
+    };
+    let out = reader.join().unwrap_or_default();
+    if status != 0 {
+        bail!("child exited with status {status}");
+    }
+    Ok((out, wall, usage))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Simulated pods
+
+/// `serve` mode (a child): listeners for pods first..first+count, until stdin closes.
+async fn serve(first: usize, count: usize) -> anyhow::Result<()> {
+    let mut listeners = Vec::with_capacity(count * OPEN_PORTS as usize);
+    for i in first..first + count {
+        for port in open_ports() {
+            let addr = SocketAddr::new(IpAddr::V4(pod_addr(i)), port);
+            listeners.push(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("bind {addr}"))?,
+            );
+        }
+    }
+    for listener in listeners {
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    // A connect-only probe closes at once (read 0); an HTTP probe sends a request.
+                    if let Ok(n) = stream.read(&mut buf).await
+                        && n > 0
+                    {
+                        let _ = stream.write_all(EXPOSITION.as_bytes()).await;
+                    }
+                });
+            }
+        });
+    }
+    println!("ready");
+    std::io::stdout().flush()?;
+    let mut stdin = tokio::io::stdin();
+    let mut sink = [0u8; 64];
+    while stdin.read(&mut sink).await.map(|n| n > 0).unwrap_or(false) {}
+    Ok(())
+}
+
+/// Spawns serving children for pods 0..n and waits until every listener is bound.
+fn start_pods(n: usize) -> anyhow::Result<Children> {
+    let exe = std::env::current_exe()?;
+    let mut children = Children::default();
+    for first in (0..n).step_by(PODS_PER_CHILD) {
+        let count = PODS_PER_CHILD.min(n - first);
+        let mut child = child_command(&exe)
+            .args([
+                "serve",
+                "--first",
+                &first.to_string(),
+                "--pods",
+                &count.to_string(),
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let stdout = child.stdout.take().expect("piped");
+        children.0.push(child);
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        if line.trim() != "ready" {
+            bail!("pod server for {first}..{} failed to start", first + count);
+        }
+    }
+    Ok(children)
+}
+
+// ---------------------------------------------------------------------------------------------
+// sweep
+
+struct Run {
+    wall: f64,
+    cpu: f64,
+    peak_rss_mb: f64,
+    open: usize,
+}
+
+async fn workersd_sweep(
+    targets: &[Arc<Target>],
+    verified: &[Arc<BTreeSet<u16>>],
+    concurrency: usize,
+    timeout: Duration,
+) -> (Run, Vec<Arc<BTreeSet<u16>>>) {
+    let before = rusage(libc::RUSAGE_SELF);
+    let started = Instant::now();
+    // As in the daemon: one task per target, one global limiter, one metrics registry.
+    let limiter = Arc::new(Semaphore::new(concurrency));
+    let metrics = Arc::new(Metrics::new());
+    let tasks: Vec<_> = targets
+        .iter()
+        .zip(verified)
+        .map(|(target, verified)| {
+            let (target, verified) = (target.clone(), verified.clone());
+            let (limiter, metrics) = (limiter.clone(), metrics.clone());
+            tokio::spawn(async move {
+                sweep_target(&target, &verified, &limiter, timeout, &metrics).await
+            })
+        })
+        .collect();
+    let mut live = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        live.push(Arc::new(task.await.unwrap_or_default()));
+    }
+    let wall = started.elapsed().as_secs_f64();
+    let after = rusage(libc::RUSAGE_SELF);
+    let run = Run {
+        wall,
+        cpu: after.cpu - before.cpu,
+        peak_rss_mb: 0.0,
+        open: live.iter().map(|l| l.len()).sum(),
+    };
+    (run, live)
+}
+
+/// The practical limit: connect to every address:port with the same concurrency, nothing else.
+async fn bare_sweep(addrs: &[SocketAddr], concurrency: usize, timeout: Duration) -> Run {
+    let before = rusage(libc::RUSAGE_SELF);
+    let started = Instant::now();
+    let limiter = Arc::new(Semaphore::new(concurrency));
+    let mut tasks = Vec::with_capacity(addrs.len());
+    for &addr in addrs {
+        let permit = limiter.clone().acquire_owned().await.expect("open");
+        tasks.push(tokio::spawn(async move {
+            let ok = matches!(
+                tokio::time::timeout(timeout, TcpStream::connect(addr)).await,
+                Ok(Ok(_))
+            );
+            drop(permit);
+            ok
+        }));
+    }
+    let mut open = 0;
+    for task in tasks {
+        open += usize::from(task.await.unwrap_or(false));
+    }
+    let wall = started.elapsed().as_secs_f64();
+    let after = rusage(libc::RUSAGE_SELF);
+    Run {
+        wall,
+        cpu: after.cpu - before.cpu,
+        peak_rss_mb: 0.0,
+        open,
+    }
+}
+
+fn nmap_flags(n: usize, concurrency: usize) -> Vec<String> {
+    [
+        "-sT",
+        "-n",
+        "-Pn",
+        "-T4",
+        "--max-retries",
+        "1",
+        "--min-rate",
+        "20000",
+        "--min-parallelism",
+        &concurrency.to_string(),
+        "--min-hostgroup",
+        &n.min(4096).to_string(),
+        "--host-timeout",
+        "120s",
+        "-p",
+        &format!("{FIRST_PORT}-{}", FIRST_PORT + RANGE_PORTS - 1),
+        "--open",
+        "-oG",
+        "-",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn nmap_sweep(n: usize, concurrency: usize) -> anyhow::Result<Run> {
+    let hosts = std::env::temp_dir().join(format!("workersd-bench-hosts-{}", std::process::id()));
+    let list: String = (0..n).map(|i| format!("{}\n", pod_addr(i))).collect();
+    std::fs::write(&hosts, list)?;
+    drain_time_wait();
+    let mut flags = nmap_flags(n, concurrency);
+    flags.push("-iL".into());
+    flags.push(hosts.display().to_string());
+    let (out, wall, usage) = run_child(
+        child_command("nmap").args(&flags).stderr(Stdio::null()),
+        Duration::from_secs(600),
+    )
+    .context("nmap (apt-get install nmap)")?;
+    let _ = std::fs::remove_file(&hosts);
+    Ok(Run {
+        wall,
+        cpu: usage.cpu,
+        peak_rss_mb: usage.maxrss_kb as f64 / 1024.0,
+        open: out.matches("/open/").count(),
+    })
+}
+
+/// Child mode: one tool's sweeps in a process of its own, so CPU and peak RSS are its alone.
+/// Prints `RESULT name wall cpu open` lines.
+async fn probe_child(args: &Args) -> anyhow::Result<()> {
+    let n = args.pods[0];
+    let targets: Vec<Arc<Target>> = (0..n).map(|i| Arc::new(pod_target(i))).collect();
+    if args.scenario == "probe-workersd" {
+        let none: Vec<_> = (0..n).map(|_| Arc::new(BTreeSet::new())).collect();
+        let (first, live) = workersd_sweep(&targets, &none, args.concurrency, args.timeout).await;
+        let (steady, _) = workersd_sweep(&targets, &live, args.concurrency, args.timeout).await;
+        for (name, run) in [("first", first), ("steady", steady)] {
+            println!("RESULT {name} {} {} {}", run.wall, run.cpu, run.open);
+        }
+    } else {
+        let addrs: Vec<SocketAddr> = targets
+            .iter()
+            .flat_map(|t| t.ports.ports().map(|p| SocketAddr::new(t.address, p)))
+            .collect();
+        let run = bare_sweep(&addrs, args.concurrency, args.timeout).await;
+        println!("RESULT bare {} {} {}", run.wall, run.cpu, run.open);
+    }
+    Ok(())
+}
+
+/// Sockets in TIME_WAIT (from /proc/net/sockstat).
+fn time_wait() -> u64 {
+    std::fs::read_to_string("/proc/net/sockstat")
+        .ok()
+        .and_then(|t| {
+            let line = t.lines().find(|l| l.starts_with("TCP:"))?.to_string();
+            let mut words = line.split_whitespace();
+            words.find(|w| *w == "tw")?;
+            words.next()?.parse().ok()
+        })
+        .unwrap_or(0)
+}
+
+/// Every tool starts with a drained TIME_WAIT table (100,000 connects leave ~100,000 sockets
+/// in TIME_WAIT for 60 s; the table holds net.ipv4.tcp_max_tw_buckets, here 131,072, and a
+/// full table slows whoever runs next). Bounded at 75 s.
+fn drain_time_wait() {
+    let started = Instant::now();
+    // Other processes on the host keep a few thousand; drain what the previous tool left.
+    if time_wait() < 20_000 {
+        return;
+    }
+    while time_wait() >= 20_000 && started.elapsed() < Duration::from_secs(75) {
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    println!(
+        "  (waited {:.0} s for TIME_WAIT to drain: {} left)",
+        started.elapsed().as_secs_f64(),
+        time_wait()
+    );
+}
+
+fn tool_runs(args: &Args, tool: &str, n: usize) -> anyhow::Result<Vec<Run>> {
+    drain_time_wait();
+    let exe = std::env::current_exe()?;
+    let (out, _, usage) = run_child(
+        child_command(exe).args([
+            tool,
+            "--pods",
+            &n.to_string(),
+            "--concurrency",
+            &args.concurrency.to_string(),
+            "--timeout-ms",
+            &args.timeout.as_millis().to_string(),
+        ]),
+        Duration::from_secs(600),
+    )?;
+    let runs = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("RESULT "))
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            Run {
+                wall: f[1].parse().unwrap_or(f64::NAN),
+                cpu: f[2].parse().unwrap_or(f64::NAN),
+                peak_rss_mb: usage.maxrss_kb as f64 / 1024.0,
+                open: f[3].parse().unwrap_or(0),
+            }
+        })
+        .collect::<Vec<_>>();
+    if runs.is_empty() {
+        bail!("{tool} printed no result");
+    }
+    Ok(runs)
+}
+
+fn print_run(name: &str, run: &Run, expected: usize) {
+    println!(
+        "  {name:<22} wall {:>8.3} s  cpu {:>7.3} s  peak RSS {:>7.1} MB  open {}/{}",
+        run.wall, run.cpu, run.peak_rss_mb, run.open, expected
+    );
+}
+
+async fn sweep_scenario(args: &Args) -> anyhow::Result<()> {
+    println!(
+        "|pods|ports|workersd first sweep (HTTP verify) s|workersd steady sweep (connect) s|bare loop s|nmap s|first/nmap|steady/nmap|first/bare|steady/bare|workersd cpu s (first/steady)|workersd peak RSS MB|bare cpu s|bare peak RSS MB|nmap cpu s|nmap peak RSS MB|"
+    );
+    let mut rows = Vec::new();
+    for &n in &args.pods {
+        let children = start_pods(n)?;
+        let targets: Vec<Arc<Target>> = (0..n).map(|i| Arc::new(pod_target(i))).collect();
+        let addrs: Vec<SocketAddr> = targets
+            .iter()
+            .flat_map(|t| t.ports.ports().map(|p| SocketAddr::new(t.address, p)))
+            .collect();
+        let expected = n * OPEN_PORTS as usize;
+        println!("## {n} pods, {} ports, {expected} open", addrs.len());
+        let mut runs = tool_runs(args, "probe-workersd", n)?.into_iter();
+        let (first, steady) = (
+            runs.next().context("first")?,
+            runs.next().context("steady")?,
+        );
+        print_run("workersd first sweep", &first, expected);
+        print_run("workersd steady sweep", &steady, expected);
+        let bare = tool_runs(args, "probe-bare", n)?.remove(0);
+        print_run("bare tokio connect", &bare, expected);
+        let nmap = if args.no_nmap {
+            None
+        } else {
+            println!(
+                "  nmap {} -iL HOSTS",
+                nmap_flags(n, args.concurrency).join(" ")
+            );
+            let run = nmap_sweep(n, args.concurrency)?;
+            print_run("nmap -sT", &run, expected);
+            Some(run)
+        };
+        for (name, run) in [("first", &first), ("steady", &steady), ("bare", &bare)] {
+            if run.open != expected {
+                println!(
+                    "  WARNING: {name} found {} open, expected {expected}",
+                    run.open
+                );
+            }
+        }
+        let ratio = |a: f64, b: Option<f64>| b.map_or("-".into(), |b| format!("{:.2}", a / b));
+        let nmap_wall = nmap.as_ref().map(|r| r.wall);
+        println!(
+            "  ratios: first/nmap {}  steady/nmap {}  first/bare {:.2}  steady/bare {:.2}",
+            ratio(first.wall, nmap_wall),
+            ratio(steady.wall, nmap_wall),
+            first.wall / bare.wall,
+            steady.wall / bare.wall
+        );
+        rows.push(format!(
+            "|{n}|{}|{:.3}|{:.3}|{:.3}|{}|{}|{}|{:.2}|{:.2}|{:.2} / {:.2}|{:.0}|{:.2}|{:.0}|{}|{}|",
+            addrs.len(),
+            first.wall,
+            steady.wall,
+            bare.wall,
+            nmap_wall.map_or("-".into(), |w| format!("{w:.3}")),
+            ratio(first.wall, nmap_wall),
+            ratio(steady.wall, nmap_wall),
+            first.wall / bare.wall,
+            steady.wall / bare.wall,
+            first.cpu,
+            steady.cpu,
+            first.peak_rss_mb,
+            bare.cpu,
+            bare.peak_rss_mb,
+            nmap.as_ref()
+                .map_or("-".into(), |r| format!("{:.2}", r.cpu)),
+            nmap.as_ref()
+                .map_or("-".into(), |r| format!("{:.0}", r.peak_rss_mb)),
+        ));
+        drop(children);
+    }
+    println!("# table");
+    for row in rows {
+        println!("{row}");
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// consul
+
+fn consul_sink(double: &ConsulDouble, metrics: Arc<Metrics>) -> anyhow::Result<ConsulSink> {
+    let client = ConsulClient::new(ConsulSettings {
+        address: double.api_url(),
+        token: TokenSource::None,
+        datacenter: None,
+        node: OWNER.into(),
+        node_address: "127.0.0.1".into(),
+        owner: OWNER.into(),
+        resync_interval: Duration::from_secs(10),
+        request_timeout: Duration::from_secs(30),
+        tls: Default::default(),
+    })
+    .map_err(anyhow::Error::msg)?;
+    Ok(ConsulSink::new(client, metrics))
+}
+
+async fn consul_scenario(args: &Args) -> anyhow::Result<()> {
+    println!(
+        "|pods|endpoints|initial txn requests|ops applied|bound ceil(E/64)|ceil((E+1)/64)|initial sync s|no-change sync: requests|resync re-read: txn requests|"
+    );
+    for &n in &args.pods {
+        let double = ConsulDouble::start(DoubleConfig::default()).await?;
+        let targets: Vec<Target> = (0..n).map(pod_target).collect();
+        let live = open_ports();
+        let catalog = desired_catalog(OWNER, targets.iter().map(|t| (t, &live)));
+        let endpoints = catalog.len();
+        let desired = DesiredState {
+            catalog,
+            complete: true,
+        };
+        let mut sink = consul_sink(&double, Arc::new(Metrics::new()))?;
+        double.reset_stats();
+        let started = Instant::now();
+        let first = sink.sync(&desired).await?;
+        let took = started.elapsed().as_secs_f64();
+        let stats = double.stats();
+        let txns = stats.requests_matching("PUT /v1/txn");
+        let ops = stats.txn.ops_applied;
+        let present = double.with_catalog(|c| c.service_count());
+        // No change: the sink knows Consul matches and writes nothing.
+        double.reset_stats();
+        let again = sink.sync(&desired).await?;
+        let no_change_requests = double.stats().requests.values().sum::<u64>();
+        // Periodic resync: re-read Consul, still nothing to write.
+        sink.invalidate();
+        double.reset_stats();
+        sink.sync(&desired).await?;
+        let resync_txns = double.stats().requests_matching("PUT /v1/txn");
+        println!(
+            "|{n}|{endpoints}|{txns}|{ops}|{}|{}|{took:.3}|{no_change_requests}|{resync_txns}|",
+            endpoints.div_ceil(64),
+            (endpoints + 1).div_ceil(64)
+        );
+        if present < endpoints || first.registered != endpoints || again.requests != 0 {
+            println!(
+                "  WARNING: double holds {present}, registered {}, no-change requests {}",
+                first.registered, again.requests
+            );
+        }
+        double.shutdown().await;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// latency
+
+struct Lcg(u64);
+impl Lcg {
+    fn next_fraction(&mut self) -> f64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+async fn serve_metrics(addr: SocketAddr) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let listener = TcpListener::bind(addr).await?;
+    Ok(tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                if let Ok(n) = stream.read(&mut buf).await
+                    && n > 0
+                {
+                    let _ = stream.write_all(EXPOSITION.as_bytes()).await;
+                }
+            });
+        }
+    }))
+}
+
+async fn wait_for(
+    double: &ConsulDouble,
+    id: &str,
+    present: bool,
+    limit: Duration,
+) -> Option<Duration> {
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if double.with_catalog(|c| c.service(OWNER, id).is_some()) == present {
+            return Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    None
+}
+
+/// Runs `samples` open → visible measurements; `settle` is waited after each removal.
+async fn latency_run(
+    settings: ProbeSettings,
+    samples: usize,
+    settle: Duration,
+    jitter: Duration,
+    seed: u64,
+) -> anyhow::Result<(Vec<f64>, usize)> {
+    let address = Ipv4Addr::new(127, 21, 0, 1);
+    let double = ConsulDouble::start(DoubleConfig::default()).await?;
+    let metrics = Arc::new(Metrics::new());
+    let mut target = pod_target(0);
+    target.address = IpAddr::V4(address);
+    let (_targets_tx, targets_rx) = watch::channel(Arc::new(vec![target.clone()]));
+    let (desired_tx, desired_rx) = pipeline::desired_channel();
+    let pipeline = tokio::spawn(pipeline::run(
+        OWNER.into(),
+        targets_rx,
+        settings.clone(),
+        metrics.clone(),
+        desired_tx,
+    ));
+    let sink = tokio::spawn(consul_sink(&double, metrics)?.run(desired_rx));
+    // The first sweep (nothing open) writes the node; then the target is in the fast cadence.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let bound = settings.interval * 3 + Duration::from_secs(5);
+    let mut rng = Lcg(seed);
+    let mut latencies = Vec::with_capacity(samples);
+    let mut missed = 0;
+    for k in 0..samples {
+        let port = FIRST_PORT + (k % RANGE_PORTS as usize) as u16;
+        let id = instance_id(OWNER, SERVICE, &address.to_string(), port);
+        tokio::time::sleep(jitter.mul_f64(rng.next_fraction())).await;
+        let server = serve_metrics(SocketAddr::new(IpAddr::V4(address), port)).await?;
+        match wait_for(&double, &id, true, bound).await {
+            Some(latency) => latencies.push(latency.as_secs_f64()),
+            None => missed += 1,
+        }
+        server.abort();
+        let _ = server.await;
+        if wait_for(&double, &id, false, bound).await.is_none() {
+            bail!("entry {id} not removed within {bound:?}");
+        }
+        tokio::time::sleep(settle).await;
+    }
+    pipeline.abort();
+    sink.abort();
+    double.shutdown().await;
+    latencies.sort_by(f64::total_cmp);
+    Ok((latencies, missed))
+}
+
+async fn latency_scenario(args: &Args) -> anyhow::Result<()> {
+    let fast = ProbeSettings {
+        timeout: args.timeout,
+        ..ProbeSettings::default()
+    };
+    let (lat, missed) = latency_run(
+        fast.clone(),
+        args.samples,
+        Duration::ZERO,
+        fast.fast_interval,
+        1,
+    )
+    .await?;
+    let report = |name: &str, s: &ProbeSettings, lat: &[f64], missed: usize| {
+        println!(
+            "|{name}|{:?}|{:?}|{:?}|{}|{:.3}|{:.3}|{:.3}|{missed}|",
+            s.interval,
+            s.fast_interval,
+            s.fast_period,
+            lat.len(),
+            percentile(lat, 50.0),
+            percentile(lat, 99.0),
+            lat.last().copied().unwrap_or(f64::NAN),
+        )
+    };
+    println!("|cadence|interval|fast interval|fast period|samples|p50 s|p99 s|max s|missed|");
+    report("fast", &fast, &lat, missed);
+    // Steady state: a short fast window, then wait it out (plus the first slow sleep's phase
+    // offset) before each opening, at a random point of the interval.
+    let steady = ProbeSettings {
+        interval: args.steady_interval,
+        timeout: args.timeout,
+        fast_period: Duration::from_secs(1),
+        ..ProbeSettings::default()
+    };
+    let settle = steady.fast_period + steady.interval * 2;
+    let (lat, missed) = latency_run(
+        steady.clone(),
+        args.steady_samples,
+        settle,
+        steady.interval,
+        2,
+    )
+    .await?;
+    report("steady", &steady, &lat, missed);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// kube-memory
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    let mut stream =
+        tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr)).await??;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
+    let mut body = String::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut body)).await??;
+    let status = body
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    Ok((status, body))
+}
+
+fn metric(body: &str, name: &str) -> Option<f64> {
+    body.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+fn proc_cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of /proc/PID/stat (index 11, 12 after the comm).
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some(ticks / hz)
+}
+
+async fn kube_scenario(args: &Args) -> anyhow::Result<()> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let binary = args
+        .workersd
+        .clone()
+        .unwrap_or_else(|| root.join("target/release/workersd"));
+    if !binary.exists() {
+        bail!(
+            "{} missing: cargo build --release --bin workersd",
+            binary.display()
+        );
+    }
+    println!(
+        "|pods|namespaces|live endpoints|sync s|VmHWM MB|VmRSS MB after sync|VmRSS MB end|CPU % of a core ({:?}, interval 10s)|",
+        args.measure
+    );
+    for &n in &args.pods {
+        let per_ns = 1000;
+        let pods = start_pods(n)?;
+        let double = ConsulDouble::start(DoubleConfig::default()).await?;
+        let mut children = Children::default();
+        let workdir =
+            std::env::temp_dir().join(format!("workersd-bench-kube-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&workdir)?;
+        let mut loader = child_command("python3")
+            .arg(root.join("testing/bench/kube_load.py"))
+            .arg(&workdir)
+            .arg(n.to_string())
+            .arg(per_ns.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let stdout = loader.stdout.take().expect("piped");
+        children.0.push(loader);
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        let kubeconfig = line
+            .split("\"kubeconfig\": \"")
+            .nth(1)
+            .and_then(|s| s.split('"').next())
+            .context("fake_kube did not start")?
+            .to_string();
+        let listen = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let started = Instant::now();
+        let workersd = child_command(&binary)
+            .args([
+                "kubernetes",
+                "--leader-election",
+                "false",
+                "--max-ports-per-namespace",
+                &(per_ns * RANGE_PORTS as usize).to_string(),
+                "--probe-interval",
+                "10s",
+                "--fast-period",
+                &format!("{}s", args.kube_fast_period),
+                "--http-sd-listen",
+                "off",
+                "--listen",
+                &listen.to_string(),
+                "--consul-addr",
+                &double.api_url(),
+            ])
+            .env("KUBECONFIG", &kubeconfig)
+            .env("WORKERSD_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let pid = workersd.id();
+        children.0.push(workersd);
+        let expected = n * OPEN_PORTS as usize;
+        // Synced: every pod is a target, probed once, and Consul holds every endpoint.
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            if Instant::now() > deadline {
+                bail!("workersd did not sync {n} pods within 300 s");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let ready = matches!(http_get(listen, "/readyz").await, Ok((200, _)));
+            let in_consul = double.with_catalog(|c| c.service_count());
+            if ready && in_consul >= expected {
+                break;
+            }
+        }
+        let sync = started.elapsed().as_secs_f64();
+        let pid_s = pid.to_string();
+        let rss_sync = proc_status_kb(&pid_s, "VmRSS:").unwrap_or(0) as f64 / 1024.0;
+        let (_, body) = http_get(listen, "/metrics").await?;
+        let live = metric(&body, "workersd_live_endpoints").unwrap_or(-1.0);
+        // Leave the fast cadence (--fast-period after each target's start) and the first
+        // phase-offset slow sleep (up to one interval) behind before measuring.
+        tokio::time::sleep(Duration::from_secs(args.kube_fast_period + 12)).await;
+        let cpu0 = proc_cpu_secs(pid).context("workersd exited")?;
+        let t0 = Instant::now();
+        tokio::time::sleep(args.measure).await;
+        let cpu1 = proc_cpu_secs(pid).context("workersd exited")?;
+        let cpu_pct = 100.0 * (cpu1 - cpu0) / t0.elapsed().as_secs_f64();
+        let hwm = proc_status_kb(&pid_s, "VmHWM:").unwrap_or(0) as f64 / 1024.0;
+        let rss_end = proc_status_kb(&pid_s, "VmRSS:").unwrap_or(0) as f64 / 1024.0;
+        println!(
+            "|{n}|{}|{live}|{sync:.1}|{hwm:.1}|{rss_sync:.1}|{rss_end:.1}|{cpu_pct:.1}|",
+            n.div_ceil(per_ns)
+        );
+        drop(children);
+        drop(pods);
+        double.shutdown().await;
+        let _ = std::fs::remove_dir_all(&workdir);
+    }
+    Ok(())
+}
+
+use std::path::Path;
