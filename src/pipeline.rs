@@ -7,6 +7,7 @@ use crate::probe::{ProbeReport, ProbeSettings, Prober};
 use crate::reconcile::desired_catalog;
 use crate::sources::TargetSnapshot;
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::net::IpAddr;
 use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
 
@@ -59,6 +60,7 @@ impl View {
             &mut self.targets,
             snapshot.iter().map(|t| (t.id.clone(), t.clone())).collect(),
         );
+        self.carry_over_replaced(&old);
         // Keep live ports of unchanged ids (a tag edit must not flap entries) but never a
         // port outside the target's current range.
         self.live.retain(|id, ports| match self.targets.get(id) {
@@ -85,6 +87,40 @@ impl View {
         }
         // Membership changes move `complete` even when no entry changed.
         self.dirty = true;
+    }
+
+    /// A target replaced by a new one at the same address and service (a port-range edit
+    /// changes a file target's id) hands its live ports inside the new range to its successor
+    /// until the successor's first sweep reports, so the edit does not flap entries.
+    fn carry_over_replaced(&mut self, old: &HashMap<TargetId, Target>) {
+        let mut successors: HashMap<(IpAddr, &str), Vec<&Target>> = HashMap::new();
+        for (id, target) in &self.targets {
+            if !old.contains_key(id) && !self.live.contains_key(id) {
+                successors
+                    .entry((target.address, target.service.as_str()))
+                    .or_default()
+                    .push(target);
+            }
+        }
+        if successors.is_empty() {
+            return;
+        }
+        let mut carried: Vec<(TargetId, u16)> = Vec::new();
+        for (id, replaced) in old.iter().filter(|(id, _)| !self.targets.contains_key(*id)) {
+            let (Some(ports), Some(next)) = (
+                self.live.get(id),
+                successors.get(&(replaced.address, replaced.service.as_str())),
+            ) else {
+                continue;
+            };
+            for successor in next {
+                let inside = ports.iter().filter(|p| successor.ports.contains(**p));
+                carried.extend(inside.map(|p| (successor.id.clone(), *p)));
+            }
+        }
+        for (id, port) in carried {
+            self.live.entry(id).or_default().insert(port);
+        }
     }
 
     /// A completed sweep of `id` found `live`.
@@ -257,6 +293,27 @@ mod tests {
         let d = view.desired();
         assert_eq!(d.catalog.len(), 1);
         assert_eq!(d.catalog.values().next().unwrap().tags, vec!["y"]);
+    }
+
+    #[test]
+    fn a_port_range_edit_hands_live_ports_to_the_new_target() {
+        let mut view = View::new("o");
+        view.apply_snapshot(&[target("a", "10-12", "x")]);
+        view.set_live(TargetId::new("a"), BTreeSet::from([10, 12]));
+        let before = view.desired().catalog;
+        // The edit changes the id (file targets are keyed by address and range).
+        view.apply_snapshot(&[target("b", "10-20", "x")]);
+        assert_eq!(
+            view.desired().catalog,
+            before,
+            "live entries stay in place until b is swept"
+        );
+        assert!(!view.desired().complete);
+        view.set_live(TargetId::new("b"), BTreeSet::from([10, 12, 15]));
+        assert_eq!(view.desired().catalog.len(), 3);
+        // Narrowing drops what falls outside the new range only.
+        view.apply_snapshot(&[target("c", "10-11", "x")]);
+        assert_eq!(view.desired().catalog.len(), 1);
     }
 
     #[test]

@@ -12,7 +12,6 @@
 
 import time
 
-import pytest
 from harness import (
     ConsulDouble,
     Gunicorn,
@@ -200,12 +199,6 @@ def test_hot_reload_add_broken_edit_and_fix(procs):
     assert wd.alive()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="workersd bug: a port-range edit deregisters and re-registers every live entry of "
-    "the target (new TargetId -> live ports dropped in pipeline::View::apply_snapshot, and "
-    "ConsulSink's sticky deregister_allowed ignores desired.complete=false)",
-)
 def test_port_range_edit_keeps_live_entries_in_place(procs):
     """Widening a target's range (README: size it for the largest worker count) or narrowing
     it must not touch the entries of workers that stay inside it: no delete, no gap."""
