@@ -515,16 +515,17 @@ mod tests {
 
     #[tokio::test]
     async fn prober_reports_live_ports_and_follows_changes() {
-        // Reserve two adjacent-ish ports by binding, then serve metrics on one of them.
+        // Metrics on `a`; `b` is the first free port above it (free now, opened later).
         let a = serve(METRICS_OK).await;
-        let b_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let b = b_listener.local_addr().unwrap();
-        drop(b_listener);
-        let (lo, hi) = (a.port().min(b.port()), a.port().max(b.port()));
-        if hi - lo >= 200 {
-            // Ports far apart: the range would be too wide; nothing to assert on this host.
-            return;
+        let mut b = None;
+        for port in (a.port() + 1..=a.port().saturating_add(100)).filter(|p| *p > a.port()) {
+            if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)).await {
+                b = Some(listener.local_addr().unwrap());
+                break;
+            }
         }
+        let b = b.expect("a free port within 100 above the metrics port");
+        let (lo, hi) = (a.port(), b.port());
         let target = Target {
             id: TargetId::new("t"),
             service: "svc".into(),
