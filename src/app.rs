@@ -2,6 +2,7 @@
 //! pipeline and sinks through a `TargetSnapshot` channel.
 
 use crate::cli::{KubernetesArgs, RunArgs, StandaloneArgs};
+use crate::limits;
 use crate::metrics::Metrics;
 use crate::pipeline::{self, DesiredRx, desired_channel};
 use crate::probe::ProbeSettings;
@@ -182,6 +183,8 @@ impl Controller {
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Self> {
         run.validate().map_err(anyhow::Error::msg)?;
+        let fds = limits::raise_for(run.probe_concurrency).map_err(anyhow::Error::msg)?;
+        tracing::debug!(soft = fds.soft, hard = fds.hard, "file-descriptor limit");
         let node = run.consul_node.clone().unwrap_or(default_node);
         let owner = run.owner_id.clone().unwrap_or_else(|| node.clone());
         validate::owner_id(&owner)
@@ -263,6 +266,7 @@ impl Controller {
             concurrency: self.run.probe_concurrency,
             fast_interval: self.run.fast_interval,
             fast_period: self.run.fast_period,
+            full_sweep_interval: self.run.full_sweep_interval,
         };
         tokio::spawn(pipeline::run(
             self.owner,

@@ -163,6 +163,10 @@ pub struct RunArgs {
     /// How long a target stays at the fast interval after it appears or changes.
     #[arg(long, env = "WORKERSD_FAST_PERIOD", default_value = "30s", value_parser = parse_duration)]
     pub fast_period: Duration,
+    /// How often every port of a range is probed. In between, sweeps skip the closed ports
+    /// above the lowest closed one (workers take the first free port); 0s: always every port.
+    #[arg(long, env = "WORKERSD_FULL_SWEEP_INTERVAL", default_value = "60s", value_parser = parse_duration_or_zero)]
+    pub full_sweep_interval: Duration,
     /// Log format.
     #[arg(long, env = "WORKERSD_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -175,6 +179,11 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
         return Err("must be greater than zero".into());
     }
     Ok(d)
+}
+
+fn parse_duration_or_zero(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text)
+        .map_err(|e| format!("{text:?} is not a duration like 0s or 60s: {e}"))
 }
 
 /// A listen address that can be switched off with "off".

@@ -3,6 +3,7 @@
 
 pub mod app;
 pub mod cli;
+pub mod limits;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;

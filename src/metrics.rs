@@ -100,7 +100,7 @@ impl Metrics {
         let sweep_overruns = Counter::default();
         registry.register(
             "sweep_overruns",
-            "Sweeps abandoned for exceeding their time bound (results discarded)",
+            "Sweeps that took longer than their interval (results still used)",
             sweep_overruns.clone(),
         );
         let invalid_objects = Family::<KindLabel, Gauge>::default();

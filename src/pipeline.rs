@@ -32,7 +32,8 @@ pub fn desired_channel() -> (watch::Sender<Arc<DesiredState>>, DesiredRx) {
 #[derive(Default)]
 struct View {
     owner: String,
-    targets: HashMap<TargetId, Target>,
+    /// Shared with the prober's sweep loops: one copy of each target, not one per stage.
+    targets: HashMap<TargetId, Arc<Target>>,
     live: HashMap<TargetId, BTreeSet<u16>>,
     swept: HashSet<TargetId>,
     /// The desired catalog of `targets` × `live`.
@@ -56,10 +57,14 @@ impl View {
     }
 
     fn apply_snapshot(&mut self, snapshot: &[Target]) {
-        let old = std::mem::replace(
-            &mut self.targets,
-            snapshot.iter().map(|t| (t.id.clone(), t.clone())).collect(),
-        );
+        let shared = snapshot
+            .iter()
+            .map(|t| {
+                let kept = self.targets.get(&t.id).filter(|old| ***old == *t).cloned();
+                (t.id.clone(), kept.unwrap_or_else(|| Arc::new(t.clone())))
+            })
+            .collect();
+        let old = std::mem::replace(&mut self.targets, shared);
         self.carry_over_replaced(&old);
         // Keep live ports of unchanged ids (a tag edit must not flap entries) but never a
         // port outside the target's current range.
@@ -92,7 +97,7 @@ impl View {
     /// A target replaced by a new one at the same address and service (a port-range edit
     /// changes a file target's id) hands its live ports inside the new range to its successor
     /// until the successor's first sweep reports, so the edit does not flap entries.
-    fn carry_over_replaced(&mut self, old: &HashMap<TargetId, Target>) {
+    fn carry_over_replaced(&mut self, old: &HashMap<TargetId, Arc<Target>>) {
         let mut successors: HashMap<(IpAddr, &str), Vec<&Target>> = HashMap::new();
         for (id, target) in &self.targets {
             if !old.contains_key(id) && !self.live.contains_key(id) {
@@ -152,7 +157,7 @@ impl View {
         let (Some(target), Some(ports)) = (self.targets.get(id), self.live.get(id)) else {
             return;
         };
-        let entries = desired_catalog(&self.owner, [(target, ports)]);
+        let entries = desired_catalog(&self.owner, [(&**target, ports)]);
         if entries.is_empty() {
             return;
         }
@@ -197,8 +202,8 @@ pub async fn run(
     let mut prober = Prober::new(settings, metrics.clone(), report_tx);
     let mut view = View::new(&owner);
     let snapshot = targets.borrow_and_update().clone();
-    prober.sync(&snapshot);
     view.apply_snapshot(&snapshot);
+    prober.sync(view.targets.values());
     publish(&mut view, &metrics, &out);
     loop {
         tokio::select! {
@@ -207,8 +212,8 @@ pub async fn run(
                     return;
                 }
                 let snapshot = targets.borrow_and_update().clone();
-                prober.sync(&snapshot);
                 view.apply_snapshot(&snapshot);
+                prober.sync(view.targets.values());
             }
             Some(report) = reports.recv() => {
                 accept(&mut view, &prober, report);
@@ -350,7 +355,7 @@ mod tests {
         let live = view
             .targets
             .values()
-            .filter_map(|t| view.live.get(&t.id).map(|ports| (t, ports)));
+            .filter_map(|t| view.live.get(&t.id).map(|ports| (&**t, ports)));
         desired_catalog(&view.owner, live)
     }
 

@@ -5,10 +5,17 @@
 //! while it stays up, later sweeps only open a TCP connection so workers are not scraped
 //! twice. New, changed or changing targets are swept at a fast cadence for a while so ramping
 //! or recycled workers are published within about a second.
+//!
+//! Workers take the first free port of their range, so a new worker always appears on the
+//! lowest closed port. Between full sweeps (`full_sweep_interval`) a sweep therefore skips
+//! the closed ports above the lowest one; when that one opens, the rest of the range is probed
+//! in the same sweep. Each probe is a kernel TCP handshake on both ends, so ports not probed
+//! are the only real saving (see BENCHMARKS.md).
 
 use crate::metrics::Metrics;
 use crate::model::{Scheme, Target, TargetId};
-use futures::future::join_all;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
@@ -31,6 +38,9 @@ pub struct ProbeSettings {
     pub concurrency: usize,
     pub fast_interval: Duration,
     pub fast_period: Duration,
+    /// How often every port is probed; in between, closed ports above the lowest closed one
+    /// are skipped. Zero: every sweep is full.
+    pub full_sweep_interval: Duration,
 }
 
 impl Default for ProbeSettings {
@@ -41,6 +51,7 @@ impl Default for ProbeSettings {
             concurrency: 512,
             fast_interval: Duration::from_millis(500),
             fast_period: Duration::from_secs(30),
+            full_sweep_interval: Duration::from_secs(60),
         }
     }
 }
@@ -52,6 +63,23 @@ pub struct ProbeReport {
     pub target: TargetId,
     pub generation: u64,
     pub live: BTreeSet<u16>,
+}
+
+/// What the previous sweep of a target found; the next sweep starts from it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RangeState {
+    /// Verified metrics endpoints: later sweeps only TCP-connect them.
+    pub live: BTreeSet<u16>,
+    /// Ports whose latest probe was refused (or that were skipped since).
+    pub closed: BTreeSet<u16>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SweepKind {
+    /// Every port of the range.
+    Full,
+    /// Every port except the closed ones above the lowest closed port, unless that one opened.
+    Frontier,
 }
 
 /// Why a port is or is not a live worker; also the `result` label of the probe counter.
@@ -81,7 +109,7 @@ impl PortStatus {
 }
 
 struct Running {
-    target: Target,
+    target: Arc<Target>,
     generation: u64,
     task: AbortHandle,
 }
@@ -115,8 +143,9 @@ impl Prober {
 
     /// Starts loops for new targets, restarts changed ones (probed at once, then fast) and
     /// stops removed ones.
-    pub fn sync(&mut self, targets: &[Target]) {
-        let wanted: HashMap<&TargetId, &Target> = targets.iter().map(|t| (&t.id, t)).collect();
+    pub fn sync<'a>(&mut self, targets: impl IntoIterator<Item = &'a Arc<Target>>) {
+        let wanted: HashMap<&TargetId, &Arc<Target>> =
+            targets.into_iter().map(|t| (&t.id, t)).collect();
         self.running.retain(|id, running| {
             let keep = wanted.get(id).is_some_and(|t| **t == running.target);
             if !keep {
@@ -124,14 +153,14 @@ impl Prober {
             }
             keep
         });
-        for target in targets {
-            if self.running.contains_key(&target.id) {
+        for (id, target) in wanted {
+            if self.running.contains_key(id) {
                 continue;
             }
             let generation = self.next_generation;
             self.next_generation += 1;
             let sweeper = Sweeper {
-                target: Arc::new(target.clone()),
+                target: target.clone(),
                 generation,
                 settings: self.settings.clone(),
                 limiter: self.limiter.clone(),
@@ -140,7 +169,7 @@ impl Prober {
             };
             let task = tokio::spawn(sweeper.run()).abort_handle();
             self.running.insert(
-                target.id.clone(),
+                id.clone(),
                 Running {
                     target: target.clone(),
                     generation,
@@ -175,37 +204,44 @@ struct Sweeper {
 
 impl Sweeper {
     async fn run(self) {
-        let mut live: Option<BTreeSet<u16>> = None;
+        let mut state: Option<RangeState> = None;
         let mut fast_until = Instant::now() + self.settings.fast_period;
         let mut slow_phase_applied = false;
-        // A sweep never runs longer than this; a late result would be stale anyway.
+        let mut next_full = Instant::now();
         let interval = self.target.probe_interval.unwrap_or(self.settings.interval);
-        let bound = interval.max(self.settings.timeout * 3);
         loop {
-            let verified = live.clone().unwrap_or_default();
-            match timeout(bound, self.sweep(&verified)).await {
-                Ok(now_live) => {
-                    if live.as_ref() != Some(&now_live) {
-                        if live.is_some() {
-                            // Workers are ramping or recycling: watch closely for a while.
-                            fast_until = Instant::now() + self.settings.fast_period;
-                        }
-                        let report = ProbeReport {
-                            target: self.target.id.clone(),
-                            generation: self.generation,
-                            live: now_live.clone(),
-                        };
-                        if self.reports.send(report).await.is_err() {
-                            return;
-                        }
-                        live = Some(now_live);
-                    }
+            let started = Instant::now();
+            let kind = if started >= next_full {
+                next_full = started + self.settings.full_sweep_interval;
+                SweepKind::Full
+            } else {
+                SweepKind::Frontier
+            };
+            let previous = state.clone().unwrap_or_default();
+            // No bound on the whole sweep: each probe is bounded once it holds a permit, and
+            // the permit queue is FIFO. Discarding a slow sweep would throw away fresh results
+            // and, when every sweep is slow (many timeouts), never report at all.
+            let now = self.sweep(&previous, kind).await;
+            let took = started.elapsed();
+            if took > interval {
+                self.metrics.sweep_overruns.inc();
+                warn_overrun(&self.target.id, took, interval);
+            }
+            if state.as_ref().is_none_or(|s| s.live != now.live) {
+                if state.is_some() {
+                    // Workers are ramping or recycling: watch closely for a while.
+                    fast_until = Instant::now() + self.settings.fast_period;
                 }
-                Err(_) => {
-                    self.metrics.sweep_overruns.inc();
-                    tracing::warn!(target = %self.target.id, bound = ?bound, "sweep exceeded its time bound; result discarded");
+                let report = ProbeReport {
+                    target: self.target.id.clone(),
+                    generation: self.generation,
+                    live: now.live.clone(),
+                };
+                if self.reports.send(report).await.is_err() {
+                    return;
                 }
             }
+            state = Some(now);
             let delay = if Instant::now() < fast_until {
                 self.settings.fast_interval
             } else if !slow_phase_applied {
@@ -219,10 +255,11 @@ impl Sweeper {
         }
     }
 
-    async fn sweep(&self, verified: &BTreeSet<u16>) -> BTreeSet<u16> {
+    async fn sweep(&self, previous: &RangeState, kind: SweepKind) -> RangeState {
         sweep_target(
             &self.target,
-            verified,
+            previous,
+            kind,
             &self.limiter,
             self.settings.timeout,
             &self.metrics,
@@ -231,51 +268,103 @@ impl Sweeper {
     }
 }
 
-/// One sweep of `target`'s range under the shared `limiter`: ports in `verified` only get a
-/// TCP connect, the others the full HTTP check. Returns the live ports. This is what every
-/// sweep loop runs; it is public for the benchmark harness (`testing/bench`).
+/// One sweep of `target`'s range under the shared `limiter`, starting from what the previous
+/// sweep found: live ports only get a TCP connect, the others the full HTTP check, and a
+/// frontier sweep skips known-closed ports above the lowest one unless that one opened. This
+/// is what every sweep loop runs; it is public for the benchmark harness (`testing/bench`).
 pub async fn sweep_target(
     target: &Target,
-    verified: &BTreeSet<u16>,
+    previous: &RangeState,
+    kind: SweepKind,
     limiter: &Semaphore,
     limit: Duration,
     metrics: &Metrics,
-) -> BTreeSet<u16> {
-    let probes = target
-        .ports
-        .ports()
-        .map(|port| probe_port(target, verified, limiter, limit, metrics, port));
-    join_all(probes)
-        .await
-        .into_iter()
-        .filter(|(_, status)| *status == PortStatus::Live)
-        .map(|(port, _)| port)
-        .collect()
+) -> RangeState {
+    let frontier = previous.closed.first().copied();
+    let (now, skipped): (Vec<u16>, Vec<u16>) = target.ports.ports().partition(|port| {
+        kind == SweepKind::Full || !previous.closed.contains(port) || Some(*port) == frontier
+    });
+    let probe = |ports| probe_ports(target, &previous.live, ports, limiter, limit, metrics);
+    let mut results = probe(now).await;
+    let frontier_opened = results
+        .iter()
+        .any(|(port, status)| Some(*port) == frontier && *status != PortStatus::Refused);
+    if frontier_opened {
+        // Several workers may have started since: look at the whole range now.
+        results.extend(probe(skipped).await);
+    } else {
+        results.extend(skipped.into_iter().map(|port| (port, PortStatus::Refused)));
+    }
+    let mut state = RangeState::default();
+    for (port, status) in results {
+        match status {
+            PortStatus::Live => state.live.insert(port),
+            PortStatus::Refused => state.closed.insert(port),
+            _ => false,
+        };
+    }
+    state
 }
 
-/// One port of a sweep: waits for a permit, then probes. This future stays small while it
-/// waits (a sweep of 10,000 targets queues 100,000 of them): the probe itself, ~6 KB of state
-/// (read buffer, TLS), is boxed only once the permit is held, so only the `concurrency` probes
-/// in flight cost that. Inline, 100,000 waiting futures took ~600 MB.
-async fn probe_port(
+/// Probes `ports` of `target`, taking permits one at a time from the shared first-come
+/// `limiter` while earlier probes run. A sweep waiting for its turn is one small waiter, not
+/// one per port (10,000 targets × 10 ports once queued ~50 MB of waiting futures), and waiting
+/// sweeps interleave fairly. A probe's own state (~6 KB: read buffer, TLS) exists only while
+/// it holds a permit.
+async fn probe_ports(
     target: &Target,
     verified: &BTreeSet<u16>,
+    ports: Vec<u16>,
     limiter: &Semaphore,
     limit: Duration,
     metrics: &Metrics,
-    port: u16,
-) -> (u16, PortStatus) {
-    let Ok(_permit) = limiter.acquire().await else {
-        return (port, PortStatus::Refused);
-    };
-    let addr = SocketAddr::new(target.address, port);
-    let status = if verified.contains(&port) {
-        Box::pin(connect_only(addr, limit)).await
-    } else {
-        Box::pin(verify(addr, &target.path, target.scheme, limit)).await
-    };
-    metrics.probe(status.label());
-    (port, status)
+) -> Vec<(u16, PortStatus)> {
+    let mut results = Vec::with_capacity(ports.len());
+    let mut pending = ports.into_iter();
+    let mut next = pending.next();
+    let mut in_flight = FuturesUnordered::new();
+    // Kept across iterations so a finishing probe does not lose this sweep's place in line.
+    let mut acquire = std::pin::pin!(limiter.acquire());
+    loop {
+        tokio::select! {
+            biased;
+            Some(done) = in_flight.next(), if !in_flight.is_empty() => results.push(done),
+            permit = &mut acquire, if next.is_some() => {
+                let port = next.take().expect("guarded by is_some");
+                next = pending.next();
+                acquire.set(limiter.acquire());
+                match permit {
+                    Ok(permit) => in_flight.push(Box::pin(async move {
+                        let addr = SocketAddr::new(target.address, port);
+                        let status = if verified.contains(&port) {
+                            connect_only(addr, limit).await
+                        } else {
+                            verify(addr, &target.path, target.scheme, limit).await
+                        };
+                        drop(permit);
+                        metrics.probe(status.label());
+                        (port, status)
+                    })),
+                    // Closed semaphore: only at shutdown.
+                    Err(_) => results.push((port, PortStatus::Refused)),
+                }
+            }
+            else => break,
+        }
+    }
+    results
+}
+
+/// Logs a slow sweep at most once a minute for the whole process: at scale every target
+/// overruns together, and one line (plus the counter) says it all.
+fn warn_overrun(target: &TargetId, took: Duration, interval: Duration) {
+    static LAST: std::sync::Mutex<Option<Instant>> = std::sync::Mutex::new(None);
+    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+    if last.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
+        *last = Some(Instant::now());
+        tracing::warn!(target = %target, took = ?took, interval = ?interval,
+            "sweeps take longer than their interval (workersd_sweep_overruns_total); raise --probe-concurrency or the interval");
+    }
 }
 
 fn phase_offset(id: &TargetId, interval: Duration) -> Duration {
@@ -544,7 +633,7 @@ mod tests {
             ..ProbeSettings::default()
         };
         let mut prober = Prober::new(settings, Arc::new(Metrics::new()), tx);
-        prober.sync(std::slice::from_ref(&target));
+        prober.sync(&[Arc::new(target.clone())]);
         let first = timeout(Duration::from_secs(5), rx.recv())
             .await
             .unwrap()
@@ -570,7 +659,7 @@ mod tests {
         // A changed spec restarts the loop under a new generation; removal stops it.
         let mut changed = target.clone();
         changed.tags.push("new".into());
-        prober.sync(std::slice::from_ref(&changed));
+        prober.sync(&[Arc::new(changed)]);
         let third = timeout(Duration::from_secs(5), rx.recv())
             .await
             .unwrap()
@@ -580,28 +669,125 @@ mod tests {
         assert_eq!(prober.generation(&target.id), None);
     }
 
-    #[test]
-    fn a_port_waiting_for_a_permit_is_a_small_future() {
-        let target = Target {
+    /// A metrics endpoint on `addr` until the returned handle is aborted and awaited.
+    async fn open(addr: SocketAddr) -> tokio::task::JoinHandle<()> {
+        let listener = TcpListener::bind(addr).await.unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let _ = stream.read(&mut [0u8; 1024]).await;
+                    let _ = stream.write_all(METRICS_OK.as_bytes()).await;
+                });
+            }
+        })
+    }
+
+    async fn close(worker: tokio::task::JoinHandle<()>) {
+        worker.abort();
+        let _ = worker.await;
+    }
+
+    /// A range of six ports on an address of its own, so tests do not collide.
+    fn six_ports(host: u8) -> Target {
+        Target {
             id: TargetId::new("t"),
             service: "svc".into(),
-            address: "127.0.0.1".parse().unwrap(),
-            ports: PortRange::new(9011, 9020).unwrap(),
+            address: std::net::IpAddr::from([127, 93, 0, host]),
+            ports: PortRange::new(9011, 9016).unwrap(),
             path: "/metrics".into(),
             scheme: Scheme::Http,
             tags: vec![],
             meta: BTreeMap::new(),
             revision: 0,
             probe_interval: None,
-        };
-        let (verified, limiter, metrics) = (BTreeSet::new(), Semaphore::new(1), Metrics::new());
-        let waiting = probe_port(
+        }
+    }
+
+    async fn sweep_of(target: &Target, previous: &RangeState, kind: SweepKind) -> RangeState {
+        // Fewer permits than ports: probes wait their turn while others run.
+        let (limiter, metrics) = (Semaphore::new(2), Metrics::new());
+        sweep_target(
+            target,
+            previous,
+            kind,
+            &limiter,
+            Duration::from_secs(2),
+            &metrics,
+        )
+        .await
+    }
+
+    fn ports(list: &[u16]) -> BTreeSet<u16> {
+        list.iter().copied().collect()
+    }
+
+    #[tokio::test]
+    async fn frontier_sweeps_skip_closed_ports_above_the_lowest_until_a_full_sweep() {
+        let target = six_ports(1);
+        let at = |port| SocketAddr::new(target.address, port);
+        let _w1 = open(at(9011)).await;
+        let _w2 = open(at(9012)).await;
+        let known = sweep_of(&target, &RangeState::default(), SweepKind::Frontier).await;
+        assert_eq!(known.live, ports(&[9011, 9012]));
+        assert_eq!(known.closed, ports(&[9013, 9014, 9015, 9016]));
+
+        // Not first-free: 9015 opens while 9013 stays closed. Only a full sweep looks there.
+        let _w5 = open(at(9015)).await;
+        let frontier = sweep_of(&target, &known, SweepKind::Frontier).await;
+        assert_eq!(frontier, known);
+        let full = sweep_of(&target, &known, SweepKind::Full).await;
+        assert_eq!(full.live, ports(&[9011, 9012, 9015]));
+        assert_eq!(full.closed, ports(&[9013, 9014, 9016]));
+    }
+
+    #[tokio::test]
+    async fn an_opened_frontier_port_probes_the_rest_of_the_range_at_once() {
+        let target = six_ports(2);
+        let at = |port| SocketAddr::new(target.address, port);
+        let _w1 = open(at(9011)).await;
+        let known = sweep_of(&target, &RangeState::default(), SweepKind::Full).await;
+        assert_eq!(known.live, ports(&[9011]));
+        // Three workers start together: 9012 (the frontier), 9013 and 9014.
+        let _w = [
+            open(at(9012)).await,
+            open(at(9013)).await,
+            open(at(9014)).await,
+        ];
+        let now = sweep_of(&target, &known, SweepKind::Frontier).await;
+        assert_eq!(now.live, ports(&[9011, 9012, 9013, 9014]));
+        assert_eq!(now.closed, ports(&[9015, 9016]));
+    }
+
+    #[tokio::test]
+    async fn a_dead_worker_frees_the_lowest_port_which_becomes_the_frontier() {
+        let target = six_ports(3);
+        let at = |port| SocketAddr::new(target.address, port);
+        let w1 = open(at(9011)).await;
+        let _w2 = open(at(9012)).await;
+        let known = sweep_of(&target, &RangeState::default(), SweepKind::Full).await;
+        assert_eq!(known.live, ports(&[9011, 9012]));
+        // Recycled by --max-requests: 9011 dies, its replacement takes 9011 again.
+        close(w1).await;
+        let dead = sweep_of(&target, &known, SweepKind::Frontier).await;
+        assert_eq!(dead.live, ports(&[9012]));
+        assert_eq!(dead.closed.first(), Some(&9011));
+        let _w1 = open(at(9011)).await;
+        let back = sweep_of(&target, &dead, SweepKind::Frontier).await;
+        assert_eq!(back.live, ports(&[9011, 9012]));
+    }
+
+    #[test]
+    fn a_sweep_waiting_for_permits_is_a_small_future() {
+        let target = six_ports(4);
+        let (previous, limiter, metrics) =
+            (RangeState::default(), Semaphore::new(1), Metrics::new());
+        let waiting = sweep_target(
             &target,
-            &verified,
+            &previous,
+            SweepKind::Full,
             &limiter,
             Duration::from_secs(1),
             &metrics,
-            9011,
         );
         let in_flight = verify(
             SocketAddr::new(target.address, 9011),
@@ -609,9 +795,10 @@ mod tests {
             Scheme::Http,
             Duration::from_secs(1),
         );
+        // A probe in flight is large; a whole sweep waiting for its turn is not.
         assert!(std::mem::size_of_val(&in_flight) > 2048);
         assert!(
-            std::mem::size_of_val(&waiting) <= 512,
+            std::mem::size_of_val(&waiting) <= 1024,
             "{} bytes",
             std::mem::size_of_val(&waiting)
         );

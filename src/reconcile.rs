@@ -3,6 +3,7 @@
 
 use crate::model::{Catalog, EXTERNAL_SOURCE, ServiceInstance, Target, meta_keys};
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 /// Stable and unique per owner and endpoint, so two workersd instances sharing a node never
 /// collide and a restarted instance recognises its own entries.
@@ -36,7 +37,7 @@ pub fn desired_catalog<'a>(
                 tags: target.tags.clone(),
                 meta,
             };
-            catalog.insert(instance.id.clone(), instance);
+            catalog.insert(instance.id.clone(), Arc::new(instance));
         }
     }
     catalog
@@ -56,9 +57,9 @@ pub fn is_owned_by(instance: &ServiceInstance, owner: &str) -> bool {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
     /// Create or overwrite the instance.
-    Register(ServiceInstance),
+    Register(Arc<ServiceInstance>),
     /// Remove this instance (Consul's txn delete needs its service name as well as its ID).
-    Deregister(ServiceInstance),
+    Deregister(Arc<ServiceInstance>),
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -177,9 +178,9 @@ mod tests {
 
     #[test]
     fn deregistration_waits_until_allowed() {
-        let current = Catalog::from([("x".into(), instance(Some(OWNER), "a", 1))]);
+        let current = Catalog::from([("x".into(), Arc::new(instance(Some(OWNER), "a", 1)))]);
         let mut stale = current.clone();
-        stale.get_mut("x").unwrap().id = "x".into();
+        Arc::make_mut(stale.get_mut("x").unwrap()).id = "x".into();
         let held = plan(&Catalog::new(), &stale, OWNER, false);
         assert!(held.ops.is_empty());
         assert_eq!(held.deferred_deregistrations, 1);
@@ -194,8 +195,8 @@ mod tests {
         let mut mine = instance(Some(OWNER), "a", 1);
         mine.id = "shared".into();
         let p = plan(
-            &Catalog::from([("shared".into(), mine)]),
-            &Catalog::from([("shared".into(), foreign)]),
+            &Catalog::from([("shared".into(), Arc::new(mine))]),
+            &Catalog::from([("shared".into(), Arc::new(foreign))]),
             OWNER,
             true,
         );
@@ -220,7 +221,7 @@ mod tests {
 
     fn arb_catalog(owner: Option<&'static str>) -> impl Strategy<Value = Catalog> {
         prop::collection::vec(arb_instance(owner), 0..30)
-            .prop_map(|v| v.into_iter().map(|i| (i.id.clone(), i)).collect())
+            .prop_map(|v| v.into_iter().map(|i| (i.id.clone(), Arc::new(i))).collect())
     }
 
     proptest! {

@@ -301,7 +301,7 @@ pub fn decode_node_services(body: &str) -> Result<NodeView, ConsulError> {
                 tags: s.tags.unwrap_or_default(),
                 meta: s.meta.unwrap_or_default(),
             };
-            (instance.id.clone(), instance)
+            (instance.id.clone(), Arc::new(instance))
         })
         .collect();
     Ok(NodeView {
@@ -398,7 +398,7 @@ impl ConsulSink {
         if self.known.is_none() {
             self.metrics.sink_request(SINK, "read");
             outcome.requests += 1;
-            let view = self.client.read_node().await?;
+            let mut view = self.client.read_node().await?;
             if let Some(meta) = &view.node_meta {
                 let marker = meta.get(meta_keys::EXTERNAL_SOURCE);
                 if marker.map(String::as_str) != Some(EXTERNAL_SOURCE) {
@@ -408,7 +408,17 @@ impl ConsulSink {
                     });
                 }
             }
+            // Entries equal to the desired ones share their instance instead of keeping a
+            // decoded copy (~1.5 KB each; 60 MB at 40,000 endpoints).
+            for (id, have) in view.services.iter_mut() {
+                if let Some(want) = desired.catalog.get(id)
+                    && want == have
+                {
+                    *have = want.clone();
+                }
+            }
             self.known = Some(view);
+            crate::limits::release_free_memory();
         }
         let known = self.known.as_mut().expect("read above");
         let plan = reconcile::plan(

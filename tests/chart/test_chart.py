@@ -337,6 +337,7 @@ def test_values_all_options_reach_the_pod(rendered):
     assert flag_value(args, "--probe-concurrency") == str(v["probe"]["concurrency"])
     assert flag_value(args, "--fast-interval") == v["probe"]["fastInterval"]
     assert flag_value(args, "--fast-period") == v["probe"]["fastPeriod"]
+    assert flag_value(args, "--full-sweep-interval") == v["probe"]["fullSweepInterval"]
     assert flag_value(args, "--lease-duration") == v["leaderElection"]["leaseDuration"]
     assert flag_value(args, "--lease-name") == v["fullnameOverride"]
     assert flag_value(args, "--log-format") == v["logFormat"]

@@ -25,7 +25,7 @@ use tokio::sync::{Semaphore, watch};
 use workersd::metrics::Metrics;
 use workersd::model::{PortRange, Scheme, Target, TargetId};
 use workersd::pipeline::{self, DesiredState};
-use workersd::probe::{ProbeSettings, sweep_target};
+use workersd::probe::{ProbeSettings, RangeState, SweepKind, sweep_target};
 use workersd::reconcile::{desired_catalog, instance_id};
 use workersd::secret::TokenSource;
 use workersd::sinks::consul::{ConsulClient, ConsulSettings, ConsulSink};
@@ -360,10 +360,11 @@ struct Run {
 
 async fn workersd_sweep(
     targets: &[Arc<Target>],
-    verified: &[Arc<BTreeSet<u16>>],
+    previous: &[Arc<RangeState>],
+    kind: SweepKind,
     concurrency: usize,
     timeout: Duration,
-) -> (Run, Vec<Arc<BTreeSet<u16>>>) {
+) -> (Run, Vec<Arc<RangeState>>) {
     let before = rusage(libc::RUSAGE_SELF);
     let started = Instant::now();
     // As in the daemon: one task per target, one global limiter, one metrics registry.
@@ -371,12 +372,12 @@ async fn workersd_sweep(
     let metrics = Arc::new(Metrics::new());
     let tasks: Vec<_> = targets
         .iter()
-        .zip(verified)
-        .map(|(target, verified)| {
-            let (target, verified) = (target.clone(), verified.clone());
+        .zip(previous)
+        .map(|(target, previous)| {
+            let (target, previous) = (target.clone(), previous.clone());
             let (limiter, metrics) = (limiter.clone(), metrics.clone());
             tokio::spawn(async move {
-                sweep_target(&target, &verified, &limiter, timeout, &metrics).await
+                sweep_target(&target, &previous, kind, &limiter, timeout, &metrics).await
             })
         })
         .collect();
@@ -390,7 +391,7 @@ async fn workersd_sweep(
         wall,
         cpu: after.cpu - before.cpu,
         peak_rss_mb: 0.0,
-        open: live.iter().map(|l| l.len()).sum(),
+        open: live.iter().map(|l| l.live.len()).sum(),
     };
     (run, live)
 }
@@ -481,10 +482,13 @@ async fn probe_child(args: &Args) -> anyhow::Result<()> {
     let n = args.pods[0];
     let targets: Vec<Arc<Target>> = (0..n).map(|i| Arc::new(pod_target(i))).collect();
     if args.scenario == "probe-workersd" {
-        let none: Vec<_> = (0..n).map(|_| Arc::new(BTreeSet::new())).collect();
-        let (first, live) = workersd_sweep(&targets, &none, args.concurrency, args.timeout).await;
-        let (steady, _) = workersd_sweep(&targets, &live, args.concurrency, args.timeout).await;
-        for (name, run) in [("first", first), ("steady", steady)] {
+        let (c, t) = (args.concurrency, args.timeout);
+        let none: Vec<_> = (0..n).map(|_| Arc::new(RangeState::default())).collect();
+        let (first, known) = workersd_sweep(&targets, &none, SweepKind::Full, c, t).await;
+        let (steady, _) = workersd_sweep(&targets, &known, SweepKind::Full, c, t).await;
+        drain_time_wait();
+        let (frontier, _) = workersd_sweep(&targets, &known, SweepKind::Frontier, c, t).await;
+        for (name, run) in [("first", first), ("steady", steady), ("frontier", frontier)] {
             println!("RESULT {name} {} {} {}", run.wall, run.cpu, run.open);
         }
     } else {
@@ -573,7 +577,7 @@ fn print_run(name: &str, run: &Run, expected: usize) {
 
 async fn sweep_scenario(args: &Args) -> anyhow::Result<()> {
     println!(
-        "|pods|ports|workersd first sweep (HTTP verify) s|workersd steady sweep (connect) s|bare loop s|nmap s|first/nmap|steady/nmap|first/bare|steady/bare|workersd cpu s (first/steady)|workersd peak RSS MB|bare cpu s|bare peak RSS MB|nmap cpu s|nmap peak RSS MB|"
+        "|pods|ports|workersd first sweep (HTTP verify) s|workersd full steady sweep (connect) s|workersd frontier sweep s|bare loop s|nmap s|first/nmap|full/nmap|frontier/nmap|first/bare|full/bare|frontier/bare|workersd cpu s (first/full/frontier)|workersd peak RSS MB|bare cpu s|bare peak RSS MB|nmap cpu s|nmap peak RSS MB|"
     );
     let mut rows = Vec::new();
     for &n in &args.pods {
@@ -586,12 +590,14 @@ async fn sweep_scenario(args: &Args) -> anyhow::Result<()> {
         let expected = n * OPEN_PORTS as usize;
         println!("## {n} pods, {} ports, {expected} open", addrs.len());
         let mut runs = tool_runs(args, "probe-workersd", n)?.into_iter();
-        let (first, steady) = (
+        let (first, steady, frontier) = (
             runs.next().context("first")?,
             runs.next().context("steady")?,
+            runs.next().context("frontier")?,
         );
         print_run("workersd first sweep", &first, expected);
-        print_run("workersd steady sweep", &steady, expected);
+        print_run("workersd full steady", &steady, expected);
+        print_run("workersd frontier", &frontier, expected);
         let bare = tool_runs(args, "probe-bare", n)?.remove(0);
         print_run("bare tokio connect", &bare, expected);
         let nmap = if args.no_nmap {
@@ -605,7 +611,12 @@ async fn sweep_scenario(args: &Args) -> anyhow::Result<()> {
             print_run("nmap -sT", &run, expected);
             Some(run)
         };
-        for (name, run) in [("first", &first), ("steady", &steady), ("bare", &bare)] {
+        for (name, run) in [
+            ("first", &first),
+            ("steady", &steady),
+            ("frontier", &frontier),
+            ("bare", &bare),
+        ] {
             if run.open != expected {
                 println!(
                     "  WARNING: {name} found {} open, expected {expected}",
@@ -616,25 +627,31 @@ async fn sweep_scenario(args: &Args) -> anyhow::Result<()> {
         let ratio = |a: f64, b: Option<f64>| b.map_or("-".into(), |b| format!("{:.2}", a / b));
         let nmap_wall = nmap.as_ref().map(|r| r.wall);
         println!(
-            "  ratios: first/nmap {}  steady/nmap {}  first/bare {:.2}  steady/bare {:.2}",
+            "  ratios: first/nmap {}  full/nmap {}  frontier/nmap {}  first/bare {:.2}  full/bare {:.2}  frontier/bare {:.2}",
             ratio(first.wall, nmap_wall),
             ratio(steady.wall, nmap_wall),
+            ratio(frontier.wall, nmap_wall),
             first.wall / bare.wall,
-            steady.wall / bare.wall
+            steady.wall / bare.wall,
+            frontier.wall / bare.wall
         );
         rows.push(format!(
-            "|{n}|{}|{:.3}|{:.3}|{:.3}|{}|{}|{}|{:.2}|{:.2}|{:.2} / {:.2}|{:.0}|{:.2}|{:.0}|{}|{}|",
+            "|{n}|{}|{:.3}|{:.3}|{:.3}|{:.3}|{}|{}|{}|{}|{:.2}|{:.2}|{:.2}|{:.2} / {:.2} / {:.2}|{:.0}|{:.2}|{:.0}|{}|{}|",
             addrs.len(),
             first.wall,
             steady.wall,
+            frontier.wall,
             bare.wall,
             nmap_wall.map_or("-".into(), |w| format!("{w:.3}")),
             ratio(first.wall, nmap_wall),
             ratio(steady.wall, nmap_wall),
+            ratio(frontier.wall, nmap_wall),
             first.wall / bare.wall,
             steady.wall / bare.wall,
+            frontier.wall / bare.wall,
             first.cpu,
             steady.cpu,
+            frontier.cpu,
             first.peak_rss_mb,
             bare.cpu,
             bare.peak_rss_mb,
