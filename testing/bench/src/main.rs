@@ -790,13 +790,17 @@ async fn wait_for(
     None
 }
 
-/// Runs `samples` open → visible measurements; `settle` is waited after each removal.
+/// Runs `samples` open → visible measurements; `settle` is waited after each removal. The
+/// worker opens the first port of the range, as a first-free worker recycled by
+/// `--max-requests` does, or with `any_port` each port of the range in turn (what only a full
+/// sweep finds).
 async fn latency_run(
     settings: ProbeSettings,
     samples: usize,
     settle: Duration,
     jitter: Duration,
     seed: u64,
+    any_port: bool,
 ) -> anyhow::Result<(Vec<f64>, usize)> {
     let address = Ipv4Addr::new(127, 21, 0, 1);
     let double = ConsulDouble::start(DoubleConfig::default()).await?;
@@ -820,7 +824,11 @@ async fn latency_run(
     let mut latencies = Vec::with_capacity(samples);
     let mut missed = 0;
     for k in 0..samples {
-        let port = FIRST_PORT + (k % RANGE_PORTS as usize) as u16;
+        let port = if any_port {
+            FIRST_PORT + (k % RANGE_PORTS as usize) as u16
+        } else {
+            FIRST_PORT
+        };
         let id = instance_id(OWNER, SERVICE, &address.to_string(), port);
         tokio::time::sleep(jitter.mul_f64(rng.next_fraction())).await;
         let server = serve_metrics(SocketAddr::new(IpAddr::V4(address), port)).await?;
@@ -853,6 +861,7 @@ async fn latency_scenario(args: &Args) -> anyhow::Result<()> {
         Duration::ZERO,
         fast.fast_interval,
         1,
+        false,
     )
     .await?;
     let report = |name: &str, s: &ProbeSettings, lat: &[f64], missed: usize| {
@@ -868,7 +877,27 @@ async fn latency_scenario(args: &Args) -> anyhow::Result<()> {
         )
     };
     println!("|cadence|interval|fast interval|fast period|samples|p50 s|p99 s|max s|missed|");
-    report("fast", &fast, &lat, missed);
+    report("fast, first-free port", &fast, &lat, missed);
+    // Any port of the range: found at this speed only with every sweep full.
+    let full = ProbeSettings {
+        full_sweep_interval: Duration::ZERO,
+        ..fast.clone()
+    };
+    let (lat, missed) = latency_run(
+        full.clone(),
+        args.samples,
+        Duration::ZERO,
+        full.fast_interval,
+        3,
+        true,
+    )
+    .await?;
+    report(
+        "fast, any port, --full-sweep-interval 0s",
+        &full,
+        &lat,
+        missed,
+    );
     // Steady state: a short fast window, then wait it out (plus the first slow sleep's phase
     // offset) before each opening, at a random point of the interval.
     let steady = ProbeSettings {
@@ -884,9 +913,10 @@ async fn latency_scenario(args: &Args) -> anyhow::Result<()> {
         settle,
         steady.interval,
         2,
+        false,
     )
     .await?;
-    report("steady", &steady, &lat, missed);
+    report("steady, first-free port", &steady, &lat, missed);
     Ok(())
 }
 
