@@ -192,7 +192,19 @@ pub struct ServiceInstance {
     pub address: String,
     pub port: u16,
     pub tags: Vec<String>,
-    pub meta: BTreeMap<String, String>,
+    /// Published meta minus `worker-port`, which is `port` and added by [`Self::published_meta`]:
+    /// the rest is the same for every port of a target, so its instances share one map
+    /// (~1 KB per instance otherwise; 40 MB at 40,000 endpoints).
+    pub meta: Arc<BTreeMap<String, String>>,
+}
+
+impl ServiceInstance {
+    /// The meta map as sinks publish it.
+    pub fn published_meta(&self) -> BTreeMap<String, String> {
+        let mut meta = (*self.meta).clone();
+        meta.insert(meta_keys::WORKER_PORT.into(), self.port.to_string());
+        meta
+    }
 }
 
 /// Desired or current catalog content, keyed by service instance ID. Instances are shared, not

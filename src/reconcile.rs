@@ -19,23 +19,24 @@ pub fn desired_catalog<'a>(
     let mut catalog = Catalog::new();
     for (target, ports) in live {
         let address = target.address.to_string();
+        let mut meta = target.meta.clone();
+        meta.insert(meta_keys::EXTERNAL_SOURCE.into(), EXTERNAL_SOURCE.into());
+        meta.insert(meta_keys::OWNER.into(), owner.into());
+        meta.insert(meta_keys::METRICS_PATH.into(), target.path.clone());
+        meta.insert(
+            meta_keys::METRICS_SCHEME.into(),
+            target.scheme.as_str().into(),
+        );
+        // `worker-port` is the instance's port, added when published.
+        let meta = Arc::new(meta);
         for &port in ports.iter().filter(|p| target.ports.contains(**p)) {
-            let mut meta = target.meta.clone();
-            meta.insert(meta_keys::EXTERNAL_SOURCE.into(), EXTERNAL_SOURCE.into());
-            meta.insert(meta_keys::OWNER.into(), owner.into());
-            meta.insert(meta_keys::METRICS_PATH.into(), target.path.clone());
-            meta.insert(
-                meta_keys::METRICS_SCHEME.into(),
-                target.scheme.as_str().into(),
-            );
-            meta.insert(meta_keys::WORKER_PORT.into(), port.to_string());
             let instance = ServiceInstance {
                 id: instance_id(owner, &target.service, &address, port),
                 service: target.service.clone(),
                 address: address.clone(),
                 port,
                 tags: target.tags.clone(),
-                meta,
+                meta: meta.clone(),
             };
             catalog.insert(instance.id.clone(), Arc::new(instance));
         }
@@ -149,7 +150,7 @@ mod tests {
             address: "10.0.0.1".into(),
             port,
             tags: vec![],
-            meta,
+            meta: Arc::new(meta),
         }
     }
 
@@ -170,8 +171,12 @@ mod tests {
         assert_eq!(inst.meta["workersd-owner"], "me");
         assert_eq!(inst.meta["metrics-path"], "/metrics");
         assert_eq!(inst.meta["metrics-scheme"], "http");
-        assert_eq!(inst.meta["worker-port"], "9013");
+        assert_eq!(inst.published_meta()["worker-port"], "9013");
         assert_eq!(inst.meta["team"], "web");
+        // Every port of a target shares one meta map.
+        let other = &catalog["me:clever:127.0.0.2:9011"];
+        assert!(Arc::ptr_eq(&inst.meta, &other.meta));
+        assert_eq!(other.published_meta()["worker-port"], "9011");
         assert!(is_owned_by(inst, OWNER));
         assert!(!is_owned_by(inst, "someone-else"));
     }

@@ -174,8 +174,8 @@ proptest! {
 
     #[test]
     fn consul_replies_never_panic(value in arb_json(), raw in ".{0,64}") {
-        let _ = decode_node_services(&value.to_string());
-        let _ = decode_node_services(&raw);
+        let _ = decode_node_services(&value.to_string(), &Default::default());
+        let _ = decode_node_services(&raw, &Default::default());
     }
 
     #[test]

@@ -11,6 +11,7 @@ use crate::reconcile::{self, Op};
 use crate::secret::TokenSource;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -105,12 +106,14 @@ pub struct NodeView {
     pub services: Catalog,
 }
 
+/// Borrows from the reply body: a resync re-reads every entry (40,000 at 10,000 pods), and
+/// entries equal to the desired ones are never materialised.
 #[derive(Deserialize)]
-struct NodeServicesReply {
+struct NodeServicesReply<'a> {
     #[serde(rename = "Node")]
     node: Option<NodeReply>,
-    #[serde(rename = "Services", default)]
-    services: Option<Vec<ServiceReply>>,
+    #[serde(rename = "Services", default, borrow)]
+    services: Option<Vec<ServiceReply<'a>>>,
 }
 
 #[derive(Deserialize)]
@@ -119,20 +122,92 @@ struct NodeReply {
     meta: Option<BTreeMap<String, String>>,
 }
 
+/// A string of the reply, borrowed unless it has JSON escapes (serde borrows a `Cow<str>` only
+/// when it is a field marked `borrow`, not inside a `Vec` or map, hence the newtype).
+#[derive(Debug, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
+
+impl std::borrow::Borrow<str> for Text<'_> {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Text<'_> {
+    fn owned(self) -> String {
+        self.0.into_owned()
+    }
+}
+
 #[derive(Deserialize)]
-struct ServiceReply {
-    #[serde(rename = "ID")]
-    id: String,
-    #[serde(rename = "Service")]
-    service: String,
-    #[serde(rename = "Address", default)]
-    address: String,
+struct ServiceReply<'a> {
+    #[serde(rename = "ID", borrow)]
+    id: Text<'a>,
+    #[serde(rename = "Service", borrow)]
+    service: Text<'a>,
+    #[serde(rename = "Address", default, borrow)]
+    address: Option<Text<'a>>,
     #[serde(rename = "Port", default)]
     port: u16,
-    #[serde(rename = "Tags", default)]
-    tags: Option<Vec<String>>,
-    #[serde(rename = "Meta", default)]
-    meta: Option<BTreeMap<String, String>>,
+    #[serde(rename = "Tags", default, borrow)]
+    tags: Option<Vec<Text<'a>>>,
+    #[serde(rename = "Meta", default, borrow)]
+    meta: Option<BTreeMap<Text<'a>, Text<'a>>>,
+}
+
+impl ServiceReply<'_> {
+    /// Whether this entry is exactly `want` as workersd publishes it.
+    fn is(&self, want: &ServiceInstance) -> bool {
+        let tags = self.tags.as_deref().unwrap_or_default();
+        let empty = BTreeMap::new();
+        let meta = self.meta.as_ref().unwrap_or(&empty);
+        self.service.0 == want.service
+            && self.address.as_ref().map_or("", |a| &a.0) == want.address
+            && self.port == want.port
+            && tags.len() == want.tags.len()
+            && tags.iter().zip(&want.tags).all(|(a, b)| a.0 == *b)
+            && meta.len() == want.meta.len() + 1
+            && meta
+                .get(meta_keys::WORKER_PORT)
+                .is_some_and(|p| p.0 == want.port.to_string())
+            && want
+                .meta
+                .iter()
+                .all(|(k, v)| meta.get(k.as_str()).is_some_and(|have| have.0 == *v))
+    }
+
+    fn into_instance(self) -> ServiceInstance {
+        let mut meta: BTreeMap<String, String> = self
+            .meta
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| (k.owned(), v.owned()))
+            .collect();
+        // Stored without `worker-port` when it is the port (see ServiceInstance::meta); a
+        // missing or wrong one is kept visible so the entry differs and gets rewritten.
+        match meta.get(meta_keys::WORKER_PORT) {
+            Some(v) if *v == self.port.to_string() => {
+                meta.remove(meta_keys::WORKER_PORT);
+            }
+            Some(_) => {}
+            None => {
+                meta.insert(meta_keys::WORKER_PORT.into(), String::new());
+            }
+        }
+        ServiceInstance {
+            id: self.id.owned(),
+            service: self.service.owned(),
+            address: self.address.map(Text::owned).unwrap_or_default(),
+            port: self.port,
+            tags: self
+                .tags
+                .unwrap_or_default()
+                .into_iter()
+                .map(Text::owned)
+                .collect(),
+            meta: Arc::new(meta),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -162,7 +237,7 @@ struct ServiceBody<'a> {
     #[serde(rename = "Tags")]
     tags: &'a [String],
     #[serde(rename = "Meta")]
-    meta: &'a BTreeMap<String, String>,
+    meta: BTreeMap<String, String>,
 }
 
 /// A thin client for the few Consul endpoints the sink needs.
@@ -203,7 +278,8 @@ impl ConsulClient {
     }
 
     /// Everything under our node; an absent node is an empty view.
-    pub async fn read_node(&self) -> Result<NodeView, ConsulError> {
+    /// Reads the node; entries equal to `desired` ones share them.
+    pub async fn read_node(&self, desired: &Catalog) -> Result<NodeView, ConsulError> {
         let path = format!("/v1/catalog/node-services/{}", self.settings.node);
         let (status, body) = send(self.request(reqwest::Method::GET, &path)).await?;
         match status {
@@ -218,7 +294,7 @@ impl ConsulClient {
                 });
             }
         }
-        decode_node_services(&body)
+        decode_node_services(&body, desired)
     }
 
     fn node_op(&self) -> serde_json::Value {
@@ -239,7 +315,7 @@ impl ConsulClient {
                 "Verb": "set",
                 "Node": self.settings.node,
                 "Service": ServiceBody {
-                    id: &i.id, service: &i.service, address: &i.address, port: i.port, tags: &i.tags, meta: &i.meta,
+                    id: &i.id, service: &i.service, address: &i.address, port: i.port, tags: &i.tags, meta: i.published_meta(),
                 },
             }}),
             Op::Deregister(i) => json!({ "Service": {
@@ -280,7 +356,7 @@ impl ConsulClient {
 
 /// Decodes a `/v1/catalog/node-services/:node` reply. Real Consul answers `{"Node": null}` for
 /// an unknown node; `null` lists are empty lists.
-pub fn decode_node_services(body: &str) -> Result<NodeView, ConsulError> {
+pub fn decode_node_services(body: &str, desired: &Catalog) -> Result<NodeView, ConsulError> {
     let reply: NodeServicesReply = serde_json::from_str(body).map_err(|e| ConsulError::Decode {
         what: "node-services",
         error: e.to_string(),
@@ -292,16 +368,13 @@ pub fn decode_node_services(body: &str) -> Result<NodeView, ConsulError> {
         .services
         .unwrap_or_default()
         .into_iter()
-        .map(|s| {
-            let instance = ServiceInstance {
-                id: s.id,
-                service: s.service,
-                address: s.address,
-                port: s.port,
-                tags: s.tags.unwrap_or_default(),
-                meta: s.meta.unwrap_or_default(),
-            };
-            (instance.id.clone(), Arc::new(instance))
+        .map(|s| match desired.get(&*s.id.0) {
+            // Shares the desired instance instead of a decoded copy (~1 KB each).
+            Some(want) if s.is(want) => (want.id.clone(), want.clone()),
+            _ => {
+                let instance = s.into_instance();
+                (instance.id.clone(), Arc::new(instance))
+            }
         })
         .collect();
     Ok(NodeView {
@@ -398,7 +471,7 @@ impl ConsulSink {
         if self.known.is_none() {
             self.metrics.sink_request(SINK, "read");
             outcome.requests += 1;
-            let mut view = self.client.read_node().await?;
+            let view = self.client.read_node(&desired.catalog).await?;
             if let Some(meta) = &view.node_meta {
                 let marker = meta.get(meta_keys::EXTERNAL_SOURCE);
                 if marker.map(String::as_str) != Some(EXTERNAL_SOURCE) {
@@ -406,15 +479,6 @@ impl ConsulSink {
                         node: self.client.settings.node.clone(),
                         found: marker.cloned(),
                     });
-                }
-            }
-            // Entries equal to the desired ones share their instance instead of keeping a
-            // decoded copy (~1.5 KB each; 60 MB at 40,000 endpoints).
-            for (id, have) in view.services.iter_mut() {
-                if let Some(want) = desired.catalog.get(id)
-                    && want == have
-                {
-                    *have = want.clone();
                 }
             }
             self.known = Some(view);
@@ -575,6 +639,58 @@ mod tests {
         assert_eq!(delays, vec![100, 200, 350, 350]);
         b.reset();
         assert_eq!(b.next().as_millis(), 100);
+    }
+
+    #[test]
+    fn worker_port_meta_is_stored_as_the_port_and_drift_stays_visible() {
+        let body = |meta: &str| {
+            format!(
+                r#"{{"Node":{{"Node":"n","Meta":{{}}}},"Services":[{{"ID":"a","Service":"s","Port":9011,"Address":"x","Meta":{meta}}}]}}"#
+            )
+        };
+        let decoded = |meta: &str| {
+            decode_node_services(&body(meta), &Catalog::new())
+                .unwrap()
+                .services["a"]
+                .clone()
+        };
+        let right = decoded(r#"{"worker-port":"9011","team":"web"}"#);
+        assert_eq!(*right.meta, BTreeMap::from([("team".into(), "web".into())]));
+        assert_eq!(right.published_meta()["worker-port"], "9011");
+        // A wrong or missing worker-port must not compare equal to what workersd wants.
+        let wanted = ServiceInstance {
+            meta: Arc::new(BTreeMap::from([("team".into(), "web".into())])),
+            ..(*right).clone()
+        };
+        assert_eq!(*right, wanted);
+        assert_ne!(*decoded(r#"{"worker-port":"9999","team":"web"}"#), wanted);
+        assert_ne!(*decoded(r#"{"team":"web"}"#), wanted);
+    }
+
+    #[test]
+    fn a_reread_entry_equal_to_the_desired_one_is_shared_not_copied() {
+        // Go's JSON escapes <, > and &: such strings cannot be borrowed and still compare.
+        let want = Arc::new(ServiceInstance {
+            id: "o:s:x:9011".into(),
+            service: "s".into(),
+            address: "x".into(),
+            port: 9011,
+            tags: vec!["a<b".into()],
+            meta: Arc::new(BTreeMap::from([("team".into(), "r&d".into())])),
+        });
+        let desired = Catalog::from([(want.id.clone(), want.clone())]);
+        let body = r#"{"Node":{"Node":"n","Meta":{}},"Services":[
+            {"ID":"o:s:x:9011","Service":"s","Port":9011,"Address":"x","Tags":["a\u003cb"],"Meta":{"team":"r\u0026d","worker-port":"9011"}},
+            {"ID":"other","Service":"s","Port":1,"Address":"x","Tags":null,"Meta":null}]}"#;
+        let view = decode_node_services(body, &desired).unwrap();
+        assert!(Arc::ptr_eq(&view.services["o:s:x:9011"], &want));
+        assert_eq!(view.services["other"].port, 1);
+        // Any difference (here the tag) gives a decoded copy that compares unequal.
+        let changed = body.replace("a\\u003cb", "c");
+        let view = decode_node_services(&changed, &desired).unwrap();
+        assert!(!Arc::ptr_eq(&view.services["o:s:x:9011"], &want));
+        assert_ne!(view.services["o:s:x:9011"], want);
+        assert_eq!(view.services["o:s:x:9011"].tags, vec!["c".to_string()]);
     }
 
     #[test]

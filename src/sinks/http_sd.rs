@@ -55,7 +55,7 @@ fn labels_of(instance: &ServiceInstance) -> BTreeMap<String, String> {
         "__meta_workersd_tags".into(),
         format!(",{},", instance.tags.join(",")),
     );
-    for (key, value) in &instance.meta {
+    for (key, value) in instance.meta.iter() {
         if meta_keys::RESERVED.contains(&key.as_str()) {
             continue;
         }
