@@ -124,14 +124,8 @@ struct NodeReply {
 
 /// A string of the reply, borrowed unless it has JSON escapes (serde borrows a `Cow<str>` only
 /// when it is a field marked `borrow`, not inside a `Vec` or map, hence the newtype).
-#[derive(Debug, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Deserialize)]
 struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
-
-impl std::borrow::Borrow<str> for Text<'_> {
-    fn borrow(&self) -> &str {
-        &self.0
-    }
-}
 
 impl Text<'_> {
     fn owned(self) -> String {
@@ -152,34 +146,68 @@ struct ServiceReply<'a> {
     #[serde(rename = "Tags", default, borrow)]
     tags: Option<Vec<Text<'a>>>,
     #[serde(rename = "Meta", default, borrow)]
-    meta: Option<BTreeMap<Text<'a>, Text<'a>>>,
+    meta: Option<Pairs<'a>>,
+}
+
+/// A JSON object of strings as its pairs, in one allocation (a map costs a node per key, per
+/// entry read).
+#[derive(Debug, Default)]
+struct Pairs<'a>(Vec<(Text<'a>, Text<'a>)>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Pairs<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Visit<'a> {
+            type Value = Pairs<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object of strings")
+            }
+            fn visit_map<M: serde::de::MapAccess<'de>>(
+                self,
+                mut map: M,
+            ) -> Result<Self::Value, M::Error> {
+                let mut pairs = Vec::with_capacity(map.size_hint().unwrap_or(0).min(64));
+                while let Some(pair) = map.next_entry()? {
+                    pairs.push(pair);
+                }
+                Ok(Pairs(pairs))
+            }
+        }
+        deserializer.deserialize_map(Visit(std::marker::PhantomData))
+    }
+}
+
+impl Pairs<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.iter().find(|(k, _)| k.0 == key).map(|(_, v)| &*v.0)
+    }
 }
 
 impl ServiceReply<'_> {
     /// Whether this entry is exactly `want` as workersd publishes it.
     fn is(&self, want: &ServiceInstance) -> bool {
         let tags = self.tags.as_deref().unwrap_or_default();
-        let empty = BTreeMap::new();
+        let empty = Pairs::default();
         let meta = self.meta.as_ref().unwrap_or(&empty);
         self.service.0 == want.service
             && self.address.as_ref().map_or("", |a| &a.0) == want.address
             && self.port == want.port
             && tags.len() == want.tags.len()
             && tags.iter().zip(&want.tags).all(|(a, b)| a.0 == *b)
-            && meta.len() == want.meta.len() + 1
-            && meta
-                .get(meta_keys::WORKER_PORT)
-                .is_some_and(|p| p.0 == want.port.to_string())
+            // Keys are unique in Consul's replies; a duplicate makes the lengths differ.
+            && meta.0.len() == want.meta.len() + 1
+            && meta.get(meta_keys::WORKER_PORT) == Some(want.port.to_string().as_str())
             && want
                 .meta
                 .iter()
-                .all(|(k, v)| meta.get(k.as_str()).is_some_and(|have| have.0 == *v))
+                .all(|(k, v)| meta.get(k) == Some(v.as_str()))
     }
 
     fn into_instance(self) -> ServiceInstance {
         let mut meta: BTreeMap<String, String> = self
             .meta
             .unwrap_or_default()
+            .0
             .into_iter()
             .map(|(k, v)| (k.owned(), v.owned()))
             .collect();
@@ -700,6 +728,6 @@ mod tests {
         )
         .unwrap();
         assert!(reply.node.unwrap().meta.is_none());
-        assert_eq!(reply.services.unwrap()[0].tags, None);
+        assert!(reply.services.unwrap()[0].tags.is_none());
     }
 }
