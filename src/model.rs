@@ -187,7 +187,8 @@ pub struct Target {
 /// One live worker endpoint as a catalog service instance. Sinks publish exactly these.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ServiceInstance {
-    pub id: String,
+    /// Shared with the catalogs' keys (one allocation, not one per map).
+    pub id: Arc<str>,
     pub service: String,
     pub address: String,
     pub port: u16,
@@ -210,7 +211,7 @@ impl ServiceInstance {
 /// Desired or current catalog content, keyed by service instance ID. Instances are shared, not
 /// copied, between the pipeline's view, the published state, plans and the sinks' memory of
 /// Consul: at 40,000 endpoints each copy of every instance cost ~20 MB.
-pub type Catalog = BTreeMap<String, Arc<ServiceInstance>>;
+pub type Catalog = BTreeMap<Arc<str>, Arc<ServiceInstance>>;
 
 /// Meta keys workersd writes on every instance it owns. Users may not set them.
 pub mod meta_keys {

@@ -39,10 +39,10 @@ struct View {
     /// The desired catalog of `targets` × `live`.
     catalog: Catalog,
     /// The catalog IDs each target contributed.
-    ids: HashMap<TargetId, Vec<String>>,
+    ids: HashMap<TargetId, Vec<Arc<str>>>,
     /// IDs two targets produced at once (same service, address and port; never in a valid
     /// configuration): removing one falls back to a full rebuild so the other stays.
-    contested: HashSet<String>,
+    contested: HashSet<Arc<str>>,
     /// The catalog or `complete` may have changed since the last publish.
     dirty: bool,
 }

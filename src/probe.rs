@@ -221,7 +221,8 @@ impl Sweeper {
             // No bound on the whole sweep: each probe is bounded once it holds a permit, and
             // the permit queue is FIFO. Discarding a slow sweep would throw away fresh results
             // and, when every sweep is slow (many timeouts), never report at all.
-            let now = self.sweep(&previous, kind).await;
+            // Boxed: inline, the sweep's state would size every sleeping loop (10,000 of them).
+            let now = Box::pin(self.sweep(&previous, kind)).await;
             let took = started.elapsed();
             if took > interval {
                 self.metrics.sweep_overruns.inc();

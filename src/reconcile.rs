@@ -31,7 +31,7 @@ pub fn desired_catalog<'a>(
         let meta = Arc::new(meta);
         for &port in ports.iter().filter(|p| target.ports.contains(**p)) {
             let instance = ServiceInstance {
-                id: instance_id(owner, &target.service, &address, port),
+                id: instance_id(owner, &target.service, &address, port).into(),
                 service: target.service.clone(),
                 address: address.clone(),
                 port,
@@ -80,7 +80,7 @@ pub fn plan(desired: &Catalog, current: &Catalog, owner: &str, allow_deregister:
     let mut result = Plan::default();
     for (id, want) in desired {
         match current.get(id) {
-            Some(have) if !is_owned_by(have, owner) => result.conflicts.push(id.clone()),
+            Some(have) if !is_owned_by(have, owner) => result.conflicts.push(id.to_string()),
             Some(have) if have == want => {}
             _ => result.ops.push(Op::Register(want.clone())),
         }
@@ -145,7 +145,7 @@ mod tests {
             meta.insert(meta_keys::OWNER.to_string(), owner.to_string());
         }
         ServiceInstance {
-            id: instance_id(owner.unwrap_or("other-tool"), service, "10.0.0.1", port),
+            id: instance_id(owner.unwrap_or("other-tool"), service, "10.0.0.1", port).into(),
             service: service.into(),
             address: "10.0.0.1".into(),
             port,
@@ -260,7 +260,7 @@ mod tests {
                 .collect();
             let reachable: Catalog = desired
                 .iter()
-                .filter(|(id, _)| !p.conflicts.contains(id))
+                .filter(|(id, _)| !p.conflicts.iter().any(|c| c.as_str() == &***id))
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect();
             prop_assert_eq!(ours_after, reachable);

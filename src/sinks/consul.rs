@@ -223,7 +223,7 @@ impl ServiceReply<'_> {
             }
         }
         ServiceInstance {
-            id: self.id.owned(),
+            id: self.id.owned().into(),
             service: self.service.owned(),
             address: self.address.map(Text::owned).unwrap_or_default(),
             port: self.port,
@@ -349,7 +349,7 @@ impl ConsulClient {
             Op::Deregister(i) => json!({ "Service": {
                 "Verb": "delete",
                 "Node": self.settings.node,
-                "Service": { "ID": i.id, "Service": i.service },
+                "Service": { "ID": &*i.id, "Service": i.service },
             }}),
         }
     }
