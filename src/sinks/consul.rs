@@ -106,14 +106,77 @@ pub struct NodeView {
     pub services: Catalog,
 }
 
-/// Borrows from the reply body: a resync re-reads every entry (40,000 at 10,000 pods), and
-/// entries equal to the desired ones are never materialised.
-#[derive(Deserialize)]
-struct NodeServicesReply<'a> {
-    #[serde(rename = "Node")]
-    node: Option<NodeReply>,
-    #[serde(rename = "Services", default, borrow)]
-    services: Option<Vec<ServiceReply<'a>>>,
+/// Decodes a node-services reply entry by entry into a catalog, borrowing from the body: a
+/// resync re-reads every entry (40,000 at 10,000 pods), and entries equal to the desired
+/// ones are shared, never materialised or collected in between.
+struct NodeServicesSeed<'c>(&'c Catalog);
+
+impl<'de> serde::de::DeserializeSeed<'de> for NodeServicesSeed<'_> {
+    type Value = (Option<NodeReply>, Catalog);
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for NodeServicesSeed<'_> {
+    type Value = (Option<NodeReply>, Catalog);
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a node-services object")
+    }
+    fn visit_map<M: serde::de::MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
+        let (mut node, mut services) = (None, Catalog::new());
+        while let Some(key) = map.next_key::<String>()? {
+            match key.as_str() {
+                "Node" => node = map.next_value()?,
+                "Services" => services = map.next_value_seed(ServicesSeed(self.0))?,
+                _ => {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+        }
+        Ok((node, services))
+    }
+}
+
+/// The `Services` array (or null) of a node-services reply.
+struct ServicesSeed<'c>(&'c Catalog);
+
+impl<'de> serde::de::DeserializeSeed<'de> for ServicesSeed<'_> {
+    type Value = Catalog;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_option(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for ServicesSeed<'_> {
+    type Value = Catalog;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an array of services or null")
+    }
+    fn visit_none<E>(self) -> Result<Catalog, E> {
+        Ok(Catalog::new())
+    }
+    fn visit_unit<E>(self) -> Result<Catalog, E> {
+        Ok(Catalog::new())
+    }
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Catalog, D::Error> {
+        d.deserialize_seq(self)
+    }
+    fn visit_seq<S: serde::de::SeqAccess<'de>>(self, mut seq: S) -> Result<Catalog, S::Error> {
+        let mut services = Catalog::new();
+        while let Some(s) = seq.next_element::<ServiceReply<'de>>()? {
+            let (id, instance) = match self.0.get(&*s.id.0) {
+                // Shares the desired instance instead of a decoded copy.
+                Some(want) if s.is(want) => (want.id.clone(), want.clone()),
+                _ => {
+                    let instance = s.into_instance();
+                    (instance.id.clone(), Arc::new(instance))
+                }
+            };
+            services.insert(id, instance);
+        }
+        Ok(services)
+    }
 }
 
 #[derive(Deserialize)]
@@ -385,26 +448,18 @@ impl ConsulClient {
 /// Decodes a `/v1/catalog/node-services/:node` reply. Real Consul answers `{"Node": null}` for
 /// an unknown node; `null` lists are empty lists.
 pub fn decode_node_services(body: &str, desired: &Catalog) -> Result<NodeView, ConsulError> {
-    let reply: NodeServicesReply = serde_json::from_str(body).map_err(|e| ConsulError::Decode {
-        what: "node-services",
-        error: e.to_string(),
-    })?;
-    let Some(node) = reply.node else {
+    use serde::de::DeserializeSeed;
+    let mut decoder = serde_json::Deserializer::from_str(body);
+    let (node, services) = NodeServicesSeed(desired)
+        .deserialize(&mut decoder)
+        .and_then(|reply| decoder.end().map(|()| reply))
+        .map_err(|e| ConsulError::Decode {
+            what: "node-services",
+            error: e.to_string(),
+        })?;
+    let Some(node) = node else {
         return Ok(NodeView::default());
     };
-    let services = reply
-        .services
-        .unwrap_or_default()
-        .into_iter()
-        .map(|s| match desired.get(&*s.id.0) {
-            // Shares the desired instance instead of a decoded copy (~1 KB each).
-            Some(want) if s.is(want) => (want.id.clone(), want.clone()),
-            _ => {
-                let instance = s.into_instance();
-                (instance.id.clone(), Arc::new(instance))
-            }
-        })
-        .collect();
     Ok(NodeView {
         node_meta: Some(node.meta.unwrap_or_default()),
         services,
@@ -723,11 +778,26 @@ mod tests {
 
     #[test]
     fn decodes_node_services_with_nulls() {
-        let reply: NodeServicesReply = serde_json::from_str(
+        let none = Catalog::new();
+        let view = decode_node_services(
             r#"{"Node":{"Node":"n","Meta":null},"Services":[{"ID":"a","Service":"s","Tags":null,"Meta":null,"Port":1,"Address":"x","Weights":{"Passing":1}}]}"#,
+            &none,
         )
         .unwrap();
-        assert!(reply.node.unwrap().meta.is_none());
-        assert!(reply.services.unwrap()[0].tags.is_none());
+        assert_eq!(view.node_meta, Some(BTreeMap::new()));
+        assert!(view.services["a"].tags.is_empty());
+        // Services may come first, be null, or be missing; a missing node is an empty view.
+        let view = decode_node_services(r#"{"Services":null,"Node":{"Node":"n"}}"#, &none).unwrap();
+        assert!(view.node_meta.is_some() && view.services.is_empty());
+        let view = decode_node_services(r#"{"Node":null,"Services":[]}"#, &none).unwrap();
+        assert_eq!(view, NodeView::default());
+        for bad in [
+            "null",
+            "[]",
+            r#"{"Node":{},"Services":{}}"#,
+            r#"{"Node":{}} x"#,
+        ] {
+            assert!(decode_node_services(bad, &none).is_err(), "{bad}");
+        }
     }
 }
