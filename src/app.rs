@@ -168,8 +168,6 @@ pub struct Controller {
     run: RunArgs,
     owner: String,
     sink: Option<consul::ConsulSink>,
-    /// A second client for the final clean-up of `--deregister-on-exit`.
-    exit_sink: Option<consul::ConsulSink>,
     desired_tx: watch::Sender<Arc<pipeline::DesiredState>>,
     desired_rx: DesiredRx,
     pub metrics: Arc<Metrics>,
@@ -195,14 +193,6 @@ impl Controller {
             .context("--consul-node")?;
 
         let mut readiness = Readiness::default();
-        let exit_sink = match (&run.consul_addr, run.deregister_on_exit) {
-            (Some(addr), true) => {
-                let settings = consul_settings(&run, addr, node.clone(), owner.clone())?;
-                let client = consul::ConsulClient::new(settings).map_err(anyhow::Error::msg)?;
-                Some(consul::ConsulSink::new(client, metrics.clone()))
-            }
-            _ => None,
-        };
         let sink = match &run.consul_addr {
             Some(addr) => {
                 let settings = consul_settings(&run, addr, node.clone(), owner.clone())?;
@@ -249,7 +239,6 @@ impl Controller {
             run,
             owner,
             sink,
-            exit_sink,
             desired_tx,
             desired_rx,
             metrics,
@@ -275,14 +264,19 @@ impl Controller {
             self.metrics.clone(),
             desired_tx,
         ));
-        let sink_task = self
-            .sink
-            .map(|sink| tokio::spawn(sink.run(desired_rx.clone())));
+        let (stop_sink, sink_stopped) = tokio::sync::oneshot::channel::<()>();
+        let sink_task = self.sink.map(|sink| {
+            let stop = async {
+                let _ = sink_stopped.await;
+            };
+            tokio::spawn(sink.run_until(desired_rx.clone(), stop))
+        });
         tokio::spawn(mark_probed(desired_rx.clone(), self.readiness.clone()));
         Running {
             desired: desired_rx,
             sink_task,
-            exit_sink: self.exit_sink,
+            stop_sink,
+            deregister_on_exit: self.run.deregister_on_exit,
         }
     }
 }
@@ -290,24 +284,41 @@ impl Controller {
 /// A started controller.
 pub struct Running {
     pub desired: DesiredRx,
-    sink_task: Option<tokio::task::JoinHandle<()>>,
-    exit_sink: Option<consul::ConsulSink>,
+    sink_task: Option<tokio::task::JoinHandle<consul::ConsulSink>>,
+    stop_sink: tokio::sync::oneshot::Sender<()>,
+    deregister_on_exit: bool,
 }
 
 impl Running {
     /// Stops writing. Entries stay in place for the next instance, unless
     /// `--deregister-on-exit` asked for this owner's entries to be removed.
     pub async fn stop(self) {
-        if let Some(task) = self.sink_task {
+        let Some(task) = self.sink_task else {
+            tracing::info!("shutting down");
+            return;
+        };
+        if !self.deregister_on_exit {
             task.abort();
             let _ = task.await;
-        }
-        let Some(mut sink) = self.exit_sink else {
             tracing::info!(
                 "shutting down; catalog entries are left in place for the next instance"
             );
             return;
+        }
+        // The running sink finishes its pass and hands itself back for the last one.
+        let _ = self.stop_sink.send(());
+        let limit = std::time::Duration::from_secs(10);
+        let mut sink = match tokio::time::timeout(limit, task).await {
+            Ok(Ok(sink)) => sink,
+            _ => {
+                tracing::error!(
+                    "shutting down; the Consul sink did not stop within 10s, entries are left in place"
+                );
+                return;
+            }
         };
+        // Re-read first: the last pass must see what Consul holds now.
+        sink.invalidate();
         let empty = pipeline::DesiredState {
             catalog: Default::default(),
             complete: true,

@@ -639,7 +639,18 @@ impl ConsulSink {
 
     /// Follows the desired state until the channel closes. Never deregisters on shutdown: a
     /// restarting workersd must leave live entries in place.
-    pub async fn run(mut self, mut desired: DesiredRx) {
+    pub async fn run(self, desired: DesiredRx) {
+        self.run_until(desired, std::future::pending()).await;
+    }
+
+    /// As [`Self::run`], until `stop` completes (after the pass in progress). Returns the sink,
+    /// so a last pass (`--deregister-on-exit`) uses the same client and memory of Consul.
+    pub async fn run_until(
+        mut self,
+        mut desired: DesiredRx,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Self {
+        tokio::pin!(stop);
         let resync_interval = self.client.settings.resync_interval;
         // Capped low: a retry is one cheap read, and a long outage must not delay convergence.
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
@@ -677,9 +688,10 @@ impl ConsulSink {
                 None => next_resync,
             };
             tokio::select! {
+                () = &mut stop => return self,
                 changed = desired.changed(), if retry_in.is_none() => {
                     if changed.is_err() {
-                        return;
+                        return self;
                     }
                 }
                 _ = tokio::time::sleep_until(wake_at) => {}
