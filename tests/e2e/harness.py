@@ -1307,12 +1307,13 @@ class Workersd(_Runner):
 
     Workersd(procs, mode="standalone", targets_file=None, consul_addr=None,
              extra_args=(), probe_interval="1s", env=None, binary=None,
-             consul_token=None)
+             consul_token=None, consul_node=None, consul_resync="1s")
 
     Runs `workersd MODE --targets FILE --http-sd-listen 127.0.0.1:P
     --listen 127.0.0.1:P2 [--consul-addr URL] [--consul-token-file F]
-    --probe-interval 1s EXTRA...` (consul_token is written to F) and waits
-    for GET /readyz == 200 on --listen. http_sd_url
+    [--consul-node NODE --consul-resync-interval 1s] --probe-interval 1s
+    EXTRA...` (consul_token is written to F) and waits for GET /readyz == 200
+    on --listen. http_sd_url
     (http://127.0.0.1:P/targets), metrics_url, listen_url, readyz_url.
     Inherited WORKERSD_*/CONSUL_HTTP_*/CONSUL_DATACENTER env vars are not
     passed on (pass env= to set them). metric(name, labels) reads one value
@@ -1333,6 +1334,8 @@ class Workersd(_Runner):
         env: Mapping[str, str] | None = None,
         binary: Path | str | None = None,
         consul_token: str | None = None,
+        consul_node: str | None = None,
+        consul_resync: str = "1s",
     ):
         super().__init__(procs)
         self.binary = Path(binary) if binary else workersd_bin()
@@ -1345,6 +1348,8 @@ class Workersd(_Runner):
             self.consul_token_file.write_text(consul_token + "\n")
         self.extra_args = list(extra_args)
         self.probe_interval = probe_interval
+        self.consul_node = consul_node
+        self.consul_resync = consul_resync
         self.env = dict(env or {})
         self.http_sd_port = free_port("127.0.0.1")
         self.listen_port = free_port("127.0.0.1")
@@ -1368,6 +1373,8 @@ class Workersd(_Runner):
             argv += ["--consul-addr", self.consul_addr]
         if self.consul_token_file:
             argv += ["--consul-token-file", str(self.consul_token_file)]
+        if self.consul_node:
+            argv += ["--consul-node", self.consul_node, "--consul-resync-interval", self.consul_resync]
         if self.probe_interval:
             argv += ["--probe-interval", self.probe_interval]
         return argv + self.extra_args

@@ -39,7 +39,8 @@ def start_stack(procs, workers=4):
         procs,
         targets_file=targets,
         consul_addr=consul.url,
-        extra_args=["--consul-node", NODE, "--consul-resync-interval", f"{RESYNC:g}s"],
+        consul_node=NODE,
+        consul_resync=f"{RESYNC:g}s",
     ).start()
     return g, consul, wd
 

@@ -137,7 +137,7 @@ def test_foreign_entries_survive_registration_scale_down_and_target_removal(proc
         procs,
         targets_file=targets,
         consul_addr=consul.url,
-        extra_args=["--consul-node", NODE, "--consul-resync-interval", "1s"],
+        consul_node=NODE,
     ).start()
 
     # 1. Registration: every live port but the one whose ID is squatted.
@@ -282,7 +282,7 @@ def test_refuses_to_write_under_a_node_it_did_not_create(procs):
         procs,
         targets_file=targets,
         consul_addr=consul.url,
-        extra_args=["--consul-node", NODE, "--consul-resync-interval", "1s"],
+        consul_node=NODE,
     ).start(wait_ready=False)
     labels = {"sink": "consul", "kind": "node_not_owned"}
     wait_until(

@@ -51,7 +51,8 @@ def start_stack(procs, workers, gunicorn_args=(), work_seconds=None, workersd_ar
         targets_file=targets,
         consul_addr=consul.url,
         probe_interval=f"{PROBE_INTERVAL:g}s",
-        extra_args=["--consul-node", NODE, "--consul-resync-interval", "1s", *workersd_args],
+        consul_node=NODE,
+        extra_args=list(workersd_args),
     ).start()
     return g, consul, wd
 

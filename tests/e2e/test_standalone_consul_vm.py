@@ -84,7 +84,7 @@ def test_seed_scenario(procs):
         procs,
         targets_file=targets,
         consul_addr=consul.url,
-        extra_args=["--consul-node", NODE, "--consul-resync-interval", "1s"],
+        consul_node=NODE,
     ).start()
 
     # -- the Consul entries' shape ------------------------------------------------

@@ -74,7 +74,7 @@ def start_workersd(procs, consul, targets):
         procs,
         targets_file=targets,
         consul_addr=consul.url,
-        extra_args=["--consul-node", NODE, "--consul-resync-interval", "1s"],
+        consul_node=NODE,
     ).start()
 
 

@@ -118,7 +118,7 @@ def test_hot_reload_add_broken_edit_and_fix(procs):
         procs,
         targets_file=targets,
         consul_addr=consul.url,
-        extra_args=["--consul-node", NODE, "--consul-resync-interval", "1s"],
+        consul_node=NODE,
     ).start()
 
     def consul_targets():
@@ -224,7 +224,7 @@ def test_port_range_edit_keeps_live_entries_in_place(procs):
         procs,
         targets_file=targets,
         consul_addr=consul.url,
-        extra_args=["--consul-node", NODE, "--consul-resync-interval", "1s"],
+        consul_node=NODE,
     ).start()
     wait_until(lambda: catalog_ids() == ids(ports[:3]), message="3 entries in the first range")
 
