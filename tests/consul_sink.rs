@@ -223,6 +223,32 @@ async fn refills_a_consul_that_lost_its_catalog_and_survives_an_outage() {
     assert_eq!(ids.len(), 6, "no duplicates");
 }
 
+/// A node-services reply cut off mid-body (a Consul restart, a proxy timeout) is a connection
+/// error to retry, not a decode error and not a partial view.
+#[tokio::test]
+async fn a_reply_cut_off_in_transit_is_unreachable() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let _ = stream.read(&mut [0u8; 4096]).await;
+        let head =
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n";
+        let body = r#"{"Node":{"Node":"workersd-test","Meta":{"external-source":"workersd"}},"Services":[{"ID":"a""#;
+        stream.write_all(head.as_bytes()).await.unwrap();
+        stream.write_all(body.as_bytes()).await.unwrap();
+        // Dropped here: the connection closes 99,900 bytes short.
+    });
+    let client = ConsulClient::new(ConsulSettings {
+        address,
+        ..settings(&start().await, None)
+    })
+    .unwrap();
+    let err = client.read_node(&Default::default()).await.unwrap_err();
+    assert!(matches!(err, ConsulError::Unreachable(_)), "{err}");
+}
+
 #[tokio::test]
 async fn acl_token_is_sent_and_never_shown() {
     let double = ConsulDouble::start(Config {

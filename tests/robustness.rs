@@ -174,8 +174,8 @@ proptest! {
 
     #[test]
     fn consul_replies_never_panic(value in arb_json(), raw in ".{0,64}") {
-        let _ = decode_node_services(&value.to_string(), &Default::default());
-        let _ = decode_node_services(&raw, &Default::default());
+        let _ = decode_node_services(value.to_string().as_bytes(), &Default::default());
+        let _ = decode_node_services(raw.as_bytes(), &Default::default());
     }
 
     #[test]

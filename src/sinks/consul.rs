@@ -106,7 +106,7 @@ pub struct NodeView {
     pub services: Catalog,
 }
 
-/// Decodes a node-services reply entry by entry into a catalog, borrowing from the body: a
+/// Decodes a node-services reply entry by entry into a catalog as it is read: a
 /// resync re-reads every entry (40,000 at 10,000 pods), and entries equal to the desired
 /// ones are shared, never materialised or collected in between.
 struct NodeServicesSeed<'c>(&'c Catalog);
@@ -185,8 +185,9 @@ struct NodeReply {
     meta: Option<BTreeMap<String, String>>,
 }
 
-/// A string of the reply, borrowed unless it has JSON escapes (serde borrows a `Cow<str>` only
-/// when it is a field marked `borrow`, not inside a `Vec` or map, hence the newtype).
+/// A string of the reply: borrowed when decoding from a slice without JSON escapes (serde
+/// borrows a `Cow<str>` only when it is a field marked `borrow`, not inside a `Vec` or map,
+/// hence the newtype), owned when decoding from a reader.
 #[derive(Debug, Deserialize)]
 struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
 
@@ -368,24 +369,29 @@ impl ConsulClient {
         builder
     }
 
-    /// Everything under our node; an absent node is an empty view.
-    /// Reads the node; entries equal to `desired` ones share them.
+    /// Everything under our node; an absent node is an empty view. Entries equal to `desired`
+    /// ones share them.
     pub async fn read_node(&self, desired: &Catalog) -> Result<NodeView, ConsulError> {
         let path = format!("/v1/catalog/node-services/{}", self.settings.node);
-        let (status, body) = send(self.request(reqwest::Method::GET, &path)).await?;
-        match status {
-            200 => {}
-            404 => return Ok(NodeView::default()),
-            403 => return Err(ConsulError::Forbidden(truncate(&body))),
-            _ => {
-                return Err(ConsulError::Status {
-                    what: "node-services",
-                    status,
-                    body: truncate(&body),
-                });
-            }
+        let response = self
+            .request(reqwest::Method::GET, &path)
+            .send()
+            .await
+            .map_err(unreachable)?;
+        let status = response.status().as_u16();
+        if status == 200 {
+            return decode_streamed(response, desired.clone()).await;
         }
-        decode_node_services(&body, desired)
+        let body = response.text().await.map_err(unreachable)?;
+        match status {
+            404 => Ok(NodeView::default()),
+            403 => Err(ConsulError::Forbidden(truncate(&body))),
+            _ => Err(ConsulError::Status {
+                what: "node-services",
+                status,
+                body: truncate(&body),
+            }),
+        }
     }
 
     fn node_op(&self) -> serde_json::Value {
@@ -445,11 +451,79 @@ impl ConsulClient {
     }
 }
 
+/// Decodes a node-services reply while it arrives. At 10,000 pods the reply is ~18 MB of
+/// JSON; collecting it first (and reqwest's copy into a `String`) held twice that on top of
+/// the steady state at every resync. Chunks go to a blocking thread that decodes from a
+/// `Read`; the channel holds a few, so the memory in flight is a few chunks and one entry.
+/// `desired` is a clone of the catalog (its entries are shared, ~2 MB at 40,000 entries).
+async fn decode_streamed(
+    mut response: reqwest::Response,
+    desired: Catalog,
+) -> Result<NodeView, ConsulError> {
+    let (chunks, received) = tokio::sync::mpsc::channel(4);
+    let decoder = tokio::task::spawn_blocking(move || {
+        let body = ChunkReader {
+            chunks: received,
+            current: bytes::Bytes::new(),
+        };
+        decode_node_services(std::io::BufReader::with_capacity(64 * 1024, body), &desired)
+    });
+    let mut interrupted = None;
+    loop {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                // The decoder stops reading at the first error and reports it below.
+                if chunks.send(chunk).await.is_err() {
+                    break;
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                interrupted = Some(unreachable(e));
+                break;
+            }
+        }
+    }
+    drop(chunks);
+    let decoded = decoder.await.map_err(|e| ConsulError::Decode {
+        what: "node-services",
+        error: e.to_string(),
+    })?;
+    // A reply cut off in transit fails to decode too; the cause is the connection.
+    match interrupted {
+        Some(e) => Err(e),
+        None => decoded,
+    }
+}
+
+/// A reply body as a blocking `Read`, fed chunk by chunk from the async side.
+struct ChunkReader {
+    chunks: tokio::sync::mpsc::Receiver<bytes::Bytes>,
+    current: bytes::Bytes,
+}
+
+impl std::io::Read for ChunkReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.current.is_empty() {
+            match self.chunks.blocking_recv() {
+                Some(chunk) => self.current = chunk,
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current.split_to(n));
+        Ok(n)
+    }
+}
+
 /// Decodes a `/v1/catalog/node-services/:node` reply. Real Consul answers `{"Node": null}` for
 /// an unknown node; `null` lists are empty lists.
-pub fn decode_node_services(body: &str, desired: &Catalog) -> Result<NodeView, ConsulError> {
+pub fn decode_node_services(
+    body: impl std::io::Read,
+    desired: &Catalog,
+) -> Result<NodeView, ConsulError> {
     use serde::de::DeserializeSeed;
-    let mut decoder = serde_json::Deserializer::from_str(body);
+    let mut decoder = serde_json::Deserializer::from_reader(body);
     let (node, services) = NodeServicesSeed(desired)
         .deserialize(&mut decoder)
         .and_then(|reply| decoder.end().map(|()| reply))
@@ -744,7 +818,7 @@ mod tests {
             )
         };
         let decoded = |meta: &str| {
-            decode_node_services(&body(meta), &Catalog::new())
+            decode_node_services(body(meta).as_bytes(), &Catalog::new())
                 .unwrap()
                 .services["a"]
                 .clone()
@@ -764,7 +838,7 @@ mod tests {
 
     #[test]
     fn a_reread_entry_equal_to_the_desired_one_is_shared_not_copied() {
-        // Go's JSON escapes <, > and &: such strings cannot be borrowed and still compare.
+        // Go escapes <, > and & in JSON: such strings still compare equal.
         let want = Arc::new(ServiceInstance {
             id: "o:s:x:9011".into(),
             service: "s".into(),
@@ -777,31 +851,59 @@ mod tests {
         let body = r#"{"Node":{"Node":"n","Meta":{}},"Services":[
             {"ID":"o:s:x:9011","Service":"s","Port":9011,"Address":"x","Tags":["a\u003cb"],"Meta":{"team":"r\u0026d","worker-port":"9011"}},
             {"ID":"other","Service":"s","Port":1,"Address":"x","Tags":null,"Meta":null}]}"#;
-        let view = decode_node_services(body, &desired).unwrap();
+        let view = decode_node_services(body.as_bytes(), &desired).unwrap();
         assert!(Arc::ptr_eq(&view.services["o:s:x:9011"], &want));
         assert_eq!(view.services["other"].port, 1);
         // Any difference (here the tag) gives a decoded copy that compares unequal.
         let changed = body.replace("a\\u003cb", "c");
-        let view = decode_node_services(&changed, &desired).unwrap();
+        let view = decode_node_services(changed.as_bytes(), &desired).unwrap();
         assert!(!Arc::ptr_eq(&view.services["o:s:x:9011"], &want));
         assert_ne!(view.services["o:s:x:9011"], want);
         assert_eq!(view.services["o:s:x:9011"].tags, vec!["c".to_string()]);
     }
 
     #[test]
+    fn a_reply_decodes_the_same_whatever_its_chunks() {
+        let body = r#"{"Node":{"Node":"n","Meta":{"external-source":"workersd"}},"Services":[
+            {"ID":"a","Service":"s","Port":9011,"Address":"x","Tags":["t\u003c"],"Meta":{"k":"v","worker-port":"9011"}},
+            {"ID":"b","Service":"s","Port":9012,"Address":"x","Tags":null,"Meta":null}]}"#;
+        let whole = decode_node_services(body.as_bytes(), &Catalog::new()).unwrap();
+        assert_eq!(whole.services.len(), 2);
+        for size in [1, 2, 3, 7, 64, body.len()] {
+            let (chunks, received) = tokio::sync::mpsc::channel(body.len());
+            for piece in body.as_bytes().chunks(size) {
+                chunks
+                    .try_send(bytes::Bytes::copy_from_slice(piece))
+                    .unwrap();
+            }
+            drop(chunks);
+            let reader = ChunkReader {
+                chunks: received,
+                current: bytes::Bytes::new(),
+            };
+            let view = decode_node_services(std::io::BufReader::new(reader), &Catalog::new());
+            assert_eq!(view.unwrap(), whole, "chunks of {size} bytes");
+        }
+    }
+
+    #[test]
     fn decodes_node_services_with_nulls() {
         let none = Catalog::new();
         let view = decode_node_services(
-            r#"{"Node":{"Node":"n","Meta":null},"Services":[{"ID":"a","Service":"s","Tags":null,"Meta":null,"Port":1,"Address":"x","Weights":{"Passing":1}}]}"#,
+            r#"{"Node":{"Node":"n","Meta":null},"Services":[{"ID":"a","Service":"s","Tags":null,"Meta":null,"Port":1,"Address":"x","Weights":{"Passing":1}}]}"#
+                .as_bytes(),
             &none,
         )
         .unwrap();
         assert_eq!(view.node_meta, Some(BTreeMap::new()));
         assert!(view.services["a"].tags.is_empty());
         // Services may come first, be null, or be missing; a missing node is an empty view.
-        let view = decode_node_services(r#"{"Services":null,"Node":{"Node":"n"}}"#, &none).unwrap();
+        let view =
+            decode_node_services(r#"{"Services":null,"Node":{"Node":"n"}}"#.as_bytes(), &none)
+                .unwrap();
         assert!(view.node_meta.is_some() && view.services.is_empty());
-        let view = decode_node_services(r#"{"Node":null,"Services":[]}"#, &none).unwrap();
+        let view =
+            decode_node_services(r#"{"Node":null,"Services":[]}"#.as_bytes(), &none).unwrap();
         assert_eq!(view, NodeView::default());
         for bad in [
             "null",
@@ -809,7 +911,10 @@ mod tests {
             r#"{"Node":{},"Services":{}}"#,
             r#"{"Node":{}} x"#,
         ] {
-            assert!(decode_node_services(bad, &none).is_err(), "{bad}");
+            assert!(
+                decode_node_services(bad.as_bytes(), &none).is_err(),
+                "{bad}"
+            );
         }
     }
 }
