@@ -39,6 +39,16 @@ fn sink(double: &ConsulDouble, token: Option<&str>) -> ConsulSink {
 
 /// `pods` targets on 10.1.x.y, each with `live` workers.
 fn desired(pods: usize, live: u16, complete: bool) -> DesiredState {
+    let meta = BTreeMap::from([("team".into(), "web".into())]);
+    desired_with_meta(pods, live, complete, meta)
+}
+
+fn desired_with_meta(
+    pods: usize,
+    live: u16,
+    complete: bool,
+    meta: BTreeMap<String, String>,
+) -> DesiredState {
     let targets: Vec<Target> = (0..pods)
         .map(|i| Target {
             id: TargetId::new(format!("pod-{i}")),
@@ -48,7 +58,7 @@ fn desired(pods: usize, live: u16, complete: bool) -> DesiredState {
             path: "/metrics".into(),
             scheme: Scheme::Http,
             tags: vec!["gunicorn".into()],
-            meta: BTreeMap::from([("team".into(), "web".into())]),
+            meta: meta.clone(),
             revision: 0,
             probe_interval: None,
         })
@@ -104,8 +114,8 @@ async fn initial_sync_is_batched_and_a_repeat_writes_nothing() {
     let state = desired(50, 4, true); // 200 endpoints
     let outcome = sink.sync(&state).await.unwrap();
     assert_eq!(outcome.registered, 200);
-    // One read, then ceil((200 + node op) / 64) = 4 transactions.
-    assert_eq!(outcome.requests, 1 + 4);
+    // One read, then ceil((200 + node op) / 128) = 2 transactions.
+    assert_eq!(outcome.requests, 1 + 2);
     let listed = instances(&double, "clever").await;
     assert_eq!(listed.len(), 200);
     let one = &listed[0];
@@ -194,6 +204,85 @@ async fn a_restarted_sink_deregisters_nothing_until_targets_were_probed() {
     let outcome = restarted.sync(&desired(3, 3, true)).await.unwrap();
     assert_eq!((outcome.registered, outcome.deregistered), (0, 3));
     assert_eq!(instances(&double, "clever").await.len(), 9);
+}
+
+/// Consul before 1.14 refuses more than 64 operations per transaction: the refused batch is
+/// resent in halves, and later batches are 64 at once.
+#[tokio::test]
+async fn an_older_consul_gets_64_operations_per_transaction() {
+    let double = ConsulDouble::start(Config {
+        max_txn_ops: 64,
+        ..Config::default()
+    })
+    .await
+    .unwrap();
+    let mut sink = sink(&double, None);
+    let outcome = sink.sync(&desired(50, 4, true)).await.unwrap();
+    assert_eq!(outcome.registered, 200);
+    // One read, one refused 128-op txn, then ceil((200 + node op) / 64) = 4.
+    assert_eq!(outcome.requests, 1 + 1 + 4);
+    assert_eq!(instances(&double, "clever").await.len(), 200);
+    let outcome = sink.sync(&desired(100, 4, true)).await.unwrap();
+    assert_eq!(outcome.registered, 200);
+    assert_eq!(outcome.requests, 4, "no refused request the second time");
+    let stats = double.stats();
+    assert_eq!(stats.txn.committed, 8);
+    assert_eq!(stats.requests_matching("PUT /v1/txn"), 9);
+}
+
+/// 40 meta pairs of 500 bytes: ~21 KB per entry, at Consul's per-entry limits' scale.
+fn big_meta() -> BTreeMap<String, String> {
+    (0..40)
+        .map(|i| (format!("k{i}"), "v".repeat(500)))
+        .collect()
+}
+
+/// Batches stay under Consul's 512 KiB body limit, whatever the entries weigh.
+#[tokio::test]
+async fn large_entries_are_batched_by_size() {
+    let double = start().await;
+    let mut sink = sink(&double, None);
+    let outcome = sink
+        .sync(&desired_with_meta(20, 4, true, big_meta()))
+        .await
+        .unwrap();
+    assert_eq!(outcome.registered, 80);
+    // One read, then ~1.7 MB of operations in txns of at most 512 KiB: four or more.
+    let txns = outcome.requests - 1;
+    assert!(txns >= 4, "{outcome:?}");
+    assert_eq!(double.stats().txn.rejected, 0);
+    assert_eq!(instances(&double, "clever").await.len(), 80);
+}
+
+/// A Consul configured with a smaller `limits.txn_max_req_len` refuses the first batches;
+/// the sink learns the size and later passes are not refused.
+#[tokio::test]
+async fn a_smaller_consul_body_limit_is_learnt() {
+    let double = ConsulDouble::start(Config {
+        txn_max_req_len: 100 * 1024,
+        ..Config::default()
+    })
+    .await
+    .unwrap();
+    let mut sink = sink(&double, None);
+    let outcome = sink
+        .sync(&desired_with_meta(10, 4, true, big_meta()))
+        .await
+        .unwrap();
+    assert_eq!(outcome.registered, 40);
+    let refused = double.stats().txn.rejected;
+    assert!(refused >= 1, "the first batch is too large");
+    let outcome = sink
+        .sync(&desired_with_meta(20, 4, true, big_meta()))
+        .await
+        .unwrap();
+    assert_eq!(outcome.registered, 40);
+    assert_eq!(
+        double.stats().txn.rejected,
+        refused,
+        "nothing refused once learnt"
+    );
+    assert_eq!(instances(&double, "clever").await.len(), 80);
 }
 
 #[tokio::test]

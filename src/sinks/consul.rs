@@ -1,5 +1,6 @@
 //! The Consul catalog sink. Every live worker becomes one service instance under a synthetic
-//! node that workersd owns; writes go through `/v1/txn` in batches of at most 64 operations.
+//! node that workersd owns; writes go through `/v1/txn` in batches of at most 128 operations
+//! (64 for Consul before 1.14).
 //! What Consul really holds is re-read at start, periodically and after any error, and
 //! corrected: missing entries re-registered, stale owned entries garbage-collected, entries of
 //! anyone else never touched.
@@ -18,8 +19,117 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::time::Instant;
 
-/// Consul refuses transactions with more operations than this.
-pub const MAX_TXN_OPS: usize = 64;
+/// Operations per transaction: Consul 1.14 and later accept 128.
+pub const MAX_TXN_OPS: usize = 128;
+/// Older Consul accepts 64 and answers 413 "too many operations" above; the sink then keeps
+/// to this for the rest of its life (one refused request against an old Consul).
+pub const LEGACY_MAX_TXN_OPS: usize = 64;
+/// Consul's default `limits.txn_max_req_len`. Entries with meta and tags at Consul's limits
+/// are ~60 KB each, so a full batch of them would be refused; a smaller configured limit is
+/// learnt from the 413.
+pub const MAX_TXN_BYTES: usize = 512 * 1024;
+
+/// How big a transaction this Consul accepts, as far as the sink knows.
+#[derive(Debug)]
+struct TxnLimits {
+    ops: usize,
+    bytes: usize,
+}
+
+impl TxnLimits {
+    /// Whether `batch` can take one more operation of `len` encoded bytes.
+    fn fit(&self, batch: &Batch, len: usize) -> bool {
+        batch.ops.len() < self.ops && batch.body_len_with(len) <= self.bytes
+    }
+
+    /// Learns from Consul's refusal of `batch`: true when it should be split and resent
+    /// (also when it was cut under a limit since lowered), false when that cannot help.
+    fn shrink(&mut self, error: &ConsulError, batch: &Batch) -> bool {
+        let ConsulError::Status {
+            status: 413, body, ..
+        } = error
+        else {
+            return false;
+        };
+        if body.contains("too many operations") {
+            if batch.ops.len() <= self.ops {
+                if self.ops <= LEGACY_MAX_TXN_OPS {
+                    return false;
+                }
+                self.ops = LEGACY_MAX_TXN_OPS;
+                tracing::info!(
+                    ops = self.ops,
+                    "Consul accepts fewer operations per transaction (before 1.14); batching accordingly"
+                );
+            }
+            return true;
+        }
+        if body.contains("too large") {
+            if batch.body_len() <= self.bytes {
+                self.bytes = batch.body_len() / 2;
+                tracing::warn!(
+                    bytes = self.bytes,
+                    "Consul refused a transaction as too large (limits.txn_max_req_len); sending smaller ones"
+                );
+            }
+            return true;
+        }
+        false
+    }
+}
+
+/// Encoded operations for one transaction; `None` marks the node's own registration.
+#[derive(Default)]
+struct Batch<'p> {
+    ops: Vec<(Vec<u8>, Option<&'p Op>)>,
+    bytes: usize,
+}
+
+impl<'p> Batch<'p> {
+    fn push(&mut self, encoded: Vec<u8>, op: Option<&'p Op>) {
+        self.bytes += encoded.len();
+        self.ops.push((encoded, op));
+    }
+
+    /// `[a,b,c]`: brackets and one comma between operations.
+    fn body_len(&self) -> usize {
+        2 + self.bytes + self.ops.len().saturating_sub(1)
+    }
+
+    fn body_len_with(&self, len: usize) -> usize {
+        2 + self.bytes + len + self.ops.len()
+    }
+
+    fn body(&self) -> Vec<u8> {
+        let mut body = Vec::with_capacity(self.body_len());
+        body.push(b'[');
+        for (i, (encoded, _)) in self.ops.iter().enumerate() {
+            if i > 0 {
+                body.push(b',');
+            }
+            body.extend_from_slice(encoded);
+        }
+        body.push(b']');
+        body
+    }
+
+    /// Splits into batches within `limits`, in order; each takes at least one operation.
+    fn split(self, limits: &TxnLimits) -> Vec<Batch<'p>> {
+        let mut pieces = vec![Batch::default()];
+        for (encoded, op) in self.ops {
+            let last = pieces.last_mut().expect("never empty");
+            if !last.ops.is_empty() && !limits.fit(last, encoded.len()) {
+                pieces.push(Batch::default());
+            }
+            pieces.last_mut().expect("never empty").push(encoded, op);
+        }
+        pieces
+    }
+}
+
+fn encode(op: &serde_json::Value) -> Vec<u8> {
+    serde_json::to_vec(op).expect("a JSON value always encodes")
+}
 const SINK: &str = "consul";
 
 #[derive(Debug)]
@@ -423,8 +533,13 @@ impl ConsulClient {
         }
     }
 
-    pub async fn txn(&self, ops: &[serde_json::Value]) -> Result<(), ConsulError> {
-        let (status, body) = send(self.request(reqwest::Method::PUT, "/v1/txn").json(ops)).await?;
+    /// Sends one transaction: `body` is a JSON array of operations.
+    async fn txn(&self, body: Vec<u8>) -> Result<(), ConsulError> {
+        let request = self
+            .request(reqwest::Method::PUT, "/v1/txn")
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body);
+        let (status, body) = send(request).await?;
         match status {
             200 => Ok(()),
             403 => Err(ConsulError::Forbidden(truncate(&body))),
@@ -603,6 +718,7 @@ pub struct ConsulSink {
     known: Option<NodeView>,
     deregister_allowed: bool,
     reported_conflicts: Vec<String>,
+    txn_limits: TxnLimits,
     pub synced: Arc<AtomicBool>,
 }
 
@@ -614,6 +730,10 @@ impl ConsulSink {
             known: None,
             deregister_allowed: false,
             reported_conflicts: Vec::new(),
+            txn_limits: TxnLimits {
+                ops: MAX_TXN_OPS,
+                bytes: MAX_TXN_BYTES,
+            },
             synced: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -662,48 +782,74 @@ impl ConsulSink {
         if plan.ops.is_empty() {
             return Ok(outcome);
         }
-        let mut pending: Vec<serde_json::Value> = Vec::with_capacity(MAX_TXN_OPS);
-        let mut pending_ops: Vec<&Op> = Vec::with_capacity(MAX_TXN_OPS);
-        let mut node_in_batch = false;
+        let mut batch = Batch::default();
         if needs_node {
-            pending.push(self.client.node_op());
-            node_in_batch = true;
+            batch.push(encode(&self.client.node_op()), None);
         }
-        let mut iter = plan.ops.iter().peekable();
-        while iter.peek().is_some() || !pending.is_empty() {
-            while pending.len() < MAX_TXN_OPS {
-                let Some(op) = iter.next() else { break };
-                pending.push(self.client.service_op(op));
-                pending_ops.push(op);
+        for op in &plan.ops {
+            let encoded = encode(&self.client.service_op(op));
+            if !batch.ops.is_empty() && !self.txn_limits.fit(&batch, encoded.len()) {
+                self.send(std::mem::take(&mut batch), &mut outcome).await?;
             }
-            self.metrics.sink_request(SINK, "txn");
-            outcome.requests += 1;
-            if let Err(e) = self.client.txn(&pending).await {
-                self.known = None;
-                return Err(e);
-            }
-            let known = self.known.as_mut().expect("read above");
-            if node_in_batch {
-                known.node_meta = Some(BTreeMap::from([(
-                    meta_keys::EXTERNAL_SOURCE.to_string(),
-                    EXTERNAL_SOURCE.to_string(),
-                )]));
-                node_in_batch = false;
-            }
-            for op in pending_ops.drain(..) {
-                match op {
-                    Op::Register(_) => outcome.registered += 1,
-                    Op::Deregister(_) => outcome.deregistered += 1,
-                }
-                reconcile::apply(&mut known.services, std::slice::from_ref(op));
-            }
-            pending.clear();
+            batch.push(encoded, Some(op));
+        }
+        if !batch.ops.is_empty() {
+            self.send(batch, &mut outcome).await?;
         }
         self.metrics
             .sink_operations(SINK, "register", outcome.registered as u64);
         self.metrics
             .sink_operations(SINK, "deregister", outcome.deregistered as u64);
         Ok(outcome)
+    }
+
+    /// Applies `batch` in one transaction, or in smaller ones when Consul refuses it as too
+    /// big (413: more operations or bytes than it accepts); the limits learnt are kept. On
+    /// any other error, the next pass re-reads Consul (a batch may have been applied in part).
+    async fn send(
+        &mut self,
+        batch: Batch<'_>,
+        outcome: &mut SyncOutcome,
+    ) -> Result<(), ConsulError> {
+        let mut queue = std::collections::VecDeque::from([batch]);
+        while let Some(part) = queue.pop_front() {
+            self.metrics.sink_request(SINK, "txn");
+            outcome.requests += 1;
+            match self.client.txn(part.body()).await {
+                Ok(()) => self.applied(part, outcome),
+                Err(e) if part.ops.len() > 1 && self.txn_limits.shrink(&e, &part) => {
+                    for piece in part.split(&self.txn_limits).into_iter().rev() {
+                        queue.push_front(piece);
+                    }
+                }
+                Err(e) => {
+                    self.known = None;
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn applied(&mut self, batch: Batch<'_>, outcome: &mut SyncOutcome) {
+        let known = self.known.as_mut().expect("read before any write");
+        for (_, op) in batch.ops {
+            match op {
+                None => {
+                    known.node_meta = Some(BTreeMap::from([(
+                        meta_keys::EXTERNAL_SOURCE.to_string(),
+                        EXTERNAL_SOURCE.to_string(),
+                    )]));
+                }
+                Some(op) => {
+                    match op {
+                        Op::Register(_) => outcome.registered += 1,
+                        Op::Deregister(_) => outcome.deregistered += 1,
+                    }
+                    reconcile::apply(&mut known.services, std::slice::from_ref(op));
+                }
+            }
+        }
     }
 
     /// Forget the known state so the next pass re-reads Consul.
@@ -860,6 +1006,33 @@ mod tests {
         assert!(!Arc::ptr_eq(&view.services["o:s:x:9011"], &want));
         assert_ne!(view.services["o:s:x:9011"], want);
         assert_eq!(view.services["o:s:x:9011"].tags, vec!["c".to_string()]);
+    }
+
+    #[test]
+    fn batches_encode_as_arrays_and_split_within_limits() {
+        let mut batch = Batch::default();
+        for i in 0..10 {
+            batch.push(encode(&json!({ "op": "x".repeat(i * 10) })), None);
+        }
+        let body = batch.body();
+        assert_eq!(body.len(), batch.body_len());
+        let decoded: Vec<serde_json::Value> = serde_json::from_slice(&body).unwrap();
+        assert_eq!(decoded.len(), 10);
+        let limits = TxnLimits { ops: 4, bytes: 200 };
+        let pieces = batch.split(&limits);
+        assert!(pieces.len() >= 3);
+        assert_eq!(pieces.iter().map(|p| p.ops.len()).sum::<usize>(), 10);
+        for piece in &pieces {
+            assert!(piece.ops.len() <= 4);
+            // A piece over the byte limit holds a single operation that alone exceeds it.
+            assert!(piece.body_len() <= 200 || piece.ops.len() == 1);
+        }
+        // Order is kept.
+        let rejoined: Vec<serde_json::Value> = pieces
+            .iter()
+            .flat_map(|p| serde_json::from_slice::<Vec<serde_json::Value>>(&p.body()).unwrap())
+            .collect();
+        assert_eq!(rejoined, decoded);
     }
 
     #[test]

@@ -27,8 +27,6 @@ use crate::query::{
 };
 use crate::store::{Catalog, NodeEntry};
 
-/// Consul's default `limits.txn_max_req_len` (and `kv_max_value_size`).
-const TXN_MAX_BODY_BYTES: usize = 512 * 1024;
 /// Generous cap for other bodies; Consul sets none, but unbounded reads are
 /// a hazard even in a test double.
 const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
@@ -682,16 +680,17 @@ async fn txn(
     if let Err(error) = check_datacenter(params.get("dc"), &shared.config.datacenter) {
         return api_error(error);
     }
-    if declared_length(&headers).is_some_and(|len| len > TXN_MAX_BODY_BYTES) {
+    let limit = shared.config.txn_max_req_len;
+    if declared_length(&headers).is_some_and(|len| len > limit) {
         return txn_rejected(
             &shared,
             text(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                format!("Request body too large, max size: {TXN_MAX_BODY_BYTES} bytes"),
+                format!("Request body too large, max size: {limit} bytes"),
             ),
         );
     }
-    let bytes = match read_body(body, TXN_MAX_BODY_BYTES).await {
+    let bytes = match read_body(body, limit).await {
         Ok(bytes) => bytes,
         Err(response) => return txn_rejected(&shared, response),
     };

@@ -38,8 +38,10 @@ use tokio::sync::watch;
 pub use stats::{Stats, TxnStats};
 use store::Catalog;
 
-/// Consul's default limit; newer Consul releases accept 128.
-pub const DEFAULT_MAX_TXN_OPS: usize = 64;
+/// Consul's limit since 1.14; before, 64 (set `max_txn_ops` to model an older Consul).
+pub const DEFAULT_MAX_TXN_OPS: usize = 128;
+/// Consul's default `limits.txn_max_req_len` (and `kv_max_value_size`).
+pub const DEFAULT_TXN_MAX_REQ_LEN: usize = 512 * 1024;
 
 #[derive(Clone)]
 pub struct Config {
@@ -54,6 +56,8 @@ pub struct Config {
     /// When set, every `/v1` request must present this token.
     pub acl_token: Option<String>,
     pub max_txn_ops: usize,
+    /// Largest `/v1/txn` body in bytes (Consul's `limits.txn_max_req_len`, 512 KiB).
+    pub txn_max_req_len: usize,
     /// Index of the empty catalog, at start and after a wipe (minimum 1).
     pub initial_index: u64,
 }
@@ -67,6 +71,7 @@ impl Default for Config {
             node_name: "consul-double".into(),
             acl_token: None,
             max_txn_ops: DEFAULT_MAX_TXN_OPS,
+            txn_max_req_len: DEFAULT_TXN_MAX_REQ_LEN,
             initial_index: 1,
         }
     }
@@ -82,6 +87,7 @@ impl fmt::Debug for Config {
             .field("node_name", &self.node_name)
             .field("acl_token", &self.acl_token.as_ref().map(|_| "<redacted>"))
             .field("max_txn_ops", &self.max_txn_ops)
+            .field("txn_max_req_len", &self.txn_max_req_len)
             .field("initial_index", &self.initial_index)
             .finish()
     }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use consul_double::{Config, ConsulDouble, DEFAULT_MAX_TXN_OPS};
+use consul_double::{Config, ConsulDouble, DEFAULT_MAX_TXN_OPS, DEFAULT_TXN_MAX_REQ_LEN};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -47,9 +47,13 @@ struct Args {
     #[arg(long, env = "CONSUL_DOUBLE_ACL_TOKEN_FILE")]
     acl_token_file: Option<PathBuf>,
 
-    /// Maximum operations per /v1/txn (Consul: 64; newer releases 128).
+    /// Maximum operations per /v1/txn (Consul 1.14 and later: 128; before: 64).
     #[arg(long, env = "CONSUL_DOUBLE_MAX_TXN_OPS", default_value_t = DEFAULT_MAX_TXN_OPS)]
     max_txn_ops: usize,
+
+    /// Largest /v1/txn body in bytes (Consul's limits.txn_max_req_len).
+    #[arg(long, env = "CONSUL_DOUBLE_TXN_MAX_REQ_LEN", default_value_t = DEFAULT_TXN_MAX_REQ_LEN)]
+    txn_max_req_len: usize,
 
     /// Index of the empty catalog at start and after a wipe.
     #[arg(long, default_value_t = 1)]
@@ -123,6 +127,7 @@ async fn main() -> ExitCode {
         node_name: args.node_name.clone(),
         acl_token,
         max_txn_ops: args.max_txn_ops,
+        txn_max_req_len: args.txn_max_req_len,
         initial_index: args.initial_index,
     };
     tracing::info!(?config, "starting");

@@ -140,17 +140,30 @@ async fn txn_operation_limit_and_body_errors() {
     let double = start().await;
     let http = client();
     let mut ops = vec![node_set("syn")];
-    ops.extend((1..64).map(|i| service_set("syn", &format!("w{i}"), "gunicorn", 9000 + i)));
+    ops.extend((1..128).map(|i| service_set("syn", &format!("w{i}"), "gunicorn", 9000 + i)));
     let (status, _) = txn(&http, &double, Value::Array(ops.clone())).await;
-    assert_eq!(status, StatusCode::OK, "64 ops are allowed");
+    assert_eq!(status, StatusCode::OK, "128 ops are allowed");
 
-    ops.push(service_set("syn", "w64", "gunicorn", 9064));
-    let (status, body) = txn(&http, &double, Value::Array(ops)).await;
+    ops.push(service_set("syn", "w128", "gunicorn", 9128));
+    let (status, body) = txn(&http, &double, Value::Array(ops.clone())).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(
+        body,
+        json!("Transaction contains too many operations (129 > 128)")
+    );
+    // A Consul before 1.14.
+    let old = start_with(Config {
+        max_txn_ops: 64,
+        ..Config::default()
+    })
+    .await;
+    let (status, body) = txn(&http, &old, Value::Array(ops[..65].to_vec())).await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(
         body,
         json!("Transaction contains too many operations (65 > 64)")
     );
+    old.shutdown().await;
 
     let response = http
         .put(format!("{}/v1/txn", double.api_url()))
