@@ -295,9 +295,8 @@ struct NodeReply {
     meta: Option<BTreeMap<String, String>>,
 }
 
-/// A string of the reply: borrowed when decoding from a slice without JSON escapes (serde
-/// borrows a `Cow<str>` only when it is a field marked `borrow`, not inside a `Vec` or map,
-/// hence the newtype), owned when decoding from a reader.
+/// A string of the reply. Decoding is from a reader now, so it is always owned; the `Cow`
+/// (borrowed from a slice without JSON escapes) is left from slice decoding.
 #[derive(Debug, Deserialize)]
 struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
 
