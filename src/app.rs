@@ -1,7 +1,7 @@
 //! Assembles a running controller. Every mode (standalone, Kubernetes) feeds the same
 //! pipeline and sinks through a `TargetSnapshot` channel.
 
-use crate::cli::{KubernetesArgs, RunArgs, StandaloneArgs};
+use crate::cli::{KubernetesArgs, Liveness, RunArgs, StandaloneArgs};
 use crate::limits;
 use crate::metrics::Metrics;
 use crate::pipeline::{self, DesiredRx, desired_channel};
@@ -167,6 +167,8 @@ fn consul_settings(
 pub struct Controller {
     run: RunArgs,
     owner: String,
+    /// Descriptors left for held worker connections once probes and the rest have theirs.
+    hold_capacity: usize,
     sink: Option<consul::ConsulSink>,
     desired_tx: watch::Sender<Arc<pipeline::DesiredState>>,
     desired_rx: DesiredRx,
@@ -236,6 +238,7 @@ impl Controller {
             tokio::spawn(server::serve(listener, router));
         }
         Ok(Self {
+            hold_capacity: limits::hold_capacity(fds, run.probe_concurrency),
             run,
             owner,
             sink,
@@ -256,6 +259,10 @@ impl Controller {
             fast_interval: self.run.fast_interval,
             fast_period: self.run.fast_period,
             full_sweep_interval: self.run.full_sweep_interval,
+            holds: match self.run.liveness {
+                Liveness::Hold => self.hold_capacity,
+                Liveness::Connect => 0,
+            },
         };
         tokio::spawn(pipeline::run(
             self.owner,

@@ -94,6 +94,12 @@ pub enum LogFormat {
     Json,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Liveness {
+    Hold,
+    Connect,
+}
+
 /// Settings shared by every mode: probing, sinks, the controller's own endpoints.
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -167,6 +173,11 @@ pub struct RunArgs {
     /// above the lowest closed one (workers take the first free port); 0s: always every port.
     #[arg(long, env = "WORKERSD_FULL_SWEEP_INTERVAL", default_value = "60s", value_parser = parse_duration_or_zero)]
     pub full_sweep_interval: Duration,
+    /// How live workers are watched between full sweeps. hold: one idle TCP connection per
+    /// live worker, whose close (worker exit) is noticed at once, at no cost while it lives;
+    /// connect: reconnect to every live worker each sweep.
+    #[arg(long, env = "WORKERSD_LIVENESS", value_enum, default_value = "hold")]
+    pub liveness: Liveness,
     /// Log format.
     #[arg(long, env = "WORKERSD_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,

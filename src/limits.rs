@@ -4,6 +4,8 @@
 //! many descriptors plus room for Consul, Kubernetes and the HTTP endpoints. Like Go's runtime,
 //! workersd raises its soft limit to the hard one at start; when even the hard limit is too
 //! low it refuses to start, because probes failing with EMFILE would read as dead workers.
+//! Held worker connections (`--liveness hold`) use only what is left, one per live worker;
+//! workers beyond that are reconnected each sweep instead.
 
 /// Descriptors kept for everything but probes (Kubernetes watches, Consul, HTTP servers).
 pub const HEADROOM: u64 = 256;
@@ -21,6 +23,12 @@ pub struct FdLimit {
 /// Descriptors needed for `concurrency` probes in flight.
 pub fn required(concurrency: usize) -> u64 {
     concurrency as u64 + HEADROOM
+}
+
+/// Descriptors left for held worker connections: never the ones probes and the rest need.
+pub fn hold_capacity(limit: FdLimit, concurrency: usize) -> usize {
+    let left = limit.soft.saturating_sub(required(concurrency));
+    usize::try_from(left).unwrap_or(usize::MAX)
 }
 
 /// The soft limit worth asking for: the hard limit, capped where the kernel would refuse.
@@ -117,6 +125,14 @@ mod tests {
         assert!(error.contains("--probe-concurrency 769"), "{error}");
         assert!(error.contains("1025 file descriptors"), "{error}");
         assert!(error.contains("the limit is 1024 (hard 1024)"), "{error}");
+    }
+
+    #[test]
+    fn holds_get_only_the_descriptors_probes_do_not_need() {
+        let limit = |soft| FdLimit { soft, hard: soft };
+        assert_eq!(hold_capacity(limit(1 << 20), 512), (1 << 20) - 512 - 256);
+        assert_eq!(hold_capacity(limit(1024), 768), 0);
+        assert_eq!(hold_capacity(limit(1024), 900), 0);
     }
 
     #[test]

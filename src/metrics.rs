@@ -36,6 +36,7 @@ pub struct Metrics {
     reconcile_duration: Histogram,
     config_reloads: Family<ResultLabel, Counter>,
     pub sweep_overruns: Counter,
+    pub held_connections: Gauge,
     invalid_objects: Family<KindLabel, Gauge>,
 }
 
@@ -103,6 +104,12 @@ impl Metrics {
             "Sweeps that took longer than their interval (results still used)",
             sweep_overruns.clone(),
         );
+        let held_connections = Gauge::default();
+        registry.register(
+            "held_connections",
+            "Idle connections held to live workers (their end is noticed at once)",
+            held_connections.clone(),
+        );
         let invalid_objects = Family::<KindLabel, Gauge>::default();
         registry.register(
             "invalid_objects",
@@ -121,6 +128,7 @@ impl Metrics {
             reconcile_duration,
             config_reloads,
             sweep_overruns,
+            held_connections,
         }
     }
 

@@ -2,7 +2,7 @@
 //!
 //! One lightweight task per target sweeps its range concurrently under a global limit. A
 //! port counts as live once it answered `GET <path>` with 200 and a Prometheus content type;
-//! while it stays up, later sweeps only open a TCP connection so workers are not scraped
+//! while it stays up, it is held (below) or only reconnected, so workers are not scraped
 //! twice. New, changed or changing targets are swept at a fast cadence for a while so ramping
 //! or recycled workers are published within about a second.
 //!
@@ -11,13 +11,22 @@
 //! the closed ports above the lowest one; when that one opens, the rest of the range is probed
 //! in the same sweep. Each probe is a kernel TCP handshake on both ends, so ports not probed
 //! are the only real saving (see BENCHMARKS.md).
+//!
+//! With holds on (the default), a live worker is not reconnected at all: workersd keeps one
+//! idle connection to it and hears at once when it closes ([`hold`]). A port whose hold ended
+//! is reconnected each sweep until the next full sweep holds it again, so a worker server
+//! that drops idle connections costs no more than without holds.
+
+mod hold;
+
+pub use hold::{Ended, HoldId, Holds};
 
 use crate::metrics::Metrics;
 use crate::model::{Scheme, Target, TargetId};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use std::collections::hash_map::DefaultHasher;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
 use std::io;
 use std::net::SocketAddr;
@@ -42,6 +51,9 @@ pub struct ProbeSettings {
     /// How often every port is probed; in between, closed ports above the lowest closed one
     /// are skipped. Zero: every sweep is full.
     pub full_sweep_interval: Duration,
+    /// Most connections held to live workers (file descriptors). Zero: none, every sweep
+    /// reconnects to every live worker.
+    pub holds: usize,
 }
 
 impl Default for ProbeSettings {
@@ -53,6 +65,7 @@ impl Default for ProbeSettings {
             fast_interval: Duration::from_millis(500),
             fast_period: Duration::from_secs(30),
             full_sweep_interval: Duration::from_secs(60),
+            holds: 0,
         }
     }
 }
@@ -121,6 +134,7 @@ pub struct Prober {
     limiter: Arc<Semaphore>,
     metrics: Arc<Metrics>,
     reports: mpsc::Sender<ProbeReport>,
+    holds: Option<Arc<Holds>>,
     running: HashMap<TargetId, Running>,
     next_generation: u64,
 }
@@ -132,11 +146,22 @@ impl Prober {
         reports: mpsc::Sender<ProbeReport>,
     ) -> Self {
         let limiter = Arc::new(Semaphore::new(settings.concurrency.max(1)));
+        let holds = (settings.holds > 0)
+            .then(|| {
+                // Keepalive notices a vanished host about when a reconnecting sweep would.
+                Holds::start(settings.holds, settings.interval, settings.timeout)
+                    .inspect_err(|e| {
+                        tracing::warn!(error = %e, "cannot hold worker connections; reconnecting every sweep instead")
+                    })
+                    .ok()
+            })
+            .flatten();
         Self {
             settings,
             limiter,
             metrics,
             reports,
+            holds,
             running: HashMap::new(),
             next_generation: 1,
         }
@@ -167,6 +192,7 @@ impl Prober {
                 limiter: self.limiter.clone(),
                 metrics: self.metrics.clone(),
                 reports: self.reports.clone(),
+                holds: self.holds.clone(),
             };
             let task = tokio::spawn(sweeper.run()).abort_handle();
             self.running.insert(
@@ -201,6 +227,7 @@ struct Sweeper {
     limiter: Arc<Semaphore>,
     metrics: Arc<Metrics>,
     reports: mpsc::Sender<ProbeReport>,
+    holds: Option<Arc<Holds>>,
 }
 
 impl Sweeper {
@@ -210,6 +237,7 @@ impl Sweeper {
         let mut slow_phase_applied = false;
         let mut next_full = Instant::now();
         let interval = self.target.probe_interval.unwrap_or(self.settings.interval);
+        let mut holds = self.holds.clone().map(TargetHolds::new);
         loop {
             let started = Instant::now();
             let kind = if started >= next_full {
@@ -218,12 +246,20 @@ impl Sweeper {
             } else {
                 SweepKind::Frontier
             };
+            if let Some(holds) = holds.as_mut() {
+                holds.collect_ended(kind);
+            }
             let previous = state.clone().unwrap_or_default();
+            let holding = holds.as_ref().and_then(TargetHolds::holding);
             // No bound on the whole sweep: each probe is bounded once it holds a permit, and
             // the permit queue is FIFO. Discarding a slow sweep would throw away fresh results
             // and, when every sweep is slow (many timeouts), never report at all.
             // Boxed: inline, the sweep's state would size every sleeping loop (10,000 of them).
-            let now = Box::pin(self.sweep(&previous, kind)).await;
+            let swept = Box::pin(self.sweep(&previous, kind, holding.as_ref())).await;
+            let now = match holds.as_mut() {
+                Some(holds) => holds.adopt(swept, &self.target.id, &self.metrics),
+                None => swept.state,
+            };
             let took = started.elapsed();
             if took > interval {
                 self.metrics.sweep_overruns.inc();
@@ -253,15 +289,28 @@ impl Sweeper {
             } else {
                 interval
             };
-            tokio::time::sleep(delay).await;
+            match &holds {
+                // A worker closed its held connection: find out why now, not next interval.
+                Some(holds) => tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = holds.owner.wait() => {}
+                },
+                None => tokio::time::sleep(delay).await,
+            }
         }
     }
 
-    async fn sweep(&self, previous: &RangeState, kind: SweepKind) -> RangeState {
+    async fn sweep(
+        &self,
+        previous: &RangeState,
+        kind: SweepKind,
+        holding: Option<&Holding<'_>>,
+    ) -> Swept {
         sweep_target(
             &self.target,
             previous,
             kind,
+            holding,
             &self.limiter,
             self.settings.timeout,
             &self.metrics,
@@ -270,42 +319,187 @@ impl Sweeper {
     }
 }
 
+/// A sweeper's held connections and what it learnt about holding its target's workers.
+struct TargetHolds {
+    holds: Arc<Holds>,
+    owner: Arc<Ended>,
+    held: BTreeMap<u16, HoldId>,
+    /// Ports whose hold ended: reconnected each sweep until the next full sweep holds them
+    /// again, so a server that closes idle connections is not reconnected in a loop.
+    resting: BTreeSet<u16>,
+    /// Times a worker answered only once its held connection was let go (a server that
+    /// handles one connection at a time, or a timeout under load).
+    strikes: u32,
+    /// Full sweeps left before holding is tried again: 1, 2, 4 … 64 after each strike, so a
+    /// timeout under load costs one full-sweep interval and a one-at-a-time server a
+    /// probe timeout's wait at growing intervals.
+    paused_sweeps: u32,
+}
+
+impl TargetHolds {
+    fn new(holds: Arc<Holds>) -> Self {
+        Self {
+            holds,
+            owner: Arc::default(),
+            held: BTreeMap::new(),
+            resting: BTreeSet::new(),
+            strikes: 0,
+            paused_sweeps: 0,
+        }
+    }
+
+    /// Forgets the holds that ended (their ports are probed again) before a sweep.
+    fn collect_ended(&mut self, kind: SweepKind) {
+        for (port, id) in self.owner.take() {
+            if self.held.get(&port) == Some(&id) {
+                self.held.remove(&port);
+                self.resting.insert(port);
+            }
+        }
+        if kind == SweepKind::Full {
+            self.resting.clear();
+            self.paused_sweeps = self.paused_sweeps.saturating_sub(1);
+        }
+    }
+
+    fn holding(&self) -> Option<Holding<'_>> {
+        (self.paused_sweeps == 0).then_some(Holding {
+            holds: &self.holds,
+            owner: &self.owner,
+            held: &self.held,
+            resting: &self.resting,
+            verify_held: self.strikes > 0,
+        })
+    }
+
+    /// Keeps the sweep's new holds and lets go of any port that is no longer live.
+    fn adopt(&mut self, swept: Swept, target: &TargetId, metrics: &Metrics) -> RangeState {
+        for (port, id) in swept.held {
+            if let Some(old) = self.held.insert(port, id) {
+                self.holds.release(old);
+            }
+        }
+        if swept.blocked_by_hold {
+            self.strikes += 1;
+            self.paused_sweeps = 1 << (self.strikes - 1).min(6);
+            tracing::info!(target = %target, full_sweeps = self.paused_sweeps,
+                "a worker answered only once its idle connection was closed (a metrics server \
+                 that handles one connection at a time, or a slow one); reconnecting to this \
+                 target's workers instead of holding them for a while");
+        }
+        let holds = &self.holds;
+        let paused = self.paused_sweeps > 0;
+        self.held.retain(|port, id| {
+            let keep = !paused && swept.state.live.contains(port);
+            if !keep {
+                holds.release(*id);
+            }
+            keep
+        });
+        metrics.held_connections.set(holds.len() as i64);
+        swept.state
+    }
+}
+
+impl Drop for TargetHolds {
+    fn drop(&mut self) {
+        for id in self.held.values() {
+            self.holds.release(*id);
+        }
+    }
+}
+
+/// What a sweep may do with held connections.
+pub struct Holding<'a> {
+    pub holds: &'a Holds,
+    pub owner: &'a Arc<Ended>,
+    /// Ports held now: live without a probe.
+    pub held: &'a BTreeMap<u16, HoldId>,
+    /// Ports not to hold in this sweep (their hold ended since the last full sweep).
+    pub resting: &'a BTreeSet<u16>,
+    /// Check that verified workers still answer while held, as new ones always are.
+    pub verify_held: bool,
+}
+
+/// The outcome of one sweep.
+#[derive(Debug, Default)]
+pub struct Swept {
+    pub state: RangeState,
+    /// Connections this sweep started holding.
+    pub held: Vec<(u16, HoldId)>,
+    /// A worker answered only once its held connection was let go: its server handles one
+    /// connection at a time, and holding would block its scrapes.
+    pub blocked_by_hold: bool,
+}
+
 /// One sweep of `target`'s range under the shared `limiter`, starting from what the previous
-/// sweep found: live ports only get a TCP connect, the others the full HTTP check, and a
-/// frontier sweep skips known-closed ports above the lowest one unless that one opened. This
-/// is what every sweep loop runs; it is public for the benchmark harness (`testing/bench`).
+/// sweep found: held ports are live without a probe, other live ports only get a TCP connect
+/// (kept as a hold when `holding`), the others the full HTTP check, and a frontier sweep
+/// skips known-closed ports above the lowest one unless that one opened. This is what every
+/// sweep loop runs; it is public for the benchmark harness (`testing/bench`).
 pub async fn sweep_target(
     target: &Target,
     previous: &RangeState,
     kind: SweepKind,
+    holding: Option<&Holding<'_>>,
     limiter: &Semaphore,
     limit: Duration,
     metrics: &Metrics,
-) -> RangeState {
+) -> Swept {
+    let held = |port: &u16| holding.is_some_and(|h| h.held.contains_key(port));
     let frontier = previous.closed.first().copied();
-    let (now, skipped): (Vec<u16>, Vec<u16>) = target.ports.ports().partition(|port| {
-        kind == SweepKind::Full || !previous.closed.contains(port) || Some(*port) == frontier
-    });
-    let probe = |ports| probe_ports(target, &previous.live, ports, limiter, limit, metrics);
+    let (now, skipped): (Vec<u16>, Vec<u16>) = target
+        .ports
+        .ports()
+        .filter(|port| !held(port))
+        .partition(|port| {
+            kind == SweepKind::Full || !previous.closed.contains(port) || Some(*port) == frontier
+        });
+    let probe = |ports| probe_ports(target, previous, holding, ports, limiter, limit, metrics);
     let mut results = probe(now).await;
     let frontier_opened = results
         .iter()
-        .any(|(port, status)| Some(*port) == frontier && *status != PortStatus::Refused);
+        .any(|p| Some(p.port) == frontier && p.status != PortStatus::Refused);
+    let mut swept = Swept::default();
     if frontier_opened {
         // Several workers may have started since: look at the whole range now.
         results.extend(probe(skipped).await);
     } else {
-        results.extend(skipped.into_iter().map(|port| (port, PortStatus::Refused)));
+        swept.state.closed.extend(skipped);
     }
-    let mut state = RangeState::default();
-    for (port, status) in results {
-        match status {
-            PortStatus::Live => state.live.insert(port),
-            PortStatus::Refused => state.closed.insert(port),
+    swept
+        .state
+        .live
+        .extend(target.ports.ports().filter(|port| held(port)));
+    for probed in results {
+        match probed.status {
+            PortStatus::Live => swept.state.live.insert(probed.port),
+            PortStatus::Refused => swept.state.closed.insert(probed.port),
             _ => false,
         };
+        swept.held.extend(probed.hold.map(|id| (probed.port, id)));
+        swept.blocked_by_hold |= probed.blocked_by_hold;
     }
-    state
+    swept
+}
+
+/// One port's probe.
+struct Probed {
+    port: u16,
+    status: PortStatus,
+    hold: Option<HoldId>,
+    blocked_by_hold: bool,
+}
+
+impl Probed {
+    fn plain(port: u16, status: PortStatus) -> Self {
+        Self {
+            port,
+            status,
+            hold: None,
+            blocked_by_hold: false,
+        }
+    }
 }
 
 /// Probes `ports` of `target`, taking permits one at a time from the shared first-come
@@ -315,12 +509,13 @@ pub async fn sweep_target(
 /// it holds a permit.
 async fn probe_ports(
     target: &Target,
-    verified: &BTreeSet<u16>,
+    previous: &RangeState,
+    holding: Option<&Holding<'_>>,
     ports: Vec<u16>,
     limiter: &Semaphore,
     limit: Duration,
     metrics: &Metrics,
-) -> Vec<(u16, PortStatus)> {
+) -> Vec<Probed> {
     let mut results = Vec::with_capacity(ports.len());
     let mut pending = ports.into_iter();
     let mut next = pending.next();
@@ -337,24 +532,76 @@ async fn probe_ports(
                 acquire.set(limiter.acquire());
                 match permit {
                     Ok(permit) => in_flight.push(Box::pin(async move {
-                        let addr = SocketAddr::new(target.address, port);
-                        let status = if verified.contains(&port) {
-                            connect_only(addr, limit).await
-                        } else {
-                            verify(addr, &target.path, target.scheme, limit).await
-                        };
+                        let hold = holding.filter(|h| !h.resting.contains(&port));
+                        let probed = probe_port(target, port, previous, hold, limit).await;
                         drop(permit);
-                        metrics.probe(status.label());
-                        (port, status)
+                        metrics.probe(probed.status.label());
+                        probed
                     })),
                     // Closed semaphore: only at shutdown.
-                    Err(_) => results.push((port, PortStatus::Refused)),
+                    Err(_) => results.push(Probed::plain(port, PortStatus::Refused)),
                 }
             }
             else => break,
         }
     }
     results
+}
+
+/// A verified worker gets a TCP connect, anything else the full HTTP check; with `hold`, the
+/// connection to a live worker is kept.
+async fn probe_port(
+    target: &Target,
+    port: u16,
+    previous: &RangeState,
+    hold: Option<&Holding<'_>>,
+    limit: Duration,
+) -> Probed {
+    let addr = SocketAddr::new(target.address, port);
+    let verified = previous.live.contains(&port);
+    let Some(hold) = hold else {
+        let status = if verified {
+            connect_only(addr, limit).await
+        } else {
+            verify(addr, &target.path, target.scheme, limit).await
+        };
+        return Probed::plain(port, status);
+    };
+    // Held first, then verified over a second connection: a server that handles one
+    // connection at a time is then stuck on the held one, and shows it by timing out.
+    let id = match timeout(limit, connected_socket(addr)).await {
+        Ok(Ok(socket)) => hold.holds.hold(socket, port, hold.owner),
+        Ok(Err(_)) => return Probed::plain(port, PortStatus::Refused),
+        Err(_) => return Probed::plain(port, PortStatus::Timeout),
+    };
+    if verified && !hold.verify_held {
+        return Probed {
+            hold: id,
+            ..Probed::plain(port, PortStatus::Live)
+        };
+    }
+    let status = verify(addr, &target.path, target.scheme, limit).await;
+    let Some(id) = id else {
+        return Probed::plain(port, status);
+    };
+    match status {
+        PortStatus::Live => Probed {
+            hold: Some(id),
+            ..Probed::plain(port, status)
+        },
+        PortStatus::Timeout => {
+            hold.holds.release(id);
+            let again = verify(addr, &target.path, target.scheme, limit).await;
+            Probed {
+                blocked_by_hold: again == PortStatus::Live,
+                ..Probed::plain(port, again)
+            }
+        }
+        _ => {
+            hold.holds.release(id);
+            Probed::plain(port, status)
+        }
+    }
 }
 
 /// Logs a slow sweep at most once a minute for the whole process: at scale every target
@@ -387,9 +634,14 @@ pub async fn connect_only(addr: SocketAddr, limit: Duration) -> PortStatus {
 
 /// Connects to `addr` and closes at once.
 async fn connect_and_close(addr: SocketAddr) -> io::Result<()> {
+    connected_socket(addr).await.map(drop)
+}
+
+/// A connected socket to `addr`, outside the reactor (to be closed or held).
+async fn connected_socket(addr: SocketAddr) -> io::Result<socket2::Socket> {
     match start_connect(addr)? {
-        Connect::Done(_) => Ok(()),
-        Connect::Pending(socket) => finish_connect(socket).await.map(drop),
+        Connect::Done(socket) => Ok(socket),
+        Connect::Pending(socket) => Ok(finish_connect(socket).await?.into_std()?.into()),
     }
 }
 
@@ -765,17 +1017,244 @@ mod tests {
         assert_eq!(prober.generation(&target.id), None);
     }
 
-    /// A metrics endpoint on `addr` until the returned handle is aborted and awaited.
+    /// A metrics endpoint on `addr` until the returned handle is aborted and awaited, which
+    /// closes its connections too, as a worker's exit does.
     async fn open(addr: SocketAddr) -> tokio::task::JoinHandle<()> {
+        open_counting(addr, Arc::default()).await
+    }
+
+    /// `open`, counting the connections it accepts in `accepted`.
+    async fn open_counting(
+        addr: SocketAddr,
+        accepted: Arc<std::sync::atomic::AtomicUsize>,
+    ) -> tokio::task::JoinHandle<()> {
         let listener = TcpListener::bind(addr).await.unwrap();
         tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
             while let Ok((mut stream, _)) = listener.accept().await {
-                tokio::spawn(async move {
-                    let _ = stream.read(&mut [0u8; 1024]).await;
-                    let _ = stream.write_all(METRICS_OK.as_bytes()).await;
+                accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                connections.spawn(async move {
+                    if matches!(stream.read(&mut [0u8; 1024]).await, Ok(n) if n > 0) {
+                        let _ = stream.write_all(METRICS_OK.as_bytes()).await;
+                    }
                 });
             }
         })
+    }
+
+    /// A metrics server that handles one connection at a time, like a single-threaded
+    /// `wsgiref` or `http.server` one: a connection that sends nothing blocks it.
+    async fn open_one_at_a_time(addr: SocketAddr) -> tokio::task::JoinHandle<()> {
+        let listener = TcpListener::bind(addr).await.unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                if matches!(stream.read(&mut [0u8; 1024]).await, Ok(n) if n > 0) {
+                    let _ = stream.write_all(METRICS_OK.as_bytes()).await;
+                }
+            }
+        })
+    }
+
+    /// Settings with holds on, an immediate first sweep and then nothing for `quiet` but
+    /// sweeps woken by an ended hold.
+    fn holding_settings(fast_period: Duration) -> ProbeSettings {
+        ProbeSettings {
+            interval: Duration::from_secs(60),
+            timeout: Duration::from_millis(300),
+            fast_interval: Duration::from_millis(50),
+            fast_period,
+            holds: 64,
+            ..ProbeSettings::default()
+        }
+    }
+
+    async fn next_report(rx: &mut mpsc::Receiver<ProbeReport>, within: Duration) -> ProbeReport {
+        timeout(within, rx.recv()).await.unwrap().unwrap()
+    }
+
+    #[tokio::test]
+    async fn held_workers_are_not_reconnected_and_their_exit_is_noticed_at_once() {
+        let target = six_ports(5);
+        let at = |port| SocketAddr::new(target.address, port);
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let worker = open_counting(at(9011), accepted.clone()).await;
+        let (tx, mut rx) = mpsc::channel(16);
+        let metrics = Arc::new(Metrics::new());
+        let mut prober = Prober::new(
+            holding_settings(Duration::from_millis(600)),
+            metrics.clone(),
+            tx,
+        );
+        prober.sync(&[Arc::new(target.clone())]);
+        let first = next_report(&mut rx, Duration::from_secs(5)).await;
+        assert_eq!(first.live, ports(&[9011]));
+
+        // ~12 fast sweeps: the held worker is not connected to again (hold + verify only).
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert!(metrics.encode().contains("workersd_held_connections 1"));
+
+        // Now at the 60 s interval: the worker's exit is still reported at once.
+        let started = Instant::now();
+        close(worker).await;
+        let gone = next_report(&mut rx, Duration::from_secs(5)).await;
+        assert!(gone.live.is_empty());
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(metrics.encode().contains("workersd_held_connections 0"));
+    }
+
+    #[tokio::test]
+    async fn a_server_that_handles_one_connection_at_a_time_is_not_held() {
+        let target = six_ports(6);
+        let addr = SocketAddr::new(target.address, 9011);
+        let _worker = open_one_at_a_time(addr).await;
+        let (tx, mut rx) = mpsc::channel(16);
+        let metrics = Arc::new(Metrics::new());
+        let settings = holding_settings(Duration::from_secs(5));
+        let mut prober = Prober::new(settings, metrics.clone(), tx);
+        prober.sync(&[Arc::new(target.clone())]);
+        let first = next_report(&mut rx, Duration::from_secs(5)).await;
+        assert_eq!(first.live, ports(&[9011]));
+        // Later sweeps (every 50 ms) do not hold it either, so Prometheus can still scrape it.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(metrics.encode().contains("workersd_held_connections 0"));
+        assert_eq!(
+            verify(addr, "/metrics", Scheme::Http, Duration::from_secs(1)).await,
+            PortStatus::Live
+        );
+    }
+
+    #[tokio::test]
+    async fn a_port_whose_hold_ended_is_reconnected_until_the_next_full_sweep() {
+        let target = six_ports(7);
+        let addr = SocketAddr::new(target.address, 9011);
+        // A server that closes connections idle for 100 ms.
+        let listener = TcpListener::bind(addr).await.unwrap();
+        let _worker = tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut request = [0u8; 1024];
+                    let read = timeout(Duration::from_millis(100), stream.read(&mut request));
+                    if matches!(read.await, Ok(Ok(n)) if n > 0) {
+                        let _ = stream.write_all(METRICS_OK.as_bytes()).await;
+                    }
+                });
+            }
+        });
+        let mut holding = TargetHolds::new(holds(16));
+        let owner = holding.owner.clone();
+        let (state, held) = sweep_holding(&target, &mut holding, SweepKind::Full, None).await;
+        assert_eq!((state.live.clone(), held), (ports(&[9011]), 1));
+
+        timeout(Duration::from_secs(5), owner.wait())
+            .await
+            .expect("the server closes the idle hold");
+        let (state, held) =
+            sweep_holding(&target, &mut holding, SweepKind::Frontier, Some(&state)).await;
+        assert_eq!(
+            (state.live.clone(), held),
+            (ports(&[9011]), 0),
+            "reconnected, not held"
+        );
+        let (state, held) =
+            sweep_holding(&target, &mut holding, SweepKind::Full, Some(&state)).await;
+        assert_eq!((state.live, held), (ports(&[9011]), 1), "held again");
+    }
+
+    #[tokio::test]
+    async fn holding_a_target_that_blocked_is_retried_at_growing_full_sweep_intervals() {
+        let target = six_ports(8);
+        let addr = SocketAddr::new(target.address, 9011);
+        let _worker = open_one_at_a_time(addr).await;
+        let mut holding = TargetHolds::new(holds(16));
+        let mut state = RangeState::default();
+        let mut held_at_full = Vec::new();
+        for kind in [
+            SweepKind::Full,
+            SweepKind::Frontier,
+            SweepKind::Full, // retried, blocks again: now two full sweeps off
+            SweepKind::Full,
+            SweepKind::Frontier,
+        ] {
+            let (now, held) = sweep_holding(&target, &mut holding, kind, Some(&state)).await;
+            assert_eq!((now.live.clone(), held), (ports(&[9011]), 0), "{kind:?}");
+            held_at_full.push((holding.strikes, holding.paused_sweeps));
+            state = now;
+        }
+        assert_eq!(held_at_full, [(1, 1), (1, 1), (2, 2), (2, 1), (2, 1)]);
+        assert_eq!(
+            verify(addr, "/metrics", Scheme::Http, Duration::from_secs(1)).await,
+            PortStatus::Live,
+            "never left holding the server"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_worker_that_was_only_slow_is_held_from_the_next_full_sweep() {
+        let target = six_ports(9);
+        let addr = SocketAddr::new(target.address, 9011);
+        // The first request waits past the probe timeout (a loaded worker); later ones do not.
+        let listener = TcpListener::bind(addr).await.unwrap();
+        let _worker = tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            let mut requests = 0;
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let slow = {
+                    // The first connection is the hold, the second the first request.
+                    requests += 1;
+                    requests == 2
+                };
+                connections.spawn(async move {
+                    if matches!(stream.read(&mut [0u8; 1024]).await, Ok(n) if n > 0) {
+                        if slow {
+                            tokio::time::sleep(Duration::from_millis(1500)).await;
+                        }
+                        let _ = stream.write_all(METRICS_OK.as_bytes()).await;
+                    }
+                });
+            }
+        });
+        let mut holding = TargetHolds::new(holds(16));
+        let (state, held) = sweep_holding(&target, &mut holding, SweepKind::Full, None).await;
+        assert_eq!(
+            (state.live.clone(), held, holding.strikes),
+            (ports(&[9011]), 0, 1)
+        );
+        let (state, held) =
+            sweep_holding(&target, &mut holding, SweepKind::Full, Some(&state)).await;
+        assert_eq!((state.live, held), (ports(&[9011]), 1));
+    }
+
+    fn holds(capacity: usize) -> Arc<Holds> {
+        Holds::start(capacity, Duration::from_secs(60), Duration::from_secs(1)).unwrap()
+    }
+
+    /// One sweep as a sweeper with holds runs it; the new state and the ports held after it.
+    async fn sweep_holding(
+        target: &Target,
+        holding: &mut TargetHolds,
+        kind: SweepKind,
+        previous: Option<&RangeState>,
+    ) -> (RangeState, usize) {
+        let (limiter, metrics) = (Semaphore::new(4), Metrics::new());
+        holding.collect_ended(kind);
+        let plan = holding.holding();
+        let swept = sweep_target(
+            target,
+            previous.unwrap_or(&RangeState::default()),
+            kind,
+            plan.as_ref(),
+            &limiter,
+            Duration::from_secs(1),
+            &metrics,
+        )
+        .await;
+        let state = holding.adopt(swept, &target.id, &metrics);
+        (state, holding.held.len())
     }
 
     async fn close(worker: tokio::task::JoinHandle<()>) {
@@ -806,11 +1285,13 @@ mod tests {
             target,
             previous,
             kind,
+            None,
             &limiter,
             Duration::from_secs(2),
             &metrics,
         )
         .await
+        .state
     }
 
     fn ports(list: &[u16]) -> BTreeSet<u16> {
@@ -881,6 +1362,7 @@ mod tests {
             &target,
             &previous,
             SweepKind::Full,
+            None,
             &limiter,
             Duration::from_secs(1),
             &metrics,
