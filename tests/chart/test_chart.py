@@ -205,6 +205,7 @@ def test_lint_values_all(helm):
         ({"logFormat": "xml"}, "/logFormat"),
         ({"probe": {"interval": "ten seconds"}}, "/probe/interval"),
         ({"probe": {"concurrency": 0}}, "/probe/concurrency"),
+        ({"probe": {"liveness": "poll"}}, "/probe/liveness"),
         ({"serviceNameTemplate": "{pod}-{service}"}, "/serviceNameTemplate"),
         ({"watchNamespaces": ["Shop"]}, "/watchNamespaces/0"),
         ({"httpSd": {"port": 70000}}, "/httpSd/port"),
@@ -338,6 +339,7 @@ def test_values_all_options_reach_the_pod(rendered):
     assert flag_value(args, "--fast-interval") == v["probe"]["fastInterval"]
     assert flag_value(args, "--fast-period") == v["probe"]["fastPeriod"]
     assert flag_value(args, "--full-sweep-interval") == v["probe"]["fullSweepInterval"]
+    assert flag_value(args, "--liveness") == v["probe"]["liveness"]
     assert flag_value(args, "--lease-duration") == v["leaderElection"]["leaseDuration"]
     assert flag_value(args, "--lease-name") == v["fullnameOverride"]
     assert flag_value(args, "--log-format") == v["logFormat"]
