@@ -8,11 +8,16 @@ listening ports; it must stay within two probe intervals plus slack. Two regimes
   (README: steady targets are swept every probe interval);
 - fast: the default fast window (500 ms sweeps for 30 s after a change).
 
+With held connections (the default `--liveness hold`) a worker's exit is noticed when it
+closes its connection, so even at a 30 s probe interval Consul follows within about a second,
+while Prometheus can still scrape every held worker.
+
 `--max-requests` recycling (workers exiting and re-binding ports, plus a TTOU in the
 middle) must end with the entries equal to exactly the listening ports, and staying so.
 """
 
 import time
+import urllib.request
 
 import pytest
 from harness import (
@@ -32,7 +37,14 @@ FAST_INTERVAL = 0.5
 SLACK = 1.0  # sweep + Consul write + the test's own polling, on a slow 2-core machine
 
 
-def start_stack(procs, workers, gunicorn_args=(), work_seconds=None, workersd_args=()):
+def start_stack(
+    procs,
+    workers,
+    gunicorn_args=(),
+    work_seconds=None,
+    workersd_args=(),
+    probe_interval=PROBE_INTERVAL,
+):
     first, last = free_port_range("127.0.0.2", 10, preferred_first=19011)
     g = Gunicorn(
         procs,
@@ -50,7 +62,7 @@ def start_stack(procs, workers, gunicorn_args=(), work_seconds=None, workersd_ar
         procs,
         targets_file=targets,
         consul_addr=consul.url,
-        probe_interval=f"{PROBE_INTERVAL:g}s",
+        probe_interval=f"{probe_interval:g}s",
         consul_node=NODE,
         extra_args=list(workersd_args),
     ).start()
@@ -136,6 +148,32 @@ def test_scale_down_and_up_follow_within_two_probe_intervals(procs, regime, extr
     assert consul_ports(consul) == start_ports
     assert wd.metric("workersd_sink_operations_total", {"sink": "consul", "op": "deregister"}) == 2
     assert wd.metric("workersd_sink_errors_total", {"sink": "consul"}) in (None, 0)
+
+
+def test_held_workers_exit_is_followed_at_once_at_a_30s_interval(procs):
+    g, consul, wd = start_stack(
+        procs, workers=3, workersd_args=["--fast-period", "100ms"], probe_interval=30
+    )
+    start_ports = g.wait_for_metrics_ports(lambda p: len(p) == 3, what="3 ports")
+    wait_until(
+        lambda: consul_ports(consul) == start_ports
+        and wd.metric("workersd_held_connections") == 3,
+        message=lambda: f"3 entries and 3 held connections: {consul_ports(consul)}, "
+        f"{wd.metric('workersd_held_connections')}",
+    )
+    # Held by workersd, each worker's prometheus_client server still answers a scrape.
+    for port in start_ports:
+        with urllib.request.urlopen(f"http://127.0.0.2:{port}/metrics", timeout=2) as r:
+            assert r.status == 200
+    live_probes = wd.metric("workersd_probes_total", {"result": "live"})
+
+    latency, ports = measure_follow(g, consul, g.scale_down, 2, "TTOU -> 2")
+    print(f"held: Consul followed a worker's exit in {latency:.3f}s at a 30 s interval")
+    assert latency <= 2 * FAST_INTERVAL + SLACK, f"followed after {latency:.2f}s"
+    assert wd.metric("workersd_held_connections") == 2
+    # Noticing the exit took a probe of the closed port only: no live worker was reconnected.
+    assert wd.metric("workersd_probes_total", {"result": "live"}) == live_probes
+    assert wd.http_sd_targets() == [f"127.0.0.2:{p}" for p in ports]
 
 
 def test_max_requests_recycling_converges_to_listening_ports(procs):
