@@ -33,8 +33,9 @@ use workersd::sinks::consul::{ConsulClient, ConsulSettings, ConsulSink};
 const FIRST_PORT: u16 = 9011;
 const RANGE_PORTS: u16 = 10;
 const OPEN_PORTS: u16 = 4;
-/// Listeners per serving child: 4 per pod, well under the 20,000 fd hard limit of this host.
-const PODS_PER_CHILD: usize = 4000;
+/// Pods per serving child: 4 listeners and up to 4 connections held by workersd per pod,
+/// under the 20,000 fd hard limit of this host.
+const PODS_PER_CHILD: usize = 2000;
 const OWNER: &str = "workersd-bench";
 const SERVICE: &str = "bench";
 const EXPOSITION: &str = "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: 58\r\nConnection: close\r\n\r\n# TYPE up gauge\nup 1\n# TYPE requests_total counter\nrequests_total 7\n";
@@ -77,6 +78,8 @@ struct Args {
     no_nmap: bool,
     first: usize,
     kube_fast_period: u64,
+    /// Seconds between sync and the CPU window; default: the fast period plus 12 s.
+    kube_settle: Option<u64>,
     workersd: Option<std::path::PathBuf>,
 }
 
@@ -84,7 +87,7 @@ fn parse_args() -> anyhow::Result<Args> {
     let mut it = std::env::args().skip(1);
     let scenario = it.next().context(
         "usage: workersd-bench <sweep|consul|latency|kube-memory> [--pods N[,N..]] [--concurrency C] \
-         [--samples S] [--steady-samples S] [--steady-interval SECS] [--measure SECS] [--kube-fast-period SECS] [--workersd BINARY] [--no-nmap]",
+         [--samples S] [--steady-samples S] [--steady-interval SECS] [--measure SECS] [--kube-fast-period SECS] [--kube-settle SECS] [--workersd BINARY] [--no-nmap]",
     )?;
     let mut args = Args {
         scenario,
@@ -98,6 +101,7 @@ fn parse_args() -> anyhow::Result<Args> {
         no_nmap: false,
         first: 0,
         kube_fast_period: 30,
+        kube_settle: None,
         workersd: None,
     };
     while let Some(flag) = it.next() {
@@ -122,6 +126,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--first" => args.first = value()?.parse()?,
             "--no-nmap" => args.no_nmap = true,
             "--kube-fast-period" => args.kube_fast_period = value()?.parse()?,
+            "--kube-settle" => args.kube_settle = Some(value()?.parse()?),
             "--workersd" => args.workersd = Some(value()?.into()),
             other => bail!("unknown flag {other}"),
         }
@@ -158,17 +163,25 @@ fn main() -> anyhow::Result<()> {
 // ---------------------------------------------------------------------------------------------
 // Process plumbing
 
-/// Raises the soft fd limit to the hard one (raising the hard limit needs CAP_SYS_RESOURCE).
+/// Raises the fd limit of the harness and its children (workersd included): both limits to
+/// 2^20 where allowed (root: CAP_SYS_RESOURCE), as a container runtime's default nofile is,
+/// else the soft limit to the hard one.
 fn raise_nofile() -> u64 {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
-    // SAFETY: plain syscalls on a stack struct.
+    let wide = libc::rlimit {
+        rlim_cur: 1 << 20,
+        rlim_max: 1 << 20,
+    };
+    // SAFETY: plain syscalls on stack structs.
     unsafe {
         libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
-        lim.rlim_cur = lim.rlim_max;
-        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        if lim.rlim_max >= wide.rlim_max || libc::setrlimit(libc::RLIMIT_NOFILE, &wide) != 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
         libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
     }
     lim.rlim_cur
@@ -377,7 +390,9 @@ async fn workersd_sweep(
             let (target, previous) = (target.clone(), previous.clone());
             let (limiter, metrics) = (limiter.clone(), metrics.clone());
             tokio::spawn(async move {
-                sweep_target(&target, &previous, kind, &limiter, timeout, &metrics).await
+                sweep_target(&target, &previous, kind, None, &limiter, timeout, &metrics)
+                    .await
+                    .state
             })
         })
         .collect();
@@ -985,7 +1000,7 @@ async fn kube_scenario(args: &Args) -> anyhow::Result<()> {
         );
     }
     println!(
-        "|pods|namespaces|live endpoints|sync s|VmHWM MB|VmRSS MB after sync|VmRSS MB end|CPU % of a core ({:?}, interval 10s)|",
+        "|pods|namespaces|live endpoints|held connections|sync s|VmHWM MB|VmRSS MB after sync|VmRSS MB end|CPU % of a core ({:?}, interval 10s)|",
         args.measure
     );
     for &n in &args.pods {
@@ -1064,7 +1079,8 @@ async fn kube_scenario(args: &Args) -> anyhow::Result<()> {
         let live = metric(&body, "workersd_live_endpoints").unwrap_or(-1.0);
         // Leave the fast cadence (--fast-period after each target's start) and the first
         // phase-offset slow sleep (up to one interval) behind before measuring.
-        tokio::time::sleep(Duration::from_secs(args.kube_fast_period + 12)).await;
+        let settle = args.kube_settle.unwrap_or(args.kube_fast_period + 12);
+        tokio::time::sleep(Duration::from_secs(settle)).await;
         let cpu0 = proc_cpu_secs(pid).context("workersd exited")?;
         let t0 = Instant::now();
         tokio::time::sleep(args.measure).await;
@@ -1072,8 +1088,10 @@ async fn kube_scenario(args: &Args) -> anyhow::Result<()> {
         let cpu_pct = 100.0 * (cpu1 - cpu0) / t0.elapsed().as_secs_f64();
         let hwm = proc_status_kb(&pid_s, "VmHWM:").unwrap_or(0) as f64 / 1024.0;
         let rss_end = proc_status_kb(&pid_s, "VmRSS:").unwrap_or(0) as f64 / 1024.0;
+        let (_, body) = http_get(listen, "/metrics").await?;
+        let held = metric(&body, "workersd_held_connections").unwrap_or(-1.0);
         println!(
-            "|{n}|{}|{live}|{sync:.1}|{hwm:.1}|{rss_sync:.1}|{rss_end:.1}|{cpu_pct:.1}|",
+            "|{n}|{}|{live}|{held}|{sync:.1}|{hwm:.1}|{rss_sync:.1}|{rss_end:.1}|{cpu_pct:.1}|",
             n.div_ceil(per_ns)
         );
         drop(children);
