@@ -1020,39 +1020,52 @@ mod tests {
     /// A metrics endpoint on `addr` until the returned handle is aborted and awaited, which
     /// closes its connections too, as a worker's exit does.
     async fn open(addr: SocketAddr) -> tokio::task::JoinHandle<()> {
-        open_counting(addr, Arc::default()).await
+        serve_worker(addr, Server::default()).await
     }
 
-    /// `open`, counting the connections it accepts in `accepted`.
-    async fn open_counting(
-        addr: SocketAddr,
+    /// How a test worker's metrics server treats its connections.
+    #[derive(Clone, Default)]
+    struct Server {
+        /// Counts the connections accepted.
         accepted: Arc<std::sync::atomic::AtomicUsize>,
-    ) -> tokio::task::JoinHandle<()> {
+        /// Handles one connection at a time, like a single-threaded `wsgiref` or
+        /// `http.server` one: a connection that sends nothing blocks it.
+        one_at_a_time: bool,
+        /// Closes a connection that sends nothing for this long.
+        idle_close: Option<Duration>,
+        /// The connection (counted from 1) whose answer waits 1.5 s, past the probe timeout.
+        slow_connection: Option<usize>,
+    }
+
+    async fn serve_worker(addr: SocketAddr, server: Server) -> tokio::task::JoinHandle<()> {
         let listener = TcpListener::bind(addr).await.unwrap();
         tokio::spawn(async move {
             let mut connections = tokio::task::JoinSet::new();
-            while let Ok((mut stream, _)) = listener.accept().await {
-                accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                connections.spawn(async move {
-                    if matches!(stream.read(&mut [0u8; 1024]).await, Ok(n) if n > 0) {
-                        let _ = stream.write_all(METRICS_OK.as_bytes()).await;
-                    }
-                });
+            while let Ok((stream, _)) = listener.accept().await {
+                let number = 1 + server
+                    .accepted
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let delay =
+                    (server.slow_connection == Some(number)).then_some(Duration::from_millis(1500));
+                let answer = answer(stream, server.idle_close, delay);
+                if server.one_at_a_time {
+                    answer.await;
+                } else {
+                    connections.spawn(answer);
+                }
             }
         })
     }
 
-    /// A metrics server that handles one connection at a time, like a single-threaded
-    /// `wsgiref` or `http.server` one: a connection that sends nothing blocks it.
-    async fn open_one_at_a_time(addr: SocketAddr) -> tokio::task::JoinHandle<()> {
-        let listener = TcpListener::bind(addr).await.unwrap();
-        tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                if matches!(stream.read(&mut [0u8; 1024]).await, Ok(n) if n > 0) {
-                    let _ = stream.write_all(METRICS_OK.as_bytes()).await;
-                }
+    async fn answer(mut stream: TcpStream, idle_close: Option<Duration>, delay: Option<Duration>) {
+        let mut request = [0u8; 1024];
+        let idle = idle_close.unwrap_or(Duration::from_secs(3600));
+        if matches!(timeout(idle, stream.read(&mut request)).await, Ok(Ok(n)) if n > 0) {
+            if let Some(delay) = delay {
+                tokio::time::sleep(delay).await;
             }
-        })
+            let _ = stream.write_all(METRICS_OK.as_bytes()).await;
+        }
     }
 
     /// Settings with holds on, an immediate first sweep and then nothing for `quiet` but
@@ -1077,7 +1090,11 @@ mod tests {
         let target = six_ports(5);
         let at = |port| SocketAddr::new(target.address, port);
         let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let worker = open_counting(at(9011), accepted.clone()).await;
+        let server = Server {
+            accepted: accepted.clone(),
+            ..Server::default()
+        };
+        let worker = serve_worker(at(9011), server).await;
         let (tx, mut rx) = mpsc::channel(16);
         let metrics = Arc::new(Metrics::new());
         let mut prober = Prober::new(
@@ -1111,7 +1128,7 @@ mod tests {
     async fn a_server_that_handles_one_connection_at_a_time_is_not_held() {
         let target = six_ports(6);
         let addr = SocketAddr::new(target.address, 9011);
-        let _worker = open_one_at_a_time(addr).await;
+        let _worker = serve_worker(addr, one_at_a_time()).await;
         let (tx, mut rx) = mpsc::channel(16);
         let metrics = Arc::new(Metrics::new());
         let settings = holding_settings(Duration::from_secs(5));
@@ -1132,19 +1149,11 @@ mod tests {
     async fn a_port_whose_hold_ended_is_reconnected_until_the_next_full_sweep() {
         let target = six_ports(7);
         let addr = SocketAddr::new(target.address, 9011);
-        // A server that closes connections idle for 100 ms.
-        let listener = TcpListener::bind(addr).await.unwrap();
-        let _worker = tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                tokio::spawn(async move {
-                    let mut request = [0u8; 1024];
-                    let read = timeout(Duration::from_millis(100), stream.read(&mut request));
-                    if matches!(read.await, Ok(Ok(n)) if n > 0) {
-                        let _ = stream.write_all(METRICS_OK.as_bytes()).await;
-                    }
-                });
-            }
-        });
+        let server = Server {
+            idle_close: Some(Duration::from_millis(100)),
+            ..Server::default()
+        };
+        let _worker = serve_worker(addr, server).await;
         let mut holding = TargetHolds::new(holds(16));
         let owner = holding.owner.clone();
         let (state, held) = sweep_holding(&target, &mut holding, SweepKind::Full, None).await;
@@ -1169,7 +1178,7 @@ mod tests {
     async fn holding_a_target_that_blocked_is_retried_at_growing_full_sweep_intervals() {
         let target = six_ports(8);
         let addr = SocketAddr::new(target.address, 9011);
-        let _worker = open_one_at_a_time(addr).await;
+        let _worker = serve_worker(addr, one_at_a_time()).await;
         let mut holding = TargetHolds::new(holds(16));
         let mut state = RangeState::default();
         let mut held_at_full = Vec::new();
@@ -1198,26 +1207,12 @@ mod tests {
         let target = six_ports(9);
         let addr = SocketAddr::new(target.address, 9011);
         // The first request waits past the probe timeout (a loaded worker); later ones do not.
-        let listener = TcpListener::bind(addr).await.unwrap();
-        let _worker = tokio::spawn(async move {
-            let mut connections = tokio::task::JoinSet::new();
-            let mut requests = 0;
-            while let Ok((mut stream, _)) = listener.accept().await {
-                let slow = {
-                    // The first connection is the hold, the second the first request.
-                    requests += 1;
-                    requests == 2
-                };
-                connections.spawn(async move {
-                    if matches!(stream.read(&mut [0u8; 1024]).await, Ok(n) if n > 0) {
-                        if slow {
-                            tokio::time::sleep(Duration::from_millis(1500)).await;
-                        }
-                        let _ = stream.write_all(METRICS_OK.as_bytes()).await;
-                    }
-                });
-            }
-        });
+        // The first connection is the hold, the second the first request.
+        let server = Server {
+            slow_connection: Some(2),
+            ..Server::default()
+        };
+        let _worker = serve_worker(addr, server).await;
         let mut holding = TargetHolds::new(holds(16));
         let (state, held) = sweep_holding(&target, &mut holding, SweepKind::Full, None).await;
         assert_eq!(
@@ -1227,6 +1222,13 @@ mod tests {
         let (state, held) =
             sweep_holding(&target, &mut holding, SweepKind::Full, Some(&state)).await;
         assert_eq!((state.live, held), (ports(&[9011]), 1));
+    }
+
+    fn one_at_a_time() -> Server {
+        Server {
+            one_at_a_time: true,
+            ..Server::default()
+        }
     }
 
     fn holds(capacity: usize) -> Arc<Holds> {
