@@ -12,7 +12,6 @@ use crate::reconcile::{self, Op};
 use crate::secret::TokenSource;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -274,8 +273,8 @@ impl<'de> serde::de::Visitor<'de> for ServicesSeed<'_> {
     }
     fn visit_seq<S: serde::de::SeqAccess<'de>>(self, mut seq: S) -> Result<Catalog, S::Error> {
         let mut services = Catalog::new();
-        while let Some(s) = seq.next_element::<ServiceReply<'de>>()? {
-            let (id, instance) = match self.0.get(&*s.id.0) {
+        while let Some(s) = seq.next_element::<ServiceReply>()? {
+            let (id, instance) = match self.0.get(s.id.as_str()) {
                 // Shares the desired instance instead of a decoded copy.
                 Some(want) if s.is(want) => (want.id.clone(), want.clone()),
                 _ => {
@@ -295,43 +294,32 @@ struct NodeReply {
     meta: Option<BTreeMap<String, String>>,
 }
 
-/// A string of the reply. Decoding is from a reader now, so it is always owned; the `Cow`
-/// (borrowed from a slice without JSON escapes) is left from slice decoding.
-#[derive(Debug, Deserialize)]
-struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
-
-impl Text<'_> {
-    fn owned(self) -> String {
-        self.0.into_owned()
-    }
-}
-
 #[derive(Deserialize)]
-struct ServiceReply<'a> {
-    #[serde(rename = "ID", borrow)]
-    id: Text<'a>,
-    #[serde(rename = "Service", borrow)]
-    service: Text<'a>,
-    #[serde(rename = "Address", default, borrow)]
-    address: Option<Text<'a>>,
+struct ServiceReply {
+    #[serde(rename = "ID")]
+    id: String,
+    #[serde(rename = "Service")]
+    service: String,
+    #[serde(rename = "Address", default)]
+    address: Option<String>,
     #[serde(rename = "Port", default)]
     port: u16,
-    #[serde(rename = "Tags", default, borrow)]
-    tags: Option<Vec<Text<'a>>>,
-    #[serde(rename = "Meta", default, borrow)]
-    meta: Option<Pairs<'a>>,
+    #[serde(rename = "Tags", default)]
+    tags: Option<Vec<String>>,
+    #[serde(rename = "Meta", default)]
+    meta: Option<Pairs>,
 }
 
 /// A JSON object of strings as its pairs, in one allocation (a map costs a node per key, per
 /// entry read).
 #[derive(Debug, Default)]
-struct Pairs<'a>(Vec<(Text<'a>, Text<'a>)>);
+struct Pairs(Vec<(String, String)>);
 
-impl<'de: 'a, 'a> Deserialize<'de> for Pairs<'a> {
+impl<'de> Deserialize<'de> for Pairs {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct Visit<'a>(std::marker::PhantomData<&'a ()>);
-        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Visit<'a> {
-            type Value = Pairs<'a>;
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Pairs;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                 f.write_str("an object of strings")
             }
@@ -346,27 +334,29 @@ impl<'de: 'a, 'a> Deserialize<'de> for Pairs<'a> {
                 Ok(Pairs(pairs))
             }
         }
-        deserializer.deserialize_map(Visit(std::marker::PhantomData))
+        deserializer.deserialize_map(Visit)
     }
 }
 
-impl Pairs<'_> {
+impl Pairs {
     fn get(&self, key: &str) -> Option<&str> {
-        self.0.iter().find(|(k, _)| k.0 == key).map(|(_, v)| &*v.0)
+        self.0
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 }
 
-impl ServiceReply<'_> {
+impl ServiceReply {
     /// Whether this entry is exactly `want` as workersd publishes it.
     fn is(&self, want: &ServiceInstance) -> bool {
         let tags = self.tags.as_deref().unwrap_or_default();
         let empty = Pairs::default();
         let meta = self.meta.as_ref().unwrap_or(&empty);
-        self.service.0 == want.service
-            && self.address.as_ref().map_or("", |a| &a.0) == want.address
+        self.service == want.service
+            && self.address.as_deref().unwrap_or_default() == want.address
             && self.port == want.port
-            && tags.len() == want.tags.len()
-            && tags.iter().zip(&want.tags).all(|(a, b)| a.0 == *b)
+            && tags == want.tags.as_slice()
             // Keys are unique in Consul's replies; a duplicate makes the lengths differ.
             && meta.0.len() == want.meta.len() + 1
             && meta.get(meta_keys::WORKER_PORT) == Some(want.port.to_string().as_str())
@@ -377,13 +367,8 @@ impl ServiceReply<'_> {
     }
 
     fn into_instance(self) -> ServiceInstance {
-        let mut meta: BTreeMap<String, String> = self
-            .meta
-            .unwrap_or_default()
-            .0
-            .into_iter()
-            .map(|(k, v)| (k.owned(), v.owned()))
-            .collect();
+        let mut meta: BTreeMap<String, String> =
+            self.meta.unwrap_or_default().0.into_iter().collect();
         // Stored without `worker-port` when it is the port (see ServiceInstance::meta); a
         // missing or wrong one is kept visible so the entry differs and gets rewritten.
         match meta.get(meta_keys::WORKER_PORT) {
@@ -396,16 +381,11 @@ impl ServiceReply<'_> {
             }
         }
         ServiceInstance {
-            id: self.id.owned().into(),
-            service: self.service.owned(),
-            address: self.address.map(Text::owned).unwrap_or_default(),
+            id: self.id.into(),
+            service: self.service,
+            address: self.address.unwrap_or_default(),
             port: self.port,
-            tags: self
-                .tags
-                .unwrap_or_default()
-                .into_iter()
-                .map(Text::owned)
-                .collect(),
+            tags: self.tags.unwrap_or_default(),
             meta: Arc::new(meta),
         }
     }
