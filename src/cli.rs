@@ -138,7 +138,9 @@ pub struct RunArgs {
     /// [default: the Consul node name].
     #[arg(long, env = "WORKERSD_OWNER_ID")]
     pub owner_id: Option<String>,
-    /// How often what Consul holds is re-read and corrected.
+    /// Consul is re-read and corrected when a blocking query on the node sees a change, at
+    /// most once per interval; the query waits at most this long (a wiped Consul is noticed
+    /// within about one interval).
     #[arg(long, env = "WORKERSD_CONSUL_RESYNC_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     pub consul_resync_interval: Duration,
     /// Timeout of one Consul request.

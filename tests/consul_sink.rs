@@ -400,3 +400,86 @@ async fn a_rotated_token_file_is_used_without_restart() {
     assert_eq!(sink.sync(&desired(1, 1, true)).await.unwrap().registered, 1);
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// Full node-services reads (blocking watch queries excluded).
+fn full_reads(double: &ConsulDouble) -> u64 {
+    let stats = double.stats();
+    stats.requests_matching("GET /v1/catalog/node-services") - stats.blocking_queries
+}
+
+/// Polls `check` every 20 ms for at most `limit`; returns how long it took.
+async fn within(limit: Duration, what: &str, mut check: impl AsyncFnMut() -> bool) -> Duration {
+    let started = std::time::Instant::now();
+    while !check().await {
+        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    started.elapsed()
+}
+
+/// The running sink re-reads Consul only when a blocking query on its node sees a change: an
+/// unchanged catalog costs no read at all, while an entry deleted by hand and a wiped catalog
+/// (whose index went back) are both repaired within about one resync interval.
+#[tokio::test]
+async fn the_running_sink_rereads_only_after_consul_changed() {
+    let double = start().await;
+    let resync = Duration::from_millis(300);
+    let sink = ConsulSink::new(
+        ConsulClient::new(ConsulSettings {
+            resync_interval: resync,
+            ..settings(&double, None)
+        })
+        .unwrap(),
+        Arc::new(Metrics::new()),
+    );
+    let (desired_tx, desired_rx) = workersd::pipeline::desired_channel();
+    desired_tx.send_replace(Arc::new(desired(3, 2, true)));
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(sink.run_until(desired_rx, async {
+        let _ = stop_rx.await;
+    }));
+    within(Duration::from_secs(5), "initial sync", async || {
+        instances(&double, "clever").await.len() == 6
+    })
+    .await;
+    // Our own writes moved the index: one re-read follows, then the watch settles.
+    tokio::time::sleep(resync * 3).await;
+    double.reset_stats();
+    tokio::time::sleep(resync * 5).await;
+    let stats = double.stats();
+    assert_eq!(full_reads(&double), 0, "no change, no re-read: {stats:?}");
+    assert!(stats.blocking_queries >= 3, "watched: {stats:?}");
+    assert_eq!(stats.requests_matching("PUT /v1/txn"), 0);
+
+    let id = instances(&double, "clever").await[0]["ServiceID"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    put(
+        &double,
+        "/v1/catalog/deregister",
+        json!({"Node": NODE, "ServiceID": id}),
+    )
+    .await;
+    let repaired = within(
+        Duration::from_secs(3),
+        "entry deleted by hand restored",
+        async || instances(&double, "clever").await.len() == 6,
+    )
+    .await;
+    assert!(full_reads(&double) >= 1);
+
+    double.wipe();
+    let refilled = within(
+        Duration::from_secs(3),
+        "wiped catalog refilled",
+        async || instances(&double, "clever").await.len() == 6,
+    )
+    .await;
+    println!("repaired in {repaired:?}, refilled in {refilled:?} (resync {resync:?})");
+    stop_tx.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), running)
+        .await
+        .expect("stops")
+        .unwrap();
+}
