@@ -289,13 +289,14 @@ impl Sweeper {
             } else {
                 interval
             };
+            let wake_at = on_wake_grid(Instant::now() + delay);
             match &holds {
                 // A worker closed its held connection: find out why now, not next interval.
                 Some(holds) => tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
+                    _ = tokio::time::sleep_until(wake_at) => {}
                     _ = holds.owner.wait() => {}
                 },
-                None => tokio::time::sleep(delay).await,
+                None => tokio::time::sleep_until(wake_at).await,
             }
         }
     }
@@ -616,6 +617,21 @@ fn warn_overrun(target: &TargetId, took: Duration, interval: Duration) {
     }
 }
 
+/// Sweeps wake on a 50 ms grid shared by the process. Spread over the interval, 10,000
+/// targets would otherwise wake the runtime 1,000 times a second, each wake-up a park and
+/// unpark for one refused connect; on the grid it is 20 wake-ups with ~50 sweeps each. The
+/// phase spread over the interval is kept, at 50 ms granularity.
+const WAKE_GRID: Duration = Duration::from_millis(50);
+
+fn on_wake_grid(at: Instant) -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    let since = at.saturating_duration_since(epoch).as_nanos();
+    let grid = WAKE_GRID.as_nanos();
+    let rounded_up = since.div_ceil(grid) * grid;
+    epoch + Duration::from_nanos(rounded_up as u64)
+}
+
 fn phase_offset(id: &TargetId, interval: Duration) -> Duration {
     let mut hasher = DefaultHasher::new();
     id.hash(&mut hasher);
@@ -665,20 +681,84 @@ enum Connect {
 /// about a fifth of a steady sweep's CPU. Otherwise the connect is `Pending`; the check costs
 /// two cheap syscalls.
 fn start_connect(addr: SocketAddr) -> io::Result<Connect> {
-    use socket2::{Domain, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking(), None)?;
+    let socket = spare_sockets::take(addr)?;
     match socket.connect(&addr.into()) {
         Ok(()) => return Ok(Connect::Done(socket)),
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
         Err(e) => return Err(e),
     }
     if let Some(refused) = socket.take_error()? {
+        spare_sockets::put_back(socket, addr);
         return Err(refused);
     }
     if socket.peer_addr().is_ok() {
         return Ok(Connect::Done(socket));
     }
     Ok(Connect::Pending(socket))
+}
+
+/// Sockets whose connect was refused, kept for the next connect. A steady sweep is mostly
+/// one refused connect per target (its lowest closed port); creating and closing a socket
+/// for it cost about as much as the connect itself. Linux lets a socket connect again once
+/// it is disconnected (`connect` to `AF_UNSPEC`), at about half the cost. Per thread, so no
+/// lock; a few per thread, so they cost a few descriptors.
+mod spare_sockets {
+    use socket2::{Domain, Socket, Type};
+    use std::cell::RefCell;
+    use std::io;
+    use std::net::SocketAddr;
+
+    const PER_THREAD: usize = 8;
+
+    thread_local! {
+        static SPARE: RefCell<[Vec<Socket>; 2]> = const { RefCell::new([Vec::new(), Vec::new()]) };
+    }
+
+    fn slot(addr: &SocketAddr) -> usize {
+        usize::from(addr.is_ipv6())
+    }
+
+    /// A spare socket for `addr`'s family, or a new one.
+    pub fn take(addr: SocketAddr) -> io::Result<Socket> {
+        match SPARE.with(|spare| spare.borrow_mut()[slot(&addr)].pop()) {
+            Some(socket) => Ok(socket),
+            None => Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking(), None),
+        }
+    }
+
+    /// Keeps a socket whose connect failed (its error already taken), once disconnected;
+    /// closes it when it cannot be disconnected or enough are kept.
+    pub fn put_back(socket: Socket, addr: SocketAddr) {
+        if !disconnect(&socket) {
+            return;
+        }
+        SPARE.with(|spare| {
+            let mut spare = spare.borrow_mut();
+            let kept = &mut spare[slot(&addr)];
+            if kept.len() < PER_THREAD {
+                kept.push(socket);
+            }
+        });
+    }
+
+    /// `connect(AF_UNSPEC)`: back to unconnected, so the next `connect` starts afresh
+    /// (without it, the next one fails with ECONNABORTED).
+    fn disconnect(socket: &Socket) -> bool {
+        use std::os::fd::AsRawFd;
+        let unspec = libc::sockaddr {
+            sa_family: libc::AF_UNSPEC as libc::sa_family_t,
+            sa_data: [0; 14],
+        };
+        let len = std::mem::size_of::<libc::sockaddr>() as libc::socklen_t;
+        // SAFETY: the descriptor is open (owned by `socket`), and `unspec` is a valid
+        // sockaddr of `len` bytes that outlives the call.
+        unsafe { libc::connect(socket.as_raw_fd(), &unspec, len) == 0 }
+    }
+
+    #[cfg(test)]
+    pub fn kept(addr: SocketAddr) -> usize {
+        SPARE.with(|spare| spare.borrow()[slot(&addr)].len())
+    }
 }
 
 /// Waits in tokio for a connect that was still under way.
@@ -1353,6 +1433,45 @@ mod tests {
         let _w1 = open(at(9011)).await;
         let back = sweep_of(&target, &dead, SweepKind::Frontier).await;
         assert_eq!(back.live, ports(&[9011, 9012]));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_socket_refused_is_reused_and_still_connects_to_a_live_worker() {
+        let closed = {
+            let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            gone.local_addr().unwrap()
+        };
+        let limit = Duration::from_secs(1);
+        assert_eq!(spare_sockets::kept(closed), 0);
+        assert_eq!(connect_only(closed, limit).await, PortStatus::Refused);
+        assert_eq!(spare_sockets::kept(closed), 1, "kept after the refusal");
+        for _ in 0..3 {
+            assert_eq!(connect_only(closed, limit).await, PortStatus::Refused);
+            assert_eq!(spare_sockets::kept(closed), 1, "taken and put back");
+        }
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let live = listener.local_addr().unwrap();
+        assert_eq!(connect_only(live, limit).await, PortStatus::Live);
+        assert_eq!(
+            spare_sockets::kept(closed),
+            0,
+            "the spare made the connection"
+        );
+        timeout(limit, listener.accept()).await.unwrap().unwrap();
+    }
+
+    #[test]
+    fn wake_ups_fall_on_a_shared_grid_never_early_and_at_most_one_step_late() {
+        let base = Instant::now();
+        let mut wakes = BTreeSet::new();
+        for ms in 0..500u64 {
+            let at = base + Duration::from_micros(ms * 997);
+            let wake = on_wake_grid(at);
+            assert!(wake >= at && wake < at + WAKE_GRID, "{ms}");
+            wakes.insert(wake);
+        }
+        // ~0.5 s of deadlines spread a millisecond apart: 10 or 11 distinct wake-ups.
+        assert!((10..=11).contains(&wakes.len()), "{}", wakes.len());
     }
 
     #[test]

@@ -59,8 +59,15 @@ fn pod_target(i: usize) -> Target {
     }
 }
 
+/// Live workers per pod (`--live`, default [`OPEN_PORTS`]); serving children get it too.
+static LIVE: std::sync::OnceLock<u16> = std::sync::OnceLock::new();
+
+fn live_per_pod() -> u16 {
+    *LIVE.get_or_init(|| OPEN_PORTS)
+}
+
 fn open_ports() -> BTreeSet<u16> {
-    (FIRST_PORT..FIRST_PORT + OPEN_PORTS).collect()
+    (FIRST_PORT..FIRST_PORT + live_per_pod()).collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -87,7 +94,7 @@ fn parse_args() -> anyhow::Result<Args> {
     let mut it = std::env::args().skip(1);
     let scenario = it.next().context(
         "usage: workersd-bench <sweep|consul|latency|kube-memory> [--pods N[,N..]] [--concurrency C] \
-         [--samples S] [--steady-samples S] [--steady-interval SECS] [--measure SECS] [--kube-fast-period SECS] [--kube-settle SECS] [--workersd BINARY] [--no-nmap]",
+         [--live K] [--samples S] [--steady-samples S] [--steady-interval SECS] [--measure SECS] [--kube-fast-period SECS] [--kube-settle SECS] [--workersd BINARY] [--no-nmap]",
     )?;
     let mut args = Args {
         scenario,
@@ -118,6 +125,14 @@ fn parse_args() -> anyhow::Result<Args> {
                 }
             }
             "--concurrency" => args.concurrency = value()?.parse()?,
+            "--live" => {
+                let live: u16 = value()?.parse().context("--live")?;
+                if !(1..=10).contains(&live) {
+                    bail!("--live: 1 to 10 of the 10 ports");
+                }
+                LIVE.set(live)
+                    .map_err(|_| anyhow::anyhow!("--live given twice"))?;
+            }
             "--timeout-ms" => args.timeout = Duration::from_millis(value()?.parse()?),
             "--samples" => args.samples = value()?.parse()?,
             "--steady-samples" => args.steady_samples = value()?.parse()?,
@@ -298,7 +313,7 @@ fn run_child(cmd: &mut Command, limit: Duration) -> anyhow::Result<(String, f64,
 
 /// `serve` mode (a child): listeners for pods first..first+count, until stdin closes.
 async fn serve(first: usize, count: usize) -> anyhow::Result<()> {
-    let mut listeners = Vec::with_capacity(count * OPEN_PORTS as usize);
+    let mut listeners = Vec::with_capacity(count * live_per_pod() as usize);
     for i in first..first + count {
         for port in open_ports() {
             let addr = SocketAddr::new(IpAddr::V4(pod_addr(i)), port);
@@ -345,6 +360,8 @@ fn start_pods(n: usize) -> anyhow::Result<Children> {
                 &first.to_string(),
                 "--pods",
                 &count.to_string(),
+                "--live",
+                &live_per_pod().to_string(),
             ])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -602,7 +619,7 @@ async fn sweep_scenario(args: &Args) -> anyhow::Result<()> {
             .iter()
             .flat_map(|t| t.ports.ports().map(|p| SocketAddr::new(t.address, p)))
             .collect();
-        let expected = n * OPEN_PORTS as usize;
+        let expected = n * live_per_pod() as usize;
         println!("## {n} pods, {} ports, {expected} open", addrs.len());
         let mut runs = tool_runs(args, "probe-workersd", n)?.into_iter();
         let (first, steady, frontier) = (
@@ -1000,7 +1017,7 @@ async fn kube_scenario(args: &Args) -> anyhow::Result<()> {
         );
     }
     println!(
-        "|pods|namespaces|live endpoints|held connections|sync s|VmHWM MB|VmRSS MB after sync|VmRSS MB end|CPU % of a core ({:?}, interval 10s)|",
+        "|pods|namespaces|live endpoints|held connections|sync s|VmHWM MB|VmRSS MB after sync|VmRSS MB end|CPU % of a core ({:?}, interval 10s)|in that window: probes live / refused|Consul node reads / blocking watches / txns|",
         args.measure
     );
     for &n in &args.pods {
@@ -1058,7 +1075,7 @@ async fn kube_scenario(args: &Args) -> anyhow::Result<()> {
             .spawn()?;
         let pid = workersd.id();
         children.0.push(workersd);
-        let expected = n * OPEN_PORTS as usize;
+        let expected = n * live_per_pod() as usize;
         // Synced: every pod is a target, probed once, and Consul holds every endpoint.
         let deadline = Instant::now() + Duration::from_secs(300);
         loop {
@@ -1081,17 +1098,34 @@ async fn kube_scenario(args: &Args) -> anyhow::Result<()> {
         // phase-offset slow sleep (up to one interval) behind before measuring.
         let settle = args.kube_settle.unwrap_or(args.kube_fast_period + 12);
         tokio::time::sleep(Duration::from_secs(settle)).await;
+        let (_, before) = http_get(listen, "/metrics").await?;
+        double.reset_stats();
         let cpu0 = proc_cpu_secs(pid).context("workersd exited")?;
         let t0 = Instant::now();
         tokio::time::sleep(args.measure).await;
         let cpu1 = proc_cpu_secs(pid).context("workersd exited")?;
+        let consul = double.stats();
+        let (_, after) = http_get(listen, "/metrics").await?;
+        let probes = |result: &str| {
+            let name = format!("workersd_probes_total{{result=\"{result}\"}}");
+            metric(&after, &name).unwrap_or(0.0) - metric(&before, &name).unwrap_or(0.0)
+        };
+        let reads_all = consul.requests_matching("GET /v1/catalog/node-services");
+        let window = format!(
+            "{} / {} | {} / {} / {}",
+            probes("live"),
+            probes("refused"),
+            reads_all - consul.blocking_queries,
+            consul.blocking_queries,
+            consul.requests_matching("PUT /v1/txn"),
+        );
         let cpu_pct = 100.0 * (cpu1 - cpu0) / t0.elapsed().as_secs_f64();
         let hwm = proc_status_kb(&pid_s, "VmHWM:").unwrap_or(0) as f64 / 1024.0;
         let rss_end = proc_status_kb(&pid_s, "VmRSS:").unwrap_or(0) as f64 / 1024.0;
         let (_, body) = http_get(listen, "/metrics").await?;
         let held = metric(&body, "workersd_held_connections").unwrap_or(-1.0);
         println!(
-            "|{n}|{}|{live}|{held}|{sync:.1}|{hwm:.1}|{rss_sync:.1}|{rss_end:.1}|{cpu_pct:.1}|",
+            "|{n}|{}|{live}|{held}|{sync:.1}|{hwm:.1}|{rss_sync:.1}|{rss_end:.1}|{cpu_pct:.1}|{window}|",
             n.div_ceil(per_ns)
         );
         drop(children);
