@@ -13,7 +13,7 @@ use crate::sources::kubernetes::leader::{self, LeaseSettings};
 use crate::sources::kubernetes::resolve::ResolveSettings;
 use crate::sources::kubernetes::spec::NamePolicy;
 use crate::sources::kubernetes::{status, watch as kube_watch};
-use crate::sources::{TargetSnapshot, file};
+use crate::sources::{self, TargetSnapshot, file};
 use crate::validate;
 use anyhow::{Context, bail};
 use std::sync::Arc;
@@ -40,7 +40,8 @@ pub async fn run_standalone(args: StandaloneArgs) -> anyhow::Result<()> {
     tracing::info!(file = %args.targets.display(), targets = targets.len(), "targets file loaded");
     let controller =
         Controller::prepare(args.run, default_node_name(), Arc::new(Metrics::new())).await?;
-    let (targets_tx, targets_rx) = watch::channel::<TargetSnapshot>(Arc::new(targets));
+    let (targets_tx, targets_rx) =
+        watch::channel::<TargetSnapshot>(sources::share_unchanged(targets, &[]));
     tokio::spawn(file::watch_targets_file(
         args.targets.clone(),
         args.reload_interval,

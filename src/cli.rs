@@ -171,8 +171,10 @@ pub struct RunArgs {
     /// How long a target stays at the fast interval after it appears or changes.
     #[arg(long, env = "WORKERSD_FAST_PERIOD", default_value = "30s", value_parser = parse_duration)]
     pub fast_period: Duration,
-    /// How often every port of a range is probed. In between, sweeps skip the closed ports
-    /// above the lowest closed one (workers take the first free port); 0s: always every port.
+    /// Every port of a range is probed this long after a change of its live ports, then at
+    /// doubling gaps up to 8x this while nothing new is found. In between, sweeps skip the
+    /// closed ports above the lowest closed one (workers take the first free port); 0s:
+    /// always every port.
     #[arg(long, env = "WORKERSD_FULL_SWEEP_INTERVAL", default_value = "60s", value_parser = parse_duration_or_zero)]
     pub full_sweep_interval: Duration,
     /// How live workers are watched between full sweeps. hold: one idle TCP connection per

@@ -56,12 +56,12 @@ impl View {
         }
     }
 
-    fn apply_snapshot(&mut self, snapshot: &[Target]) {
+    fn apply_snapshot(&mut self, snapshot: &[Arc<Target>]) {
         let shared = snapshot
             .iter()
             .map(|t| {
-                let kept = self.targets.get(&t.id).filter(|old| ***old == *t).cloned();
-                (t.id.clone(), kept.unwrap_or_else(|| Arc::new(t.clone())))
+                let kept = self.targets.get(&t.id).filter(|old| ***old == **t).cloned();
+                (t.id.clone(), kept.unwrap_or_else(|| Arc::clone(t)))
             })
             .collect();
         let old = std::mem::replace(&mut self.targets, shared);
@@ -259,8 +259,8 @@ mod tests {
     use crate::model::{PortRange, Scheme};
     use std::collections::BTreeMap;
 
-    fn target(id: &str, ports: &str, tag: &str) -> Target {
-        Target {
+    fn target(id: &str, ports: &str, tag: &str) -> Arc<Target> {
+        Arc::new(Target {
             id: TargetId::new(id),
             service: "svc".into(),
             address: "127.0.0.9".parse().unwrap(),
@@ -271,7 +271,7 @@ mod tests {
             meta: BTreeMap::new(),
             revision: 0,
             probe_interval: None,
-        }
+        })
     }
 
     #[test]
@@ -383,7 +383,7 @@ mod tests {
             for step in steps {
                 match step {
                     Step::Snapshot(entries) => {
-                        let mut targets: Vec<Target> = Vec::new();
+                        let mut targets: Vec<Arc<Target>> = Vec::new();
                         for (id, width, tagged) in entries {
                             let id = format!("t{id}");
                             if targets.iter().any(|t| t.id.as_str() == id) {
@@ -393,7 +393,8 @@ mod tests {
                             let mut t = target(&id, &ports, if tagged { "x" } else { "y" });
                             // Distinct addresses, except t0 and t1 which collide on purpose.
                             let n: u8 = id[1..].parse().unwrap();
-                            t.address = format!("127.0.0.{}", n.max(1)).parse().unwrap();
+                            Arc::make_mut(&mut t).address =
+                                format!("127.0.0.{}", n.max(1)).parse().unwrap();
                             targets.push(t);
                         }
                         view.apply_snapshot(&targets);

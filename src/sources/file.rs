@@ -394,7 +394,8 @@ pub async fn watch_targets_file(
             Ok(targets) => {
                 tracing::info!(file = %path.display(), targets = targets.len(), "targets file reloaded");
                 metrics.config_reload("ok");
-                tx.send_replace(Arc::new(targets));
+                let snapshot = super::share_unchanged(targets, &tx.borrow());
+                tx.send_replace(snapshot);
             }
             Err(errors) => {
                 metrics.config_reload("error");

@@ -358,7 +358,8 @@ async fn run(
             }
             changed
         });
-        targets.send_replace(Arc::new(resolution.targets));
+        let snapshot = crate::sources::share_unchanged(resolution.targets, &targets.borrow());
+        targets.send_replace(snapshot);
         if let Some(ready) = ready.take() {
             tracing::info!(
                 pods = source.view.pods.len(),

@@ -844,7 +844,7 @@ async fn latency_run(
     let metrics = Arc::new(Metrics::new());
     let mut target = pod_target(0);
     target.address = IpAddr::V4(address);
-    let (_targets_tx, targets_rx) = watch::channel(Arc::new(vec![target.clone()]));
+    let (_targets_tx, targets_rx) = watch::channel(Arc::new(vec![Arc::new(target.clone())]));
     let (desired_tx, desired_rx) = pipeline::desired_channel();
     let pipeline = tokio::spawn(pipeline::run(
         OWNER.into(),
