@@ -750,14 +750,16 @@ fn start_connect(addr: SocketAddr) -> io::Result<Connect> {
 /// one refused connect per target (its lowest closed port); creating and closing a socket
 /// for it cost about as much as the connect itself. Linux lets a socket connect again once
 /// it is disconnected (`connect` to `AF_UNSPEC`), at about half the cost. Per thread, so no
-/// lock; a few per thread, so they cost a few descriptors.
+/// lock. A refused connect takes and returns its socket within one call, so one spare per
+/// thread covers it; two at most keep them inside the 256 descriptors `limits` leaves free
+/// besides probes, even with a runtime thread per core on large hosts.
 mod spare_sockets {
     use socket2::{Domain, Socket, Type};
     use std::cell::RefCell;
     use std::io;
     use std::net::SocketAddr;
 
-    const PER_THREAD: usize = 8;
+    const PER_THREAD: usize = 2;
 
     thread_local! {
         static SPARE: RefCell<[Vec<Socket>; 2]> = const { RefCell::new([Vec::new(), Vec::new()]) };
