@@ -60,7 +60,9 @@ impl View {
         let shared = snapshot
             .iter()
             .map(|t| {
-                let kept = self.targets.get(&t.id).filter(|old| ***old == **t).cloned();
+                // `Arc` equality: the same allocation (a target shared from the last
+                // snapshot) is equal without comparing fields.
+                let kept = self.targets.get(&t.id).filter(|old| *old == t).cloned();
                 (t.id.clone(), kept.unwrap_or_else(|| Arc::clone(t)))
             })
             .collect();
