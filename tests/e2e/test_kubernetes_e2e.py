@@ -598,6 +598,11 @@ def test_kubernetes_leader_election_standby_takes_over(procs, cluster):
     time.sleep(2 * lease / 3 + 0.5)  # a few of the standby's lease polls
     # Only the leader works: the standby neither watches, probes nor writes.
     assert standing_by()
+    # Nor does it serve targets: an empty list from a standby would make Prometheus drop
+    # every worker, so it refuses while the leader serves the full list.
+    r = http_get(standby.http_sd_url, timeout=5)
+    assert r.status_code == 503 and "standing by" in r.text, (r.status_code, r.text)
+    assert http_get(leader.http_sd_url, timeout=5).status_code == 200
     assert len(fk.watches("pods")) == 1
     assert not metric(standby, "workersd_probes_total")
     assert not metric(standby, "workersd_sink_requests_total")
