@@ -7,7 +7,7 @@
 use proptest::prelude::*;
 use std::collections::BTreeMap;
 use std::path::Path;
-use workersd::model::PortRange;
+use workersd::model::{PortRange, PortRangeError};
 use workersd::probe::classify_head;
 use workersd::sinks::consul::decode_node_services;
 use workersd::sources::file::parse_targets;
@@ -120,13 +120,196 @@ fn arb_json() -> impl Strategy<Value = serde_json::Value> {
     })
 }
 
+/// Strings near the port-range syntax (digits, spaces, '-', '+') as well as arbitrary text.
+fn port_text() -> impl Strategy<Value = String> {
+    prop_oneof![
+        "[ 0-9+-]{0,12}",
+        "(0|[1-9][0-9]{0,5})( ?- ?(0|[1-9][0-9]{0,5}))?",
+        ".{0,24}",
+    ]
+}
+
+/// README's syntax, written independently of the parser: a port 1-65535 in ASCII digits,
+/// or two of them joined by '-', ascending, at most 256 ports; surrounding spaces allowed.
+fn documented_range(text: &str) -> Option<(u16, u16)> {
+    fn port(s: &str) -> Option<u16> {
+        let s = s.trim();
+        if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let digits = s.trim_start_matches('0');
+        if digits.len() > 5 {
+            return None;
+        }
+        let n: u32 = if digits.is_empty() {
+            0
+        } else {
+            digits.parse().ok()?
+        };
+        (1..=65535).contains(&n).then_some(n as u16)
+    }
+    let text = text.trim();
+    let (a, b) = match text.split_once('-') {
+        None => (port(text)?, port(text)?),
+        Some((a, b)) => (port(a)?, port(b)?),
+    };
+    (a <= b && u32::from(b) - u32::from(a) < 256).then_some((a, b))
+}
+
+fn label_text(valid: bool) -> BoxedStrategy<String> {
+    if valid {
+        "[a-z][a-z0-9]{0,6}".boxed()
+    } else {
+        prop_oneof!["[a-z][a-z0-9]{0,6}", ".{0,10}"].boxed()
+    }
+}
+
+/// A WorkerMetrics spec in the CRD's shape; `valid` draws only values compile() accepts.
+fn worker_metrics_spec(valid: bool) -> impl Strategy<Value = serde_json::Value> {
+    let ports: BoxedStrategy<String> = if valid {
+        (1u16..60000, 0u16..16)
+            .prop_map(|(p, w)| {
+                if w == 0 {
+                    p.to_string()
+                } else {
+                    format!("{p}-{}", p + w)
+                }
+            })
+            .boxed()
+    } else {
+        port_text().boxed()
+    };
+    let container_names: BoxedStrategy<String> = if valid {
+        "[a-z]{1,6}".boxed()
+    } else {
+        prop_oneof!["[a-z]{1,6}", Just(String::new())].boxed()
+    };
+    let operator: BoxedStrategy<String> = if valid {
+        Just("Exists".to_string()).boxed()
+    } else {
+        prop_oneof![Just("In"), Just("NotIn"), Just("Exists"), Just("Bogus")]
+            .prop_map(String::from)
+            .boxed()
+    };
+    let containers = prop::collection::vec(
+        (container_names, ports)
+            .prop_map(|(name, ports)| serde_json::json!({"name": name, "ports": ports})),
+        usize::from(valid)..4,
+    );
+    let selector = (
+        prop::collection::btree_map(label_text(valid), label_text(valid), 0..3),
+        prop::collection::vec((label_text(valid), operator), 0..2),
+    )
+        .prop_map(|(labels, exprs)| {
+            let exprs: Vec<_> = exprs
+                .into_iter()
+                .map(|(key, operator)| serde_json::json!({"key": key, "operator": operator}))
+                .collect();
+            serde_json::json!({"matchLabels": labels, "matchExpressions": exprs})
+        });
+    let service = if valid {
+        "[a-z][a-z0-9-]{0,10}[a-z]".boxed()
+    } else {
+        prop_oneof!["[a-z][a-z0-9-]{0,10}", ".{0,12}"].boxed()
+    };
+    let path = if valid {
+        "/[a-z/]{0,10}".boxed()
+    } else {
+        prop_oneof!["/[a-z/]{0,10}", ".{0,10}"].boxed()
+    };
+    let scheme = if valid {
+        prop_oneof![Just("http".to_string()), Just("https".to_string())].boxed()
+    } else {
+        prop_oneof![Just("http".to_string()), ".{0,5}"].boxed()
+    };
+    let interval = if valid {
+        "[1-9][0-9]{0,2}s".boxed()
+    } else {
+        prop_oneof!["[0-9]{1,4}(ms|s|m|h)", ".{0,6}"].boxed()
+    };
+    let meta = prop::collection::btree_map(label_text(valid), label_text(valid), 0..3);
+    let tags = prop::collection::vec(label_text(valid), 0..3);
+    (
+        selector,
+        service,
+        containers,
+        prop::option::of(path),
+        prop::option::of(scheme),
+        prop::option::of(interval),
+        meta,
+        tags,
+    )
+        .prop_map(
+            |(selector, service, containers, path, scheme, interval, meta, tags)| {
+                let mut spec = serde_json::json!({
+                    "selector": selector, "service": service, "containers": containers,
+                    "meta": meta, "tags": tags,
+                });
+                for (key, value) in [
+                    ("path", path),
+                    ("scheme", scheme),
+                    ("probeInterval", interval),
+                ] {
+                    if let Some(value) = value {
+                        spec[key] = value.into();
+                    }
+                }
+                spec
+            },
+        )
+}
+
+/// Fields that per-field rules alone make invalid; compile() must report each of them.
+fn fields_known_bad(spec: &WorkerMetricsSpec) -> Vec<String> {
+    let mut bad = Vec::new();
+    if workersd::validate::service_name(&spec.service).is_err() {
+        bad.push("spec.service".to_string());
+    }
+    if spec.containers.is_empty() {
+        bad.push("spec.containers".to_string());
+    }
+    for (i, c) in spec.containers.iter().enumerate() {
+        if c.name.is_empty() {
+            bad.push(format!("spec.containers[{i}].name"));
+        }
+        if documented_range(&c.ports).is_none() {
+            bad.push(format!("spec.containers[{i}].ports"));
+        }
+    }
+    if spec
+        .scheme
+        .as_deref()
+        .is_some_and(|s| s != "http" && s != "https")
+    {
+        bad.push("spec.scheme".to_string());
+    }
+    bad
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
 
     #[test]
-    fn port_ranges_parse_or_explain(text in ".{0,24}") {
-        if let Err(e) = text.parse::<PortRange>() {
-            prop_assert!(!e.to_string().is_empty());
+    fn port_ranges_parse_exactly_the_documented_syntax(text in port_text()) {
+        let parsed = text.parse::<PortRange>();
+        prop_assert_eq!(
+            parsed.as_ref().ok().map(|r| (r.start(), r.end())),
+            documented_range(&text),
+            "{:?} -> {:?}", text, parsed
+        );
+        match parsed {
+            Ok(range) => prop_assert_eq!(range.to_string().parse::<PortRange>().unwrap(), range),
+            // The message quotes what was wrong, so a user can find it in a long file.
+            Err(e) => match &e {
+                PortRangeError::Syntax(part) | PortRangeError::Port(part) => {
+                    prop_assert!(e.to_string().contains(&format!("{part:?}")), "{e}");
+                    prop_assert!(text.contains(part.as_str()), "{text:?}: {e}");
+                }
+                PortRangeError::Reversed(a, b) => prop_assert!(a > b),
+                PortRangeError::TooWide { start, end, len } => {
+                    prop_assert!(*len > 256 && u32::from(*end) - u32::from(*start) + 1 == *len)
+                }
+            },
         }
     }
 
@@ -180,12 +363,47 @@ proptest! {
 
     #[test]
     fn kubernetes_objects_never_panic(value in arb_json()) {
-        if let Ok(pod) = serde_json::from_value::<k8s_openapi::api::core::v1::Pod>(value.clone()) {
+        if let Ok(pod) = serde_json::from_value::<k8s_openapi::api::core::v1::Pod>(value) {
             let _ = pod_info(&pod);
         }
-        if let Ok(spec) = serde_json::from_value::<WorkerMetricsSpec>(value) {
-            let _ = compile(&spec);
+    }
+
+    #[test]
+    fn worker_metrics_compile_or_name_every_bad_field(value in worker_metrics_spec(false)) {
+        // The generator builds the CRD's shape, so every case reaches compile().
+        let spec: WorkerMetricsSpec = serde_json::from_value(value.clone())
+            .map_err(|e| TestCaseError::fail(format!("{e}: {value}")))?;
+        let expected = fields_known_bad(&spec);
+        match compile(&spec) {
+            Ok(compiled) => {
+                prop_assert!(expected.is_empty(), "compiled although {expected:?} are bad");
+                prop_assert_eq!(&compiled.spec.service, &spec.service);
+                prop_assert_eq!(compiled.spec.ranges.len(), spec.containers.len());
+                for (range, c) in compiled.spec.ranges.iter().zip(&spec.containers) {
+                    prop_assert_eq!(range.container.as_deref(), Some(c.name.as_str()));
+                    prop_assert_eq!(range.ports, c.ports.parse::<PortRange>().unwrap());
+                }
+                let path = spec.path.as_deref().unwrap_or("/metrics");
+                prop_assert_eq!(compiled.spec.path.as_str(), path);
+            }
+            Err(errors) => {
+                prop_assert!(!errors.is_empty());
+                for e in &errors {
+                    prop_assert!(e.field.starts_with("spec.") && !e.message.is_empty(), "{e}");
+                }
+                for field in &expected {
+                    prop_assert!(errors.iter().any(|e| &e.field == field), "{field} not reported: {errors:?}");
+                }
+            }
         }
+    }
+
+    #[test]
+    fn valid_worker_metrics_always_compile(value in worker_metrics_spec(true)) {
+        let spec: WorkerMetricsSpec = serde_json::from_value(value.clone())
+            .map_err(|e| TestCaseError::fail(format!("{e}: {value}")))?;
+        let compiled = compile(&spec);
+        prop_assert!(compiled.is_ok(), "{value}: {compiled:?}");
     }
 
     #[test]
