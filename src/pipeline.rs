@@ -352,13 +352,68 @@ mod tests {
         assert!(view.desired().catalog.is_empty());
     }
 
-    /// The former implementation: a full rebuild from targets × live ports.
-    fn full_rebuild(view: &View) -> Catalog {
-        let live = view
-            .targets
-            .values()
-            .filter_map(|t| view.live.get(&t.id).map(|ports| (&**t, ports)));
-        desired_catalog(&view.owner, live)
+    /// The rules of the view, kept apart from its own state: a target's live ports are its
+    /// last report, a replaced target's live ports inside the successor's range until the
+    /// successor reports, and never a port outside the target's current range.
+    #[derive(Default)]
+    struct Model {
+        targets: Vec<Arc<Target>>,
+        live: HashMap<String, BTreeSet<u16>>,
+        swept: HashSet<String>,
+    }
+
+    impl Model {
+        fn snapshot(&mut self, next: Vec<Arc<Target>>) {
+            let is_old = |id: &str| self.targets.iter().any(|t| t.id.as_str() == id);
+            let mut live: HashMap<String, BTreeSet<u16>> = HashMap::new();
+            for t in &next {
+                let id = t.id.as_str();
+                if let Some(ports) = self.live.get(id) {
+                    live.insert(
+                        id.into(),
+                        ports
+                            .iter()
+                            .copied()
+                            .filter(|p| t.ports.contains(*p))
+                            .collect(),
+                    );
+                } else if !is_old(id) {
+                    // A successor: every removed target of the same address and service
+                    // hands over its live ports that fall inside the new range.
+                    for gone in self
+                        .targets
+                        .iter()
+                        .filter(|o| !next.iter().any(|n| n.id == o.id))
+                    {
+                        if (gone.address, &gone.service) != (t.address, &t.service) {
+                            continue;
+                        }
+                        for p in self.live.get(gone.id.as_str()).into_iter().flatten() {
+                            if t.ports.contains(*p) {
+                                live.entry(id.into()).or_default().insert(*p);
+                            }
+                        }
+                    }
+                }
+            }
+            self.swept
+                .retain(|id| next.iter().any(|t| t.id.as_str() == id));
+            self.live = live;
+            self.targets = next;
+        }
+
+        fn report(&mut self, id: &str, ports: BTreeSet<u16>) {
+            self.swept.insert(id.into());
+            self.live.insert(id.into(), ports);
+        }
+
+        fn catalog(&self) -> Catalog {
+            let live = self
+                .targets
+                .iter()
+                .filter_map(|t| self.live.get(t.id.as_str()).map(|ports| (&**t, ports)));
+            desired_catalog("o", live)
+        }
     }
 
     #[derive(Clone, Debug)]
@@ -378,10 +433,11 @@ mod tests {
 
     proptest::proptest! {
         #[test]
-        fn incremental_catalog_equals_a_full_rebuild(
+        fn incremental_catalog_follows_the_rules_of_live_ports(
             steps in proptest::collection::vec(arb_step(), 1..40)
         ) {
             let mut view = View::new("o");
+            let mut model = Model::default();
             for step in steps {
                 match step {
                     Step::Snapshot(entries) => {
@@ -400,26 +456,31 @@ mod tests {
                             targets.push(t);
                         }
                         view.apply_snapshot(&targets);
+                        model.snapshot(targets);
                     }
                     Step::Report(id, ports) => {
-                        let id = TargetId::new(format!("t{id}"));
-                        if view.targets.contains_key(&id) {
-                            view.set_live(id, ports.into_iter().collect());
+                        let id = format!("t{id}");
+                        if model.targets.iter().any(|t| t.id.as_str() == id) {
+                            let ports: BTreeSet<u16> = ports.into_iter().collect();
+                            view.set_live(TargetId::new(id.as_str()), ports.clone());
+                            model.report(&id, ports);
                         }
                     }
                 }
-                let incremental = view.desired().catalog;
-                let full = full_rebuild(&view);
+                let desired = view.desired();
+                let want = model.catalog();
                 proptest::prop_assert_eq!(
-                    incremental.keys().collect::<Vec<_>>(),
-                    full.keys().collect::<Vec<_>>()
+                    desired.catalog.keys().collect::<Vec<_>>(),
+                    want.keys().collect::<Vec<_>>()
                 );
-                for (id, instance) in &incremental {
+                for (id, instance) in &desired.catalog {
                     // On a contested ID either holder may win; otherwise entries are equal.
                     if !view.contested.contains(id) {
-                        proptest::prop_assert_eq!(instance, &full[id]);
+                        proptest::prop_assert_eq!(instance, &want[id]);
                     }
                 }
+                let all_swept = model.targets.iter().all(|t| model.swept.contains(t.id.as_str()));
+                proptest::prop_assert_eq!(desired.complete, all_swept);
             }
         }
     }
