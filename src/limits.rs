@@ -136,10 +136,25 @@ mod tests {
     }
 
     #[test]
-    fn raising_keeps_or_grows_the_soft_limit() {
+    fn raising_brings_a_lowered_soft_limit_up_to_the_target() {
         let before = current().unwrap();
+        // One descriptor below (or below the cap): harmless to tests running beside this
+        // one, and always below the hard limit, so there is room to raise.
+        let lowered = FdLimit {
+            soft: (before.soft - 1).min(MOST_WANTED - 1),
+            hard: before.hard,
+        };
+        let raw = libc::rlimit {
+            rlim_cur: lowered.soft,
+            rlim_max: lowered.hard,
+        };
+        // SAFETY: setrlimit reads one rlimit through a valid pointer.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw) }, 0);
+        assert_eq!(current().unwrap(), lowered);
         let after = raise_for(1).unwrap();
-        assert!(after.soft >= before.soft);
+        assert_eq!(after.soft, target_soft(lowered));
+        assert!(after.soft > lowered.soft, "{after:?} not raised from {lowered:?}");
         assert_eq!(after.hard, before.hard);
+        assert_eq!(current().unwrap(), after);
     }
 }
