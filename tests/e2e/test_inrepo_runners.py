@@ -68,13 +68,19 @@ def test_workersd_http_sd_follows_workers_and_vm_counts_all(procs):
 
 def test_consul_double_runner_controls(procs):
     consul = ConsulDouble(procs).start()
-    assert isinstance(consul.state(), (dict, list))
-    assert isinstance(consul.catalog_services(), dict)
+    assert "web" not in consul.catalog_services()
+    consul.register(
+        {"Node": "vm-1", "Address": "127.0.0.9", "Service": {"ID": "web-1", "Service": "web", "Port": 8080}}
+    )
+    assert [e["ServicePort"] for e in consul.catalog_service("web")] == [8080]
 
+    # down: connections refused; up: the same catalog is served again.
     consul.down()
     with pytest.raises(requests.RequestException):
         consul.catalog_services()
     consul.up()
-    wait_until(lambda: isinstance(consul.catalog_services(), dict), message="API back after up")
+    wait_until(lambda: "web" in consul.catalog_services(), message="API back after up, catalog kept")
+    # wipe: every registration is gone (a lost Consul data directory).
     consul.wipe()
-    assert isinstance(consul.catalog_services(), dict)
+    assert "web" not in consul.catalog_services()
+    assert consul.catalog_service("web") == []
