@@ -278,24 +278,6 @@ def test_kubectl_apply_custom_resource_update_and_spec_rules(kubectl, fk, tmp_pa
     assert r.returncode != 0 and 'namespaces "nowhere" not found' in r.stderr
 
 
-def test_other_kubectl_smoke(fk, tmp_path):
-    """Any other kubectl on PATH (e.g. a newer one) must work too; skipped when there is none."""
-    other = shutil.which("kubectl")
-    deb = debian_kubectl()
-    if not other or (deb and os.path.realpath(other) == os.path.realpath(deb)):
-        pytest.skip("no second kubectl on PATH")
-    k = Kubectl(other, fk, tmp_path)
-    if k("version", "--client", check=False, timeout=60).returncode != 0:
-        pytest.skip(f"{other} does not run here")
-    k("create", "namespace", "demo")
-    f = tmp_path / "wm.yaml"
-    f.write_text(json.dumps(WM))
-    k("apply", "-f", str(f))
-    assert [w["metadata"]["name"] for w in k.json("get", "workermetrics", "-n", "demo")["items"]] == ["web"]
-    create_pod(fk, "demo", "p1")
-    assert "p1" in k("get", "pods", "-A").stdout
-
-
 # ---------------------------------------------------------------------------
 # Part 2: API conventions over HTTP
 # ---------------------------------------------------------------------------
