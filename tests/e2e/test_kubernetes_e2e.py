@@ -776,8 +776,11 @@ def test_kubernetes_pod_lifecycle_and_per_container_ranges(procs, cluster):
         },
     )
     w = kube_workersd(procs, fk, consul).start()
-    time.sleep(1.5)
-    assert published(consul) == []  # no pod IP, nothing running: nothing to probe
+    # Ready: every target was probed once and Consul holds the result. The pod (no IP,
+    # nothing running) gave no target, so that result is an empty catalog.
+    assert readyz(w)[0] == 200
+    assert metric(w, "workersd_targets") == 0
+    assert published(consul) == []
 
     def by_container():
         out: dict[str, set[int]] = {}
