@@ -14,6 +14,7 @@ RSS) is printed (pytest -s) and attached to a failure.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -43,3 +44,6 @@ def test_chaos_soak_short(tmp_path):
     print(p.stdout[-6000:])
     assert p.returncode == 0, f"soak exit {p.returncode}\n{p.stdout[-8000:]}\n{p.stderr[-4000:]}"
     assert "violations: 0" in p.stdout
+    # A soak that injected (almost) nothing proves nothing.
+    injected = re.search(r"(\d+) faults,", p.stdout)
+    assert injected and int(injected.group(1)) >= 5, p.stdout[-3000:]

@@ -19,8 +19,10 @@ Invariant (checked after every fault):
   * no "panicked" in any workersd log;
   * workersd's RSS (VmRSS) stays under --rss-limit-mb and does not grow more than
     --rss-growth-mb within one process lifetime.
-Once it holds, it must keep holding over a 1.2 s hold period; a break that does not
-re-converge within 10 s is a violation, one that does is counted as a transient.
+Once it holds, it must keep holding over a 1.2 s hold period. A break while no worker
+started, stopped or moved (same ports, same worker pids) is a flap and a violation; after a
+worker did change (e.g. recycled by --max-requests), a break that does not re-converge
+within 10 s is a violation, one that does is counted as a transient.
 
 Usage:
   python3 tests/soak/soak.py --duration 300 --seed 42
@@ -66,6 +68,7 @@ SERVICES = ("clever", "clever-b")
 TEAMS = ("web", "payments", "search")
 TAGSETS = ("", "gunicorn", "gunicorn,python")
 MAX_REQUESTS = 15  # gunicorn --max-requests: traffic recycles workers
+HOLD_S = 1.2  # after convergence, with no fault, Consul must not change
 
 FAULT_WEIGHTS = {
     "pod_create": 6,
@@ -252,22 +255,44 @@ class Soak:
                           ann.get("workersd.io/meta.team"), tags))
         return want
 
-    def check(self, event_token=None) -> tuple[bool, str]:
-        """(holds, why not) - one evaluation of the invariant."""
-        want = self.expected()
+    def world(self) -> set[tuple]:
+        """Every listening worker as (pod, port, pid): equal sets mean nothing moved."""
+        out = set()
+        for name, p in self.pods.items():
+            if not p["valid"]:
+                continue
+            owners = p["g"].port_owners()
+            out.update((name, port, owners.get(port)) for port in p["g"].listening_metrics_ports())
+        return out
+
+    def entries(self) -> tuple[list[dict], list[dict]]:
+        """(owned, foreign) catalog entries."""
         owned, foreign = [], []
         for svc in sorted(self.consul.catalog_services()):
             for e in self.consul.catalog_service(svc):
                 (owned if self.is_owned(e) else foreign).append(e)
+        return owned, foreign
+
+    @staticmethod
+    def entry_key(e: dict) -> tuple:
+        m = e["ServiceMeta"]
+        return (e["ServiceName"], m.get("k8s-pod"), e["ServiceAddress"], e["ServicePort"],
+                m.get("team"), tuple(sorted(e.get("ServiceTags") or [])))
+
+    def published(self) -> set[tuple]:
+        return {self.entry_key(e) for e in self.entries()[0]}
+
+    def check(self, event_token=None) -> tuple[bool, str]:
+        """(holds, why not) - one evaluation of the invariant."""
+        want = self.expected()
+        owned, foreign = self.entries()
         ids = [e["ServiceID"] for e in owned]
         dup = sorted({i for i in ids if ids.count(i) > 1})
         if dup:
             return False, f"duplicate service IDs {dup}"
         have = set()
         for e in owned:
-            m = e["ServiceMeta"]
-            have.add((e["ServiceName"], m.get("k8s-pod"), e["ServiceAddress"], e["ServicePort"],
-                      m.get("team"), tuple(sorted(e.get("ServiceTags") or []))))
+            have.add(self.entry_key(e))
             if e["Node"] != OWNER:
                 return False, f"owned entry on node {e['Node']}: {e['ServiceID']}"
         if want != have:
@@ -344,23 +369,7 @@ class Soak:
         else:
             self.conv[kind].append(took)
             self.log(f"{kind}: converged in {took:.2f}s")
-            # Hold: no fault is injected, so the invariant must keep holding.
-            for _ in range(3):
-                time.sleep(0.4)
-                try:
-                    held, why = self.check()
-                except Exception as exc:  # noqa: BLE001
-                    held, why = False, repr(exc)
-                if not held:
-                    # Only a violation if it stays broken (a worker may legitimately be
-                    # mid-recycle when traffic just ended): re-wait briefly.
-                    ok2, why2, _ = self.wait_converged(kind, timeout=10)
-                    if not ok2:
-                        self.violation(f"{kind}: invariant broke after convergence: {why} / {why2}")
-                    else:
-                        self.transients.append(f"{kind}: {why}")
-                        self.log(f"{kind}: transient after convergence ({why}); re-converged", force=True)
-                    break
+            self.hold(kind)
         self.check_logs()
         self.sample_rss()
 
@@ -436,6 +445,38 @@ class Soak:
             kinds.pop("scale_down")
         names = list(kinds)
         return self.rng.choices(names, weights=[kinds[k] for k in names])[0]
+
+    def hold(self, kind: str) -> None:
+        """No fault is injected for the hold period: Consul must keep what it converged to.
+        Sampled every 0.1 s, so an entry removed and restored within the period shows."""
+        settled, converged = self.world(), self.published()
+        t_end = time.monotonic() + HOLD_S
+        while time.monotonic() < t_end:
+            time.sleep(0.1)
+            try:
+                now, why = self.published(), ""
+            except Exception as exc:  # noqa: BLE001
+                now, why = None, repr(exc)
+            if now == converged:
+                continue
+            why = why or f"lost {sorted(converged - now)[:3]} gained {sorted(now - converged)[:3]}"
+            if self.world() == settled:
+                # No worker started, stopped or moved, yet Consul changed: a flap.
+                self.violation(f"{kind}: flapped after convergence while no worker changed: {why}")
+                self.dump_state()
+                return
+            # A worker changed (e.g. recycled by --max-requests as traffic ended): Consul
+            # must follow it within 10 s.
+            ok, why2, _ = self.wait_converged(kind, timeout=10)
+            if not ok:
+                self.violation(f"{kind}: invariant broke after convergence: {why} / {why2}")
+            else:
+                self.transients.append(f"{kind}: {why}")
+                self.log(f"{kind}: transient after a worker changed ({why}); re-converged", force=True)
+            return
+        held, why = self.check()
+        if not held:
+            self.violation(f"{kind}: invariant broke at the end of the hold: {why}")
 
     def wait_workers(self, name: str, timeout: float = 20) -> None:
         """Bounded wait until gunicorn runs the intended worker count, so convergence time
