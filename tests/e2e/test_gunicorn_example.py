@@ -3,7 +3,10 @@
 import collections
 import re
 
+import pytest
 from harness import Gunicorn, free_port_range, parse_metric, wait_until
+
+pytestmark = pytest.mark.harness  # no workersd code runs here (see TESTING.md)
 
 COUNT = "request_processing_seconds_count"
 

@@ -66,6 +66,7 @@ def test_workersd_http_sd_follows_workers_and_vm_counts_all(procs):
     )
 
 
+@pytest.mark.harness
 def test_consul_double_runner_controls(procs):
     consul = ConsulDouble(procs).start()
     assert "web" not in consul.catalog_services()

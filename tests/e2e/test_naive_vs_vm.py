@@ -7,7 +7,10 @@ VictoriaMetrics runner end to end.
 
 import time
 
+import pytest
 from harness import Gunicorn, VictoriaMetrics, free_port_range
+
+pytestmark = pytest.mark.harness  # no workersd code runs here (see TESTING.md)
 
 N_REQUESTS = 100
 

@@ -2,7 +2,10 @@
 
 import json
 
+import pytest
 from harness import Gunicorn, Prometheus, free_port_range
+
+pytestmark = pytest.mark.harness  # no workersd code runs here (see TESTING.md)
 
 
 def test_prometheus_scrapes_worker_ports_from_file_sd(procs):
