@@ -144,7 +144,8 @@ WM = {
     "apiVersion": "workersd.io/v1alpha1",
     "kind": "WorkerMetrics",
     "metadata": {"name": "web", "namespace": "demo"},
-    "spec": {"service": "web", "selector": {"matchLabels": {"app": "web"}}, "ports": "9100-9103"},
+    "spec": {"service": "web", "selector": {"matchLabels": {"app": "web"}},
+             "containers": [{"name": "app", "ports": "9100-9103"}]},
 }
 WM_PATH = "/apis/workersd.io/v1alpha1/namespaces/demo/workermetrics"
 
@@ -193,7 +194,8 @@ def test_kubectl_apply_annotate_delete_and_watch(kubectl, fk, tmp_path):
         assert [w["metadata"]["name"] for w in wms["items"]] == ["web"]
         assert wms["items"][0]["metadata"]["generation"] == 1
         table = kubectl("get", "workermetrics", "-n", "demo").stdout
-        assert table.split()[:3] == ["NAME", "AGE", "web"], table
+        # the repository CRD's printer columns (no extra Age column: the CRD declares one)
+        assert table.split()[:7] == ["NAME", "SERVICE", "PODS", "ENDPOINTS", "AGE", "web", "web"], table
 
         kubectl("annotate", "pod", "web-1", "-n", "demo", "workersd.io/ports=9200", "--overwrite")
         pod = kubectl.json("get", "pod", "web-1", "-n", "demo")
@@ -265,17 +267,71 @@ def test_kubectl_apply_custom_resource_update_and_spec_rules(kubectl, fk, tmp_pa
     f.write_text(json.dumps(WM))
     kubectl("apply", "-f", str(f))
     wm2 = json.loads(json.dumps(WM))
-    wm2["spec"]["ports"] = "9100-9107"
+    wm2["spec"]["containers"][0]["ports"] = "9100-9107"
     f.write_text(json.dumps(wm2))
     assert "configured" in kubectl("apply", "-f", str(f)).stdout
     got = kubectl.json("get", "workermetrics", "web", "-n", "demo")
-    assert got["spec"]["ports"] == "9100-9107" and got["metadata"]["generation"] == 2
+    assert got["spec"]["containers"][0]["ports"] == "9100-9107" and got["metadata"]["generation"] == 2
     # pods' specs are immutable apart from images (like the real server)
     create_pod(fk, "demo", "p1")
     r = kubectl("patch", "pod", "p1", "-n", "demo", "--type=merge", "-p", '{"spec":{"restartPolicy":"Never"}}', check=False)
     assert r.returncode != 0 and "Forbidden: pod updates may not change fields" in r.stderr
     r = kubectl("create", "-f", "-", check=False, input=json.dumps(make_pod("x", "nowhere")))
     assert r.returncode != 0 and 'namespaces "nowhere" not found' in r.stderr
+
+
+def test_kubectl_custom_resources_follow_the_crd_schema(kubectl, fk, tmp_path):
+    """The repository's CRD schema is enforced as by apiextensions-apiserver: types, required
+    fields and minimums -> 422 naming the field; unknown fields and non-nullable nulls pruned."""
+    kubectl("create", "namespace", "demo")
+    f = tmp_path / "wm.yaml"
+    bad = json.loads(json.dumps(WM))
+    bad["spec"]["containers"][0]["ports"] = 9100  # an integer where the schema says string
+    del bad["spec"]["service"]
+    f.write_text(json.dumps(bad))
+    r = kubectl("apply", "-f", str(f), check=False)
+    assert r.returncode != 0
+    assert ('spec.containers[0].ports: Invalid value: "integer": spec.containers[0].ports in body must be of type '
+            'string: "integer"') in r.stderr, r.stderr
+    assert "spec.service: Required value" in r.stderr, r.stderr
+    assert kubectl("get", "workermetrics", "-n", "demo", "-o", "name").stdout.strip() == ""
+    # the field paths are in the Status causes, as clients read them
+    resp = http(fk, "POST", WM_PATH, bad)
+    assert resp.status_code == 422 and resp.json()["reason"] == "Invalid"
+    causes = {(c["field"], c["reason"]) for c in resp.json()["details"]["causes"]}
+    assert causes == {("spec.containers[0].ports", "FieldValueTypeInvalid"), ("spec.service", "FieldValueRequired")}
+    assert resp.json()["message"].startswith('WorkerMetrics.workersd.io "web" is invalid: [')
+
+    extra = json.loads(json.dumps(WM))
+    extra["spec"]["bogus"] = True
+    extra["spec"]["containers"][0]["extra"] = 1
+    extra["spec"]["meta"] = None  # not nullable, no default: pruned
+    extra["spec"]["path"] = None  # nullable: kept
+    # unknown fields: fieldValidation=Strict (kubectl >= 1.27's default) is refused ...
+    f.write_text(json.dumps(extra))
+    resp = requests.post(fk.url + WM_PATH, params={"fieldValidation": "Strict"}, json=extra, timeout=30,
+                         proxies=NO_PROXY)
+    assert resp.status_code == 400 and "strict decoding error: " in resp.json()["message"]
+    assert 'unknown field "spec.bogus"' in resp.json()["message"]
+    # ... and the server's default (Warn; kubectl 1.20 sends no directive) prunes them, warning for each
+    r = kubectl("apply", "-f", str(f))
+    assert 'unknown field "spec.bogus"' in r.stderr and 'unknown field "spec.containers[0].extra"' in r.stderr
+    got = kubectl.json("get", "workermetrics", "web", "-n", "demo")["spec"]
+    assert "bogus" not in got and got["containers"] == [{"name": "app", "ports": "9100-9103"}]
+    assert "meta" not in got and "path" in got and got["path"] is None
+
+    # status writes are validated too (matchedPods has minimum 0), and defaults fill the rest
+    # (kubectl 1.20 has no --subresource: over HTTP)
+    status_path = f"{WM_PATH}/web/status"
+    resp = http(fk, "PATCH", status_path, {"status": {"matchedPods": -1}}, "application/merge-patch+json")
+    assert resp.status_code == 422
+    assert "status.matchedPods in body should be greater than or equal to 0" in resp.json()["message"], resp.json()
+    resp = http(fk, "PATCH", status_path, {"status": {"matchedPods": 2}}, "application/merge-patch+json")
+    assert resp.status_code == 200
+    st = kubectl.json("get", "workermetrics", "web", "-n", "demo")["status"]
+    assert st == {"matchedPods": 2, "liveEndpoints": 0}, st
+    table = kubectl("get", "workermetrics", "-n", "demo").stdout.split()
+    assert table[:9] == ["NAME", "SERVICE", "PODS", "ENDPOINTS", "AGE", "web", "web", "2", "0"], table
 
 
 def test_other_kubectl_smoke(fk, tmp_path):
@@ -461,30 +517,30 @@ def test_optimistic_concurrency(fk):
 def test_status_subresource_and_generation(fk):
     ensure_ns(fk, "demo")
     body = json.loads(json.dumps(WM))
-    body["status"] = {"livePods": 3}
+    body["status"] = {"matchedPods": 3}
     wm = http(fk, "POST", WM_PATH, body).json()
     assert "status" not in wm and wm["metadata"]["generation"] == 1  # create drops status
     p = f"{WM_PATH}/web"
-    # /status writes change only .status
+    # /status writes change only .status (liveEndpoints comes from the schema's default: 0)
     sub = json.loads(json.dumps(wm))
-    sub["status"] = {"livePods": 2}
+    sub["status"] = {"matchedPods": 2}
     sub["spec"]["service"] = "ignored"
     sub["metadata"]["labels"] = {"ignored": "yes"}
     r = http(fk, "PUT", p + "/status", sub).json()
-    assert r["status"] == {"livePods": 2} and r["spec"]["service"] == "web"
+    assert r["status"] == {"matchedPods": 2, "liveEndpoints": 0} and r["spec"]["service"] == "web"
     assert "labels" not in r["metadata"] and r["metadata"]["generation"] == 1
     r = http(fk, "PATCH", p + "/status", {"status": {"observedGeneration": 1}}, "application/merge-patch+json").json()
-    assert r["status"] == {"livePods": 2, "observedGeneration": 1}
-    assert http(fk, "GET", p + "/status").json()["status"]["livePods"] == 2
+    assert r["status"] == {"matchedPods": 2, "liveEndpoints": 0, "observedGeneration": 1}
+    assert http(fk, "GET", p + "/status").json()["status"]["matchedPods"] == 2
     # main-resource writes ignore .status; metadata changes do not bump generation
-    r = http(fk, "PATCH", p, {"status": {"livePods": 99}, "metadata": {"labels": {"a": "b"}}},
+    r = http(fk, "PATCH", p, {"status": {"matchedPods": 99}, "metadata": {"labels": {"a": "b"}}},
              "application/merge-patch+json").json()
-    assert r["status"]["livePods"] == 2 and r["metadata"]["labels"] == {"a": "b"} and r["metadata"]["generation"] == 1
-    r = http(fk, "PATCH", p, {"spec": {"ports": "9100"}}, "application/merge-patch+json").json()
-    assert r["metadata"]["generation"] == 2 and r["spec"]["ports"] == "9100"
-    r = http(fk, "PATCH", p + "/status", [{"op": "replace", "path": "/status/livePods", "value": 5}],
+    assert r["status"]["matchedPods"] == 2 and r["metadata"]["labels"] == {"a": "b"} and r["metadata"]["generation"] == 1
+    r = http(fk, "PATCH", p, {"spec": {"path": "/m"}}, "application/merge-patch+json").json()
+    assert r["metadata"]["generation"] == 2 and r["spec"]["path"] == "/m"
+    r = http(fk, "PATCH", p + "/status", [{"op": "replace", "path": "/status/matchedPods", "value": 5}],
              "application/json-patch+json").json()
-    assert r["status"]["livePods"] == 5 and r["metadata"]["generation"] == 2
+    assert r["status"]["matchedPods"] == 5 and r["metadata"]["generation"] == 2
     # strategic merge patch is rejected for custom resources (like a CRD)
     assert http(fk, "PATCH", p, {"spec": {}}, "application/strategic-merge-patch+json").status_code == 415
     # pods: status via the subresource, not via the main resource
@@ -733,5 +789,6 @@ def test_seed_file_and_crd_printer_columns(kubectl_bin, tmp_path):
         pod = k.json("get", "pod", "seeded", "-n", "seedns")
         assert pod["status"]["podIP"] == "127.0.0.9" and pod["status"]["phase"] == "Running"
         out = k("get", "wm", "-n", "seedns").stdout.split()
-        assert out[:6] == ["NAME", "SERVICE", "AGE", "web", "web", out[5]], out
+        # printer columns replace the default Age column (serveDefaultColumnsIfEmpty)
+        assert out == ["NAME", "SERVICE", "web", "web"], out
         assert "seedns" in [n["metadata"]["name"] for n in k.json("get", "ns")["items"]]
