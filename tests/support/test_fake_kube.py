@@ -711,6 +711,50 @@ def test_crd_created_at_run_time_is_served(fk):
     assert http(fk, "GET", "/apis/example.com/v1/widgets").status_code == 404
 
 
+def test_crd_absent_then_created_then_deleted_ends_watches(kubectl_bin, tmp_path):
+    """Without the CRD the resource's paths are 404 (crdHandler delegates to NotFound); once
+    applied it is served; deleting it deletes every object (DELETED events reach open
+    watches), ends those watches, and a watch resumed at an old revision after re-creation
+    gets 410 (a fresh watch cache)."""
+    repo_crd = str(HERE.parent.parent / "crds" / "workermetrics.yaml")
+    with FakeKube(tmp_path / "fk", workermetrics_crd=False, bookmark_interval=0.5) as server:
+        k = Kubectl(kubectl_bin, server, tmp_path)
+        k("create", "namespace", "demo")
+        assert http(server, "GET", WM_PATH).status_code == 404
+        assert http(server, "GET", "/apis/workersd.io/v1alpha1/workermetrics", watch="1").status_code == 404
+        r = k("get", "workermetrics", "-n", "demo", check=False)
+        assert r.returncode != 0 and "the server doesn't have a resource type" in r.stderr, r.stderr
+        assert "workermetrics" not in k("api-resources").stdout
+
+        k("apply", "-f", repo_crd)
+        f = tmp_path / "wm.yaml"
+        f.write_text(json.dumps(WM))
+        k("apply", "-f", str(f))
+        assert [w["metadata"]["name"] for w in k.json("get", "workermetrics", "-n", "demo")["items"]] == ["web"]
+
+        listed = http(server, "GET", WM_PATH).json()
+        rv = listed["metadata"]["resourceVersion"]
+        resp = requests.get(server.url + WM_PATH, params={"watch": "1", "resourceVersion": rv,
+                                                          "allowWatchBookmarks": "true", "timeoutSeconds": "60"},
+                            stream=True, timeout=30, proxies=NO_PROXY)
+        assert resp.status_code == 200
+        server.wait_for_watch("workermetrics", timeout=10)
+        t0 = time.time()
+        k("delete", "crd", "workermetrics.workersd.io")
+        events = [json.loads(line) for line in resp.iter_lines() if line]  # ends when the server ends it
+        assert time.time() - t0 < 10, "the watch was not ended by the CRD deletion"
+        deleted = [e for e in events if e["type"] == "DELETED"]
+        assert [e["object"]["metadata"]["name"] for e in deleted] == ["web"]
+        assert http(server, "GET", WM_PATH).status_code == 404
+
+        k("apply", "-f", repo_crd)
+        assert http(server, "GET", WM_PATH).json()["items"] == []
+        old = requests.get(server.url + WM_PATH, params={"watch": "1", "resourceVersion": rv, "timeoutSeconds": "5"},
+                           stream=True, timeout=30, proxies=NO_PROXY)
+        first = json.loads(next(line for line in old.iter_lines() if line))
+        assert first["type"] == "ERROR" and first["object"]["code"] == 410, first
+
+
 def test_ten_thousand_pods_list_fast_and_chunked(fk):
     n = 10_000
     t0 = time.time()

@@ -16,7 +16,17 @@ use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, Resource, ResourceExt};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 use tokio::sync::{oneshot, watch};
+
+/// The CRD's name, for logs, `/readyz` and the `workersd_crd_installed` metric.
+pub const CRD_NAME: &str = "workermetrics.workersd.io";
+
+/// Pause before asking again whether an absent CRD was installed (its paths answer 404). The
+/// watcher's own backoff restarts at under a second after each attempt's `Init`, too eager for
+/// a condition that usually lasts (helm install --skip-crds).
+const CRD_POLL: Duration = Duration::from_secs(5);
 
 /// What each `WorkerMetrics` covers, for its status.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -35,6 +45,8 @@ pub struct WatchSettings {
     pub namespaces: Vec<String>,
     pub resolve: ResolveSettings,
     pub identity: String,
+    /// Set while the WorkerMetrics CRD is absent (read by `/readyz`).
+    pub crd_missing: Arc<AtomicBool>,
 }
 
 /// Keeps only what workersd needs of a pod.
@@ -110,7 +122,19 @@ enum Change {
     /// Pods are slimmed as they arrive, so full objects never queue up.
     Pod(usize, Event<PodInfo>),
     Resource(usize, Box<Event<WorkerMetrics>>),
+    /// The WorkerMetrics paths of this scope answer 404: the CRD is not installed.
+    ResourcesAbsent(usize),
     Failed(&'static str, String),
+}
+
+/// A 404 while listing or starting a watch: the resource type is not served. (A 404 can
+/// only mean that here: lists and watches of a served type never answer it.)
+fn is_absent_type(error: &watcher::Error) -> bool {
+    match error {
+        watcher::Error::InitialListFailed(kube::Error::Api(status))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(status)) => status.code == 404,
+        _ => false,
+    }
 }
 
 /// Per-stream scope and the buffer of a re-list in progress.
@@ -138,6 +162,9 @@ struct Source {
     scopes: Vec<Scope>,
     /// Streams (pods and resources of every scope) that finished their first list.
     synced: BTreeSet<(bool, usize)>,
+    /// Scopes whose WorkerMetrics type is not served (CRD absent); they count as synced
+    /// with no resources, so annotated pods are published meanwhile.
+    resources_absent: BTreeSet<usize>,
 }
 
 impl Source {
@@ -181,6 +208,7 @@ impl Source {
                     self.view.resources.retain(|k, _| !scope.holds(k));
                     self.view.resources.extend(buffer);
                     self.synced.insert((false, i));
+                    self.resources_absent.remove(&i);
                 }
                 Event::Apply(resource) => {
                     if let Some(key) = key_of(&resource) {
@@ -193,6 +221,15 @@ impl Source {
                     }
                 }
             },
+            Change::ResourcesAbsent(i) => {
+                // Deleting a CRD deletes its objects first; drop whatever is left all the same.
+                let scope = &mut self.scopes[i];
+                scope.resource_buffer = None;
+                let scope = &self.scopes[i];
+                self.view.resources.retain(|k, _| !scope.holds(k));
+                self.synced.insert((false, i));
+                self.resources_absent.insert(i);
+            }
             Change::Failed(what, error) => {
                 tracing::warn!(watch = what, error = %error, "watch failed; retrying with backoff");
             }
@@ -201,6 +238,11 @@ impl Source {
 
     fn all_synced(&self) -> bool {
         self.synced.len() == self.scopes.len() * 2
+    }
+
+    /// Whether the CRD is absent (any scope's WorkerMetrics paths answer 404).
+    fn crd_missing(&self) -> bool {
+        !self.resources_absent.is_empty()
     }
 }
 
@@ -234,11 +276,25 @@ fn streams(
                 })
                 .boxed(),
         );
+        // After a 404 the next item (the retry's `Init`, or the next failed watch start) is
+        // held for CRD_POLL, which spaces out the polls for an absent CRD.
+        let mut after_absent = false;
         all.push(
             watcher::watcher(resources, config)
                 .default_backoff()
+                .then(move |r| {
+                    let pause = after_absent;
+                    after_absent = matches!(&r, Err(e) if is_absent_type(e));
+                    async move {
+                        if pause {
+                            tokio::time::sleep(CRD_POLL).await;
+                        }
+                        r
+                    }
+                })
                 .map(move |r| match r {
                     Ok(event) => Change::Resource(i, Box::new(event)),
+                    Err(e) if is_absent_type(&e) => Change::ResourcesAbsent(i),
                     Err(e) => Change::Failed("workermetrics", e.to_string()),
                 })
                 .boxed(),
@@ -296,7 +352,9 @@ async fn run(
         view: ClusterView::default(),
         scopes,
         synced: BTreeSet::new(),
+        resources_absent: BTreeSet::new(),
     };
+    let mut crd_missing = false;
     let events = EventPublisher {
         client: client.clone(),
         reporter: Reporter {
@@ -318,6 +376,23 @@ async fn run(
         if !source.all_synced() {
             continue;
         }
+        if source.crd_missing() != crd_missing {
+            crd_missing = source.crd_missing();
+            // Logged on each change, not on every poll.
+            if crd_missing {
+                tracing::warn!(
+                    crd = CRD_NAME,
+                    "WorkerMetrics CRD is not installed (its API paths answer 404): publishing annotated pods only; WorkerMetrics are picked up once it is installed"
+                );
+            } else {
+                tracing::info!(
+                    crd = CRD_NAME,
+                    "WorkerMetrics CRD is installed: watching WorkerMetrics"
+                );
+            }
+        }
+        settings.crd_missing.store(crd_missing, Ordering::Relaxed);
+        metrics.crd_installed(CRD_NAME, !crd_missing);
         let resolution = resolve(&source.view, &settings.resolve);
         metrics.invalid_objects("pod", resolution.invalid_pods.len());
         let invalid_resources = source
@@ -579,6 +654,7 @@ mod tests {
                 },
             ],
             synced: BTreeSet::new(),
+            resources_absent: BTreeSet::new(),
         };
         for (i, ns) in [(0, "a"), (1, "b")] {
             source.apply(Change::Pod(i, Event::Init));
@@ -610,5 +686,49 @@ mod tests {
         );
         source.apply(Change::Pod(1, Event::Delete(pod_named("p1", "b"))));
         assert_eq!(source.view.pods.len(), 2);
+    }
+
+    #[test]
+    fn an_absent_crd_counts_as_synced_without_resources_until_it_is_listed() {
+        let mut source = Source {
+            view: ClusterView::default(),
+            scopes: vec![Scope {
+                namespace: None,
+                pod_buffer: None,
+                resource_buffer: None,
+            }],
+            synced: BTreeSet::new(),
+            resources_absent: BTreeSet::new(),
+        };
+        source.apply(Change::Pod(0, Event::Init));
+        source.apply(Change::Pod(0, Event::InitApply(pod_named("p1", "a"))));
+        source.apply(Change::Pod(0, Event::InitDone));
+        assert!(
+            !source.all_synced(),
+            "the WorkerMetrics list is still pending"
+        );
+        source.apply(Change::Resource(0, Box::new(Event::Init)));
+        source.apply(Change::ResourcesAbsent(0));
+        assert!(source.all_synced() && source.crd_missing());
+        assert_eq!(source.view.pods.len(), 1);
+
+        // The CRD appears: a full list replaces the absence.
+        let wm: WorkerMetrics = serde_json::from_value(serde_json::json!({
+            "apiVersion": "workersd.io/v1alpha1", "kind": "WorkerMetrics",
+            "metadata": {"namespace": "a", "name": "w", "uid": "u"},
+            "spec": {"selector": {}, "service": "s", "containers": []}
+        }))
+        .unwrap();
+        source.apply(Change::Resource(0, Box::new(Event::Init)));
+        source.apply(Change::Resource(0, Box::new(Event::InitApply(wm))));
+        assert!(source.crd_missing(), "absent until the list completes");
+        source.apply(Change::Resource(0, Box::new(Event::InitDone)));
+        assert!(!source.crd_missing());
+        assert_eq!(source.view.resources.len(), 1);
+
+        // Deleted again: whatever is left of its resources goes.
+        source.apply(Change::ResourcesAbsent(0));
+        assert!(source.crd_missing() && source.view.resources.is_empty());
+        assert_eq!(source.view.pods.len(), 1, "pods are untouched");
     }
 }

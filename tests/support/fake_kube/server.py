@@ -1115,7 +1115,7 @@ class WatchHandle:
         self.started = time.time()
         self.events_sent = 0
         self.bookmarks_sent = 0
-        self.drop = None  # None | "reset" | "clean"
+        self.drop = None  # None | "reset" | "clean" | "drain" (send what is pending, then end cleanly)
 
     def describe(self):
         return {
@@ -1570,6 +1570,14 @@ class State:
                     o = other.objects[k].copy()
                     o["metadata"]["resourceVersion"] = str(self.next_rv())
                     self._store_remove(other, k, o)
+                # The storage is torn down (customresource_handler.go removeDeadStorage/tearDown:
+                # DestroyFunc stops the watch cache): open watches get the DELETED events above
+                # and then end; a re-created CRD starts a fresh watch cache at the current
+                # revision, so resuming an older resourceVersion is 410 Expired.
+                del self.stores[sk]
+                for h in self.watches.values():
+                    if h.rd.storage == sk and not h.drop:
+                        h.drop = "drain"
             self.registry.remove_crd(name)
             final_obj["metadata"]["resourceVersion"] = str(self.next_rv())
         return self._store_remove(st, key, final_obj)
@@ -1980,6 +1988,7 @@ class Handler(BaseHTTPRequestHandler):
         with st.cond:
             gv_defs = st.registry.resources(group, version)
         if not gv_defs:
+            self._account(method, path, None)  # counted by path (e.g. a CRD's paths while it is absent)
             raise err_path_not_found()
         if not rest:
             self._account(method, path, None)
@@ -1995,6 +2004,7 @@ class Handler(BaseHTTPRequestHandler):
             rest = rest[2:]
         rd = by_plural.get(rest[0]) if rest else None
         if rd is None:
+            self._account(method, path, None)  # counted by path (e.g. a CRD's paths while it is absent)
             raise err_path_not_found()
         name = rest[1] if len(rest) >= 2 else None
         sub = rest[2] if len(rest) >= 3 else None
@@ -2363,7 +2373,7 @@ class Handler(BaseHTTPRequestHandler):
                 h = store.hist
                 expired = handle.cursor < h.horizon
                 evs = []
-                if not drop and not expired:
+                if drop in (None, "drain") and not expired:
                     i = bisect.bisect_right(h.rvs, handle.cursor)
                     evs = h.events[i:]
                 current = st.rv
@@ -2382,7 +2392,7 @@ class Handler(BaseHTTPRequestHandler):
                 flush()
                 self._chunk(b"")
                 return
-            if expired:
+            if expired and drop != "drain":
                 add(dumps({"type": "ERROR", "object": err_expired(
                     f"too old resource version: {handle.cursor} ({horizon})").status()}) + b"\n")
                 flush()
@@ -2397,6 +2407,10 @@ class Handler(BaseHTTPRequestHandler):
                     handle.events_sent += 1
             if evs:
                 handle.cursor = evs[-1].rv
+            if drop == "drain":
+                flush()
+                self._chunk(b"")
+                return
             now = time.time()
             if handle.bookmarks and now >= next_bm:
                 # every event of this resource up to `current` has been sent above
