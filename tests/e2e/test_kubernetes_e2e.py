@@ -915,3 +915,89 @@ def test_kubernetes_crd_deleted_while_running_keeps_annotated_pods_published(pro
     assert mon.min_count("web-a") == len(expected("web-a", a)), "the annotated pod was unpublished"
     assert w.logs().count(CRD_ABSENT_LOG) == 1, w.logs()[-3000:]
     assert w.alive()
+
+
+# --------------------------------------------------------------------------
+# Native sidecars (Kubernetes >= 1.29): init containers with restartPolicy Always
+# --------------------------------------------------------------------------
+
+
+def add_sidecar_pod(kube: Kube, name: str, ip: str, *, labels=None, annotations=None):
+    """A Running pod with one regular container `web` and a native sidecar `exporter`."""
+    body = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": kube.ns, "labels": labels or {}, "annotations": annotations or {}},
+        "spec": {
+            "nodeName": "node-1",
+            "initContainers": [
+                {"name": "setup", "image": "busybox"},
+                {"name": "exporter", "image": "exporter:1", "restartPolicy": "Always"},
+            ],
+            "containers": [{"name": "web", "image": "clever:1"}],
+        },
+    }
+    kube.fk.ok("POST", f"/api/v1/namespaces/{kube.ns}/pods", body)
+    kube.fk.set_pod_status(kube.ns, name, podIP=ip, phase="Running", running=True, ready=True)
+
+
+def test_kubernetes_native_sidecar_ports_are_probed_while_it_runs(procs, cluster):
+    """`workersd.io/ports.<sidecar>` and a WorkerMetrics `containers[].name` naming a native
+    sidecar are probed while it runs (its state is in status.initContainerStatuses); a name
+    matching no container or sidecar gets a Warning Event instead of silence."""
+    fk, consul, kube = cluster
+    a = Gunicorn(procs, address="127.0.0.2", workers=2).start()  # the "sidecar" of pod side-a
+    b = Gunicorn(procs, address="127.0.0.3", workers=2).start()  # the "sidecar" of pod side-b
+    add_sidecar_pod(
+        kube,
+        "side-a",
+        a.address,
+        annotations={
+            "workersd.io/service": SERVICE,
+            "workersd.io/ports.exporter": f"{a.metrics_first}-{a.metrics_last}",
+            "workersd.io/ports.nope": "9500",
+        },
+    )
+    add_sidecar_pod(kube, "side-b", b.address, labels={"app": "b"})
+    kube.add_wm(
+        "side-b",
+        {
+            "selector": {"matchLabels": {"app": "b"}},
+            "service": SERVICE,
+            "containers": [
+                {"name": "exporter", "ports": f"{b.metrics_first}-{b.metrics_last}"},
+                {"name": "ghost", "ports": "9600"},
+            ],
+        },
+    )
+    w = kube_workersd(procs, fk, consul).start(wait_ready=False)
+
+    def with_container(g, pod):
+        return {(p, addr, port) for p, addr, port in expected(pod, g)}
+
+    both = with_container(a, "side-a") | with_container(b, "side-b")
+    entries = wait_published(consul, both, timeout=30, what="sidecar workers")
+    assert {e["ServiceMeta"]["k8s-container"] for e in entries} == {"exporter"}
+
+    def unknown_events(pod):
+        return [e for e in kube.events(pod) if e.get("reason") == "UnknownContainer"]
+
+    (ev,) = wait_until(lambda: unknown_events("side-a"), timeout=15, message="UnknownContainer Event on side-a")
+    assert ev["type"] == "Warning" and "metadata.annotations[workersd.io/ports.nope]" in ev["message"], ev
+    assert "sidecars: exporter" in ev["message"], ev["message"]
+    (ev,) = wait_until(lambda: unknown_events("side-b"), timeout=15, message="UnknownContainer Event on side-b")
+    assert "WorkerMetrics side-b spec.containers[1].name" in ev["message"], ev["message"]
+
+    # The sidecar of side-a stops (crash-looping): its workers are no longer published.
+    stopped = [
+        {"name": "setup", "image": "busybox", "imageID": "", "ready": True, "started": False, "restartCount": 0,
+         "state": {"terminated": {"exitCode": 0, "reason": "Completed"}}},
+        {"name": "exporter", "image": "exporter:1", "imageID": "", "ready": False, "started": False,
+         "restartCount": 1, "state": {"waiting": {"reason": "CrashLoopBackOff"}}},
+    ]
+    fk.set_pod_status(NS, "side-a", initContainerStatuses=stopped)
+    wait_published(consul, with_container(b, "side-b"), timeout=15, what="side-a's sidecar stopped")
+    fk.set_pod_status(NS, "side-a", running=True, ready=True, restartCount=1)
+    wait_published(consul, both, timeout=15, what="side-a's sidecar running again")
+    assert len(unknown_events("side-a")) == 1, "reported once, not on every resolution"
+    assert w.alive()

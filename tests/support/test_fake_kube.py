@@ -334,6 +334,36 @@ def test_kubectl_custom_resources_follow_the_crd_schema(kubectl, fk, tmp_path):
     assert table[:9] == ["NAME", "SERVICE", "PODS", "ENDPOINTS", "AGE", "web", "web", "2", "0"], table
 
 
+def test_kubectl_native_sidecar_pods(kubectl, fk, tmp_path):
+    """Native sidecars (KEP-753): an init container with restartPolicy Always; its state is in
+    status.initContainerStatuses; restartPolicy on a regular container, or another value on
+    an init container, is refused (core/v1 validation)."""
+    kubectl("create", "namespace", "demo")
+    pod = make_pod("web-1", "demo")
+    pod["spec"]["initContainers"] = [{"name": "setup", "image": "busybox"},
+                                     {"name": "metrics", "image": "exporter", "restartPolicy": "Always"}]
+    f = tmp_path / "pod.yaml"
+    f.write_text(json.dumps(pod))
+    assert "pod/web-1 created" in kubectl("apply", "-f", str(f)).stdout
+    fk.set_pod_status("demo", "web-1", podIP="127.0.0.9", phase="Running", running=True, ready=True)
+    got = kubectl.json("get", "pod", "web-1", "-n", "demo")
+    ics = {c["name"]: c for c in got["status"]["initContainerStatuses"]}
+    assert list(ics) == ["setup", "metrics"]
+    assert "running" in ics["metrics"]["state"] and ics["metrics"]["started"] is True
+    assert ics["setup"]["state"]["terminated"]["reason"] == "Completed"
+    assert [c["name"] for c in got["status"]["containerStatuses"]] == [c["name"] for c in pod["spec"]["containers"]]
+    row = kubectl("get", "pod", "web-1", "-n", "demo", "--no-headers").stdout.split()
+    assert row[1] == f"{len(pod['spec']['containers']) + 1}/{len(pod['spec']['containers']) + 1}", row
+
+    bad = make_pod("bad", "demo")
+    bad["spec"]["containers"][0]["restartPolicy"] = "Always"
+    bad["spec"]["initContainers"] = [{"name": "i", "image": "x", "restartPolicy": "OnFailure"}]
+    r = kubectl("create", "-f", "-", check=False, input=json.dumps(bad))
+    assert r.returncode != 0
+    assert "spec.containers[0].restartPolicy: Forbidden: may not be set for non-init containers" in r.stderr, r.stderr
+    assert 'spec.initContainers[0].restartPolicy: Unsupported value: "OnFailure"' in r.stderr, r.stderr
+
+
 def test_other_kubectl_smoke(fk, tmp_path):
     """Any other kubectl on PATH (e.g. a newer one) must work too; skipped when there is none."""
     other = shutil.which("kubectl")

@@ -9,7 +9,7 @@ use crate::metrics::Metrics;
 use crate::sources::TargetSnapshot;
 use futures::stream::{BoxStream, SelectAll};
 use futures::{FutureExt, StreamExt};
-use k8s_openapi::api::core::v1::{ObjectReference, Pod};
+use k8s_openapi::api::core::v1::{ContainerStatus, ObjectReference, Pod};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::watcher::{self, Event};
@@ -57,16 +57,51 @@ pub fn pod_info(pod: &Pod) -> Option<PodInfo> {
     let phase_done = status
         .and_then(|s| s.phase.as_deref())
         .is_some_and(|p| p == "Succeeded" || p == "Failed");
-    let running = status
-        .and_then(|s| s.container_statuses.as_ref())
-        .map(|statuses| {
-            statuses
+    let containers: BTreeSet<String> = spec
+        .map(|s| s.containers.iter().map(|c| c.name.clone()).collect())
+        .unwrap_or_default();
+    // Native sidecars (KEP-753): init containers with `restartPolicy: Always`; they keep
+    // running beside the regular containers and report in `initContainerStatuses`.
+    let sidecars: BTreeSet<String> = spec
+        .and_then(|s| s.init_containers.as_ref())
+        .map(|inits| {
+            inits
                 .iter()
-                .filter(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()))
-                .map(|c| (c.name.clone(), c.restart_count))
+                .filter(|c| c.restart_policy.as_deref() == Some("Always"))
+                .map(|c| c.name.clone())
                 .collect()
         })
         .unwrap_or_default();
+    let running_in = |statuses: Option<&Vec<ContainerStatus>>, names: &BTreeSet<String>| {
+        statuses
+            .into_iter()
+            .flatten()
+            .filter(|c| names.contains(&c.name))
+            .filter(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()))
+            .map(|c| (c.name.clone(), c.restart_count))
+            .collect::<Vec<_>>()
+    };
+    let mut running: BTreeMap<String, i32> = BTreeMap::new();
+    if let Some(status) = status {
+        // A status for a name the spec lacks is ignored (cannot happen on a real server).
+        let all_regular = status
+            .container_statuses
+            .iter()
+            .flatten()
+            .map(|c| c.name.clone())
+            .collect::<BTreeSet<_>>();
+        let regular = if containers.is_empty() {
+            &all_regular // no spec seen: trust the statuses
+        } else {
+            &containers
+        };
+        running.extend(running_in(status.container_statuses.as_ref(), regular));
+        // Only sidecars: a regular init container running means the pod is still initializing.
+        running.extend(running_in(
+            status.init_container_statuses.as_ref(),
+            &sidecars,
+        ));
+    }
     Some(PodInfo {
         namespace: meta.namespace.clone()?,
         name: meta.name.clone()?,
@@ -90,6 +125,8 @@ pub fn pod_info(pod: &Pod) -> Option<PodInfo> {
             })
             .unwrap_or_default(),
         running,
+        containers,
+        sidecars,
     })
 }
 
@@ -120,7 +157,7 @@ fn resource_entry(resource: &WorkerMetrics) -> CustomResourceEntry {
 
 enum Change {
     /// Pods are slimmed as they arrive, so full objects never queue up.
-    Pod(usize, Event<PodInfo>),
+    Pod(usize, Box<Event<PodInfo>>),
     Resource(usize, Box<Event<WorkerMetrics>>),
     /// The WorkerMetrics paths of this scope answer 404: the CRD is not installed.
     ResourcesAbsent(usize),
@@ -170,7 +207,7 @@ struct Source {
 impl Source {
     fn apply(&mut self, change: Change) {
         match change {
-            Change::Pod(i, event) => match event {
+            Change::Pod(i, event) => match *event {
                 Event::Init => self.scopes[i].pod_buffer = Some(BTreeMap::new()),
                 Event::InitApply(info) => {
                     if let Some(buffer) = self.scopes[i].pod_buffer.as_mut() {
@@ -270,7 +307,7 @@ fn streams(
                 .default_backoff()
                 .filter_map(move |r| {
                     futures::future::ready(match r {
-                        Ok(event) => slim(event).map(|event| Change::Pod(i, event)),
+                        Ok(event) => slim(event).map(|event| Change::Pod(i, Box::new(event))),
                         Err(e) => Some(Change::Failed("pods", e.to_string())),
                     })
                 })
@@ -403,6 +440,9 @@ async fn run(
             .count();
         metrics.invalid_objects("workermetrics", invalid_resources);
         warned.pods(&events, &resolution.invalid_pods).await;
+        warned
+            .unknown_containers(&events, &resolution.unknown_containers)
+            .await;
         warned.resources(&events, &source.view).await;
         let report: ResourceReport = source
             .view
@@ -452,6 +492,7 @@ async fn run(
 pub(crate) struct Warned {
     pods: HashMap<String, String>,
     resources: HashMap<String, String>,
+    unknown_containers: HashMap<String, String>,
 }
 
 fn reference(
@@ -514,17 +555,28 @@ struct Refusal {
     api_version: &'static str,
     kind: &'static str,
     reason: &'static str,
+    /// For the log line.
+    what: &'static str,
 }
 
 const POD_REFUSAL: Refusal = Refusal {
     api_version: "v1",
     kind: "Pod",
     reason: "InvalidWorkerMetrics",
+    what: "declaration refused",
 };
 const RESOURCE_REFUSAL: Refusal = Refusal {
     api_version: "workersd.io/v1alpha1",
     kind: "WorkerMetrics",
     reason: "InvalidSpec",
+    what: "declaration refused",
+};
+/// On the pod: a declared container name matches no container or native sidecar of it.
+const UNKNOWN_CONTAINER: Refusal = Refusal {
+    api_version: "v1",
+    kind: "Pod",
+    reason: "UnknownContainer",
+    what: "declared container not found; its ports are not probed",
 };
 
 /// Publishes one Warning Event per object and distinct problem; `seen` maps uid → note.
@@ -542,7 +594,7 @@ async fn warn_once<'a>(
         if seen.get(uid) == Some(&note) {
             continue;
         }
-        tracing::warn!(namespace, name, kind = refusal.kind, problems = %note, "declaration refused");
+        tracing::warn!(namespace, name, kind = refusal.kind, problems = %note, "{}", refusal.what);
         let event = KubeEvent {
             type_: EventType::Warning,
             reason: refusal.reason.into(),
@@ -572,6 +624,23 @@ impl Warned {
             .iter()
             .map(|(key, (uid, errors))| (key, uid.as_str(), errors.as_slice()));
         warn_once(events, &mut self.pods, &POD_REFUSAL, invalid).await;
+    }
+
+    pub(crate) async fn unknown_containers(
+        &mut self,
+        events: &EventPublisher,
+        unknown: &BTreeMap<ObjectKey, (String, Vec<FieldError>)>,
+    ) {
+        let unknown = unknown
+            .iter()
+            .map(|(key, (uid, errors))| (key, uid.as_str(), errors.as_slice()));
+        warn_once(
+            events,
+            &mut self.unknown_containers,
+            &UNKNOWN_CONTAINER,
+            unknown,
+        )
+        .await;
     }
 
     async fn resources(&mut self, events: &EventPublisher, view: &ClusterView) {
@@ -629,6 +698,53 @@ mod tests {
         assert!(pod_info(&deleting).unwrap().terminating);
     }
 
+    #[test]
+    fn native_sidecars_run_from_init_container_statuses() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"namespace": "shop", "name": "web-1", "uid": "u1"},
+            "spec": {
+                "containers": [{"name": "web"}],
+                "initContainers": [
+                    {"name": "setup"},
+                    {"name": "exporter", "restartPolicy": "Always"}
+                ]
+            },
+            "status": {
+                "podIP": "10.0.0.7", "phase": "Running",
+                "initContainerStatuses": [
+                    {"name": "setup", "restartCount": 0, "ready": true, "image": "x", "imageID": "y",
+                     "state": {"terminated": {"exitCode": 0, "reason": "Completed"}}},
+                    {"name": "exporter", "restartCount": 3, "ready": true, "image": "x", "imageID": "y",
+                     "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}}}
+                ],
+                "containerStatuses": [
+                    {"name": "web", "restartCount": 0, "ready": true, "image": "x", "imageID": "y",
+                     "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}}}
+                ]
+            }
+        }))
+        .unwrap();
+        let info = pod_info(&pod).unwrap();
+        assert_eq!(
+            info.running,
+            BTreeMap::from([("web".to_string(), 0), ("exporter".to_string(), 3)])
+        );
+        assert_eq!(info.containers, BTreeSet::from(["web".to_string()]));
+        assert_eq!(info.sidecars, BTreeSet::from(["exporter".to_string()]));
+
+        // A regular init container that is running means "initializing": never a target.
+        let mut initializing = pod.clone();
+        let status = initializing.status.as_mut().unwrap();
+        status.init_container_statuses.as_mut().unwrap()[0].state =
+            serde_json::from_value(serde_json::json!({"running": {}})).unwrap();
+        assert!(
+            !pod_info(&initializing)
+                .unwrap()
+                .running
+                .contains_key("setup")
+        );
+    }
+
     fn pod_named(name: &str, ns: &str) -> PodInfo {
         let pod: Pod = serde_json::from_value(
             serde_json::json!({"metadata": {"namespace": ns, "name": name}}),
@@ -657,24 +773,33 @@ mod tests {
             resources_absent: BTreeSet::new(),
         };
         for (i, ns) in [(0, "a"), (1, "b")] {
-            source.apply(Change::Pod(i, Event::Init));
-            source.apply(Change::Pod(i, Event::InitApply(pod_named("p1", ns))));
-            source.apply(Change::Pod(i, Event::InitApply(pod_named("p2", ns))));
-            source.apply(Change::Pod(i, Event::InitDone));
+            source.apply(Change::Pod(i, Box::new(Event::Init)));
+            source.apply(Change::Pod(
+                i,
+                Box::new(Event::InitApply(pod_named("p1", ns))),
+            ));
+            source.apply(Change::Pod(
+                i,
+                Box::new(Event::InitApply(pod_named("p2", ns))),
+            ));
+            source.apply(Change::Pod(i, Box::new(Event::InitDone)));
             source.apply(Change::Resource(i, Box::new(Event::Init)));
             source.apply(Change::Resource(i, Box::new(Event::InitDone)));
         }
         assert!(source.all_synced());
         assert_eq!(source.view.pods.len(), 4);
         // Scope "a" re-lists after 410 Gone: p2 was deleted while the watch was down.
-        source.apply(Change::Pod(0, Event::Init));
-        source.apply(Change::Pod(0, Event::InitApply(pod_named("p1", "a"))));
+        source.apply(Change::Pod(0, Box::new(Event::Init)));
+        source.apply(Change::Pod(
+            0,
+            Box::new(Event::InitApply(pod_named("p1", "a"))),
+        ));
         assert_eq!(
             source.view.pods.len(),
             4,
             "the old view stays until the re-list completes"
         );
-        source.apply(Change::Pod(0, Event::InitDone));
+        source.apply(Change::Pod(0, Box::new(Event::InitDone)));
         let keys: Vec<_> = source.view.pods.keys().cloned().collect();
         assert_eq!(
             keys,
@@ -684,7 +809,10 @@ mod tests {
                 ("b".into(), "p2".into())
             ]
         );
-        source.apply(Change::Pod(1, Event::Delete(pod_named("p1", "b"))));
+        source.apply(Change::Pod(
+            1,
+            Box::new(Event::Delete(pod_named("p1", "b"))),
+        ));
         assert_eq!(source.view.pods.len(), 2);
     }
 
@@ -700,9 +828,12 @@ mod tests {
             synced: BTreeSet::new(),
             resources_absent: BTreeSet::new(),
         };
-        source.apply(Change::Pod(0, Event::Init));
-        source.apply(Change::Pod(0, Event::InitApply(pod_named("p1", "a"))));
-        source.apply(Change::Pod(0, Event::InitDone));
+        source.apply(Change::Pod(0, Box::new(Event::Init)));
+        source.apply(Change::Pod(
+            0,
+            Box::new(Event::InitApply(pod_named("p1", "a"))),
+        ));
+        source.apply(Change::Pod(0, Box::new(Event::InitDone)));
         assert!(
             !source.all_synced(),
             "the WorkerMetrics list is still pending"

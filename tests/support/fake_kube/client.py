@@ -198,7 +198,8 @@ class FakeKube:
         return self.ok("GET", "/_control/state", query={"resource": resource} if resource else None)
 
     def set_pod_status(self, namespace, name, **fields):
-        """fields: podIP, hostIP, phase, ready, running, restartCount, nodeName, containerStatuses, status (raw merge)."""
+        """fields: podIP, hostIP, phase, ready, running, restartCount, nodeName, containerStatuses,
+        initContainerStatuses, status (raw merge)."""
         return self.ok("POST", f"/_control/pods/{namespace}/{name}/status", fields)
 
     def terminate_pod(self, namespace, name, grace_period_seconds=30):

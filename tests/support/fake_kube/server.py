@@ -1249,6 +1249,27 @@ class State:
                         causes.append((f"spec.containers[{i}].name", "FieldValueRequired", "Required value"))
                     if isinstance(c, dict) and not c.get("image"):
                         causes.append((f"spec.containers[{i}].image", "FieldValueRequired", "Required value"))
+                    # pkg/apis/core/validation/validation.go validateContainers
+                    if isinstance(c, dict) and c.get("restartPolicy") is not None:
+                        causes.append((f"spec.containers[{i}].restartPolicy", "FieldValueForbidden",
+                                       "Forbidden: may not be set for non-init containers"))
+            # validateInitContainers: `restartPolicy: Always` makes a native sidecar (KEP-753,
+            # on by default since 1.29); no other value is allowed on an init container
+            names = {c.get("name") for c in containers or [] if isinstance(c, dict)}
+            for i, c in enumerate((obj.get("spec") or {}).get("initContainers") or []):
+                if not isinstance(c, dict) or not c.get("name"):
+                    causes.append((f"spec.initContainers[{i}].name", "FieldValueRequired", "Required value"))
+                    continue
+                if not c.get("image"):
+                    causes.append((f"spec.initContainers[{i}].image", "FieldValueRequired", "Required value"))
+                if c["name"] in names:
+                    causes.append((f"spec.initContainers[{i}].name", "FieldValueDuplicate",
+                                   f'Duplicate value: "{c["name"]}"'))
+                names.add(c["name"])
+                rp = c.get("restartPolicy")
+                if rp is not None and rp != "Always":
+                    causes.append((f"spec.initContainers[{i}].restartPolicy", "FieldValueNotSupported",
+                                   f'Unsupported value: "{rp}": supported values: "Always"'))
         if causes:
             raise err_invalid(rd, name, causes)
 
@@ -2167,8 +2188,12 @@ class Handler(BaseHTTPRequestHandler):
             cells = [m.get("name", "")]
             if rd.group == "" and rd.plural == "pods":
                 stt = o.get("status") or {}
-                cs = stt.get("containerStatuses") or []
-                n = len((o.get("spec") or {}).get("containers") or [])
+                # sidecars (restartable init containers) count in READY, as kubectl's printPod does
+                sidecars = {c.get("name") for c in (o.get("spec") or {}).get("initContainers") or []
+                            if c.get("restartPolicy") == "Always"}
+                cs = (stt.get("containerStatuses") or []) + [
+                    c for c in stt.get("initContainerStatuses") or [] if c.get("name") in sidecars]
+                n = len((o.get("spec") or {}).get("containers") or []) + len(sidecars)
                 ready = sum(1 for c in cs if c.get("ready"))
                 phase = stt.get("phase", "")
                 if m.get("deletionTimestamp"):
@@ -2579,10 +2604,39 @@ class Handler(BaseHTTPRequestHandler):
                                     "ready": ready and running, "started": running, "restartCount": rc,
                                     "state": state, "lastState": prev.get("lastState") or {}})
                     status["containerStatuses"] = css
+                if "initContainerStatuses" not in data and spec.get("initContainers"):
+                    # Like the kubelet (KEP-753): once the pod runs, regular init containers have
+                    # terminated (Completed) and sidecars (restartPolicy: Always) keep running;
+                    # both are reported in status.initContainerStatuses, in spec order.
+                    old_ics = {c.get("name"): c for c in status.get("initContainerStatuses") or []}
+                    ics = []
+                    for c in spec["initContainers"]:
+                        prev = old_ics.get(c.get("name"), {})
+                        sidecar = c.get("restartPolicy") == "Always"
+                        if sidecar:
+                            rc = int(data.get("restartCount", prev.get("restartCount", 0)))
+                            state = ({"running": {"startedAt": (prev.get("state") or {}).get("running", {}).get("startedAt") or now_ts()}}
+                                     if running else {"waiting": {"reason": "PodInitializing"}})
+                            ics.append({"name": c.get("name"), "image": c.get("image"), "imageID": "",
+                                        "ready": ready and running, "started": running, "restartCount": rc,
+                                        "state": state, "lastState": prev.get("lastState") or {}})
+                        else:
+                            state = ({"terminated": {"exitCode": 0, "reason": "Completed", "startedAt": now_ts(),
+                                                     "finishedAt": now_ts()}}
+                                     if running else {"waiting": {"reason": "PodInitializing"}})
+                            ics.append({"name": c.get("name"), "image": c.get("image"), "imageID": "",
+                                        "ready": running, "started": False, "restartCount": 0,
+                                        "state": state, "lastState": {}})
+                    status["initContainerStatuses"] = ics
             if "containerStatuses" in data:
                 status["containerStatuses"] = data["containerStatuses"]
+            if "initContainerStatuses" in data:
+                status["initContainerStatuses"] = data["initContainerStatuses"]
             if "ready" in data or "running" in data or "phase" in data or "conditions" not in status:
-                css = status.get("containerStatuses") or []
+                # sidecars count towards the pod's readiness (KEP-753)
+                sidecars = {c.get("name") for c in spec.get("initContainers") or [] if c.get("restartPolicy") == "Always"}
+                css = (status.get("containerStatuses") or []) + [
+                    c for c in status.get("initContainerStatuses") or [] if c.get("name") in sidecars]
                 all_ready = bool(css) and all(c.get("ready") for c in css)
                 t = now_ts()
                 old = {c.get("type"): c for c in status.get("conditions") or []}
