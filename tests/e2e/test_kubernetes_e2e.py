@@ -1001,3 +1001,25 @@ def test_kubernetes_native_sidecar_ports_are_probed_while_it_runs(procs, cluster
     wait_published(consul, both, timeout=15, what="side-a's sidecar running again")
     assert len(unknown_events("side-a")) == 1, "reported once, not on every resolution"
     assert w.alive()
+
+
+# --------------------------------------------------------------------------
+# Streaming lists: workersd lists and watches whether or not the WatchList gate is on
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("watch_list", [False, True], ids=["watchlist-off", "watchlist-on"])
+def test_kubernetes_works_with_the_watchlist_gate_off_and_on(procs, watch_list):
+    """A 1.30 server refuses sendInitialEvents=true with 422 unless the WatchList gate is on;
+    workersd uses paged lists then watches, so it syncs either way."""
+    fk = FakeKube(procs, extra_args=["--watch-list"] if watch_list else []).start()
+    assert fk.ok("GET", "/_control/config")["watchList"] is watch_list
+    consul = ConsulDouble(procs).start()
+    kube = Kube(fk)
+    a = Gunicorn(procs, address="127.0.0.2", workers=2).start()
+    kube.add_pod("web-a", a.address, annotations=ports_annotations(a))
+    w = kube_workersd(procs, fk, consul).start()
+    wait_published(consul, expected("web-a", a), timeout=15)
+    by_verb = fk.requests()["byVerb"]
+    assert by_verb.get("list pods", 0) >= 1 and by_verb.get("watch pods", 0) >= 1, by_verb
+    assert w.alive()

@@ -461,13 +461,22 @@ def test_bookmarks(fk):
     # no bookmarks unless asked
     evs = watch(fk, "/api/v1/pods", resourceVersion=rv, timeout_seconds=1.5)
     assert evs == []
-    # streaming list (sendInitialEvents): ADDED..., then the initial-events-end bookmark
+    # streaming list (sendInitialEvents): refused while the WatchList gate is off (1.30's default) ...
+    streaming = dict(watch="true", sendInitialEvents="true", resourceVersionMatch="NotOlderThan",
+                     allowWatchBookmarks="true", timeoutSeconds="5")
+    off = http(fk, "GET", "/api/v1/pods", **streaming)
+    assert off.status_code == 422 and off.json()["reason"] == "Invalid"
+    assert off.json()["message"] == ('ListOptions.meta.k8s.io "" is invalid: sendInitialEvents: Forbidden: '
+                                     "sendInitialEvents is forbidden for watch unless the WatchList feature gate is enabled")
+    assert off.json()["details"]["causes"][0]["field"] == "sendInitialEvents"
+    # ... and served once it is on: ADDED..., then the initial-events-end bookmark
+    assert http(fk, "POST", "/_control/config", {"watchList": True}).json()["watchList"] is True
     evs = watch(fk, "/api/v1/pods", sendInitialEvents="true", resourceVersionMatch="NotOlderThan",
                 allowWatchBookmarks="true", timeout_seconds=5, stop=lambda e: e["type"] == "BOOKMARK")
     assert [e["type"] for e in evs] == ["ADDED", "BOOKMARK"]
     assert evs[1]["object"]["metadata"]["annotations"] == {"k8s.io/initial-events-end": "true"}
     bad = http(fk, "GET", "/api/v1/pods", watch="true", sendInitialEvents="true")
-    assert bad.status_code == 422
+    assert bad.status_code == 422 and "resourceVersionMatch" in bad.json()["message"]
 
 
 def test_compaction_gives_410_gone(fk):

@@ -283,6 +283,13 @@ impl Source {
     }
 }
 
+/// Paged list, then watch. Not streaming lists (`sendInitialEvents=true`): API servers with
+/// the WatchList feature gate off (the default before 1.32, and on many aggregated servers)
+/// refuse them with 422, and kube's watcher would retry that forever instead of falling back.
+fn watcher_config() -> watcher::Config {
+    watcher::Config::default()
+}
+
 fn streams(
     client: &Client,
     namespaces: &[String],
@@ -301,7 +308,7 @@ fn streams(
             ),
             None => (Api::all(client.clone()), Api::all(client.clone())),
         };
-        let config = watcher::Config::default();
+        let config = watcher_config();
         all.push(
             watcher::watcher(pods, config.clone())
                 .default_backoff()
@@ -743,6 +750,14 @@ mod tests {
                 .running
                 .contains_key("setup")
         );
+    }
+
+    #[test]
+    fn watches_use_paged_lists_not_streaming_lists() {
+        assert!(matches!(
+            watcher_config().initial_list_strategy,
+            watcher::InitialListStrategy::ListWatch
+        ));
     }
 
     fn pod_named(name: &str, ns: &str) -> PodInfo {

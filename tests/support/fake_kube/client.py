@@ -48,7 +48,7 @@ class ApiResponse:
 class FakeKube:
     def __init__(self, workdir=None, *, bookmark_interval=None, history_limit=None, graceful_deletion=False,
                  auto_create_namespaces=False, seeds=(), extra_args=(), log_requests=False,
-                 python=sys.executable, host="127.0.0.1", workermetrics_crd=True):
+                 python=sys.executable, host="127.0.0.1", workermetrics_crd=True, watch_list=False):
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="fake-kube-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.kubeconfig = str(self.workdir / "kubeconfig")
@@ -64,6 +64,8 @@ class FakeKube:
             args.append("--graceful-deletion")
         if not workermetrics_crd:
             args.append("--no-workermetrics-crd")
+        if watch_list:
+            args.append("--watch-list")
         if auto_create_namespaces:
             args.append("--auto-create-namespaces")
         if log_requests:

@@ -139,6 +139,16 @@ def err_invalid(rd, name, causes):
     return ApiError(422, "Invalid", f'{gk} "{name or ""}" is invalid: {text}', det)
 
 
+class _GroupKind:
+    """Just enough of a ResourceDef for err_invalid on request options."""
+
+    def __init__(self, group, kind):
+        self.group, self.kind = group, kind
+
+
+LIST_OPTIONS = _GroupKind("meta.k8s.io", "ListOptions")  # 'ListOptions.meta.k8s.io "" is invalid: ...'
+
+
 def err_expired(msg):
     return ApiError(410, "Expired", msg)
 
@@ -1132,7 +1142,7 @@ class State:
     """All objects, the global resourceVersion, per-storage event histories and watchers."""
 
     def __init__(self, history_limit=10000, bookmark_interval=5.0, graceful_deletion=False,
-                 auto_create_namespaces=False, watch_timeout_max=1800.0, workermetrics_crd=True):
+                 auto_create_namespaces=False, watch_timeout_max=1800.0, workermetrics_crd=True, watch_list=False):
         self.cond = threading.Condition(threading.RLock())
         self.rv = 1
         self.registry = Registry()
@@ -1142,6 +1152,8 @@ class State:
         self.graceful_deletion = graceful_deletion
         self.auto_create_namespaces = auto_create_namespaces
         self.watch_timeout_max = float(watch_timeout_max)
+        # the WatchList feature gate: off, as on a 1.30 server (alpha until 1.32)
+        self.watch_list = bool(watch_list)
         self.watches: dict = {}
         self.grace_deadlines: dict = {}  # (storage, key) -> deadline
         self.req_counts: dict = {}
@@ -2224,16 +2236,29 @@ class Handler(BaseHTTPRequestHandler):
         rv_match = q.get("resourceVersionMatch")
         bookmarks = _truthy(q.get("allowWatchBookmarks")) if "allowWatchBookmarks" in q else False
         sie = q.get("sendInitialEvents")
+        # apimachinery pkg/apis/meta/internalversion/validation validateWatchOptions, as
+        # called by apiserver endpoints/handlers/get.go ListResource with the WatchList gate
+        causes = []
         if sie is not None:
             if rv_match != "NotOlderThan":
-                raise err_invalid(rd, "", [("resourceVersionMatch", "FieldValueForbidden",
-                                            "Forbidden: sendInitialEvents requires setting resourceVersionMatch to NotOlderThan")])
-            if _truthy(sie) and not bookmarks:
-                raise err_invalid(rd, "", [("allowWatchBookmarks", "FieldValueForbidden",
-                                            "Forbidden: sendInitialEvents requires setting allowWatchBookmarks to true")])
-        elif rv_match:
-            raise err_invalid(rd, "", [("resourceVersionMatch", "FieldValueForbidden",
-                                        "Forbidden: resourceVersionMatch is forbidden for watch unless sendInitialEvents is provided")])
+                causes.append(("resourceVersionMatch", "FieldValueForbidden",
+                               "Forbidden: sendInitialEvents requires setting resourceVersionMatch to NotOlderThan"))
+            if not st.watch_list:
+                causes.append(("sendInitialEvents", "FieldValueForbidden",
+                               "Forbidden: sendInitialEvents is forbidden for watch unless the WatchList feature gate is enabled"))
+        if rv_match:
+            if sie is None:
+                causes.append(("resourceVersionMatch", "FieldValueForbidden",
+                               "Forbidden: resourceVersionMatch is forbidden for watch unless sendInitialEvents is provided"))
+            if rv_match != "NotOlderThan":
+                causes.append(("resourceVersionMatch", "FieldValueNotSupported",
+                               f'Unsupported value: "{rv_match}": supported values: "NotOlderThan"'))
+        if causes:
+            raise err_invalid(LIST_OPTIONS, "", causes)
+        if sie is not None and _truthy(sie) and not bookmarks:
+            # the watch cache (cacher.go) needs bookmarks to send the initial-events-end one
+            raise err_invalid(LIST_OPTIONS, "", [("allowWatchBookmarks", "FieldValueForbidden",
+                                                  "Forbidden: sendInitialEvents requires setting allowWatchBookmarks to true")])
         try:
             timeout = float(q["timeoutSeconds"]) if q.get("timeoutSeconds") else st.watch_timeout_max
         except ValueError:
@@ -2537,12 +2562,15 @@ class Handler(BaseHTTPRequestHandler):
                         st.auto_create_namespaces = bool(data["autoCreateNamespaces"])
                     if "watchTimeoutMaxSeconds" in data:
                         st.watch_timeout_max = float(data["watchTimeoutMaxSeconds"])
+                    if "watchList" in data:
+                        st.watch_list = bool(data["watchList"])
                     st.cond.notify_all()
                 return self._send_json(200, {"bookmarkIntervalSeconds": st.bookmark_interval,
                                              "gracefulDeletion": st.graceful_deletion,
                                              "historyLimit": st.history_limit,
                                              "autoCreateNamespaces": st.auto_create_namespaces,
                                              "watchTimeoutMaxSeconds": st.watch_timeout_max,
+                                             "watchList": st.watch_list,
                                              "resourceVersion": str(st.rv)})
         if segs == ["state"]:
             with st.cond:
@@ -2831,6 +2859,8 @@ def main(argv=None):
                    help="create a missing namespace on first use instead of answering 404")
     p.add_argument("--seed", action="append", default=[], help="YAML/JSON file of objects to preload (repeatable)")
     p.add_argument("--log-requests", action="store_true", help="log every request to stderr")
+    p.add_argument("--watch-list", action="store_true",
+                   help="enable the WatchList feature gate (streaming lists, sendInitialEvents=true)")
     p.add_argument("--no-workermetrics-crd", action="store_true",
                    help="start without the WorkerMetrics CRD (as after `helm install --skip-crds`)")
     args = p.parse_args(argv)
@@ -2841,7 +2871,8 @@ def main(argv=None):
         p.error("--listen must be a loopback address")
     state = State(history_limit=args.history_limit, bookmark_interval=args.bookmark_interval,
                   graceful_deletion=args.graceful_deletion, auto_create_namespaces=args.auto_create_namespaces,
-                  watch_timeout_max=args.watch_timeout_max, workermetrics_crd=not args.no_workermetrics_crd)
+                  watch_timeout_max=args.watch_timeout_max, workermetrics_crd=not args.no_workermetrics_crd,
+                  watch_list=args.watch_list)
     for s in args.seed:
         n = load_seed(state, s)
         sys.stderr.write(f"fake_kube: seeded {n} objects from {s}\n")
