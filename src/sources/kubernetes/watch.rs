@@ -23,9 +23,9 @@ use tokio::sync::{oneshot, watch};
 /// The CRD's name, for logs, `/readyz` and the `workersd_crd_installed` metric.
 pub const CRD_NAME: &str = "workermetrics.workersd.io";
 
-/// Pause before asking again whether an absent CRD was installed (its paths answer 404). The
-/// watcher's own backoff restarts at under a second after each attempt's `Init`, too eager for
-/// a condition that usually lasts (helm install --skip-crds).
+/// Pause before asking again whether an absent CRD was installed (its paths answer 404): the
+/// condition usually lasts (helm install --skip-crds), and a CRD installed later is picked up
+/// within this.
 const CRD_POLL: Duration = Duration::from_secs(5);
 
 /// What each `WorkerMetrics` covers, for its status.
@@ -290,6 +290,45 @@ fn watcher_config() -> watcher::Config {
     watcher::Config::default()
 }
 
+/// WorkerMetrics changes of one scope. A watcher runs until it reports the type absent (404:
+/// CRD not installed, or deleted); then, after CRD_POLL, a fresh watcher starts with a full
+/// list. Restarting, rather than letting the watcher retry, polls at a steady pace (its
+/// backoff restarts at under a second after every `Init`, yet keeps growing on failed
+/// watch resumptions) and skips resuming a resourceVersion from before the deletion.
+fn resource_changes(
+    api: Api<WorkerMetrics>,
+    config: watcher::Config,
+    i: usize,
+) -> BoxStream<'static, Change> {
+    futures::stream::unfold(false, move |restarted| {
+        let (api, config) = (api.clone(), config.clone());
+        async move {
+            if restarted {
+                tokio::time::sleep(CRD_POLL).await;
+            }
+            let changes = watcher::watcher(api, config)
+                .default_backoff()
+                .map(move |r| match r {
+                    Ok(event) => Change::Resource(i, Box::new(event)),
+                    Err(e) if is_absent_type(&e) => Change::ResourcesAbsent(i),
+                    Err(e) => Change::Failed("workermetrics", e.to_string()),
+                })
+                .boxed();
+            // Up to and including the first absence report, without polling (and so
+            // retrying) the watcher once more.
+            let run = futures::stream::unfold(Some(changes), |changes| async move {
+                let mut changes = changes?;
+                let change = changes.next().await?;
+                let rest = (!matches!(change, Change::ResourcesAbsent(_))).then_some(changes);
+                Some((change, rest))
+            });
+            Some((run, true))
+        }
+    })
+    .flatten()
+    .boxed()
+}
+
 fn streams(
     client: &Client,
     namespaces: &[String],
@@ -320,29 +359,7 @@ fn streams(
                 })
                 .boxed(),
         );
-        // After a 404 the next item (the retry's `Init`, or the next failed watch start) is
-        // held for CRD_POLL, which spaces out the polls for an absent CRD.
-        let mut after_absent = false;
-        all.push(
-            watcher::watcher(resources, config)
-                .default_backoff()
-                .then(move |r| {
-                    let pause = after_absent;
-                    after_absent = matches!(&r, Err(e) if is_absent_type(e));
-                    async move {
-                        if pause {
-                            tokio::time::sleep(CRD_POLL).await;
-                        }
-                        r
-                    }
-                })
-                .map(move |r| match r {
-                    Ok(event) => Change::Resource(i, Box::new(event)),
-                    Err(e) if is_absent_type(&e) => Change::ResourcesAbsent(i),
-                    Err(e) => Change::Failed("workermetrics", e.to_string()),
-                })
-                .boxed(),
-        );
+        all.push(resource_changes(resources, config, i));
     }
     let scopes = scopes
         .into_iter()
