@@ -101,6 +101,7 @@ pub async fn run_kubernetes(args: KubernetesArgs) -> anyhow::Result<()> {
             max_ports_per_namespace: args.max_ports_per_namespace,
         },
         identity,
+        crd_missing: controller.readiness.crd_missing.clone(),
     };
     let metrics = controller.metrics.clone();
     let outputs = tokio::select! {

@@ -38,6 +38,12 @@ pub struct Metrics {
     pub sweep_overruns: Counter,
     pub held_connections: Gauge,
     invalid_objects: Family<KindLabel, Gauge>,
+    crd_installed: Family<CrdLabel, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CrdLabel {
+    pub crd: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -116,8 +122,16 @@ impl Metrics {
             "Objects whose workersd declaration is refused (see their Warning Events), by kind",
             invalid_objects.clone(),
         );
+        // Only set in Kubernetes mode, so the sample is absent elsewhere.
+        let crd_installed = Family::<CrdLabel, Gauge>::default();
+        registry.register(
+            "crd_installed",
+            "1 while the named CRD is served by the API server, 0 while it is absent (its resources are then ignored)",
+            crd_installed.clone(),
+        );
         Self {
             invalid_objects,
+            crd_installed,
             registry,
             probes,
             targets,
@@ -168,6 +182,12 @@ impl Metrics {
         self.invalid_objects
             .get_or_create(&KindLabel { kind })
             .set(count as i64);
+    }
+
+    pub fn crd_installed(&self, crd: &'static str, installed: bool) {
+        self.crd_installed
+            .get_or_create(&CrdLabel { crd })
+            .set(i64::from(installed));
     }
 
     pub fn encode(&self) -> String {

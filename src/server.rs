@@ -17,6 +17,9 @@ pub struct Readiness {
     pub standby: AtomicBool,
     pub probed: AtomicBool,
     pub consul_synced: Option<Arc<AtomicBool>>,
+    /// Kubernetes mode: the WorkerMetrics CRD is absent (annotations still work), shared
+    /// with the watch task.
+    pub crd_missing: Arc<AtomicBool>,
 }
 
 impl Readiness {
@@ -36,6 +39,15 @@ impl Readiness {
             problems.push("consul not yet synced");
         }
         problems
+    }
+
+    /// Conditions worth reporting that do not make the instance unready.
+    pub fn notes(&self) -> Vec<&'static str> {
+        let mut notes = Vec::new();
+        if self.crd_missing.load(Ordering::Relaxed) {
+            notes.push("WorkerMetrics CRD not installed: only pod annotations are used");
+        }
+        notes
     }
 }
 
@@ -61,12 +73,18 @@ async fn healthz() -> &'static str {
 
 async fn readyz(State(state): State<AppState>) -> (StatusCode, String) {
     let problems = state.readiness.problems();
+    let notes = state.readiness.notes();
+    let notes = if notes.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", notes.join("; "))
+    };
     if problems.is_empty() {
-        (StatusCode::OK, "ready\n".into())
+        (StatusCode::OK, format!("ready{notes}\n"))
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: {}\n", problems.join(", ")),
+            format!("not ready: {}{notes}\n", problems.join(", ")),
         )
     }
 }

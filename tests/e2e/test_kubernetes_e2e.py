@@ -289,8 +289,8 @@ def test_kubernetes_pods_publish_every_worker_to_consul_and_victoria_metrics(pro
         annotations=ports_annotations(a, **{"workersd.io/meta.team": "web"}),
         node="node-1",
     )
-    # README: "apply the CRD (`kubectl apply -f crds/workermetrics.yaml`)"; it replaces the
-    # fake server's minimal built-in one (adds the `wm` short name and printer columns).
+    # README: "apply the CRD (`kubectl apply -f crds/workermetrics.yaml`)"; the fake server's
+    # built-in CRD is this same file, so the apply is a no-op update.
     out = kubectl(fk, tmp_path, "apply", "-f", str(REPO_ROOT / "crds" / "workermetrics.yaml"))
     assert "workermetrics.workersd.io" in out, out
     kube.add_wm(
@@ -839,3 +839,195 @@ def test_kubernetes_pod_lifecycle_and_per_container_ranges(procs, cluster):
                            after=lambda: fk.set_pod_status(NS, "p", phase="Succeeded"))
     assert done <= 1.0, done
     assert readyz(w)[0] == 200
+
+
+# --------------------------------------------------------------------------
+# The WorkerMetrics CRD is optional: annotations alone work without it
+# --------------------------------------------------------------------------
+
+CRD_FILE = REPO_ROOT / "crds" / "workermetrics.yaml"
+CRD_ABSENT_LOG = "WorkerMetrics CRD is not installed"
+
+
+def wm_spec(g: Gunicorn, app: str) -> dict:
+    return {
+        "selector": {"matchLabels": {"app": app}},
+        "service": SERVICE,
+        "containers": [{"name": "web", "ports": f"{g.metrics_first}-{g.metrics_last}"}],
+    }
+
+
+def crd_installed_metric(w: Workersd) -> float | None:
+    return metric(w, "workersd_crd_installed", {"crd": "workermetrics.workersd.io"})
+
+
+def test_kubernetes_without_crd_publishes_annotated_pods_and_picks_up_the_crd_later(procs, tmp_path):
+    """`helm install --skip-crds`: the WorkerMetrics paths are 404. Annotated pods are published,
+    /readyz is 200 naming the missing CRD, the metric says 0, the log says it once; applying
+    the CRD later makes WorkerMetrics work without a restart."""
+    fk = FakeKube(procs, extra_args=["--no-workermetrics-crd"]).start()
+    consul = ConsulDouble(procs).start()
+    kube = Kube(fk)
+    a = Gunicorn(procs, address="127.0.0.2", workers=2).start()
+    b = Gunicorn(procs, address="127.0.0.3", workers=2).start()
+    kube.add_pod("web-a", a.address, annotations=ports_annotations(a))
+    kube.add_pod("web-b", b.address, labels={"app": "b"})
+    assert fk.api("GET", WM_PATH.format(ns=NS)).status == 404
+
+    w = kube_workersd(procs, fk, consul).start(wait_ready=False)
+    wait_published(consul, expected("web-a", a), timeout=30, what="annotated pod without the CRD")
+    code, body = wait_until(lambda: readyz(w)[0] == 200 and readyz(w), timeout=30, message=lambda: readyz(w))
+    assert "WorkerMetrics CRD" in body, body
+    assert crd_installed_metric(w) == 0
+    # Logged once, not at every retry of the list: wait for more than one retry first.
+    wm_lists = "GET /apis/workersd.io/v1alpha1/workermetrics"  # 404s are counted by path only
+    wait_until(lambda: fk.requests()["byPath"].get(wm_lists, 0) >= 3, timeout=30,
+               message=lambda: f"retried lists of workermetrics: {fk.requests()['byPath']}")
+    assert w.logs().count(CRD_ABSENT_LOG) == 1, w.logs()[-3000:]
+
+    # The CRD appears (kubectl, a real client), then a WorkerMetrics: picked up, no restart.
+    kubectl(fk, tmp_path, "apply", "-f", str(CRD_FILE))
+    kube.add_wm("web-b", wm_spec(b, "b"))
+    wait_published(consul, expected("web-a", a) | expected("web-b", b), timeout=30, what="after the CRD appeared")
+    wait_until(lambda: crd_installed_metric(w) == 1, timeout=10, message="crd metric back to 1")
+    code, body = readyz(w)
+    assert code == 200 and "CRD" not in body, body
+    assert w.alive()
+
+
+def test_kubernetes_crd_deleted_while_running_keeps_annotated_pods_published(procs, cluster, tmp_path):
+    """Deleting the CRD deletes every WorkerMetrics and ends the watch: their targets go, the
+    annotated pod stays published throughout; re-creating the CRD brings WorkerMetrics back."""
+    fk, consul, kube = cluster
+    a = Gunicorn(procs, address="127.0.0.2", workers=2).start()
+    b = Gunicorn(procs, address="127.0.0.3", workers=2).start()
+    kube.add_pod("web-a", a.address, annotations=ports_annotations(a))
+    kube.add_pod("web-b", b.address, labels={"app": "b"})
+    kube.add_wm("web-b", wm_spec(b, "b"))
+    w = kube_workersd(procs, fk, consul).start()
+    both = expected("web-a", a) | expected("web-b", b)
+    wait_published(consul, both, timeout=15)
+    assert crd_installed_metric(w) == 1
+
+    with CatalogMonitor(consul) as mon:
+        kubectl(fk, tmp_path, "delete", "crd", "workermetrics.workersd.io")
+        wait_published(consul, expected("web-a", a), timeout=30, what="WorkerMetrics targets gone")
+        wait_until(lambda: crd_installed_metric(w) == 0, timeout=30, message="crd metric 0")
+        code, body = readyz(w)
+        assert code == 200 and "WorkerMetrics CRD" in body, body
+
+        kubectl(fk, tmp_path, "apply", "-f", str(CRD_FILE))
+        kube.add_wm("web-b", wm_spec(b, "b"))
+        wait_published(consul, both, timeout=30, what="WorkerMetrics targets back")
+        wait_until(lambda: crd_installed_metric(w) == 1, timeout=10, message="crd metric back to 1")
+    assert mon.min_count("web-a") == len(expected("web-a", a)), "the annotated pod was unpublished"
+    assert w.logs().count(CRD_ABSENT_LOG) == 1, w.logs()[-3000:]
+    assert w.alive()
+
+
+# --------------------------------------------------------------------------
+# Native sidecars (Kubernetes >= 1.29): init containers with restartPolicy Always
+# --------------------------------------------------------------------------
+
+
+def add_sidecar_pod(kube: Kube, name: str, ip: str, *, labels=None, annotations=None):
+    """A Running pod with one regular container `web` and a native sidecar `exporter`."""
+    body = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": kube.ns, "labels": labels or {}, "annotations": annotations or {}},
+        "spec": {
+            "nodeName": "node-1",
+            "initContainers": [
+                {"name": "setup", "image": "busybox"},
+                {"name": "exporter", "image": "exporter:1", "restartPolicy": "Always"},
+            ],
+            "containers": [{"name": "web", "image": "clever:1"}],
+        },
+    }
+    kube.fk.ok("POST", f"/api/v1/namespaces/{kube.ns}/pods", body)
+    kube.fk.set_pod_status(kube.ns, name, podIP=ip, phase="Running", running=True, ready=True)
+
+
+def test_kubernetes_native_sidecar_ports_are_probed_while_it_runs(procs, cluster):
+    """`workersd.io/ports.<sidecar>` and a WorkerMetrics `containers[].name` naming a native
+    sidecar are probed while it runs (its state is in status.initContainerStatuses); a name
+    matching no container or sidecar gets a Warning Event instead of silence."""
+    fk, consul, kube = cluster
+    a = Gunicorn(procs, address="127.0.0.2", workers=2).start()  # the "sidecar" of pod side-a
+    b = Gunicorn(procs, address="127.0.0.3", workers=2).start()  # the "sidecar" of pod side-b
+    add_sidecar_pod(
+        kube,
+        "side-a",
+        a.address,
+        annotations={
+            "workersd.io/service": SERVICE,
+            "workersd.io/ports.exporter": f"{a.metrics_first}-{a.metrics_last}",
+            "workersd.io/ports.nope": "9500",
+        },
+    )
+    add_sidecar_pod(kube, "side-b", b.address, labels={"app": "b"})
+    kube.add_wm(
+        "side-b",
+        {
+            "selector": {"matchLabels": {"app": "b"}},
+            "service": SERVICE,
+            "containers": [
+                {"name": "exporter", "ports": f"{b.metrics_first}-{b.metrics_last}"},
+                {"name": "ghost", "ports": "9600"},
+            ],
+        },
+    )
+    w = kube_workersd(procs, fk, consul).start(wait_ready=False)
+
+    def with_container(g, pod):
+        return {(p, addr, port) for p, addr, port in expected(pod, g)}
+
+    both = with_container(a, "side-a") | with_container(b, "side-b")
+    entries = wait_published(consul, both, timeout=30, what="sidecar workers")
+    assert {e["ServiceMeta"]["k8s-container"] for e in entries} == {"exporter"}
+
+    def unknown_events(pod):
+        return [e for e in kube.events(pod) if e.get("reason") == "UnknownContainer"]
+
+    (ev,) = wait_until(lambda: unknown_events("side-a"), timeout=15, message="UnknownContainer Event on side-a")
+    assert ev["type"] == "Warning" and "metadata.annotations[workersd.io/ports.nope]" in ev["message"], ev
+    assert "sidecars: exporter" in ev["message"], ev["message"]
+    (ev,) = wait_until(lambda: unknown_events("side-b"), timeout=15, message="UnknownContainer Event on side-b")
+    assert "WorkerMetrics side-b spec.containers[1].name" in ev["message"], ev["message"]
+
+    # The sidecar of side-a stops (crash-looping): its workers are no longer published.
+    stopped = [
+        {"name": "setup", "image": "busybox", "imageID": "", "ready": True, "started": False, "restartCount": 0,
+         "state": {"terminated": {"exitCode": 0, "reason": "Completed"}}},
+        {"name": "exporter", "image": "exporter:1", "imageID": "", "ready": False, "started": False,
+         "restartCount": 1, "state": {"waiting": {"reason": "CrashLoopBackOff"}}},
+    ]
+    fk.set_pod_status(NS, "side-a", initContainerStatuses=stopped)
+    wait_published(consul, with_container(b, "side-b"), timeout=15, what="side-a's sidecar stopped")
+    fk.set_pod_status(NS, "side-a", running=True, ready=True, restartCount=1)
+    wait_published(consul, both, timeout=15, what="side-a's sidecar running again")
+    assert len(unknown_events("side-a")) == 1, "reported once, not on every resolution"
+    assert w.alive()
+
+
+# --------------------------------------------------------------------------
+# Streaming lists: workersd lists and watches whether or not the WatchList gate is on
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("watch_list", [False, True], ids=["watchlist-off", "watchlist-on"])
+def test_kubernetes_works_with_the_watchlist_gate_off_and_on(procs, watch_list):
+    """A 1.30 server refuses sendInitialEvents=true with 422 unless the WatchList gate is on;
+    workersd uses paged lists then watches, so it syncs either way."""
+    fk = FakeKube(procs, extra_args=["--watch-list"] if watch_list else []).start()
+    assert fk.ok("GET", "/_control/config")["watchList"] is watch_list
+    consul = ConsulDouble(procs).start()
+    kube = Kube(fk)
+    a = Gunicorn(procs, address="127.0.0.2", workers=2).start()
+    kube.add_pod("web-a", a.address, annotations=ports_annotations(a))
+    w = kube_workersd(procs, fk, consul).start()
+    wait_published(consul, expected("web-a", a), timeout=15)
+    by_verb = fk.requests()["byVerb"]
+    assert by_verb.get("list pods", 0) >= 1 and by_verb.get("watch pods", 0) >= 1, by_verb
+    assert w.alive()

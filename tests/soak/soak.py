@@ -16,6 +16,9 @@ Invariant (checked after every fault):
     byte-identical to what was registered;
   * an invalid annotation edit removes the pod's entries and a Warning Event
     (reason InvalidWorkerMetrics) naming the bad annotation appears on the pod;
+  * a pod covered by a WorkerMetrics (not annotated) is published while the CRD exists;
+    the "crd_removal" fault deletes the CRD (its entries must go, every annotated pod
+    stays published), then re-creates it and the WorkerMetrics (its entries come back);
   * no "panicked" in any workersd log;
   * workersd's RSS (VmRSS) stays under --rss-limit-mb and does not grow more than
     --rss-growth-mb within one process lifetime.
@@ -65,6 +68,10 @@ OWNER = f"workersd-{CLUSTER}"  # node name and owner id follow --cluster-name
 NS = "soak"
 LEASE_PATH = "/apis/coordination.k8s.io/v1/namespaces/default/leases/workersd"
 SERVICES = ("clever", "clever-b")
+CRD_PATH = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
+CRD_NAME = "workermetrics.workersd.io"
+WM_PATH = f"/apis/workersd.io/v1alpha1/namespaces/{NS}/workermetrics"
+WM_TEAM = "declared"  # meta.team of the WorkerMetrics-covered pod
 TEAMS = ("web", "payments", "search")
 TAGSETS = ("", "gunicorn", "gunicorn,python")
 MAX_REQUESTS = 15  # gunicorn --max-requests: traffic recycles workers
@@ -84,6 +91,7 @@ FAULT_WEIGHTS = {
     "watch_410": 3,
     "controller_kill": 3,
     "leader_handover": 3,
+    "crd_removal": 2,
 }
 
 
@@ -103,6 +111,8 @@ class Soak:
         self.rss: dict[str, dict] = {}  # identity -> {first,last,max,pid,pid_first}
         self.foreign_baseline: list[str] = []
         self.workersd: dict[str, Workersd] = {}
+        self.crd_present = True  # the fake starts with the repository's CRD
+        self.wm_pod: dict | None = None  # {name, g}: covered by the WorkerMetrics, no annotations
         self.t_start = time.monotonic()
 
     # ------------------------------------------------------------------ output
@@ -125,6 +135,7 @@ class Soak:
         n0 = self.rng.randint(a.min_pods + 1, a.max_pods)
         for _ in range(n0):
             self.create_pod()
+        self.create_wm_pod()
         # A foreign entry on another node, registered before workersd starts.
         self.register_other_node()
         for ident in ("wd-a", "wd-b"):
@@ -227,6 +238,33 @@ class Soak:
         self.pods[name] = {"g": g, "ann": ann, "valid": True, "token": None, "workers": workers}
         return name
 
+    def create_wm_pod(self) -> None:
+        """A pod published because a WorkerMetrics selects it (no annotations)."""
+        ip = self.free_ips.pop(0)
+        g = Gunicorn(self.procs, address=ip, workers=2).start()
+        name = "declared-1"
+        body = {"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": name, "namespace": NS, "labels": {"app": "declared"}},
+                "spec": {"nodeName": "node-1", "containers": [{"name": "web", "image": "clever:1"}]}}
+        self.fk.ok("POST", f"/api/v1/namespaces/{NS}/pods", body)
+        self.fk.set_pod_status(NS, name, podIP=ip, phase="Running", running=True, ready=True)
+        self.wm_pod = {"name": name, "g": g}
+        self.create_wm()
+
+    def create_wm(self) -> None:
+        g = self.wm_pod["g"]
+        self.fk.ok("POST", WM_PATH, {
+            "apiVersion": "workersd.io/v1alpha1", "kind": "WorkerMetrics",
+            "metadata": {"name": "declared", "namespace": NS},
+            "spec": {"selector": {"matchLabels": {"app": "declared"}}, "service": "clever",
+                     "containers": [{"name": "web", "ports": f"{g.metrics_first}-{g.metrics_last}"}],
+                     "meta": {"team": WM_TEAM}}})
+
+    def crd_object(self) -> dict:
+        import yaml  # tests/requirements.txt
+
+        return yaml.safe_load((REPO_ROOT / "crds" / "workermetrics.yaml").read_text())
+
     def delete_pod(self, name: str) -> None:
         p = self.pods.pop(name)
         self.fk.ok("DELETE", f"/api/v1/namespaces/{NS}/pods/{name}")
@@ -253,6 +291,10 @@ class Soak:
             for port in g.listening_metrics_ports():
                 want.add((ann["workersd.io/service"], name, g.address, port,
                           ann.get("workersd.io/meta.team"), tags))
+        if self.wm_pod and self.crd_present:
+            g = self.wm_pod["g"]
+            for port in g.listening_metrics_ports():
+                want.add(("clever", self.wm_pod["name"], g.address, port, WM_TEAM, ()))
         return want
 
     def world(self) -> set[tuple]:
@@ -435,14 +477,20 @@ class Soak:
     def pick(self) -> str:
         n = len(self.pods)
         kinds = dict(FAULT_WEIGHTS)
+        for w in self.args.weight:
+            k, _, v = w.partition("=")
+            if k not in FAULT_WEIGHTS:
+                raise SystemExit(f"--weight: unknown fault {k!r} (one of {', '.join(FAULT_WEIGHTS)})")
+            kinds[k] = float(v)
+        kinds = {k: v for k, v in kinds.items() if v > 0}
         if n >= self.args.max_pods or not self.free_ips:
-            kinds.pop("pod_create")
+            kinds.pop("pod_create", None)
         if n <= self.args.min_pods:
-            kinds.pop("pod_delete")
+            kinds.pop("pod_delete", None)
         if not any(p["workers"] < 4 for p in self.pods.values()):
-            kinds.pop("scale_up")
+            kinds.pop("scale_up", None)
         if not any(p["workers"] > 1 for p in self.pods.values()):
-            kinds.pop("scale_down")
+            kinds.pop("scale_down", None)
         names = list(kinds)
         return self.rng.choices(names, weights=[kinds[k] for k in names])[0]
 
@@ -615,6 +663,22 @@ class Soak:
                 self.side_change()
             time.sleep(delay)
             self.restart(ident)
+        elif kind == "crd_removal":
+            # helm uninstall / kubectl delete crd: every WorkerMetrics goes with it and the
+            # watch ends; workersd keeps publishing annotated pods and polls for the CRD.
+            self.log("crd_removal: delete the WorkerMetrics CRD")
+            t0 = time.monotonic()
+            self.fk.ok("DELETE", f"{CRD_PATH}/{CRD_NAME}")
+            self.crd_present = False
+            if rng.random() < 0.5:
+                self.side_change()
+            self.quiet("crd_removal:absent", t0)
+            self.log("crd_removal: re-create the CRD and the WorkerMetrics")
+            t0 = time.monotonic()
+            self.fk.ok("POST", CRD_PATH, self.crd_object())
+            self.create_wm()
+            self.crd_present = True
+            return t0, None
         elif kind == "leader_handover":
             lead = self.leader()
             other = next(i for i in sorted(self.workersd) if i != lead)
@@ -710,6 +774,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rss-limit-mb", type=float, default=200)
     ap.add_argument("--rss-growth-mb", type=float, default=40)
     ap.add_argument("--workdir", help="logs here (default: a new temp dir, kept)")
+    ap.add_argument("--weight", action="append", default=[], metavar="FAULT=N",
+                    help="override a fault's weight (0 disables it), e.g. --weight crd_removal=20")
     args = ap.parse_args(argv)
     if args.seed is None:
         args.seed = random.SystemRandom().randrange(1, 1_000_000)

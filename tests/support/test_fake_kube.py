@@ -144,7 +144,8 @@ WM = {
     "apiVersion": "workersd.io/v1alpha1",
     "kind": "WorkerMetrics",
     "metadata": {"name": "web", "namespace": "demo"},
-    "spec": {"service": "web", "selector": {"matchLabels": {"app": "web"}}, "ports": "9100-9103"},
+    "spec": {"service": "web", "selector": {"matchLabels": {"app": "web"}},
+             "containers": [{"name": "app", "ports": "9100-9103"}]},
 }
 WM_PATH = "/apis/workersd.io/v1alpha1/namespaces/demo/workermetrics"
 
@@ -193,7 +194,8 @@ def test_kubectl_apply_annotate_delete_and_watch(kubectl, fk, tmp_path):
         assert [w["metadata"]["name"] for w in wms["items"]] == ["web"]
         assert wms["items"][0]["metadata"]["generation"] == 1
         table = kubectl("get", "workermetrics", "-n", "demo").stdout
-        assert table.split()[:3] == ["NAME", "AGE", "web"], table
+        # the repository CRD's printer columns (no extra Age column: the CRD declares one)
+        assert table.split()[:7] == ["NAME", "SERVICE", "PODS", "ENDPOINTS", "AGE", "web", "web"], table
 
         kubectl("annotate", "pod", "web-1", "-n", "demo", "workersd.io/ports=9200", "--overwrite")
         pod = kubectl.json("get", "pod", "web-1", "-n", "demo")
@@ -265,17 +267,101 @@ def test_kubectl_apply_custom_resource_update_and_spec_rules(kubectl, fk, tmp_pa
     f.write_text(json.dumps(WM))
     kubectl("apply", "-f", str(f))
     wm2 = json.loads(json.dumps(WM))
-    wm2["spec"]["ports"] = "9100-9107"
+    wm2["spec"]["containers"][0]["ports"] = "9100-9107"
     f.write_text(json.dumps(wm2))
     assert "configured" in kubectl("apply", "-f", str(f)).stdout
     got = kubectl.json("get", "workermetrics", "web", "-n", "demo")
-    assert got["spec"]["ports"] == "9100-9107" and got["metadata"]["generation"] == 2
+    assert got["spec"]["containers"][0]["ports"] == "9100-9107" and got["metadata"]["generation"] == 2
     # pods' specs are immutable apart from images (like the real server)
     create_pod(fk, "demo", "p1")
     r = kubectl("patch", "pod", "p1", "-n", "demo", "--type=merge", "-p", '{"spec":{"restartPolicy":"Never"}}', check=False)
     assert r.returncode != 0 and "Forbidden: pod updates may not change fields" in r.stderr
     r = kubectl("create", "-f", "-", check=False, input=json.dumps(make_pod("x", "nowhere")))
     assert r.returncode != 0 and 'namespaces "nowhere" not found' in r.stderr
+
+
+def test_kubectl_custom_resources_follow_the_crd_schema(kubectl, fk, tmp_path):
+    """The repository's CRD schema is enforced as by apiextensions-apiserver: types, required
+    fields and minimums -> 422 naming the field; unknown fields and non-nullable nulls pruned."""
+    kubectl("create", "namespace", "demo")
+    f = tmp_path / "wm.yaml"
+    bad = json.loads(json.dumps(WM))
+    bad["spec"]["containers"][0]["ports"] = 9100  # an integer where the schema says string
+    del bad["spec"]["service"]
+    f.write_text(json.dumps(bad))
+    r = kubectl("apply", "-f", str(f), check=False)
+    assert r.returncode != 0
+    assert ('spec.containers[0].ports: Invalid value: "integer": spec.containers[0].ports in body must be of type '
+            'string: "integer"') in r.stderr, r.stderr
+    assert "spec.service: Required value" in r.stderr, r.stderr
+    assert kubectl("get", "workermetrics", "-n", "demo", "-o", "name").stdout.strip() == ""
+    # the field paths are in the Status causes, as clients read them
+    resp = http(fk, "POST", WM_PATH, bad)
+    assert resp.status_code == 422 and resp.json()["reason"] == "Invalid"
+    causes = {(c["field"], c["reason"]) for c in resp.json()["details"]["causes"]}
+    assert causes == {("spec.containers[0].ports", "FieldValueTypeInvalid"), ("spec.service", "FieldValueRequired")}
+    assert resp.json()["message"].startswith('WorkerMetrics.workersd.io "web" is invalid: [')
+
+    extra = json.loads(json.dumps(WM))
+    extra["spec"]["bogus"] = True
+    extra["spec"]["containers"][0]["extra"] = 1
+    extra["spec"]["meta"] = None  # not nullable, no default: pruned
+    extra["spec"]["path"] = None  # nullable: kept
+    # unknown fields: fieldValidation=Strict (kubectl >= 1.27's default) is refused ...
+    f.write_text(json.dumps(extra))
+    resp = requests.post(fk.url + WM_PATH, params={"fieldValidation": "Strict"}, json=extra, timeout=30,
+                         proxies=NO_PROXY)
+    assert resp.status_code == 400 and "strict decoding error: " in resp.json()["message"]
+    assert 'unknown field "spec.bogus"' in resp.json()["message"]
+    # ... and the server's default (Warn; kubectl 1.20 sends no directive) prunes them, warning for each
+    r = kubectl("apply", "-f", str(f))
+    assert 'unknown field "spec.bogus"' in r.stderr and 'unknown field "spec.containers[0].extra"' in r.stderr
+    got = kubectl.json("get", "workermetrics", "web", "-n", "demo")["spec"]
+    assert "bogus" not in got and got["containers"] == [{"name": "app", "ports": "9100-9103"}]
+    assert "meta" not in got and "path" in got and got["path"] is None
+
+    # status writes are validated too (matchedPods has minimum 0), and defaults fill the rest
+    # (kubectl 1.20 has no --subresource: over HTTP)
+    status_path = f"{WM_PATH}/web/status"
+    resp = http(fk, "PATCH", status_path, {"status": {"matchedPods": -1}}, "application/merge-patch+json")
+    assert resp.status_code == 422
+    assert "status.matchedPods in body should be greater than or equal to 0" in resp.json()["message"], resp.json()
+    resp = http(fk, "PATCH", status_path, {"status": {"matchedPods": 2}}, "application/merge-patch+json")
+    assert resp.status_code == 200
+    st = kubectl.json("get", "workermetrics", "web", "-n", "demo")["status"]
+    assert st == {"matchedPods": 2, "liveEndpoints": 0}, st
+    table = kubectl("get", "workermetrics", "-n", "demo").stdout.split()
+    assert table[:9] == ["NAME", "SERVICE", "PODS", "ENDPOINTS", "AGE", "web", "web", "2", "0"], table
+
+
+def test_kubectl_native_sidecar_pods(kubectl, fk, tmp_path):
+    """Native sidecars (KEP-753): an init container with restartPolicy Always; its state is in
+    status.initContainerStatuses; restartPolicy on a regular container, or another value on
+    an init container, is refused (core/v1 validation)."""
+    kubectl("create", "namespace", "demo")
+    pod = make_pod("web-1", "demo")
+    pod["spec"]["initContainers"] = [{"name": "setup", "image": "busybox"},
+                                     {"name": "metrics", "image": "exporter", "restartPolicy": "Always"}]
+    f = tmp_path / "pod.yaml"
+    f.write_text(json.dumps(pod))
+    assert "pod/web-1 created" in kubectl("apply", "-f", str(f)).stdout
+    fk.set_pod_status("demo", "web-1", podIP="127.0.0.9", phase="Running", running=True, ready=True)
+    got = kubectl.json("get", "pod", "web-1", "-n", "demo")
+    ics = {c["name"]: c for c in got["status"]["initContainerStatuses"]}
+    assert list(ics) == ["setup", "metrics"]
+    assert "running" in ics["metrics"]["state"] and ics["metrics"]["started"] is True
+    assert ics["setup"]["state"]["terminated"]["reason"] == "Completed"
+    assert [c["name"] for c in got["status"]["containerStatuses"]] == [c["name"] for c in pod["spec"]["containers"]]
+    row = kubectl("get", "pod", "web-1", "-n", "demo", "--no-headers").stdout.split()
+    assert row[1] == f"{len(pod['spec']['containers']) + 1}/{len(pod['spec']['containers']) + 1}", row
+
+    bad = make_pod("bad", "demo")
+    bad["spec"]["containers"][0]["restartPolicy"] = "Always"
+    bad["spec"]["initContainers"] = [{"name": "i", "image": "x", "restartPolicy": "OnFailure"}]
+    r = kubectl("create", "-f", "-", check=False, input=json.dumps(bad))
+    assert r.returncode != 0
+    assert "spec.containers[0].restartPolicy: Forbidden: may not be set for non-init containers" in r.stderr, r.stderr
+    assert 'spec.initContainers[0].restartPolicy: Unsupported value: "OnFailure"' in r.stderr, r.stderr
 
 
 # ---------------------------------------------------------------------------
@@ -357,13 +443,22 @@ def test_bookmarks(fk):
     # no bookmarks unless asked
     evs = watch(fk, "/api/v1/pods", resourceVersion=rv, timeout_seconds=1.5)
     assert evs == []
-    # streaming list (sendInitialEvents): ADDED..., then the initial-events-end bookmark
+    # streaming list (sendInitialEvents): refused while the WatchList gate is off (1.30's default) ...
+    streaming = dict(watch="true", sendInitialEvents="true", resourceVersionMatch="NotOlderThan",
+                     allowWatchBookmarks="true", timeoutSeconds="5")
+    off = http(fk, "GET", "/api/v1/pods", **streaming)
+    assert off.status_code == 422 and off.json()["reason"] == "Invalid"
+    assert off.json()["message"] == ('ListOptions.meta.k8s.io "" is invalid: sendInitialEvents: Forbidden: '
+                                     "sendInitialEvents is forbidden for watch unless the WatchList feature gate is enabled")
+    assert off.json()["details"]["causes"][0]["field"] == "sendInitialEvents"
+    # ... and served once it is on: ADDED..., then the initial-events-end bookmark
+    assert http(fk, "POST", "/_control/config", {"watchList": True}).json()["watchList"] is True
     evs = watch(fk, "/api/v1/pods", sendInitialEvents="true", resourceVersionMatch="NotOlderThan",
                 allowWatchBookmarks="true", timeout_seconds=5, stop=lambda e: e["type"] == "BOOKMARK")
     assert [e["type"] for e in evs] == ["ADDED", "BOOKMARK"]
     assert evs[1]["object"]["metadata"]["annotations"] == {"k8s.io/initial-events-end": "true"}
     bad = http(fk, "GET", "/api/v1/pods", watch="true", sendInitialEvents="true")
-    assert bad.status_code == 422
+    assert bad.status_code == 422 and "resourceVersionMatch" in bad.json()["message"]
 
 
 def test_compaction_gives_410_gone(fk):
@@ -443,30 +538,30 @@ def test_optimistic_concurrency(fk):
 def test_status_subresource_and_generation(fk):
     ensure_ns(fk, "demo")
     body = json.loads(json.dumps(WM))
-    body["status"] = {"livePods": 3}
+    body["status"] = {"matchedPods": 3}
     wm = http(fk, "POST", WM_PATH, body).json()
     assert "status" not in wm and wm["metadata"]["generation"] == 1  # create drops status
     p = f"{WM_PATH}/web"
-    # /status writes change only .status
+    # /status writes change only .status (liveEndpoints comes from the schema's default: 0)
     sub = json.loads(json.dumps(wm))
-    sub["status"] = {"livePods": 2}
+    sub["status"] = {"matchedPods": 2}
     sub["spec"]["service"] = "ignored"
     sub["metadata"]["labels"] = {"ignored": "yes"}
     r = http(fk, "PUT", p + "/status", sub).json()
-    assert r["status"] == {"livePods": 2} and r["spec"]["service"] == "web"
+    assert r["status"] == {"matchedPods": 2, "liveEndpoints": 0} and r["spec"]["service"] == "web"
     assert "labels" not in r["metadata"] and r["metadata"]["generation"] == 1
     r = http(fk, "PATCH", p + "/status", {"status": {"observedGeneration": 1}}, "application/merge-patch+json").json()
-    assert r["status"] == {"livePods": 2, "observedGeneration": 1}
-    assert http(fk, "GET", p + "/status").json()["status"]["livePods"] == 2
+    assert r["status"] == {"matchedPods": 2, "liveEndpoints": 0, "observedGeneration": 1}
+    assert http(fk, "GET", p + "/status").json()["status"]["matchedPods"] == 2
     # main-resource writes ignore .status; metadata changes do not bump generation
-    r = http(fk, "PATCH", p, {"status": {"livePods": 99}, "metadata": {"labels": {"a": "b"}}},
+    r = http(fk, "PATCH", p, {"status": {"matchedPods": 99}, "metadata": {"labels": {"a": "b"}}},
              "application/merge-patch+json").json()
-    assert r["status"]["livePods"] == 2 and r["metadata"]["labels"] == {"a": "b"} and r["metadata"]["generation"] == 1
-    r = http(fk, "PATCH", p, {"spec": {"ports": "9100"}}, "application/merge-patch+json").json()
-    assert r["metadata"]["generation"] == 2 and r["spec"]["ports"] == "9100"
-    r = http(fk, "PATCH", p + "/status", [{"op": "replace", "path": "/status/livePods", "value": 5}],
+    assert r["status"]["matchedPods"] == 2 and r["metadata"]["labels"] == {"a": "b"} and r["metadata"]["generation"] == 1
+    r = http(fk, "PATCH", p, {"spec": {"path": "/m"}}, "application/merge-patch+json").json()
+    assert r["metadata"]["generation"] == 2 and r["spec"]["path"] == "/m"
+    r = http(fk, "PATCH", p + "/status", [{"op": "replace", "path": "/status/matchedPods", "value": 5}],
              "application/json-patch+json").json()
-    assert r["status"]["livePods"] == 5 and r["metadata"]["generation"] == 2
+    assert r["status"]["matchedPods"] == 5 and r["metadata"]["generation"] == 2
     # strategic merge patch is rejected for custom resources (like a CRD)
     assert http(fk, "PATCH", p, {"spec": {}}, "application/strategic-merge-patch+json").status_code == 415
     # pods: status via the subresource, not via the main resource
@@ -637,6 +732,50 @@ def test_crd_created_at_run_time_is_served(fk):
     assert http(fk, "GET", "/apis/example.com/v1/widgets").status_code == 404
 
 
+def test_crd_absent_then_created_then_deleted_ends_watches(kubectl_bin, tmp_path):
+    """Without the CRD the resource's paths are 404 (crdHandler delegates to NotFound); once
+    applied it is served; deleting it deletes every object (DELETED events reach open
+    watches), ends those watches, and a watch resumed at an old revision after re-creation
+    gets 410 (a fresh watch cache)."""
+    repo_crd = str(HERE.parent.parent / "crds" / "workermetrics.yaml")
+    with FakeKube(tmp_path / "fk", workermetrics_crd=False, bookmark_interval=0.5) as server:
+        k = Kubectl(kubectl_bin, server, tmp_path)
+        k("create", "namespace", "demo")
+        assert http(server, "GET", WM_PATH).status_code == 404
+        assert http(server, "GET", "/apis/workersd.io/v1alpha1/workermetrics", watch="1").status_code == 404
+        r = k("get", "workermetrics", "-n", "demo", check=False)
+        assert r.returncode != 0 and "the server doesn't have a resource type" in r.stderr, r.stderr
+        assert "workermetrics" not in k("api-resources").stdout
+
+        k("apply", "-f", repo_crd)
+        f = tmp_path / "wm.yaml"
+        f.write_text(json.dumps(WM))
+        k("apply", "-f", str(f))
+        assert [w["metadata"]["name"] for w in k.json("get", "workermetrics", "-n", "demo")["items"]] == ["web"]
+
+        listed = http(server, "GET", WM_PATH).json()
+        rv = listed["metadata"]["resourceVersion"]
+        resp = requests.get(server.url + WM_PATH, params={"watch": "1", "resourceVersion": rv,
+                                                          "allowWatchBookmarks": "true", "timeoutSeconds": "60"},
+                            stream=True, timeout=30, proxies=NO_PROXY)
+        assert resp.status_code == 200
+        server.wait_for_watch("workermetrics", timeout=10)
+        t0 = time.time()
+        k("delete", "crd", "workermetrics.workersd.io")
+        events = [json.loads(line) for line in resp.iter_lines() if line]  # ends when the server ends it
+        assert time.time() - t0 < 10, "the watch was not ended by the CRD deletion"
+        deleted = [e for e in events if e["type"] == "DELETED"]
+        assert [e["object"]["metadata"]["name"] for e in deleted] == ["web"]
+        assert http(server, "GET", WM_PATH).status_code == 404
+
+        k("apply", "-f", repo_crd)
+        assert http(server, "GET", WM_PATH).json()["items"] == []
+        old = requests.get(server.url + WM_PATH, params={"watch": "1", "resourceVersion": rv, "timeoutSeconds": "5"},
+                           stream=True, timeout=30, proxies=NO_PROXY)
+        first = json.loads(next(line for line in old.iter_lines() if line))
+        assert first["type"] == "ERROR" and first["object"]["code"] == 410, first
+
+
 def test_ten_thousand_pods_list_fast_and_chunked(fk):
     n = 10_000
     t0 = time.time()
@@ -715,5 +854,6 @@ def test_seed_file_and_crd_printer_columns(kubectl_bin, tmp_path):
         pod = k.json("get", "pod", "seeded", "-n", "seedns")
         assert pod["status"]["podIP"] == "127.0.0.9" and pod["status"]["phase"] == "Running"
         out = k("get", "wm", "-n", "seedns").stdout.split()
-        assert out[:6] == ["NAME", "SERVICE", "AGE", "web", "web", out[5]], out
+        # printer columns replace the default Age column (serveDefaultColumnsIfEmpty)
+        assert out == ["NAME", "SERVICE", "web", "web"], out
         assert "seedns" in [n["metadata"]["name"] for n in k.json("get", "ns")["items"]]

@@ -4,6 +4,7 @@
 use super::crd::CompiledWorkerMetrics;
 use super::spec::{
     FieldError, NamePolicy, PodInfo, WorkerSpec, field_error, parse_annotations, pod_targets,
+    ports_annotation, unknown_containers,
 };
 use crate::model::Target;
 use std::collections::{BTreeMap, BTreeSet};
@@ -39,6 +40,9 @@ pub struct Resolution {
     pub invalid_pods: BTreeMap<ObjectKey, (String, Vec<FieldError>)>,
     /// Pods each valid custom resource covers (for its status).
     pub covered: BTreeMap<ObjectKey, CoveredPods>,
+    /// Published pods whose declaration names a container they do not have (for Events);
+    /// the other ranges are published.
+    pub unknown_containers: BTreeMap<ObjectKey, (String, Vec<FieldError>)>,
 }
 
 #[derive(Clone, Debug)]
@@ -75,16 +79,21 @@ pub fn resolve(view: &ClusterView, settings: &ResolveSettings) -> Resolution {
             list.iter()
                 .find(|(_, _, compiled)| compiled.matches(&pod.labels))
         });
-        let (spec, interval): (WorkerSpec, _) = match from_resource {
+        // Where each range was declared, for errors: (resource name, or None for annotations).
+        let (spec, interval, declared_by): (WorkerSpec, _, Option<&str>) = match from_resource {
             Some((cr_key, _, compiled)) => {
                 if let Some(covered) = out.covered.get_mut(*cr_key) {
                     covered.pods.insert(pod.name.clone());
                 }
-                (compiled.spec.clone(), compiled.probe_interval)
+                (
+                    compiled.spec.clone(),
+                    compiled.probe_interval,
+                    Some(cr_key.1.as_str()),
+                )
             }
             None => match parse_annotations(&pod.annotations) {
                 Ok(None) => continue,
-                Ok(Some(spec)) => (spec, None),
+                Ok(Some(spec)) => (spec, None, None),
                 Err(errors) => {
                     out.invalid_pods
                         .insert(key.clone(), (pod.uid.clone(), errors));
@@ -129,6 +138,15 @@ pub fn resolve(view: &ClusterView, settings: &ResolveSettings) -> Resolution {
             continue;
         }
         *used += ports;
+        // Ranges of a resource are in the order of its `spec.containers`.
+        let unknown = unknown_containers(pod, &spec, |i, name| match declared_by {
+            Some(resource) => format!("WorkerMetrics {resource} spec.containers[{i}].name"),
+            None => ports_annotation(name),
+        });
+        if !unknown.is_empty() {
+            out.unknown_containers
+                .insert(key.clone(), (pod.uid.clone(), unknown));
+        }
         out.targets.extend(targets.into_iter().map(|mut t| {
             t.probe_interval = interval;
             t
@@ -208,6 +226,8 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             running: BTreeMap::from([("web".into(), 0)]),
+            containers: BTreeSet::from(["web".into()]),
+            sidecars: BTreeSet::from(["exporter".into()]),
         }
     }
 
@@ -350,6 +370,78 @@ mod tests {
             },
         );
         assert_eq!(allowed.targets.len(), 2);
+    }
+
+    #[test]
+    fn resources_and_annotations_naming_unknown_containers_are_reported() {
+        let mut view = ClusterView::default();
+        let mut sidecar_pod = pod("shop", "web-1", &[("app", "web")], &[]);
+        sidecar_pod.running.insert("exporter".into(), 2);
+        add(&mut view, sidecar_pod);
+        add(
+            &mut view,
+            pod(
+                "shop",
+                "annotated",
+                &[],
+                &[
+                    (SERVICE, "a"),
+                    ("workersd.io/ports.web", "9011"),
+                    ("workersd.io/ports.exporter", "9100"),
+                    ("workersd.io/ports.typo", "9200"),
+                ],
+            ),
+        );
+        let mut wm = resource("cr", "web", "2026-01-01T00:00:00Z");
+        let spec = WorkerMetricsSpec {
+            selector: serde_json::from_value(serde_json::json!({"matchLabels": {"app": "web"}}))
+                .unwrap(),
+            service: "cr".into(),
+            containers: vec![
+                ContainerPorts {
+                    name: "exporter".into(),
+                    ports: "9100".into(),
+                },
+                ContainerPorts {
+                    name: "missing".into(),
+                    ports: "9300".into(),
+                },
+            ],
+            path: None,
+            scheme: None,
+            tags: vec![],
+            meta: BTreeMap::new(),
+            probe_interval: None,
+        };
+        wm.compiled = compile(&spec);
+        view.resources.insert(("shop".into(), "cr".into()), wm);
+        let r = resolve(&view, &settings("{service}"));
+        let published: BTreeSet<(&str, &str)> = r
+            .targets
+            .iter()
+            .map(|t| (t.meta["k8s-pod"].as_str(), t.meta["k8s-container"].as_str()))
+            .collect();
+        assert_eq!(
+            published,
+            BTreeSet::from([("web-1", "exporter"), ("annotated", "web")]),
+            "a running sidecar is probed; one not running is not (yet)"
+        );
+        let fields = |pod: &str| -> Vec<String> {
+            r.unknown_containers[&("shop".into(), pod.into())]
+                .1
+                .iter()
+                .map(|e| e.field.clone())
+                .collect()
+        };
+        assert_eq!(
+            fields("web-1"),
+            vec!["WorkerMetrics cr spec.containers[1].name"]
+        );
+        assert_eq!(
+            fields("annotated"),
+            vec!["metadata.annotations[workersd.io/ports.typo]"]
+        );
+        assert!(r.invalid_pods.is_empty());
     }
 
     #[test]

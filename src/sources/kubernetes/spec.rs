@@ -3,7 +3,7 @@
 
 use crate::model::{PortRange, Scheme, Target, TargetId};
 use crate::validate;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
 
@@ -240,8 +240,58 @@ pub struct PodInfo {
     pub terminating: bool,
     pub labels: BTreeMap<String, String>,
     pub annotations: BTreeMap<String, String>,
-    /// Running containers and their restart counts.
+    /// Running containers and native sidecars, and their restart counts.
     pub running: BTreeMap<String, i32>,
+    /// Names of the spec's regular containers.
+    pub containers: BTreeSet<String>,
+    /// Names of its native sidecars: init containers with `restartPolicy: Always`
+    /// (Kubernetes >= 1.29), which run alongside the regular containers.
+    pub sidecars: BTreeSet<String>,
+}
+
+/// Declared ranges naming a container the pod does not have (neither a regular container
+/// nor a native sidecar), located by `field_of(index of the range, container name)`. Such a
+/// range can never be probed; the others still are.
+pub fn unknown_containers(
+    pod: &PodInfo,
+    spec: &WorkerSpec,
+    field_of: impl Fn(usize, &str) -> String,
+) -> Vec<FieldError> {
+    if pod.containers.is_empty() {
+        return Vec::new(); // no spec seen: nothing to compare with
+    }
+    let list = |names: &BTreeSet<String>| {
+        if names.is_empty() {
+            "none".to_string()
+        } else {
+            names.iter().cloned().collect::<Vec<_>>().join(", ")
+        }
+    };
+    spec.ranges
+        .iter()
+        .enumerate()
+        .filter_map(|(i, range)| {
+            let name = range.container.as_deref()?;
+            if pod.containers.contains(name) || pod.sidecars.contains(name) {
+                return None;
+            }
+            Some(field_error(
+                field_of(i, name),
+                format!(
+                    "container {name:?} is neither a container nor a native sidecar of pod {}/{} (containers: {}; sidecars: {}); its ports are not probed",
+                    pod.namespace,
+                    pod.name,
+                    list(&pod.containers),
+                    list(&pod.sidecars)
+                ),
+            ))
+        })
+        .collect()
+}
+
+/// The annotation that declares a container's ports, for error locations.
+pub fn ports_annotation(container: &str) -> String {
+    annotation(&format!("{PORTS_PREFIX}{container}"))
 }
 
 /// How published service names are derived; a namespace can only publish into names the
@@ -451,6 +501,8 @@ mod tests {
             labels: BTreeMap::new(),
             annotations: BTreeMap::new(),
             running: BTreeMap::from([("web".into(), 0)]),
+            containers: BTreeSet::from(["web".into()]),
+            sidecars: BTreeSet::new(),
         }
     }
 
@@ -487,6 +539,51 @@ mod tests {
         let mut no_ip = pod();
         no_ip.ip = None;
         assert!(pod_targets(&no_ip, &spec, "clever").is_empty());
+    }
+
+    #[test]
+    fn a_running_native_sidecar_is_probed_and_an_unknown_name_is_reported() {
+        let spec = parse_annotations(&annotations(&[
+            (SERVICE, "clever"),
+            ("workersd.io/ports.web", "9011-9020"),
+            ("workersd.io/ports.exporter", "9100"),
+            ("workersd.io/ports.nope", "9200"),
+        ]))
+        .unwrap()
+        .unwrap();
+        let mut p = pod();
+        p.sidecars.insert("exporter".into());
+        // Sidecar not running yet: only web.
+        let containers = |p: &PodInfo| -> BTreeSet<String> {
+            pod_targets(p, &spec, "clever")
+                .iter()
+                .map(|t| t.meta["k8s-container"].clone())
+                .collect()
+        };
+        assert_eq!(containers(&p), BTreeSet::from(["web".to_string()]));
+        p.running.insert("exporter".into(), 0);
+        assert_eq!(
+            containers(&p),
+            BTreeSet::from(["web".to_string(), "exporter".to_string()])
+        );
+        let unknown = unknown_containers(&p, &spec, |_, name| ports_annotation(name));
+        assert_eq!(unknown.len(), 1, "{unknown:?}");
+        assert_eq!(
+            unknown[0].field,
+            "metadata.annotations[workersd.io/ports.nope]"
+        );
+        assert!(
+            unknown[0]
+                .message
+                .contains("containers: web; sidecars: exporter"),
+            "{}",
+            unknown[0].message
+        );
+        // A pod-wide range names no container: never unknown.
+        let pod_wide = parse_annotations(&annotations(&[(SERVICE, "c"), (PORTS, "9011")]))
+            .unwrap()
+            .unwrap();
+        assert!(unknown_containers(&p, &pod_wide, |_, n| n.to_string()).is_empty());
     }
 
     #[test]

@@ -9,14 +9,24 @@ use crate::metrics::Metrics;
 use crate::sources::TargetSnapshot;
 use futures::stream::{BoxStream, SelectAll};
 use futures::{FutureExt, StreamExt};
-use k8s_openapi::api::core::v1::{ObjectReference, Pod};
+use k8s_openapi::api::core::v1::{ContainerStatus, ObjectReference, Pod};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, Resource, ResourceExt};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 use tokio::sync::{oneshot, watch};
+
+/// The CRD's name, for logs, `/readyz` and the `workersd_crd_installed` metric.
+pub const CRD_NAME: &str = "workermetrics.workersd.io";
+
+/// Pause before asking again whether an absent CRD was installed (its paths answer 404): the
+/// condition usually lasts (helm install --skip-crds), and a CRD installed later is picked up
+/// within this.
+const CRD_POLL: Duration = Duration::from_secs(5);
 
 /// What each `WorkerMetrics` covers, for its status.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -35,6 +45,8 @@ pub struct WatchSettings {
     pub namespaces: Vec<String>,
     pub resolve: ResolveSettings,
     pub identity: String,
+    /// Set while the WorkerMetrics CRD is absent (read by `/readyz`).
+    pub crd_missing: Arc<AtomicBool>,
 }
 
 /// Keeps only what workersd needs of a pod.
@@ -45,16 +57,51 @@ pub fn pod_info(pod: &Pod) -> Option<PodInfo> {
     let phase_done = status
         .and_then(|s| s.phase.as_deref())
         .is_some_and(|p| p == "Succeeded" || p == "Failed");
-    let running = status
-        .and_then(|s| s.container_statuses.as_ref())
-        .map(|statuses| {
-            statuses
+    let containers: BTreeSet<String> = spec
+        .map(|s| s.containers.iter().map(|c| c.name.clone()).collect())
+        .unwrap_or_default();
+    // Native sidecars (KEP-753): init containers with `restartPolicy: Always`; they keep
+    // running beside the regular containers and report in `initContainerStatuses`.
+    let sidecars: BTreeSet<String> = spec
+        .and_then(|s| s.init_containers.as_ref())
+        .map(|inits| {
+            inits
                 .iter()
-                .filter(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()))
-                .map(|c| (c.name.clone(), c.restart_count))
+                .filter(|c| c.restart_policy.as_deref() == Some("Always"))
+                .map(|c| c.name.clone())
                 .collect()
         })
         .unwrap_or_default();
+    let running_in = |statuses: Option<&Vec<ContainerStatus>>, names: &BTreeSet<String>| {
+        statuses
+            .into_iter()
+            .flatten()
+            .filter(|c| names.contains(&c.name))
+            .filter(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()))
+            .map(|c| (c.name.clone(), c.restart_count))
+            .collect::<Vec<_>>()
+    };
+    let mut running: BTreeMap<String, i32> = BTreeMap::new();
+    if let Some(status) = status {
+        // A status for a name the spec lacks is ignored (cannot happen on a real server).
+        let all_regular = status
+            .container_statuses
+            .iter()
+            .flatten()
+            .map(|c| c.name.clone())
+            .collect::<BTreeSet<_>>();
+        let regular = if containers.is_empty() {
+            &all_regular // no spec seen: trust the statuses
+        } else {
+            &containers
+        };
+        running.extend(running_in(status.container_statuses.as_ref(), regular));
+        // Only sidecars: a regular init container running means the pod is still initializing.
+        running.extend(running_in(
+            status.init_container_statuses.as_ref(),
+            &sidecars,
+        ));
+    }
     Some(PodInfo {
         namespace: meta.namespace.clone()?,
         name: meta.name.clone()?,
@@ -78,6 +125,8 @@ pub fn pod_info(pod: &Pod) -> Option<PodInfo> {
             })
             .unwrap_or_default(),
         running,
+        containers,
+        sidecars,
     })
 }
 
@@ -108,9 +157,21 @@ fn resource_entry(resource: &WorkerMetrics) -> CustomResourceEntry {
 
 enum Change {
     /// Pods are slimmed as they arrive, so full objects never queue up.
-    Pod(usize, Event<PodInfo>),
+    Pod(usize, Box<Event<PodInfo>>),
     Resource(usize, Box<Event<WorkerMetrics>>),
+    /// The WorkerMetrics paths of this scope answer 404: the CRD is not installed.
+    ResourcesAbsent(usize),
     Failed(&'static str, String),
+}
+
+/// A 404 while listing or starting a watch: the resource type is not served. (A 404 can
+/// only mean that here: lists and watches of a served type never answer it.)
+fn is_absent_type(error: &watcher::Error) -> bool {
+    match error {
+        watcher::Error::InitialListFailed(kube::Error::Api(status))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(status)) => status.code == 404,
+        _ => false,
+    }
 }
 
 /// Per-stream scope and the buffer of a re-list in progress.
@@ -138,12 +199,15 @@ struct Source {
     scopes: Vec<Scope>,
     /// Streams (pods and resources of every scope) that finished their first list.
     synced: BTreeSet<(bool, usize)>,
+    /// Scopes whose WorkerMetrics type is not served (CRD absent); they count as synced
+    /// with no resources, so annotated pods are published meanwhile.
+    resources_absent: BTreeSet<usize>,
 }
 
 impl Source {
     fn apply(&mut self, change: Change) {
         match change {
-            Change::Pod(i, event) => match event {
+            Change::Pod(i, event) => match *event {
                 Event::Init => self.scopes[i].pod_buffer = Some(BTreeMap::new()),
                 Event::InitApply(info) => {
                     if let Some(buffer) = self.scopes[i].pod_buffer.as_mut() {
@@ -181,6 +245,7 @@ impl Source {
                     self.view.resources.retain(|k, _| !scope.holds(k));
                     self.view.resources.extend(buffer);
                     self.synced.insert((false, i));
+                    self.resources_absent.remove(&i);
                 }
                 Event::Apply(resource) => {
                     if let Some(key) = key_of(&resource) {
@@ -193,6 +258,15 @@ impl Source {
                     }
                 }
             },
+            Change::ResourcesAbsent(i) => {
+                // Deleting a CRD deletes its objects first; drop whatever is left all the same.
+                let scope = &mut self.scopes[i];
+                scope.resource_buffer = None;
+                let scope = &self.scopes[i];
+                self.view.resources.retain(|k, _| !scope.holds(k));
+                self.synced.insert((false, i));
+                self.resources_absent.insert(i);
+            }
             Change::Failed(what, error) => {
                 tracing::warn!(watch = what, error = %error, "watch failed; retrying with backoff");
             }
@@ -202,6 +276,57 @@ impl Source {
     fn all_synced(&self) -> bool {
         self.synced.len() == self.scopes.len() * 2
     }
+
+    /// Whether the CRD is absent (any scope's WorkerMetrics paths answer 404).
+    fn crd_missing(&self) -> bool {
+        !self.resources_absent.is_empty()
+    }
+}
+
+/// Paged list, then watch. Not streaming lists (`sendInitialEvents=true`): API servers with
+/// the WatchList feature gate off (the default before 1.32, and on many aggregated servers)
+/// refuse them with 422, and kube's watcher would retry that forever instead of falling back.
+fn watcher_config() -> watcher::Config {
+    watcher::Config::default()
+}
+
+/// WorkerMetrics changes of one scope. A watcher runs until it reports the type absent (404:
+/// CRD not installed, or deleted); then, after CRD_POLL, a fresh watcher starts with a full
+/// list. Restarting, rather than letting the watcher retry, polls at a steady pace (its
+/// backoff restarts at under a second after every `Init`, yet keeps growing on failed
+/// watch resumptions) and skips resuming a resourceVersion from before the deletion.
+fn resource_changes(
+    api: Api<WorkerMetrics>,
+    config: watcher::Config,
+    i: usize,
+) -> BoxStream<'static, Change> {
+    futures::stream::unfold(false, move |restarted| {
+        let (api, config) = (api.clone(), config.clone());
+        async move {
+            if restarted {
+                tokio::time::sleep(CRD_POLL).await;
+            }
+            let changes = watcher::watcher(api, config)
+                .default_backoff()
+                .map(move |r| match r {
+                    Ok(event) => Change::Resource(i, Box::new(event)),
+                    Err(e) if is_absent_type(&e) => Change::ResourcesAbsent(i),
+                    Err(e) => Change::Failed("workermetrics", e.to_string()),
+                })
+                .boxed();
+            // Up to and including the first absence report, without polling (and so
+            // retrying) the watcher once more.
+            let run = futures::stream::unfold(Some(changes), |changes| async move {
+                let mut changes = changes?;
+                let change = changes.next().await?;
+                let rest = (!matches!(change, Change::ResourcesAbsent(_))).then_some(changes);
+                Some((change, rest))
+            });
+            Some((run, true))
+        }
+    })
+    .flatten()
+    .boxed()
 }
 
 fn streams(
@@ -222,27 +347,19 @@ fn streams(
             ),
             None => (Api::all(client.clone()), Api::all(client.clone())),
         };
-        let config = watcher::Config::default();
+        let config = watcher_config();
         all.push(
             watcher::watcher(pods, config.clone())
                 .default_backoff()
                 .filter_map(move |r| {
                     futures::future::ready(match r {
-                        Ok(event) => slim(event).map(|event| Change::Pod(i, event)),
+                        Ok(event) => slim(event).map(|event| Change::Pod(i, Box::new(event))),
                         Err(e) => Some(Change::Failed("pods", e.to_string())),
                     })
                 })
                 .boxed(),
         );
-        all.push(
-            watcher::watcher(resources, config)
-                .default_backoff()
-                .map(move |r| match r {
-                    Ok(event) => Change::Resource(i, Box::new(event)),
-                    Err(e) => Change::Failed("workermetrics", e.to_string()),
-                })
-                .boxed(),
-        );
+        all.push(resource_changes(resources, config, i));
     }
     let scopes = scopes
         .into_iter()
@@ -296,7 +413,9 @@ async fn run(
         view: ClusterView::default(),
         scopes,
         synced: BTreeSet::new(),
+        resources_absent: BTreeSet::new(),
     };
+    let mut crd_missing = false;
     let events = EventPublisher {
         client: client.clone(),
         reporter: Reporter {
@@ -318,6 +437,23 @@ async fn run(
         if !source.all_synced() {
             continue;
         }
+        if source.crd_missing() != crd_missing {
+            crd_missing = source.crd_missing();
+            // Logged on each change, not on every poll.
+            if crd_missing {
+                tracing::warn!(
+                    crd = CRD_NAME,
+                    "WorkerMetrics CRD is not installed (its API paths answer 404): publishing annotated pods only; WorkerMetrics are picked up once it is installed"
+                );
+            } else {
+                tracing::info!(
+                    crd = CRD_NAME,
+                    "WorkerMetrics CRD is installed: watching WorkerMetrics"
+                );
+            }
+        }
+        settings.crd_missing.store(crd_missing, Ordering::Relaxed);
+        metrics.crd_installed(CRD_NAME, !crd_missing);
         let resolution = resolve(&source.view, &settings.resolve);
         metrics.invalid_objects("pod", resolution.invalid_pods.len());
         let invalid_resources = source
@@ -328,6 +464,9 @@ async fn run(
             .count();
         metrics.invalid_objects("workermetrics", invalid_resources);
         warned.pods(&events, &resolution.invalid_pods).await;
+        warned
+            .unknown_containers(&events, &resolution.unknown_containers)
+            .await;
         warned.resources(&events, &source.view).await;
         let report: ResourceReport = source
             .view
@@ -377,6 +516,7 @@ async fn run(
 pub(crate) struct Warned {
     pods: HashMap<String, String>,
     resources: HashMap<String, String>,
+    unknown_containers: HashMap<String, String>,
 }
 
 fn reference(
@@ -439,17 +579,28 @@ struct Refusal {
     api_version: &'static str,
     kind: &'static str,
     reason: &'static str,
+    /// For the log line.
+    what: &'static str,
 }
 
 const POD_REFUSAL: Refusal = Refusal {
     api_version: "v1",
     kind: "Pod",
     reason: "InvalidWorkerMetrics",
+    what: "declaration refused",
 };
 const RESOURCE_REFUSAL: Refusal = Refusal {
     api_version: "workersd.io/v1alpha1",
     kind: "WorkerMetrics",
     reason: "InvalidSpec",
+    what: "declaration refused",
+};
+/// On the pod: a declared container name matches no container or native sidecar of it.
+const UNKNOWN_CONTAINER: Refusal = Refusal {
+    api_version: "v1",
+    kind: "Pod",
+    reason: "UnknownContainer",
+    what: "declared container not found; its ports are not probed",
 };
 
 /// Publishes one Warning Event per object and distinct problem; `seen` maps uid → note.
@@ -467,7 +618,7 @@ async fn warn_once<'a>(
         if seen.get(uid) == Some(&note) {
             continue;
         }
-        tracing::warn!(namespace, name, kind = refusal.kind, problems = %note, "declaration refused");
+        tracing::warn!(namespace, name, kind = refusal.kind, problems = %note, "{}", refusal.what);
         let event = KubeEvent {
             type_: EventType::Warning,
             reason: refusal.reason.into(),
@@ -497,6 +648,23 @@ impl Warned {
             .iter()
             .map(|(key, (uid, errors))| (key, uid.as_str(), errors.as_slice()));
         warn_once(events, &mut self.pods, &POD_REFUSAL, invalid).await;
+    }
+
+    pub(crate) async fn unknown_containers(
+        &mut self,
+        events: &EventPublisher,
+        unknown: &BTreeMap<ObjectKey, (String, Vec<FieldError>)>,
+    ) {
+        let unknown = unknown
+            .iter()
+            .map(|(key, (uid, errors))| (key, uid.as_str(), errors.as_slice()));
+        warn_once(
+            events,
+            &mut self.unknown_containers,
+            &UNKNOWN_CONTAINER,
+            unknown,
+        )
+        .await;
     }
 
     async fn resources(&mut self, events: &EventPublisher, view: &ClusterView) {
@@ -554,6 +722,61 @@ mod tests {
         assert!(pod_info(&deleting).unwrap().terminating);
     }
 
+    #[test]
+    fn native_sidecars_run_from_init_container_statuses() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"namespace": "shop", "name": "web-1", "uid": "u1"},
+            "spec": {
+                "containers": [{"name": "web"}],
+                "initContainers": [
+                    {"name": "setup"},
+                    {"name": "exporter", "restartPolicy": "Always"}
+                ]
+            },
+            "status": {
+                "podIP": "10.0.0.7", "phase": "Running",
+                "initContainerStatuses": [
+                    {"name": "setup", "restartCount": 0, "ready": true, "image": "x", "imageID": "y",
+                     "state": {"terminated": {"exitCode": 0, "reason": "Completed"}}},
+                    {"name": "exporter", "restartCount": 3, "ready": true, "image": "x", "imageID": "y",
+                     "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}}}
+                ],
+                "containerStatuses": [
+                    {"name": "web", "restartCount": 0, "ready": true, "image": "x", "imageID": "y",
+                     "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}}}
+                ]
+            }
+        }))
+        .unwrap();
+        let info = pod_info(&pod).unwrap();
+        assert_eq!(
+            info.running,
+            BTreeMap::from([("web".to_string(), 0), ("exporter".to_string(), 3)])
+        );
+        assert_eq!(info.containers, BTreeSet::from(["web".to_string()]));
+        assert_eq!(info.sidecars, BTreeSet::from(["exporter".to_string()]));
+
+        // A regular init container that is running means "initializing": never a target.
+        let mut initializing = pod.clone();
+        let status = initializing.status.as_mut().unwrap();
+        status.init_container_statuses.as_mut().unwrap()[0].state =
+            serde_json::from_value(serde_json::json!({"running": {}})).unwrap();
+        assert!(
+            !pod_info(&initializing)
+                .unwrap()
+                .running
+                .contains_key("setup")
+        );
+    }
+
+    #[test]
+    fn watches_use_paged_lists_not_streaming_lists() {
+        assert!(matches!(
+            watcher_config().initial_list_strategy,
+            watcher::InitialListStrategy::ListWatch
+        ));
+    }
+
     fn pod_named(name: &str, ns: &str) -> PodInfo {
         let pod: Pod = serde_json::from_value(
             serde_json::json!({"metadata": {"namespace": ns, "name": name}}),
@@ -579,26 +802,36 @@ mod tests {
                 },
             ],
             synced: BTreeSet::new(),
+            resources_absent: BTreeSet::new(),
         };
         for (i, ns) in [(0, "a"), (1, "b")] {
-            source.apply(Change::Pod(i, Event::Init));
-            source.apply(Change::Pod(i, Event::InitApply(pod_named("p1", ns))));
-            source.apply(Change::Pod(i, Event::InitApply(pod_named("p2", ns))));
-            source.apply(Change::Pod(i, Event::InitDone));
+            source.apply(Change::Pod(i, Box::new(Event::Init)));
+            source.apply(Change::Pod(
+                i,
+                Box::new(Event::InitApply(pod_named("p1", ns))),
+            ));
+            source.apply(Change::Pod(
+                i,
+                Box::new(Event::InitApply(pod_named("p2", ns))),
+            ));
+            source.apply(Change::Pod(i, Box::new(Event::InitDone)));
             source.apply(Change::Resource(i, Box::new(Event::Init)));
             source.apply(Change::Resource(i, Box::new(Event::InitDone)));
         }
         assert!(source.all_synced());
         assert_eq!(source.view.pods.len(), 4);
         // Scope "a" re-lists after 410 Gone: p2 was deleted while the watch was down.
-        source.apply(Change::Pod(0, Event::Init));
-        source.apply(Change::Pod(0, Event::InitApply(pod_named("p1", "a"))));
+        source.apply(Change::Pod(0, Box::new(Event::Init)));
+        source.apply(Change::Pod(
+            0,
+            Box::new(Event::InitApply(pod_named("p1", "a"))),
+        ));
         assert_eq!(
             source.view.pods.len(),
             4,
             "the old view stays until the re-list completes"
         );
-        source.apply(Change::Pod(0, Event::InitDone));
+        source.apply(Change::Pod(0, Box::new(Event::InitDone)));
         let keys: Vec<_> = source.view.pods.keys().cloned().collect();
         assert_eq!(
             keys,
@@ -608,7 +841,57 @@ mod tests {
                 ("b".into(), "p2".into())
             ]
         );
-        source.apply(Change::Pod(1, Event::Delete(pod_named("p1", "b"))));
+        source.apply(Change::Pod(
+            1,
+            Box::new(Event::Delete(pod_named("p1", "b"))),
+        ));
         assert_eq!(source.view.pods.len(), 2);
+    }
+
+    #[test]
+    fn an_absent_crd_counts_as_synced_without_resources_until_it_is_listed() {
+        let mut source = Source {
+            view: ClusterView::default(),
+            scopes: vec![Scope {
+                namespace: None,
+                pod_buffer: None,
+                resource_buffer: None,
+            }],
+            synced: BTreeSet::new(),
+            resources_absent: BTreeSet::new(),
+        };
+        source.apply(Change::Pod(0, Box::new(Event::Init)));
+        source.apply(Change::Pod(
+            0,
+            Box::new(Event::InitApply(pod_named("p1", "a"))),
+        ));
+        source.apply(Change::Pod(0, Box::new(Event::InitDone)));
+        assert!(
+            !source.all_synced(),
+            "the WorkerMetrics list is still pending"
+        );
+        source.apply(Change::Resource(0, Box::new(Event::Init)));
+        source.apply(Change::ResourcesAbsent(0));
+        assert!(source.all_synced() && source.crd_missing());
+        assert_eq!(source.view.pods.len(), 1);
+
+        // The CRD appears: a full list replaces the absence.
+        let wm: WorkerMetrics = serde_json::from_value(serde_json::json!({
+            "apiVersion": "workersd.io/v1alpha1", "kind": "WorkerMetrics",
+            "metadata": {"namespace": "a", "name": "w", "uid": "u"},
+            "spec": {"selector": {}, "service": "s", "containers": []}
+        }))
+        .unwrap();
+        source.apply(Change::Resource(0, Box::new(Event::Init)));
+        source.apply(Change::Resource(0, Box::new(Event::InitApply(wm))));
+        assert!(source.crd_missing(), "absent until the list completes");
+        source.apply(Change::Resource(0, Box::new(Event::InitDone)));
+        assert!(!source.crd_missing());
+        assert_eq!(source.view.resources.len(), 1);
+
+        // Deleted again: whatever is left of its resources goes.
+        source.apply(Change::ResourcesAbsent(0));
+        assert!(source.crd_missing() && source.view.resources.is_empty());
+        assert_eq!(source.view.pods.len(), 1, "pods are untouched");
     }
 }

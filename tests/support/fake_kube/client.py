@@ -48,7 +48,7 @@ class ApiResponse:
 class FakeKube:
     def __init__(self, workdir=None, *, bookmark_interval=None, history_limit=None, graceful_deletion=False,
                  auto_create_namespaces=False, seeds=(), extra_args=(), log_requests=False,
-                 python=sys.executable, host="127.0.0.1"):
+                 python=sys.executable, host="127.0.0.1", workermetrics_crd=True, watch_list=False):
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="fake-kube-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.kubeconfig = str(self.workdir / "kubeconfig")
@@ -62,6 +62,10 @@ class FakeKube:
             args += ["--history-limit", str(history_limit)]
         if graceful_deletion:
             args.append("--graceful-deletion")
+        if not workermetrics_crd:
+            args.append("--no-workermetrics-crd")
+        if watch_list:
+            args.append("--watch-list")
         if auto_create_namespaces:
             args.append("--auto-create-namespaces")
         if log_requests:
@@ -196,7 +200,8 @@ class FakeKube:
         return self.ok("GET", "/_control/state", query={"resource": resource} if resource else None)
 
     def set_pod_status(self, namespace, name, **fields):
-        """fields: podIP, hostIP, phase, ready, running, restartCount, nodeName, containerStatuses, status (raw merge)."""
+        """fields: podIP, hostIP, phase, ready, running, restartCount, nodeName, containerStatuses,
+        initContainerStatuses, status (raw merge)."""
         return self.ok("POST", f"/_control/pods/{namespace}/{name}/status", fields)
 
     def terminate_pod(self, namespace, name, grace_period_seconds=30):
