@@ -177,7 +177,9 @@ pub fn normalize_address(raw: &str) -> Result<String, String> {
 pub enum ConsulError {
     #[error("Consul unreachable: {0}")]
     Unreachable(String),
-    #[error("Consul denied the request (HTTP 403): check the ACL token's policy: {0}")]
+    /// An unknown token (403 `ACL not found`), a write the token may not make (409 with
+    /// `Permission denied` per operation) or a read Consul filtered for the token.
+    #[error("Consul denied the request: check the ACL token's policy: {0}")]
     Forbidden(String),
     #[error("Consul rejected the transaction (HTTP {status}): {errors}")]
     TxnRejected { status: u16, errors: String },
@@ -472,6 +474,16 @@ impl ConsulClient {
         let status = response.status().as_u16();
         let index = consul_index(&response);
         if status == 200 {
+            // A token without node:read (or without service:read on some entry) gets an
+            // emptied or partial reply, not an error: taking it for the node's content would
+            // create the node over one we cannot see, or re-register over hidden entries.
+            // Consul only says so to a named token (the anonymous token's writes fail later).
+            if filtered_by_acls(&response) {
+                return Err(ConsulError::Forbidden(format!(
+                    "the token may not read node {:?} and everything on it (needs node:read on it and service:read on its services); Consul filtered the reply (X-Consul-Results-Filtered-By-ACLs)",
+                    self.settings.node
+                )));
+            }
             let view = decode_streamed(response, desired.clone()).await?;
             return Ok(NodeView { index, ..view });
         }
@@ -481,7 +493,10 @@ impl ConsulClient {
                 index,
                 ..NodeView::default()
             }),
-            403 => Err(ConsulError::Forbidden(truncate(&body))),
+            403 => Err(ConsulError::Forbidden(format!(
+                "HTTP 403: {}",
+                truncate(&body)
+            ))),
             _ => Err(ConsulError::Status {
                 what: "node-services",
                 status,
@@ -553,11 +568,20 @@ impl ConsulClient {
         let (status, body) = send(request).await?;
         match status {
             200 => Ok(()),
-            403 => Err(ConsulError::Forbidden(truncate(&body))),
+            403 => Err(ConsulError::Forbidden(format!(
+                "HTTP 403: {}",
+                truncate(&body)
+            ))),
             409 => {
-                let errors = serde_json::from_str::<TxnErrors>(&body)
+                let parsed = serde_json::from_str::<TxnErrors>(&body)
                     .ok()
-                    .and_then(|e| e.errors)
+                    .and_then(|e| e.errors);
+                // A token without write permission gets one error per operation: the cause
+                // is the token, so say once which permissions it lacks.
+                if let Some(summary) = parsed.as_deref().and_then(permission_summary) {
+                    return Err(ConsulError::Forbidden(summary));
+                }
+                let errors = parsed
                     .map(|errors| {
                         errors
                             .iter()
@@ -664,6 +688,53 @@ pub fn decode_node_services(
         node_meta: Some(node.meta.unwrap_or_default()),
         services,
         index: 0,
+    })
+}
+
+/// Consul's `X-Consul-Results-Filtered-By-ACLs` (agent/http.go `setResultsFilteredByACLs`).
+fn filtered_by_acls(response: &reqwest::Response) -> bool {
+    response
+        .headers()
+        .get("X-Consul-Results-Filtered-By-ACLs")
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"))
+}
+
+/// One line for a txn refused for missing permissions: who lacks what, each permission
+/// once, e.g. `token with AccessorID 'a1' lacks 'node:write' on "n", 'service:write' on "web"
+/// (129 of 129 operations refused)`. `None` when no operation was refused for a permission.
+/// Consul's wording is acl/errors.go `PermissionDeniedError.Error`.
+fn permission_summary(errors: &[TxnError]) -> Option<String> {
+    const DENIED: &str = "Permission denied";
+    let denied: Vec<&str> = errors
+        .iter()
+        .map(|e| e.what.as_str())
+        .filter(|what| what.contains(DENIED))
+        .collect();
+    let first = *denied.first()?;
+    let mut who = None;
+    let mut missing: Vec<&str> = Vec::new();
+    for what in &denied {
+        let Some((subject, rest)) = what.split_once(" lacks permission ") else {
+            continue;
+        };
+        who.get_or_insert(subject.trim_start_matches("Permission denied: "));
+        // `'service:write' on "web"`, without the anonymous token's explanation.
+        let permission = rest.split(". The anonymous token").next().unwrap_or(rest);
+        if !missing.contains(&permission) {
+            missing.push(permission);
+        }
+    }
+    let refused = format!("{} of {} operations refused", denied.len(), errors.len());
+    Some(match who {
+        Some(who) => {
+            let hint = if who == "anonymous token" {
+                " (no token was sent)"
+            } else {
+                ""
+            };
+            format!("{who}{hint} lacks {} ({refused})", missing.join(", "))
+        }
+        None => format!("{} ({refused})", truncate(first)),
     })
 }
 
@@ -1166,6 +1237,41 @@ mod tests {
             let view = decode_node_services(std::io::BufReader::new(reader), &Catalog::new());
             assert_eq!(view.unwrap(), whole, "chunks of {size} bytes");
         }
+    }
+
+    #[test]
+    fn permission_errors_are_summarised_once() {
+        let op = |i, what: &str| TxnError {
+            op_index: i,
+            what: what.into(),
+        };
+        let token = "Permission denied: token with AccessorID 'a1' lacks permission";
+        let errors: Vec<TxnError> =
+            std::iter::once(op(0, &format!("{token} 'node:write' on \"n\"")))
+                .chain((1..128).map(|i| op(i, &format!("{token} 'service:write' on \"web\""))))
+                .collect();
+        assert_eq!(
+            permission_summary(&errors).unwrap(),
+            "token with AccessorID 'a1' lacks 'node:write' on \"n\", 'service:write' on \"web\" (128 of 128 operations refused)"
+        );
+        let anonymous = [op(
+            0,
+            "Permission denied: anonymous token lacks permission 'node:write' on \"n\". The anonymous token is used implicitly when a request does not specify a token.",
+        )];
+        assert_eq!(
+            permission_summary(&anonymous).unwrap(),
+            "anonymous token (no token was sent) lacks 'node:write' on \"n\" (1 of 1 operations refused)"
+        );
+        let other = [op(0, "Missing node registration")];
+        assert_eq!(permission_summary(&other), None);
+        let mixed = [
+            op(0, "Permission denied"),
+            op(1, "Missing node registration"),
+        ];
+        assert_eq!(
+            permission_summary(&mixed).unwrap(),
+            "Permission denied (1 of 2 operations refused)"
+        );
     }
 
     #[test]
