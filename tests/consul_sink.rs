@@ -342,6 +342,68 @@ async fn a_reply_cut_off_in_transit_is_unreachable() {
 
 /// The token travels in the `X-Consul-Token` header, never in the URL (where proxies and
 /// Consul's own request log would keep it), and never appears in errors or settings.
+/// Real Consul answers node-services for an unknown node with 200 and nulls
+/// (agent/catalog_endpoint.go); a 404 is a proxy or a wrong path. It is an error, not an
+/// absent node: nothing is written on the strength of it.
+#[tokio::test]
+async fn a_404_from_node_services_is_an_error_not_an_absent_node() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = format!("http://{}", listener.local_addr().unwrap());
+    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel::<String>();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            let mut request = vec![0u8; 64 * 1024];
+            let n = stream.read(&mut request).await.unwrap_or(0);
+            let line = String::from_utf8_lossy(&request[..n])
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            let _ = seen_tx.send(line);
+            let body = "404 page not found\n";
+            let reply = format!(
+                "HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(reply.as_bytes()).await;
+        }
+    });
+    let double = start().await;
+    let mut sink = ConsulSink::new(
+        ConsulClient::new(ConsulSettings {
+            address,
+            ..settings(&double, None)
+        })
+        .unwrap(),
+        Arc::new(Metrics::new()),
+    );
+    let err = sink.sync(&desired(1, 1, true)).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ConsulError::Status {
+                what: "node-services",
+                status: 404,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    drop(sink);
+    let mut requests = Vec::new();
+    while let Ok(line) = seen.try_recv() {
+        requests.push(line);
+    }
+    assert!(
+        requests.iter().all(|r| r.starts_with("GET ")),
+        "nothing written: {requests:?}"
+    );
+}
+
 #[tokio::test]
 async fn acl_token_is_sent_and_never_shown() {
     let double = ConsulDouble::start(Config {

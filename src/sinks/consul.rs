@@ -463,7 +463,9 @@ impl ConsulClient {
     }
 
     /// Everything under our node; an absent node is an empty view. Entries equal to `desired`
-    /// ones share them.
+    /// ones share them. Consul answers an unknown node with 200 and nulls
+    /// (agent/catalog_endpoint.go `CatalogNodeServiceList`), never 404: a 404 comes from a
+    /// proxy or a wrong path and is an error, or workersd would recreate what it cannot see.
     pub async fn read_node(&self, desired: &Catalog) -> Result<NodeView, ConsulError> {
         let path = format!("/v1/catalog/node-services/{}", self.settings.node);
         let response = self
@@ -489,10 +491,6 @@ impl ConsulClient {
         }
         let body = response.text().await.map_err(unreachable)?;
         match status {
-            404 => Ok(NodeView {
-                index,
-                ..NodeView::default()
-            }),
             403 => Err(ConsulError::Forbidden(format!(
                 "HTTP 403: {}",
                 truncate(&body)
@@ -523,9 +521,7 @@ impl ConsulClient {
             .send()
             .await;
         match response {
-            Ok(r) if matches!(r.status().as_u16(), 200 | 404) && consul_index(&r) == index => {
-                Watched::Unchanged
-            }
+            Ok(r) if r.status().as_u16() == 200 && consul_index(&r) == index => Watched::Unchanged,
             _ => Watched::Changed,
         }
     }
