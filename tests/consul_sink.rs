@@ -208,6 +208,40 @@ async fn a_restarted_sink_deregisters_nothing_until_targets_were_probed() {
     assert_eq!(instances(&double, "clever").await.len(), 9);
 }
 
+/// Consul stores any int as a service port (agent/structs `NodeService.Port` is an `int`
+/// with no range check): someone else's entry on our node with Port -1 or 70000 must not
+/// stop workersd from reading the node, nor be touched.
+#[tokio::test]
+async fn foreign_entries_with_odd_ports_do_not_break_reads() {
+    let double = start().await;
+    let mut sink = sink(&double, None);
+    sink.sync(&desired(2, 2, true)).await.unwrap();
+    for (id, port) in [("odd-negative", -1), ("odd-large", 70000)] {
+        put(
+            &double,
+            "/v1/catalog/register",
+            json!({
+                "Node": NODE, "Address": "127.0.0.1", "SkipNodeUpdate": true,
+                "Service": {"ID": id, "Service": "clever", "Address": "10.9.9.9", "Port": port}
+            }),
+        )
+        .await;
+    }
+    sink.invalidate();
+    let outcome = sink.sync(&desired(2, 3, true)).await.unwrap();
+    assert_eq!((outcome.registered, outcome.deregistered), (2, 0));
+    let listed = instances(&double, "clever").await;
+    assert_eq!(listed.len(), 6 + 2);
+    let port_of = |id: &str| {
+        listed
+            .iter()
+            .find(|i| i["ServiceID"] == id)
+            .map(|i| i["ServicePort"].clone())
+    };
+    assert_eq!(port_of("odd-negative"), Some(json!(-1)));
+    assert_eq!(port_of("odd-large"), Some(json!(70000)));
+}
+
 /// Consul before 1.14 refuses more than 64 operations per transaction: the refused batch is
 /// resent in halves, and later batches are 64 at once.
 #[tokio::test]
