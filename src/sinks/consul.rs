@@ -1175,8 +1175,9 @@ async fn watch_changes(
     changes: Arc<tokio::sync::Notify>,
     metrics: Arc<Metrics>,
 ) {
-    // The blocking wait is the resync interval: a wipe that lowers Consul's index is not
-    // reported until the wait runs out, and this bounds how long that takes.
+    // The blocking wait is the resync interval. A snapshot restore answers a blocked query at
+    // once with a lower index; a Consul that lost its data some other way (a new cluster) is
+    // only noticed when the wait runs out, and this bounds how long that takes.
     let wait = client.settings.resync_interval;
     // A server that answers at once without a new index (no blocking support, a caching
     // proxy) must not become a busy loop.
