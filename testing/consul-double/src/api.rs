@@ -496,6 +496,10 @@ struct CatalogServiceView<'a> {
     service_meta: &'a Option<Meta>,
     service_port: i64,
     service_enable_tag_override: bool,
+    /// `structs.ServiceNode` carries these as values (never omitted); the double stores
+    /// no Connect data, so they are the zero values Consul renders.
+    service_proxy: serde_json::Value,
+    service_connect: serde_json::Value,
     create_index: u64,
     modify_index: u64,
 }
@@ -519,6 +523,8 @@ impl<'a> CatalogServiceView<'a> {
             service_meta: &service.meta,
             service_port: service.port,
             service_enable_tag_override: service.enable_tag_override,
+            service_proxy: json!({"Mode": "", "MeshGateway": {}, "Expose": {}}),
+            service_connect: json!({}),
             create_index: service.create_index,
             modify_index: service.modify_index,
         }

@@ -478,6 +478,11 @@ async fn node_services_blocks_on_the_nodes_own_index() {
     .await;
     let url = format!("{}/v1/catalog/node-services/a", double.api_url());
     let (_, index_a, _) = get_json(&http, url.clone()).await;
+    // structs.ServiceNode's Connect fields are values: always present.
+    let (_, _, listed) =
+        get_json(&http, format!("{}/v1/catalog/service/s", double.api_url())).await;
+    assert_eq!(listed[0]["ServiceConnect"], json!({}));
+    assert_eq!(listed[0]["ServiceProxy"]["Mode"], "");
     txn(&http, &double, json!([node_set("b")])).await;
     assert!(double.index() > index_a);
     let started = Instant::now();
