@@ -464,6 +464,62 @@ async fn acl_rules_filter_reads_and_refuse_writes_per_op() {
     double.shutdown().await;
 }
 
+/// agent/consul/catalog_endpoint.go `vetRegisterWithACL` / `vetDeregisterWithACL`: a
+/// refused register or deregister is an RPC permission error, which agent/http.go answers
+/// with 403 and the error text.
+#[tokio::test]
+async fn register_and_deregister_need_write_permission() {
+    use consul_double::{Access, Resource, Rules, Token};
+    let double = start_with(Config {
+        acl: Some(acl_with(vec![
+            Token::management("root"),
+            Token::with_rules(
+                "svc-only",
+                Rules::everything(Access::Read).with(
+                    Resource::Service,
+                    "web",
+                    false,
+                    Access::Write,
+                ),
+            ),
+        ])),
+        ..Config::default()
+    })
+    .await;
+    let http = client();
+    let register = |token: &'static str| {
+        http.put(format!("{}/v1/catalog/register", double.api_url()))
+            .header("X-Consul-Token", token)
+            .json(&json!({"Node": "n", "Address": "10.0.0.1",
+                          "Service": {"ID": "w1", "Service": "web", "Port": 1}}))
+            .send()
+    };
+    let response = register("svc-only").await.unwrap();
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    let text = response.text().await.unwrap();
+    assert!(
+        text.ends_with("lacks permission 'node:write' on \"n\""),
+        "{text}"
+    );
+    assert_eq!(register("root").await.unwrap().status(), StatusCode::OK);
+    // service:write on "web" is enough to deregister that service, not the node.
+    let deregister = |body: Value| {
+        http.put(format!("{}/v1/catalog/deregister", double.api_url()))
+            .header("X-Consul-Token", "svc-only")
+            .json(&body)
+            .send()
+    };
+    let response = deregister(json!({"Node": "n"})).await.unwrap();
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    let response = deregister(json!({"Node": "n", "ServiceID": "w1"}))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(double.with_catalog(|c| c.service_count()), 0);
+    assert_eq!(double.stats().acl_permission_denied, 2);
+    double.shutdown().await;
+}
+
 /// `catalogNodeMaxIndex`: node-services reports and blocks on the node's own
 /// index, so a write to another node neither wakes nor moves it.
 #[tokio::test]
