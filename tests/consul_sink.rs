@@ -1,7 +1,9 @@
 //! The Consul sink against the in-repo Consul double (in process): batching, minimal writes,
 //! ownership, restart safety, outages, ACL.
 
-use consul_double::{Config, ConsulDouble};
+use consul_double::{
+    Access, AclConfig, Config, ConsulDouble, DefaultPolicy, Resource, Rules, Token,
+};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -206,6 +208,40 @@ async fn a_restarted_sink_deregisters_nothing_until_targets_were_probed() {
     assert_eq!(instances(&double, "clever").await.len(), 9);
 }
 
+/// Consul stores any int as a service port (agent/structs `NodeService.Port` is an `int`
+/// with no range check): someone else's entry on our node with Port -1 or 70000 must not
+/// stop workersd from reading the node, nor be touched.
+#[tokio::test]
+async fn foreign_entries_with_odd_ports_do_not_break_reads() {
+    let double = start().await;
+    let mut sink = sink(&double, None);
+    sink.sync(&desired(2, 2, true)).await.unwrap();
+    for (id, port) in [("odd-negative", -1), ("odd-large", 70000)] {
+        put(
+            &double,
+            "/v1/catalog/register",
+            json!({
+                "Node": NODE, "Address": "127.0.0.1", "SkipNodeUpdate": true,
+                "Service": {"ID": id, "Service": "clever", "Address": "10.9.9.9", "Port": port}
+            }),
+        )
+        .await;
+    }
+    sink.invalidate();
+    let outcome = sink.sync(&desired(2, 3, true)).await.unwrap();
+    assert_eq!((outcome.registered, outcome.deregistered), (2, 0));
+    let listed = instances(&double, "clever").await;
+    assert_eq!(listed.len(), 6 + 2);
+    let port_of = |id: &str| {
+        listed
+            .iter()
+            .find(|i| i["ServiceID"] == id)
+            .map(|i| i["ServicePort"].clone())
+    };
+    assert_eq!(port_of("odd-negative"), Some(json!(-1)));
+    assert_eq!(port_of("odd-large"), Some(json!(70000)));
+}
+
 /// Consul before 1.14 refuses more than 64 operations per transaction: the refused batch is
 /// resent in halves, and later batches are 64 at once.
 #[tokio::test]
@@ -338,6 +374,70 @@ async fn a_reply_cut_off_in_transit_is_unreachable() {
     assert!(matches!(err, ConsulError::Unreachable(_)), "{err}");
 }
 
+/// The token travels in the `X-Consul-Token` header, never in the URL (where proxies and
+/// Consul's own request log would keep it), and never appears in errors or settings.
+/// Real Consul answers node-services for an unknown node with 200 and nulls
+/// (agent/catalog_endpoint.go); a 404 is a proxy or a wrong path. It is an error, not an
+/// absent node: nothing is written on the strength of it.
+#[tokio::test]
+async fn a_404_from_node_services_is_an_error_not_an_absent_node() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = format!("http://{}", listener.local_addr().unwrap());
+    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel::<String>();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            let mut request = vec![0u8; 64 * 1024];
+            let n = stream.read(&mut request).await.unwrap_or(0);
+            let line = String::from_utf8_lossy(&request[..n])
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            let _ = seen_tx.send(line);
+            let body = "404 page not found\n";
+            let reply = format!(
+                "HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(reply.as_bytes()).await;
+        }
+    });
+    let double = start().await;
+    let mut sink = ConsulSink::new(
+        ConsulClient::new(ConsulSettings {
+            address,
+            ..settings(&double, None)
+        })
+        .unwrap(),
+        Arc::new(Metrics::new()),
+    );
+    let err = sink.sync(&desired(1, 1, true)).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ConsulError::Status {
+                what: "node-services",
+                status: 404,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    drop(sink);
+    let mut requests = Vec::new();
+    while let Ok(line) = seen.try_recv() {
+        requests.push(line);
+    }
+    assert!(
+        requests.iter().all(|r| r.starts_with("GET ")),
+        "nothing written: {requests:?}"
+    );
+}
+
 #[tokio::test]
 async fn acl_token_is_sent_and_never_shown() {
     let double = ConsulDouble::start(Config {
@@ -346,15 +446,136 @@ async fn acl_token_is_sent_and_never_shown() {
     })
     .await
     .unwrap();
+    // No token: the anonymous token reads nothing and may not write (409 per operation).
     let mut without = sink(&double, None);
     let err = without.sync(&desired(1, 1, true)).await.unwrap_err();
     assert!(matches!(err, ConsulError::Forbidden(_)), "{err}");
+    assert!(err.to_string().contains("no token was sent"), "{err}");
     let mut wrong = sink(&double, Some("nope"));
     let err = wrong.sync(&desired(1, 1, true)).await.unwrap_err();
+    assert!(matches!(err, ConsulError::Forbidden(_)), "{err}");
+    assert!(err.to_string().contains("ACL not found"), "{err}");
     assert!(!err.to_string().contains("nope"));
+    double.reset_stats();
     let mut with = sink(&double, Some("s3cret-token"));
     assert_eq!(with.sync(&desired(1, 1, true)).await.unwrap().registered, 1);
     assert!(!format!("{:?}", settings(&double, Some("s3cret-token"))).contains("s3cret"));
+    let sources = double.stats().token_sources;
+    assert_eq!(
+        sources.keys().collect::<Vec<_>>(),
+        ["X-Consul-Token"],
+        "the token is sent in the header only: {sources:?}"
+    );
+    assert_eq!(sources["X-Consul-Token"], 2, "one read, one txn");
+}
+
+/// Service instances in the double, seen past its ACLs.
+fn stored(double: &ConsulDouble) -> usize {
+    double.with_catalog(|c| c.service_count())
+}
+
+fn acl(tokens: Vec<Token>) -> AclConfig {
+    AclConfig {
+        default_policy: DefaultPolicy::Deny,
+        tokens,
+        anonymous: Rules::default(),
+    }
+}
+
+/// A read-only token: Consul refuses each of the 129 operations with its own `Permission
+/// denied` in a 409. workersd reports it as `forbidden`, in one line naming each missing
+/// permission once.
+#[tokio::test]
+async fn a_token_without_write_permission_is_forbidden_in_one_line() {
+    let double = ConsulDouble::start(Config {
+        acl: Some(acl(vec![Token::with_rules(
+            "reader",
+            Rules::everything(Access::Read),
+        )])),
+        ..Config::default()
+    })
+    .await
+    .unwrap();
+    let err = sink(&double, Some("reader"))
+        .sync(&desired(40, 4, true))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ConsulError::Forbidden(_)), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains(r#"lacks 'node:write' on "workersd-test", 'service:write' on "clever""#),
+        "{text}"
+    );
+    assert!(text.contains("128 of 128 operations refused"), "{text}");
+    assert_eq!(text.matches("service:write").count(), 1, "{text}");
+    assert_eq!(double.stats().acl_permission_denied, 128);
+    assert_eq!(stored(&double), 0);
+}
+
+/// A token that may not read our node gets `{"Node":null}` with
+/// `X-Consul-Results-Filtered-By-ACLs`: that is not an absent node, and workersd must not
+/// create the node (or re-register entries) over what it cannot see.
+#[tokio::test]
+async fn a_filtered_read_is_forbidden_not_an_empty_node() {
+    let double = ConsulDouble::start(Config {
+        acl: Some(acl(vec![
+            Token::management("root"),
+            Token::with_rules(
+                "blind",
+                Rules::default()
+                    .with(Resource::Node, "other-", true, Access::Write)
+                    .with(Resource::Service, "", true, Access::Write),
+            ),
+        ])),
+        ..Config::default()
+    })
+    .await
+    .unwrap();
+    sink(&double, Some("root"))
+        .sync(&desired(2, 2, true))
+        .await
+        .unwrap();
+    double.reset_stats();
+    let err = sink(&double, Some("blind"))
+        .sync(&desired(2, 3, true))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ConsulError::Forbidden(_)), "{err}");
+    assert!(err.to_string().contains("node:read"), "{err}");
+    assert_eq!(
+        double.stats().requests_matching("PUT /v1/txn"),
+        0,
+        "nothing written over a node it cannot see"
+    );
+    assert_eq!(stored(&double), 4);
+}
+
+/// The token's policy loses write permission while the sink runs, then gets it back:
+/// meanwhile passes fail as `forbidden` and nothing is written or removed; once restored,
+/// the sink converges.
+#[tokio::test]
+async fn a_token_losing_and_regaining_write_permission() {
+    let double = ConsulDouble::start(Config {
+        acl: Some(acl(vec![Token::with_rules(
+            "t",
+            Rules::everything(Access::Write),
+        )])),
+        ..Config::default()
+    })
+    .await
+    .unwrap();
+    let mut sink = sink(&double, Some("t"));
+    sink.sync(&desired(3, 3, true)).await.unwrap();
+    assert!(double.set_token_rules("t", Rules::everything(Access::Read)));
+    sink.invalidate();
+    let err = sink.sync(&desired(3, 2, true)).await.unwrap_err();
+    assert!(matches!(err, ConsulError::Forbidden(_)), "{err}");
+    assert_eq!(stored(&double), 9, "nothing removed");
+    assert!(double.set_token_rules("t", Rules::everything(Access::Write)));
+    sink.invalidate();
+    let outcome = sink.sync(&desired(3, 2, true)).await.unwrap();
+    assert_eq!((outcome.registered, outcome.deregistered), (0, 3));
+    assert_eq!(stored(&double), 6);
 }
 
 #[tokio::test]

@@ -177,7 +177,9 @@ pub fn normalize_address(raw: &str) -> Result<String, String> {
 pub enum ConsulError {
     #[error("Consul unreachable: {0}")]
     Unreachable(String),
-    #[error("Consul denied the request (HTTP 403): check the ACL token's policy: {0}")]
+    /// An unknown token (403 `ACL not found`), a write the token may not make (409 with
+    /// `Permission denied` per operation) or a read Consul filtered for the token.
+    #[error("Consul denied the request: check the ACL token's policy: {0}")]
     Forbidden(String),
     #[error("Consul rejected the transaction (HTTP {status}): {errors}")]
     TxnRejected { status: u16, errors: String },
@@ -220,7 +222,8 @@ pub struct NodeView {
 /// Decodes a node-services reply entry by entry into a catalog as it is read: a
 /// resync re-reads every entry (40,000 at 10,000 pods), and entries equal to the desired
 /// ones are shared, never materialised or collected in between.
-struct NodeServicesSeed<'c>(&'c Catalog);
+/// The second field is our owner id: only entries carrying it must decode strictly.
+struct NodeServicesSeed<'c>(&'c Catalog, &'c str);
 
 impl<'de> serde::de::DeserializeSeed<'de> for NodeServicesSeed<'_> {
     type Value = (Option<NodeReply>, Catalog);
@@ -239,7 +242,7 @@ impl<'de> serde::de::Visitor<'de> for NodeServicesSeed<'_> {
         while let Some(key) = map.next_key::<String>()? {
             match key.as_str() {
                 "Node" => node = map.next_value()?,
-                "Services" => services = map.next_value_seed(ServicesSeed(self.0))?,
+                "Services" => services = map.next_value_seed(ServicesSeed(self.0, self.1))?,
                 _ => {
                     map.next_value::<serde::de::IgnoredAny>()?;
                 }
@@ -249,8 +252,8 @@ impl<'de> serde::de::Visitor<'de> for NodeServicesSeed<'_> {
     }
 }
 
-/// The `Services` array (or null) of a node-services reply.
-struct ServicesSeed<'c>(&'c Catalog);
+/// The `Services` array (or null) of a node-services reply; the second field is our owner.
+struct ServicesSeed<'c>(&'c Catalog, &'c str);
 
 impl<'de> serde::de::DeserializeSeed<'de> for ServicesSeed<'_> {
     type Value = Catalog;
@@ -275,7 +278,19 @@ impl<'de> serde::de::Visitor<'de> for ServicesSeed<'_> {
     }
     fn visit_seq<S: serde::de::SeqAccess<'de>>(self, mut seq: S) -> Result<Catalog, S::Error> {
         let mut services = Catalog::new();
-        while let Some(s) = seq.next_element::<ServiceReply>()? {
+        while let Some(mut s) = seq.next_element::<ServiceReply>()? {
+            if let Port::Odd(odd) = &s.port {
+                // Consul stores any int as a port (agent/structs NodeService.Port is an `int`,
+                // never range-checked), so someone else's entry may hold -1 or 70000. It is
+                // never ours to touch; only its ID matters (conflicts). Our own must be exact.
+                if s.is_owned_by(self.1) {
+                    return Err(serde::de::Error::custom(format!(
+                        "service {:?}, which workersd owns, has Port {odd}, not a port number",
+                        s.id
+                    )));
+                }
+                s.port = Port::Valid(0);
+            }
             let (id, instance) = match self.0.get(s.id.as_str()) {
                 // Shares the desired instance instead of a decoded copy.
                 Some(want) if s.is(want) => (want.id.clone(), want.clone()),
@@ -304,12 +319,79 @@ struct ServiceReply {
     service: String,
     #[serde(rename = "Address", default)]
     address: Option<String>,
+    /// Absent when 0 (`json:",omitempty"` in agent/structs NodeService).
     #[serde(rename = "Port", default)]
-    port: u16,
+    port: Port,
     #[serde(rename = "Tags", default)]
     tags: Option<Vec<String>>,
     #[serde(rename = "Meta", default)]
     meta: Option<Pairs>,
+}
+
+/// A service's `Port` as Consul may hold it: any JSON value is accepted, so that one foreign
+/// entry with an odd port cannot make the whole reply undecodable.
+#[derive(Debug, PartialEq)]
+enum Port {
+    Valid(u16),
+    /// What was there instead, for the error message.
+    Odd(String),
+}
+
+impl Default for Port {
+    fn default() -> Self {
+        Port::Valid(0)
+    }
+}
+
+impl Port {
+    fn get(&self) -> u16 {
+        match self {
+            Port::Valid(port) => *port,
+            Port::Odd(_) => 0,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Port {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Port;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a port")
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Port, E> {
+                Ok(u16::try_from(v).map_or_else(|_| Port::Odd(v.to_string()), Port::Valid))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Port, E> {
+                Ok(u16::try_from(v).map_or_else(|_| Port::Odd(v.to_string()), Port::Valid))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<Port, E> {
+                Ok(Port::Odd(v.to_string()))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Port, E> {
+                Ok(Port::Odd(format!("{v:?}")))
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<Port, E> {
+                Ok(Port::Odd(v.to_string()))
+            }
+            fn visit_unit<E>(self) -> Result<Port, E> {
+                Ok(Port::Valid(0))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Port, A::Error> {
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(Port::Odd("an array".into()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Port, A::Error> {
+                while map
+                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(Port::Odd("an object".into()))
+            }
+        }
+        deserializer.deserialize_any(Visit)
+    }
 }
 
 /// A JSON object of strings as its pairs, in one allocation (a map costs a node per key, per
@@ -350,6 +432,14 @@ impl Pairs {
 }
 
 impl ServiceReply {
+    /// Our marker and our owner id, as [`reconcile::is_owned_by`] decides it.
+    fn is_owned_by(&self, owner: &str) -> bool {
+        let meta = self.meta.as_ref();
+        let get = |key| meta.and_then(|m| m.get(key));
+        get(meta_keys::EXTERNAL_SOURCE) == Some(EXTERNAL_SOURCE)
+            && get(meta_keys::OWNER) == Some(owner)
+    }
+
     /// Whether this entry is exactly `want` as workersd publishes it.
     fn is(&self, want: &ServiceInstance) -> bool {
         let tags = self.tags.as_deref().unwrap_or_default();
@@ -357,7 +447,7 @@ impl ServiceReply {
         let meta = self.meta.as_ref().unwrap_or(&empty);
         self.service == want.service
             && self.address.as_deref().unwrap_or_default() == want.address
-            && self.port == want.port
+            && self.port == Port::Valid(want.port)
             && tags == want.tags.as_slice()
             // Keys are unique in Consul's replies; a duplicate makes the lengths differ.
             && meta.0.len() == want.meta.len() + 1
@@ -373,8 +463,9 @@ impl ServiceReply {
             self.meta.unwrap_or_default().0.into_iter().collect();
         // Stored without `worker-port` when it is the port (see ServiceInstance::meta); a
         // missing or wrong one is kept visible so the entry differs and gets rewritten.
+        let port = self.port.get();
         match meta.get(meta_keys::WORKER_PORT) {
-            Some(v) if *v == self.port.to_string() => {
+            Some(v) if *v == port.to_string() => {
                 meta.remove(meta_keys::WORKER_PORT);
             }
             Some(_) => {}
@@ -386,7 +477,7 @@ impl ServiceReply {
             id: self.id.into(),
             service: self.service,
             address: self.address.unwrap_or_default(),
-            port: self.port,
+            port,
             tags: self.tags.unwrap_or_default(),
             meta: Arc::new(meta),
         }
@@ -461,7 +552,9 @@ impl ConsulClient {
     }
 
     /// Everything under our node; an absent node is an empty view. Entries equal to `desired`
-    /// ones share them.
+    /// ones share them. Consul answers an unknown node with 200 and nulls
+    /// (agent/catalog_endpoint.go `CatalogNodeServiceList`), never 404: a 404 comes from a
+    /// proxy or a wrong path and is an error, or workersd would recreate what it cannot see.
     pub async fn read_node(&self, desired: &Catalog) -> Result<NodeView, ConsulError> {
         let path = format!("/v1/catalog/node-services/{}", self.settings.node);
         let response = self
@@ -472,16 +565,26 @@ impl ConsulClient {
         let status = response.status().as_u16();
         let index = consul_index(&response);
         if status == 200 {
-            let view = decode_streamed(response, desired.clone()).await?;
+            // A token without node:read (or without service:read on some entry) gets an
+            // emptied or partial reply, not an error: taking it for the node's content would
+            // create the node over one we cannot see, or re-register over hidden entries.
+            // Consul only says so to a named token (the anonymous token's writes fail later).
+            if filtered_by_acls(&response) {
+                return Err(ConsulError::Forbidden(format!(
+                    "the token may not read node {:?} and everything on it (needs node:read on it and service:read on its services); Consul filtered the reply (X-Consul-Results-Filtered-By-ACLs)",
+                    self.settings.node
+                )));
+            }
+            let owner = self.settings.owner.clone();
+            let view = decode_streamed(response, desired.clone(), owner).await?;
             return Ok(NodeView { index, ..view });
         }
         let body = response.text().await.map_err(unreachable)?;
         match status {
-            404 => Ok(NodeView {
-                index,
-                ..NodeView::default()
-            }),
-            403 => Err(ConsulError::Forbidden(truncate(&body))),
+            403 => Err(ConsulError::Forbidden(format!(
+                "HTTP 403: {}",
+                truncate(&body)
+            ))),
             _ => Err(ConsulError::Status {
                 what: "node-services",
                 status,
@@ -508,9 +611,7 @@ impl ConsulClient {
             .send()
             .await;
         match response {
-            Ok(r) if matches!(r.status().as_u16(), 200 | 404) && consul_index(&r) == index => {
-                Watched::Unchanged
-            }
+            Ok(r) if r.status().as_u16() == 200 && consul_index(&r) == index => Watched::Unchanged,
             _ => Watched::Changed,
         }
     }
@@ -553,11 +654,20 @@ impl ConsulClient {
         let (status, body) = send(request).await?;
         match status {
             200 => Ok(()),
-            403 => Err(ConsulError::Forbidden(truncate(&body))),
+            403 => Err(ConsulError::Forbidden(format!(
+                "HTTP 403: {}",
+                truncate(&body)
+            ))),
             409 => {
-                let errors = serde_json::from_str::<TxnErrors>(&body)
+                let parsed = serde_json::from_str::<TxnErrors>(&body)
                     .ok()
-                    .and_then(|e| e.errors)
+                    .and_then(|e| e.errors);
+                // A token without write permission gets one error per operation: the cause
+                // is the token, so say once which permissions it lacks.
+                if let Some(summary) = parsed.as_deref().and_then(permission_summary) {
+                    return Err(ConsulError::Forbidden(summary));
+                }
+                let errors = parsed
                     .map(|errors| {
                         errors
                             .iter()
@@ -585,6 +695,7 @@ impl ConsulClient {
 async fn decode_streamed(
     mut response: reqwest::Response,
     desired: Catalog,
+    owner: String,
 ) -> Result<NodeView, ConsulError> {
     let (chunks, received) = tokio::sync::mpsc::channel(4);
     let decoder = tokio::task::spawn_blocking(move || {
@@ -592,7 +703,11 @@ async fn decode_streamed(
             chunks: received,
             current: bytes::Bytes::new(),
         };
-        decode_node_services(std::io::BufReader::with_capacity(64 * 1024, body), &desired)
+        decode_owned_node_services(
+            std::io::BufReader::with_capacity(64 * 1024, body),
+            &desired,
+            &owner,
+        )
     });
     let mut interrupted = None;
     loop {
@@ -643,14 +758,26 @@ impl std::io::Read for ChunkReader {
 }
 
 /// Decodes a `/v1/catalog/node-services/:node` reply. Real Consul answers `{"Node": null}` for
-/// an unknown node; `null` lists are empty lists.
+/// an unknown node; `null` lists are empty lists. No entry is taken for ours, so an odd port
+/// is tolerated on every one (see [`decode_owned_node_services`]).
 pub fn decode_node_services(
     body: impl std::io::Read,
     desired: &Catalog,
 ) -> Result<NodeView, ConsulError> {
+    decode_owned_node_services(body, desired, "")
+}
+
+/// As [`decode_node_services`], for the workersd instance `owner`: entries of anyone else are
+/// decoded leniently (a port Consul holds but no port number is read as 0; they are never
+/// written), entries of `owner` strictly.
+pub fn decode_owned_node_services(
+    body: impl std::io::Read,
+    desired: &Catalog,
+    owner: &str,
+) -> Result<NodeView, ConsulError> {
     use serde::de::DeserializeSeed;
     let mut decoder = serde_json::Deserializer::from_reader(body);
-    let (node, services) = NodeServicesSeed(desired)
+    let (node, services) = NodeServicesSeed(desired, owner)
         .deserialize(&mut decoder)
         .and_then(|reply| decoder.end().map(|()| reply))
         .map_err(|e| ConsulError::Decode {
@@ -664,6 +791,53 @@ pub fn decode_node_services(
         node_meta: Some(node.meta.unwrap_or_default()),
         services,
         index: 0,
+    })
+}
+
+/// Consul's `X-Consul-Results-Filtered-By-ACLs` (agent/http.go `setResultsFilteredByACLs`).
+fn filtered_by_acls(response: &reqwest::Response) -> bool {
+    response
+        .headers()
+        .get("X-Consul-Results-Filtered-By-ACLs")
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"))
+}
+
+/// One line for a txn refused for missing permissions: who lacks what, each permission
+/// once, e.g. `token with AccessorID 'a1' lacks 'node:write' on "n", 'service:write' on "web"
+/// (129 of 129 operations refused)`. `None` when no operation was refused for a permission.
+/// Consul's wording is acl/errors.go `PermissionDeniedError.Error`.
+fn permission_summary(errors: &[TxnError]) -> Option<String> {
+    const DENIED: &str = "Permission denied";
+    let denied: Vec<&str> = errors
+        .iter()
+        .map(|e| e.what.as_str())
+        .filter(|what| what.contains(DENIED))
+        .collect();
+    let first = *denied.first()?;
+    let mut who = None;
+    let mut missing: Vec<&str> = Vec::new();
+    for what in &denied {
+        let Some((subject, rest)) = what.split_once(" lacks permission ") else {
+            continue;
+        };
+        who.get_or_insert(subject.trim_start_matches("Permission denied: "));
+        // `'service:write' on "web"`, without the anonymous token's explanation.
+        let permission = rest.split(". The anonymous token").next().unwrap_or(rest);
+        if !missing.contains(&permission) {
+            missing.push(permission);
+        }
+    }
+    let refused = format!("{} of {} operations refused", denied.len(), errors.len());
+    Some(match who {
+        Some(who) => {
+            let hint = if who == "anonymous token" {
+                " (no token was sent)"
+            } else {
+                ""
+            };
+            format!("{who}{hint} lacks {} ({refused})", missing.join(", "))
+        }
+        None => format!("{} ({refused})", truncate(first)),
     })
 }
 
@@ -1001,8 +1175,9 @@ async fn watch_changes(
     changes: Arc<tokio::sync::Notify>,
     metrics: Arc<Metrics>,
 ) {
-    // The blocking wait is the resync interval: a wipe that lowers Consul's index is not
-    // reported until the wait runs out, and this bounds how long that takes.
+    // The blocking wait is the resync interval. A snapshot restore answers a blocked query at
+    // once with a lower index; a Consul that lost its data some other way (a new cluster) is
+    // only noticed when the wait runs out, and this bounds how long that takes.
     let wait = client.settings.resync_interval;
     // A server that answers at once without a new index (no blocking support, a caching
     // proxy) must not become a busy loop.
@@ -1166,6 +1341,77 @@ mod tests {
             let view = decode_node_services(std::io::BufReader::new(reader), &Catalog::new());
             assert_eq!(view.unwrap(), whole, "chunks of {size} bytes");
         }
+    }
+
+    #[test]
+    fn an_odd_port_is_tolerated_on_foreign_entries_only() {
+        let entry = |id: &str, port: &str, owner: &str| {
+            format!(
+                r#"{{"ID":"{id}","Service":"s","Address":"x","Port":{port},"Meta":{{"external-source":"workersd","workersd-owner":"{owner}"}}}}"#
+            )
+        };
+        let reply = |entries: &[String]| {
+            format!(
+                r#"{{"Node":{{"Node":"n","Meta":{{}}}},"Services":[{}]}}"#,
+                entries.join(",")
+            )
+        };
+        let foreign = reply(&[
+            entry("a", "-1", "other"),
+            entry("b", "70000", "other"),
+            entry("c", r#""9000""#, "other"),
+            entry("d", "1.5", "other"),
+            entry("e", "[1]", "other"),
+            entry("mine", "9011", "me"),
+        ]);
+        let view = decode_owned_node_services(foreign.as_bytes(), &Catalog::new(), "me").unwrap();
+        assert_eq!(view.services.len(), 6);
+        assert_eq!(view.services["a"].port, 0);
+        assert_eq!(view.services["mine"].port, 9011);
+        // Ours must be exact: an odd port on our own entry names the entry and the field.
+        let ours = reply(&[entry("mine", "70000", "me")]);
+        let err = decode_owned_node_services(ours.as_bytes(), &Catalog::new(), "me").unwrap_err();
+        assert!(err.to_string().contains(r#"service "mine""#), "{err}");
+        assert!(err.to_string().contains("Port 70000"), "{err}");
+        // A missing port is 0 (Consul omits a zero port).
+        let missing = r#"{"Node":{"Node":"n"},"Services":[{"ID":"z","Service":"s"}]}"#;
+        let view = decode_node_services(missing.as_bytes(), &Catalog::new()).unwrap();
+        assert_eq!(view.services["z"].port, 0);
+    }
+
+    #[test]
+    fn permission_errors_are_summarised_once() {
+        let op = |i, what: &str| TxnError {
+            op_index: i,
+            what: what.into(),
+        };
+        let token = "Permission denied: token with AccessorID 'a1' lacks permission";
+        let errors: Vec<TxnError> =
+            std::iter::once(op(0, &format!("{token} 'node:write' on \"n\"")))
+                .chain((1..128).map(|i| op(i, &format!("{token} 'service:write' on \"web\""))))
+                .collect();
+        assert_eq!(
+            permission_summary(&errors).unwrap(),
+            "token with AccessorID 'a1' lacks 'node:write' on \"n\", 'service:write' on \"web\" (128 of 128 operations refused)"
+        );
+        let anonymous = [op(
+            0,
+            "Permission denied: anonymous token lacks permission 'node:write' on \"n\". The anonymous token is used implicitly when a request does not specify a token.",
+        )];
+        assert_eq!(
+            permission_summary(&anonymous).unwrap(),
+            "anonymous token (no token was sent) lacks 'node:write' on \"n\" (1 of 1 operations refused)"
+        );
+        let other = [op(0, "Missing node registration")];
+        assert_eq!(permission_summary(&other), None);
+        let mixed = [
+            op(0, "Permission denied"),
+            op(1, "Missing node registration"),
+        ];
+        assert_eq!(
+            permission_summary(&mixed).unwrap(),
+            "Permission denied (1 of 2 operations refused)"
+        );
     }
 
     #[test]

@@ -1156,7 +1156,13 @@ def require_binary(path: Path, what: str) -> Path:
 class ConsulDouble(_Runner):
     """The in-repo Consul double (testing/consul-double).
 
-    ConsulDouble(procs, acl_token=None, datacenter=None, extra_args=(), binary=None)
+    ConsulDouble(procs, acl_token=None, datacenter=None, extra_args=(), binary=None,
+                 acl_config=None)
+
+    acl_token alone: ACLs on, default deny, that one management token. acl_config (a dict in
+    the double's --acl-config form, see its CONTRACT.md) sets up tokens with rules; then
+    acl_token names the token the harness itself reads and writes with (management).
+    set_token_rules(secret, rules) edits a token's policy while clients run.
 
     addr ("127.0.0.1:P", for consul_sd_configs `server`), url (http://...,
     for workersd --consul-addr), control_url; down(), up(empty=False), wipe(),
@@ -1176,10 +1182,15 @@ class ConsulDouble(_Runner):
         datacenter: str | None = None,
         extra_args: Sequence[str] = (),
         binary: Path | str | None = None,
+        acl_config: Mapping[str, Any] | None = None,
     ):
         super().__init__(procs)
         self.binary = Path(binary) if binary else consul_double_bin()
         self.acl_token = acl_token
+        self.acl_config_file: Path | None = None
+        if acl_config is not None:
+            self.acl_config_file = procs.path(procs.unique_name("consul-acl"), "acl.json")
+            self.acl_config_file.write_text(json.dumps(acl_config))
         self.datacenter = datacenter
         self.extra_args = list(extra_args)
         self.port = free_port("127.0.0.1")
@@ -1196,7 +1207,9 @@ class ConsulDouble(_Runner):
             "--control-listen",
             f"127.0.0.1:{self.control_port}",
         ]
-        if self.acl_token:
+        if self.acl_config_file:
+            argv += ["--acl-config", str(self.acl_config_file)]
+        elif self.acl_token:
             argv += ["--acl-token", self.acl_token]
         if self.datacenter:
             argv += ["--datacenter", self.datacenter]
@@ -1246,6 +1259,17 @@ class ConsulDouble(_Runner):
     def reset_stats(self) -> None:
         """Zero the request statistics (POST /control/reset-stats)."""
         self._control("reset-stats")
+
+    def set_token_rules(self, secret: str, rules: Mapping[str, Any]) -> None:
+        """Replace a token's policy rules (PUT /control/acl/rules), as an operator would."""
+        r = http_request(
+            "PUT",
+            f"{self.control_url}/control/acl/rules",
+            json={"secret_id": secret, "rules": dict(rules)},
+            timeout=5,
+        )
+        if r.status_code // 100 != 2:
+            raise RuntimeError(f"consul-double /control/acl/rules: {r.status_code} {r.text}")
 
     def health(self) -> Any:
         r = http_get(f"{self.control_url}/control/health", timeout=5)

@@ -3,7 +3,7 @@
 Runs the soak as a subprocess for SOAK_DURATION seconds (default 60) with seed SOAK_SEED
 (default 1): random pod create/delete, worker scale up/down and recycling, valid and
 invalid annotation edits, Consul outage and wipe, watch drops and 410 Gone, controller
-kill -9 and leader handover, each followed by a bounded wait for Consul to hold exactly
+kill -9 and leader handover, the ACL token losing its write permission for a while, each followed by a bounded wait for Consul to hold exactly
 the live workers. Fails on any violation; the soak's summary (faults, convergence times,
 RSS) is printed (pytest -s) and attached to a failure.
 

@@ -1,11 +1,17 @@
-"""Consul ACL: the token from --consul-token-file (or env CONSUL_HTTP_TOKEN) is used and
-never leaks.
+"""Consul ACL, as a real Consul enforces it: the token from --consul-token-file (or env
+CONSUL_HTTP_TOKEN) is used, travels in the X-Consul-Token header only, and never leaks;
+tokens the policy does not allow to write are reported as `forbidden`, saying which.
 
-The Consul double requires a token on every /v1 request. One workersd gets it through
---consul-token-file and registers; one gets it through CONSUL_HTTP_TOKEN and registers
-too; one has no token and one a wrong token: their Consul sink fails (403), counted in
-workersd_sink_errors_total{sink="consul",kind="forbidden"}, and /readyz stays 503. All
-run with WORKERSD_LOG=debug; the token appears in no log line, /metrics or HTTP SD.
+The Consul double runs its real ACL model (default policy deny; see its CONTRACT.md):
+- a writer token (node:write on workersd-*, service:write on everything): two workersd
+  instances register with it, one through --consul-token-file, one through CONSUL_HTTP_TOKEN;
+- no token (the anonymous token: empty reads, each write refused in a 409);
+- an unknown token (403 "ACL not found");
+- a read-only token (409, one "Permission denied" per operation);
+- a token with node:write but only service:read.
+The last four fail with workersd_sink_errors_total{sink="consul",kind="forbidden"}, a log
+line naming what is missing, /readyz 503, and nothing registered. All run with
+WORKERSD_LOG=debug; no token appears in any log line, /metrics or HTTP SD.
 """
 
 import secrets
@@ -25,13 +31,43 @@ from harness import (
 SERVICE = "acl"
 
 
-def test_acl_token_used_for_writes_and_never_leaked(procs):
-    token = f"e2e-{secrets.token_hex(16)}"
-    wrong = f"e2e-{secrets.token_hex(16)}"
+def _rules(node: str | None, service: str | None) -> dict:
+    rules = {}
+    if node:
+        rules["node_prefix"] = {"": {"policy": node}}
+    if service:
+        rules["service_prefix"] = {"": {"policy": service}}
+    return rules
+
+
+def test_acl_tokens_as_a_real_consul_enforces_them(procs):
+    root = f"e2e-{secrets.token_hex(16)}"
+    writer = f"e2e-{secrets.token_hex(16)}"
+    reader = f"e2e-{secrets.token_hex(16)}"
+    no_service_write = f"e2e-{secrets.token_hex(16)}"
+    unknown = f"e2e-{secrets.token_hex(16)}"
     first, last = free_port_range("127.0.0.2", 10, preferred_first=19011)
     g = Gunicorn(procs, address="127.0.0.2", metrics_ports=(first, last), workers=2).start()
     ports = g.wait_for_metrics_ports(lambda p: len(p) == 2, what="2 ports")
-    consul = ConsulDouble(procs, acl_token=token).start()
+    consul = ConsulDouble(
+        procs,
+        acl_token=root,
+        acl_config={
+            "default_policy": "deny",
+            "tokens": [
+                {"secret_id": root, "management": True},
+                {
+                    "secret_id": writer,
+                    "rules": {
+                        "node_prefix": {"workersd-": {"policy": "write"}},
+                        "service_prefix": {"": {"policy": "write"}},
+                    },
+                },
+                {"secret_id": reader, "rules": _rules("read", "read")},
+                {"secret_id": no_service_write, "rules": _rules("write", "read")},
+            ],
+        },
+    ).start()
     targets = procs.path("targets.yaml")
     entry = {"service": SERVICE, "address": "127.0.0.2", "ports": (first, last)}
     write_atomic(targets, targets_yaml([entry]))
@@ -47,10 +83,29 @@ def test_acl_token_used_for_writes_and_never_leaked(procs):
             **kwargs,
         )
 
-    with_file = workersd("workersd-token-file", consul_token=token).start()
-    with_env = workersd("workersd-token-env", env={"CONSUL_HTTP_TOKEN": token}).start()
-    without = workersd("workersd-no-token").start(wait_ready=False)
-    wrong_token = workersd("workersd-wrong-token", consul_token=wrong).start(wait_ready=False)
+    with_file = workersd("workersd-token-file", consul_token=writer).start()
+    with_env = workersd("workersd-token-env", env={"CONSUL_HTTP_TOKEN": writer}).start()
+    refused = {
+        # node name -> (workersd, what its log must say)
+        "workersd-no-token": (
+            workersd("workersd-no-token").start(wait_ready=False),
+            "anonymous token (no token was sent) lacks 'node:write'",
+        ),
+        "workersd-unknown-token": (
+            workersd("workersd-unknown-token", consul_token=unknown).start(wait_ready=False),
+            "ACL not found",
+        ),
+        "workersd-read-only": (
+            workersd("workersd-read-only", consul_token=reader).start(wait_ready=False),
+            "lacks 'node:write' on \"workersd-read-only\", 'service:write' on \"acl\"",
+        ),
+        "workersd-no-service-write": (
+            workersd("workersd-no-service-write", consul_token=no_service_write).start(
+                wait_ready=False
+            ),
+            "lacks 'service:write' on \"acl\"",
+        ),
+    }
 
     for wd, node in ((with_file, "workersd-token-file"), (with_env, "workersd-token-env")):
         wait_until(
@@ -60,36 +115,41 @@ def test_acl_token_used_for_writes_and_never_leaked(procs):
         assert wd.readyz() == 200
         assert wd.metric("workersd_sink_errors_total", {"sink": "consul"}) in (None, 0)
 
-    for wd in (without, wrong_token):
+    for node, (wd, why) in refused.items():
         wait_until(
             lambda wd=wd: (
                 wd.metric("workersd_sink_errors_total", {"sink": "consul", "kind": "forbidden"})
                 or 0
             )
             >= 2,
-            message="repeated forbidden sink errors",
+            message=f"{node}: repeated forbidden sink errors",
         )
+        assert why in wd.logs(), f"{node}: the log names the cause ({why!r})"
     # Stays unready (checked over a few resyncs), alive, and wrote nothing.
     for _ in range(8):
-        for wd in (without, wrong_token):
+        for wd, _why in refused.values():
             assert wd.readyz() == 503
             assert wd.alive()
         time.sleep(0.25)
-    assert "consul not yet synced" in http_get(without.readyz_url).text
-    assert consul.owned_entries(SERVICE, "workersd-no-token") == []
-    assert consul.owned_entries(SERVICE, "workersd-wrong-token") == []
-    assert "403" in without.logs() or "denied" in without.logs().lower()
+    assert "consul not yet synced" in http_get(refused["workersd-no-token"][0].readyz_url).text
+    for node in refused:
+        assert consul.owned_entries(SERVICE, node) == []
+        assert consul.node_services(node) == {"Node": None, "Services": None}
     stats = consul.stats()
-    assert stats["acl_denied"] >= 4, stats
+    assert stats["acl_denied"] >= 2, stats
+    assert stats["acl_permission_denied"] >= 6, stats
+    # The token went in the header, never in a URL.
+    assert "query" not in stats["token_sources"], stats["token_sources"]
 
-    # The token is nowhere: logs (debug level), /metrics, HTTP SD, for every instance.
-    for wd in (with_file, with_env, without, wrong_token):
+    # No token is anywhere: logs (debug level), /metrics, HTTP SD, for every instance.
+    instances = [with_file, with_env] + [wd for wd, _why in refused.values()]
+    for wd in instances:
         for name, text in (
             ("log", wd.logs()),
             ("/metrics", wd.metrics_text()),
             ("HTTP SD", str(wd.http_sd())),
         ):
-            for secret in (token, wrong):
+            for secret in (root, writer, reader, no_service_write, unknown):
                 assert secret not in text, f"token leaked into {wd.proc.name}'s {name}"
                 assert secret[4:20] not in text, f"token part leaked: {wd.proc.name}'s {name}"
     assert "token=true" in with_file.logs()

@@ -19,6 +19,8 @@ Invariant (checked after every fault):
   * a pod covered by a WorkerMetrics (not annotated) is published while the CRD exists;
     the "crd_removal" fault deletes the CRD (its entries must go, every annotated pod
     stays published), then re-creates it and the WorkerMetrics (its entries come back);
+  * while workersd's ACL token has lost its write permission (token_loses_write), Consul
+    does not change at all (every write is refused), and once it is back workersd converges;
   * no "panicked" in any workersd log;
   * workersd's RSS (VmRSS) stays under --rss-limit-mb and does not grow more than
     --rss-growth-mb within one process lifetime.
@@ -92,7 +94,19 @@ FAULT_WEIGHTS = {
     "controller_kill": 3,
     "leader_handover": 3,
     "crd_removal": 2,
+    "token_loses_write": 2,
 }
+
+# Consul runs with ACLs (default deny), as in production: the soak reads and registers
+# foreign entries with a management token; workersd gets a token whose policy allows
+# writing its node and every service, which the token_loses_write fault takes away for a
+# while (an operator editing the policy) and gives back.
+ROOT_TOKEN = "soak-root-" + os.urandom(8).hex()
+WORKERSD_TOKEN = "soak-workersd-" + os.urandom(8).hex()
+WRITE_RULES = {"node_prefix": {"workersd-": {"policy": "write"}},
+               "service_prefix": {"": {"policy": "write"}}}
+READ_RULES = {"node_prefix": {"": {"policy": "read"}},
+              "service_prefix": {"": {"policy": "read"}}}
 
 
 class Soak:
@@ -130,7 +144,11 @@ class Soak:
     def setup(self) -> None:
         a = self.args
         self.fk = FakeKube(self.procs).start()
-        self.consul = ConsulDouble(self.procs).start()
+        self.consul = ConsulDouble(self.procs, acl_token=ROOT_TOKEN, acl_config={
+            "default_policy": "deny",
+            "tokens": [{"secret_id": ROOT_TOKEN, "management": True},
+                       {"secret_id": WORKERSD_TOKEN, "rules": WRITE_RULES}],
+        }).start()
         self.fk.ok("POST", "/api/v1/namespaces", {"metadata": {"name": NS}})
         n0 = self.rng.randint(a.min_pods + 1, a.max_pods)
         for _ in range(n0):
@@ -143,6 +161,7 @@ class Soak:
                 self.procs,
                 mode="kubernetes",
                 consul_addr=self.consul.url,
+                consul_token=WORKERSD_TOKEN,
                 env={"KUBECONFIG": self.fk.kubeconfig},
                 probe_interval="1s",
                 extra_args=[
@@ -204,6 +223,10 @@ class Soak:
 
     def snapshot_foreign(self) -> None:
         self.foreign_baseline = self.foreign_entries()
+
+    def owned_entries(self) -> list[dict]:
+        return [e for svc in sorted(self.consul.catalog_services())
+                for e in self.consul.catalog_service(svc) if self.is_owned(e)]
 
     @staticmethod
     def is_owned(e: dict) -> bool:
@@ -483,6 +506,8 @@ class Soak:
                 raise SystemExit(f"--weight: unknown fault {k!r} (one of {', '.join(FAULT_WEIGHTS)})")
             kinds[k] = float(v)
         kinds = {k: v for k, v in kinds.items() if v > 0}
+        if self.args.faults:
+            kinds = {k: w for k, w in kinds.items() if k in self.args.faults}
         if n >= self.args.max_pods or not self.free_ips:
             kinds.pop("pod_create", None)
         if n <= self.args.min_pods:
@@ -492,6 +517,8 @@ class Soak:
         if not any(p["workers"] > 1 for p in self.pods.values()):
             kinds.pop("scale_down", None)
         names = list(kinds)
+        if not names:  # --faults named faults that cannot apply right now
+            return "recycle"
         return self.rng.choices(names, weights=[kinds[k] for k in names])[0]
 
     def hold(self, kind: str) -> None:
@@ -679,6 +706,30 @@ class Soak:
             self.create_wm()
             self.crd_present = True
             return t0, None
+        elif kind == "token_loses_write":
+            # The policy loses its write rules while pods change: every write is refused
+            # (409, Permission denied per op), so nothing may change in Consul, and nothing
+            # live may be deregistered; once the rules are back, workersd converges.
+            secs = rng.uniform(2, 5)
+            before = sorted(e["ServiceID"] for e in self.owned_entries())
+            denied0 = self.consul.stats().get("acl_permission_denied", 0)
+            self.log(f"token_loses_write for {secs:.1f}s")
+            self.consul.set_token_rules(WORKERSD_TOKEN, READ_RULES)
+            self.side_change()
+            t_end = time.monotonic() + secs
+            while time.monotonic() < t_end:
+                now = sorted(e["ServiceID"] for e in self.owned_entries())
+                if now != before:
+                    self.violation(f"token_loses_write: Consul changed while the token could not "
+                                   f"write: {sorted(set(now) ^ set(before))[:4]}")
+                    break
+                time.sleep(0.2)
+            refused = self.consul.stats().get("acl_permission_denied", 0) - denied0
+            self.log(f"  writes refused meanwhile: {refused} operations")
+            if refused:
+                self.events["token_loses_write: writes refused"] += 1
+            self.consul.set_token_rules(WORKERSD_TOKEN, WRITE_RULES)
+            return time.monotonic(), None
         elif kind == "leader_handover":
             lead = self.leader()
             other = next(i for i in sorted(self.workersd) if i != lead)
@@ -771,6 +822,8 @@ def main(argv=None) -> int:
     ap.add_argument("--converge-timeout", type=float, default=60)
     ap.add_argument("--event-timeout", type=float, default=15)
     ap.add_argument("--max-faults", type=int, default=10000)
+    ap.add_argument("--faults", type=lambda v: set(v.split(",")), default=None,
+                    help="inject only these faults (comma-separated), e.g. token_loses_write")
     ap.add_argument("--rss-limit-mb", type=float, default=200)
     ap.add_argument("--rss-growth-mb", type=float, default=40)
     ap.add_argument("--workdir", help="logs here (default: a new temp dir, kept)")

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{MatchedPath, Path, RawQuery, Request, State};
+use axum::extract::{Extension, MatchedPath, Path, RawQuery, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -17,6 +17,7 @@ use serde_json::json;
 use tokio::time::Instant;
 
 use crate::Shared;
+use crate::acl::{Access, Authorizer, Resource};
 use crate::model::{
     CheckRecord, DeregisterRequest, Meta, NodeRecord, RegisterRequest, ServiceAddress,
     ServiceRecord, TxnError, TxnOpInput, TxnResult, Weights,
@@ -86,10 +87,14 @@ async fn unmatched(State(shared): State<Arc<Shared>>, request: Request) -> Respo
     text(StatusCode::NOT_FOUND, "404 page not found\n")
 }
 
-/// Statistics and ACL enforcement for every matched `/v1` route.
+/// Statistics and ACL enforcement for every matched `/v1` route: the token
+/// is resolved once (agent/http.go `parseToken`, then the server's
+/// `ResolveToken`); an unknown token is 403 `ACL not found` everywhere, a
+/// known one (or none: the anonymous token) is handed to the handler, which
+/// filters reads and vets writes with it.
 async fn api_middleware(
     State(shared): State<Arc<Shared>>,
-    request: Request,
+    mut request: Request,
     next: Next,
 ) -> Response {
     let template = request
@@ -100,14 +105,34 @@ async fn api_middleware(
     let route = format!("{} {}", request.method(), template);
     let params = QueryParams::parse(request.uri().query());
     shared.stats().record_request(&route, params.names());
+    let (token, source) = presented_token(request.headers(), &params);
+    shared.stats().record_token_source(source);
 
-    let response = match acl_denial(&shared, request.headers(), &params) {
-        Some(denial) => {
-            shared.stats().acl_denied += 1;
-            denial
-        }
-        None => next.run(request).await,
+    let (resolved, default_policy) = match shared.acl().as_ref() {
+        None => (Ok(Authorizer::allow_all()), None),
+        Some(acl) => (acl.resolve(token.as_deref()), Some(acl.default_policy)),
     };
+    let mut response = match resolved {
+        Err(text_) => {
+            shared.stats().acl_denied += 1;
+            text(StatusCode::FORBIDDEN, text_)
+        }
+        Ok(authz) => {
+            request.extensions_mut().insert(authz);
+            next.run(request).await
+        }
+    };
+    // agent/http.go `setACLDefaultPolicy`: on every answer while ACLs are on.
+    if let Some(policy) = default_policy {
+        let value = match policy {
+            crate::acl::DefaultPolicy::Allow => "allow",
+            crate::acl::DefaultPolicy::Deny => "deny",
+        };
+        response.headers_mut().insert(
+            "X-Consul-Default-ACL-Policy",
+            HeaderValue::from_static(value),
+        );
+    }
     shared
         .stats()
         .record_response(&route, response.status().as_u16());
@@ -115,32 +140,29 @@ async fn api_middleware(
 }
 
 /// Consul's token sources, in its precedence order: `?token=`, then
-/// `X-Consul-Token`, then `Authorization: Bearer`.
-fn presented_token<'a>(headers: &'a HeaderMap, params: &'a QueryParams) -> Option<&'a str> {
+/// `X-Consul-Token`, then `Authorization: Bearer` (agent/http.go
+/// `parseTokenInternal`). Also says where the token was found, so tests can
+/// assert that clients keep it out of URLs.
+fn presented_token(headers: &HeaderMap, params: &QueryParams) -> (Option<String>, &'static str) {
     if let Some(token) = params.get("token").filter(|t| !t.is_empty()) {
-        return Some(token);
+        return (Some(token.to_string()), "query");
     }
     if let Some(token) = headers
         .get("X-Consul-Token")
         .and_then(|v| v.to_str().ok())
         .filter(|t| !t.is_empty())
     {
-        return Some(token);
+        return (Some(token.to_string()), "X-Consul-Token");
     }
-    headers
+    let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim)
-        .filter(|t| !t.is_empty())
-}
-
-fn acl_denial(shared: &Shared, headers: &HeaderMap, params: &QueryParams) -> Option<Response> {
-    let expected = shared.config.acl_token.as_deref()?;
-    match presented_token(headers, params) {
-        Some(token) if token == expected => None,
-        Some(_) => Some(text(StatusCode::FORBIDDEN, "ACL not found")),
-        None => Some(text(StatusCode::FORBIDDEN, "Permission denied")),
+        .filter(|t| !t.is_empty());
+    match bearer {
+        Some(token) => (Some(token.to_string()), "bearer"),
+        None => (None, "none"),
     }
 }
 
@@ -190,15 +212,25 @@ fn read_response(index: u64, consistency: &'static str, body: Vec<u8>) -> Respon
     response
 }
 
-/// Waits until the catalog index exceeds `min_index` or the wait (plus
-/// Consul's jitter) expires. If the catalog was wiped and its index is now
-/// below `min_index`, this keeps waiting, as Consul does after a snapshot
-/// restore; the client sees a lower index afterwards and must reset.
-async fn wait_for_index(shared: &Shared, min_index: u64, wait: Duration) {
+/// Waits until the query's index (`index_of`: the whole catalog's, or one
+/// node's) exceeds `min_index`, or the wait (plus Consul's jitter) expires.
+/// A wipe (a snapshot restore) returns at once, as Consul's blocking query
+/// does when the abandoned state store's `AbandonCh` closes
+/// (agent/blockingquery/blockingquery.go); the client then sees a lower
+/// index and must reset.
+async fn wait_for_index(
+    shared: &Shared,
+    min_index: u64,
+    wait: Duration,
+    index_of: &impl Fn(&Catalog) -> u64,
+) {
     let deadline = Instant::now() + wait + jitter(wait);
     let mut index_rx = shared.index_tx.subscribe();
+    let mut restores_rx = shared.restores_tx.subscribe();
+    restores_rx.borrow_and_update();
     loop {
-        if *index_rx.borrow_and_update() > min_index {
+        index_rx.borrow_and_update();
+        if index_of(&shared.read_catalog()) > min_index {
             return;
         }
         tokio::select! {
@@ -207,17 +239,29 @@ async fn wait_for_index(shared: &Shared, min_index: u64, wait: Duration) {
                     return;
                 }
             }
+            _ = restores_rx.changed() => return,
             _ = tokio::time::sleep_until(deadline) => return,
         }
     }
 }
 
+/// A read's body, and whether ACLs removed anything from it.
+struct Rendered {
+    body: Vec<u8>,
+    filtered: bool,
+}
+
 /// Shared shape of every blocking read: parse options, block if asked, then
 /// render under the read lock so the body and `X-Consul-Index` agree.
+/// `X-Consul-Results-Filtered-By-ACLs: true` is set when the token's rules
+/// removed something, except for the anonymous token (agent/consul/rpc.go
+/// `maskResultsFilteredByACLs`; agent/http.go `setResultsFilteredByACLs`).
 async fn blocking_read(
     shared: &Shared,
     params: &QueryParams,
-    render: impl FnOnce(&Catalog, &ReadOptions) -> Vec<u8>,
+    authz: &Authorizer,
+    index_of: impl Fn(&Catalog) -> u64,
+    render: impl FnOnce(&Catalog, &ReadOptions) -> Rendered,
 ) -> Response {
     let options = match read_options(params, &shared.config.datacenter) {
         Ok(options) => options,
@@ -225,13 +269,27 @@ async fn blocking_read(
     };
     if options.min_index > 0 {
         shared.stats().blocking_queries += 1;
-        wait_for_index(shared, options.min_index, options.wait).await;
+        wait_for_index(shared, options.min_index, options.wait, &index_of).await;
     }
-    let (index, body) = {
+    let (index, rendered) = {
         let catalog = shared.read_catalog();
-        (catalog.index, render(&catalog, &options))
+        (index_of(&catalog), render(&catalog, &options))
     };
-    read_response(index, options.consistency, body)
+    let mut response = read_response(index, options.consistency, rendered.body);
+    if rendered.filtered {
+        shared.stats().acl_filtered += 1;
+        if !authz.anonymous {
+            response.headers_mut().insert(
+                "X-Consul-Results-Filtered-By-ACLs",
+                HeaderValue::from_static("true"),
+            );
+        }
+    }
+    response
+}
+
+fn whole_catalog(catalog: &Catalog) -> u64 {
+    catalog.index
 }
 
 fn node_matches_meta(node: &NodeRecord, filters: &[(String, String)]) -> bool {
@@ -333,46 +391,85 @@ async fn missing_service_name() -> Response {
     text(StatusCode::BAD_REQUEST, "Missing service name")
 }
 
-async fn catalog_nodes(State(shared): State<Arc<Shared>>, RawQuery(raw): RawQuery) -> Response {
+/// ACL filter: `aclFilter.filterNodes` (node:read).
+async fn catalog_nodes(
+    State(shared): State<Arc<Shared>>,
+    Extension(authz): Extension<Authorizer>,
+    RawQuery(raw): RawQuery,
+) -> Response {
     let params = QueryParams::parse(raw.as_deref());
-    blocking_read(&shared, &params, |catalog, options| {
-        let nodes: Vec<&NodeRecord> = catalog
-            .nodes
-            .values()
-            .map(|entry| &entry.record)
-            .filter(|node| node_matches_meta(node, &options.node_meta))
-            .collect();
-        encode(&nodes, options.pretty)
-    })
+    blocking_read(
+        &shared,
+        &params,
+        &authz,
+        whole_catalog,
+        |catalog, options| {
+            let mut filtered = false;
+            let nodes: Vec<&NodeRecord> = catalog
+                .nodes
+                .values()
+                .map(|entry| &entry.record)
+                .filter(|node| node_matches_meta(node, &options.node_meta))
+                .filter(|node| {
+                    let allowed = authz.node_read(&node.node);
+                    filtered |= !allowed;
+                    allowed
+                })
+                .collect();
+            Rendered {
+                body: encode(&nodes, options.pretty),
+                filtered,
+            }
+        },
+    )
     .await
 }
 
-async fn catalog_services(State(shared): State<Arc<Shared>>, RawQuery(raw): RawQuery) -> Response {
+/// ACL filter: `aclFilter.filterServices` (service:read on each name).
+async fn catalog_services(
+    State(shared): State<Arc<Shared>>,
+    Extension(authz): Extension<Authorizer>,
+    RawQuery(raw): RawQuery,
+) -> Response {
     let params = QueryParams::parse(raw.as_deref());
-    blocking_read(&shared, &params, |catalog, options| {
-        let mut services: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
-        for (name_key, entry) in &catalog.services_by_name {
-            if options.node_meta.is_empty() {
-                let tags = entry.tag_counts.keys().map(String::as_str).collect();
-                services.insert(&entry.display_name, tags);
-                continue;
-            }
-            let mut tags: Vec<&str> = Vec::new();
-            let mut any = false;
-            for (node, service) in catalog.instances_of(name_key) {
-                if node_matches_meta(&node.record, &options.node_meta) {
-                    any = true;
-                    tags.extend(service.tags.iter().map(String::as_str));
+    blocking_read(
+        &shared,
+        &params,
+        &authz,
+        whole_catalog,
+        |catalog, options| {
+            let mut services: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+            let mut filtered = false;
+            for (name_key, entry) in &catalog.services_by_name {
+                if !authz.service_read(&entry.display_name) {
+                    filtered = true;
+                    continue;
+                }
+                if options.node_meta.is_empty() {
+                    let tags = entry.tag_counts.keys().map(String::as_str).collect();
+                    services.insert(&entry.display_name, tags);
+                    continue;
+                }
+                let mut tags: Vec<&str> = Vec::new();
+                let mut any = false;
+                for (node, service) in catalog.instances_of(name_key) {
+                    if node_matches_meta(&node.record, &options.node_meta) {
+                        any = true;
+                        tags.extend(service.tags.iter().map(String::as_str));
+                    }
+                }
+                if any {
+                    tags.sort_unstable();
+                    tags.dedup();
+                    services.insert(&entry.display_name, tags);
                 }
             }
-            if any {
-                tags.sort_unstable();
-                tags.dedup();
-                services.insert(&entry.display_name, tags);
+            Rendered {
+                body: encode(&services, options.pretty),
+                filtered,
             }
-        }
-        encode(&services, options.pretty)
-    })
+        },
+    )
     .await
 }
 
@@ -399,6 +496,10 @@ struct CatalogServiceView<'a> {
     service_meta: &'a Option<Meta>,
     service_port: i64,
     service_enable_tag_override: bool,
+    /// `structs.ServiceNode` carries these as values (never omitted); the double stores
+    /// no Connect data, so they are the zero values Consul renders.
+    service_proxy: serde_json::Value,
+    service_connect: serde_json::Value,
     create_index: u64,
     modify_index: u64,
 }
@@ -422,53 +523,105 @@ impl<'a> CatalogServiceView<'a> {
             service_meta: &service.meta,
             service_port: service.port,
             service_enable_tag_override: service.enable_tag_override,
+            service_proxy: json!({"Mode": "", "MeshGateway": {}, "Expose": {}}),
+            service_connect: json!({}),
             create_index: service.create_index,
             modify_index: service.modify_index,
         }
     }
 }
 
+/// ACL filter: `aclFilter.filterServiceNodes` (node:read and service:read).
 async fn catalog_service(
     State(shared): State<Arc<Shared>>,
+    Extension(authz): Extension<Authorizer>,
     Path(name): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Response {
     let params = QueryParams::parse(raw.as_deref());
     let tags: Vec<String> = params.all("tag").into_iter().map(String::from).collect();
-    blocking_read(&shared, &params, |catalog, options| {
-        let tag_refs: Vec<&str> = tags.iter().map(String::as_str).collect();
-        let views: Vec<CatalogServiceView> = catalog
-            .instances_of(&name)
-            .filter(|(node, service)| {
-                node_matches_meta(&node.record, &options.node_meta)
-                    && service_has_tags(service, &tag_refs)
-            })
-            .map(|(node, service)| CatalogServiceView::new(&node.record, service))
-            .collect();
-        encode(&views, options.pretty)
-    })
+    blocking_read(
+        &shared,
+        &params,
+        &authz,
+        whole_catalog,
+        |catalog, options| {
+            let tag_refs: Vec<&str> = tags.iter().map(String::as_str).collect();
+            let mut filtered = false;
+            let views: Vec<CatalogServiceView> = catalog
+                .instances_of(&name)
+                .filter(|(node, service)| {
+                    node_matches_meta(&node.record, &options.node_meta)
+                        && service_has_tags(service, &tag_refs)
+                })
+                .filter(|(node, service)| {
+                    let allowed =
+                        authz.node_read(&node.record.node) && authz.service_read(&service.service);
+                    filtered |= !allowed;
+                    allowed
+                })
+                .map(|(node, service)| CatalogServiceView::new(&node.record, service))
+                .collect();
+            Rendered {
+                body: encode(&views, options.pretty),
+                filtered,
+            }
+        },
+    )
     .await
+}
+
+/// Services of one node, with Consul's ACL filter (`aclFilter.filterNodeServiceList`
+/// / `filterNodeServices`): without node:read on the node the whole reply is
+/// the empty value, with service:read missing that service is dropped.
+fn node_services_visible<'a>(
+    catalog: &'a Catalog,
+    node: &str,
+    authz: &Authorizer,
+) -> (Option<&'a NodeEntry>, Vec<&'a ServiceRecord>, bool) {
+    let Some(entry) = catalog.node(node) else {
+        return (None, Vec::new(), false);
+    };
+    if !authz.node_read(&entry.record.node) {
+        return (None, Vec::new(), true);
+    }
+    let mut filtered = false;
+    let services = entry
+        .services
+        .values()
+        .filter(|s| {
+            let allowed = authz.service_read(&s.service);
+            filtered |= !allowed;
+            allowed
+        })
+        .collect();
+    (Some(entry), services, filtered)
 }
 
 /// `/v1/catalog/node-services/:node`. For an unknown node Consul answers
 /// 200 with `{"Node":null,"Services":null}` (not 404), and `Services` is
-/// also null for a node without services; both are reproduced.
+/// also null for a node without services; both are reproduced. The index is
+/// the node's own (`catalogNodeMaxIndex`), so a write elsewhere neither
+/// wakes a watch on this node nor moves its `X-Consul-Index`.
 async fn catalog_node_services(
     State(shared): State<Arc<Shared>>,
+    Extension(authz): Extension<Authorizer>,
     Path(node): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Response {
     let params = QueryParams::parse(raw.as_deref());
-    blocking_read(&shared, &params, |catalog, options| {
-        let entry = catalog.node(&node);
-        let services: Option<Vec<&ServiceRecord>> = entry
-            .map(|e| e.services.values().collect::<Vec<_>>())
-            .filter(|s| !s.is_empty());
+    let index_of = |catalog: &Catalog| catalog.node_index(&node);
+    blocking_read(&shared, &params, &authz, index_of, |catalog, options| {
+        let (entry, services, filtered) = node_services_visible(catalog, &node, &authz);
+        let services = Some(services).filter(|s| !s.is_empty());
         let body = json!({
             "Node": entry.map(|e| &e.record),
             "Services": services,
         });
-        encode(&body, options.pretty)
+        Rendered {
+            body: encode(&body, options.pretty),
+            filtered,
+        }
     })
     .await
 }
@@ -476,20 +629,23 @@ async fn catalog_node_services(
 /// `/v1/catalog/node/:node`: services as a map by ID, `null` if unknown.
 async fn catalog_node(
     State(shared): State<Arc<Shared>>,
+    Extension(authz): Extension<Authorizer>,
     Path(node): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Response {
     let params = QueryParams::parse(raw.as_deref());
-    blocking_read(&shared, &params, |catalog, options| {
-        let body = catalog.node(&node).map(|entry| {
-            let services: BTreeMap<&str, &ServiceRecord> = entry
-                .services
-                .values()
-                .map(|s| (s.id.as_str(), s))
-                .collect();
+    let index_of = |catalog: &Catalog| catalog.node_index(&node);
+    blocking_read(&shared, &params, &authz, index_of, |catalog, options| {
+        let (entry, services, filtered) = node_services_visible(catalog, &node, &authz);
+        let body = entry.map(|entry| {
+            let services: BTreeMap<&str, &ServiceRecord> =
+                services.iter().map(|s| (s.id.as_str(), *s)).collect();
             json!({ "Node": entry.record, "Services": services })
         });
-        encode(&body, options.pretty)
+        Rendered {
+            body: encode(&body, options.pretty),
+            filtered,
+        }
     })
     .await
 }
@@ -514,8 +670,10 @@ fn instance_checks<'a>(node: &'a NodeEntry, service: &ServiceRecord) -> Vec<&'a 
         .collect()
 }
 
+/// ACL filter: `aclFilter.filterCheckServiceNodes` (node:read and service:read).
 async fn health_service(
     State(shared): State<Arc<Shared>>,
+    Extension(authz): Extension<Authorizer>,
     Path(name): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Response {
@@ -532,23 +690,39 @@ async fn health_service(
         false
     };
     let tags: Vec<String> = params.all("tag").into_iter().map(String::from).collect();
-    blocking_read(&shared, &params, |catalog, options| {
-        let tag_refs: Vec<&str> = tags.iter().map(String::as_str).collect();
-        let views: Vec<CheckServiceNodeView> = catalog
-            .instances_of(&name)
-            .filter(|(node, service)| {
-                node_matches_meta(&node.record, &options.node_meta)
-                    && service_has_tags(service, &tag_refs)
-            })
-            .map(|(node, service)| CheckServiceNodeView {
-                node: &node.record,
-                service,
-                checks: instance_checks(node, service),
-            })
-            .filter(|view| !passing_only || view.checks.iter().all(|c| c.status == "passing"))
-            .collect();
-        encode(&views, options.pretty)
-    })
+    blocking_read(
+        &shared,
+        &params,
+        &authz,
+        whole_catalog,
+        |catalog, options| {
+            let tag_refs: Vec<&str> = tags.iter().map(String::as_str).collect();
+            let mut filtered = false;
+            let views: Vec<CheckServiceNodeView> = catalog
+                .instances_of(&name)
+                .filter(|(node, service)| {
+                    node_matches_meta(&node.record, &options.node_meta)
+                        && service_has_tags(service, &tag_refs)
+                })
+                .filter(|(node, service)| {
+                    let allowed =
+                        authz.node_read(&node.record.node) && authz.service_read(&service.service);
+                    filtered |= !allowed;
+                    allowed
+                })
+                .map(|(node, service)| CheckServiceNodeView {
+                    node: &node.record,
+                    service,
+                    checks: instance_checks(node, service),
+                })
+                .filter(|view| !passing_only || view.checks.iter().all(|c| c.status == "passing"))
+                .collect();
+            Rendered {
+                body: encode(&views, options.pretty),
+                filtered,
+            }
+        },
+    )
     .await
 }
 
@@ -583,6 +757,7 @@ fn after_write(shared: &Shared, index: Option<u64>) {
 
 async fn catalog_register(
     State(shared): State<Arc<Shared>>,
+    Extension(authz): Extension<Authorizer>,
     RawQuery(raw): RawQuery,
     body: Body,
 ) -> Response {
@@ -608,6 +783,10 @@ async fn catalog_register(
     }
     let outcome = {
         let mut catalog = shared.write_catalog();
+        if let Err(denied) = vet_register(&catalog, &request, &authz) {
+            shared.stats().acl_permission_denied += 1;
+            return text(StatusCode::FORBIDDEN, denied);
+        }
         ops::register(&mut catalog, request, &shared.config.datacenter)
     };
     match outcome {
@@ -621,6 +800,7 @@ async fn catalog_register(
 
 async fn catalog_deregister(
     State(shared): State<Arc<Shared>>,
+    Extension(authz): Extension<Authorizer>,
     RawQuery(raw): RawQuery,
     body: Body,
 ) -> Response {
@@ -646,6 +826,10 @@ async fn catalog_deregister(
     }
     let outcome = {
         let mut catalog = shared.write_catalog();
+        if let Err(denied) = vet_deregister(&catalog, &request, &authz) {
+            shared.stats().acl_permission_denied += 1;
+            return text(StatusCode::FORBIDDEN, denied);
+        }
         ops::deregister(&mut catalog, &request)
     };
     match outcome {
@@ -655,6 +839,63 @@ async fn catalog_deregister(
         }
         Err(message) => text(StatusCode::INTERNAL_SERVER_ERROR, message),
     }
+}
+
+/// agent/consul/catalog_endpoint.go `vetRegisterWithACL`, reduced: node:write
+/// unless the node is only referenced (`SkipNodeUpdate` on an existing node),
+/// service:write on the service, and the check's node or service. A refusal
+/// is an RPC permission error: HTTP 403 with its text (agent/http.go).
+fn vet_register(
+    catalog: &Catalog,
+    request: &RegisterRequest,
+    authz: &Authorizer,
+) -> Result<(), String> {
+    let node = request.node.as_deref().unwrap_or_default();
+    let node_exists = catalog.node(node).is_some();
+    if !(request.skip_node_update.unwrap_or(false) && node_exists) {
+        authz.require(Resource::Node, node, Access::Write)?;
+    }
+    if let Some(service) = &request.service {
+        let name = service
+            .service
+            .as_deref()
+            .or(service.id.as_deref())
+            .unwrap_or_default();
+        authz.require(Resource::Service, name, Access::Write)?;
+    }
+    let checks = request.checks.iter().flatten().chain(request.check.iter());
+    for check in checks {
+        match check.service_name.as_deref().filter(|s| !s.is_empty()) {
+            Some(name) => authz.require(Resource::Service, name, Access::Write)?,
+            None => authz.require(Resource::Node, node, Access::Write)?,
+        }
+    }
+    Ok(())
+}
+
+/// `vetDeregisterWithACL`: service:write on the stored service, node:write
+/// for a node-level check or the whole node.
+fn vet_deregister(
+    catalog: &Catalog,
+    request: &DeregisterRequest,
+    authz: &Authorizer,
+) -> Result<(), String> {
+    let node = request.node.as_deref().unwrap_or_default();
+    if let Some(id) = request.service_id.as_deref().filter(|s| !s.is_empty()) {
+        return match catalog.service(node, id) {
+            Some(service) => authz.require(Resource::Service, &service.service, Access::Write),
+            None => Ok(()),
+        };
+    }
+    if let Some(id) = request.check_id.as_deref().filter(|s| !s.is_empty()) {
+        return match catalog.check(node, id) {
+            Some(check) if !check.service_name.is_empty() => {
+                authz.require(Resource::Service, &check.service_name, Access::Write)
+            }
+            _ => authz.require(Resource::Node, node, Access::Write),
+        };
+    }
+    authz.require(Resource::Node, node, Access::Write)
 }
 
 #[derive(Serialize)]
@@ -671,6 +912,7 @@ fn txn_rejected(shared: &Shared, response: Response) -> Response {
 
 async fn txn(
     State(shared): State<Arc<Shared>>,
+    Extension(authz): Extension<Authorizer>,
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
     body: Body,
@@ -719,9 +961,14 @@ async fn txn(
             ),
         );
     }
-    let plan = match ops::prepare_txn(ops_in) {
+    let plan = match ops::prepare_txn(ops_in, &authz) {
         Ok(plan) => plan,
         Err(errors) => {
+            let denied = errors
+                .iter()
+                .filter(|e| e.what.starts_with("Permission denied"))
+                .count();
+            shared.stats().acl_permission_denied += denied as u64;
             shared.stats().txn.rolled_back += 1;
             return txn_conflict(&errors, pretty);
         }

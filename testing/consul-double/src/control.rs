@@ -8,7 +8,7 @@ use axum::Router;
 use axum::extract::{RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use serde_json::json;
 
 use crate::Shared;
@@ -23,6 +23,8 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/control/state", get(state))
         .route("/control/stats", get(stats))
         .route("/control/reset-stats", post(reset_stats))
+        .route("/control/acl", put(set_acl))
+        .route("/control/acl/rules", put(set_token_rules))
         .with_state(shared)
 }
 
@@ -81,4 +83,31 @@ async fn stats(State(shared): State<Arc<Shared>>) -> Response {
 async fn reset_stats(State(shared): State<Arc<Shared>>) -> Response {
     *shared.stats() = Default::default();
     StatusCode::NO_CONTENT.into_response()
+}
+
+/// Replaces the whole ACL setup; a JSON `null` turns ACLs off.
+async fn set_acl(
+    State(shared): State<Arc<Shared>>,
+    Json(acl): Json<Option<crate::acl::AclConfig>>,
+) -> Response {
+    shared.set_acl(acl);
+    StatusCode::NO_CONTENT.into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct TokenRules {
+    secret_id: String,
+    rules: crate::acl::Rules,
+}
+
+/// Replaces one token's rules (a policy edited while clients run).
+async fn set_token_rules(
+    State(shared): State<Arc<Shared>>,
+    Json(body): Json<TokenRules>,
+) -> Response {
+    if shared.set_token_rules(&body.secret_id, body.rules) {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        (StatusCode::NOT_FOUND, "no token with that secret").into_response()
+    }
 }

@@ -17,6 +17,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod acl;
 mod api;
 mod control;
 pub mod model;
@@ -35,6 +36,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuar
 use serde_json::json;
 use tokio::sync::watch;
 
+pub use acl::{Access, AclConfig, DefaultPolicy, Resource, Rules, Token};
 pub use stats::{Stats, TxnStats};
 use store::Catalog;
 
@@ -53,8 +55,13 @@ pub struct Config {
     pub datacenter: String,
     /// Agent node name reported by `/v1/agent/self`.
     pub node_name: String,
-    /// When set, every `/v1` request must present this token.
+    /// Shorthand for [`Config::acl`]: ACLs on, default deny, this one
+    /// management token. Ignored when `acl` is set.
     pub acl_token: Option<String>,
+    /// Consul's ACL system: tokens with node/service rules, the anonymous
+    /// token and the default policy (see [`acl`]). `None` with no
+    /// `acl_token`: ACLs disabled, everything allowed.
+    pub acl: Option<AclConfig>,
     pub max_txn_ops: usize,
     /// Largest `/v1/txn` body in bytes (Consul's `limits.txn_max_req_len`, 512 KiB).
     pub txn_max_req_len: usize,
@@ -70,6 +77,7 @@ impl Default for Config {
             datacenter: "dc1".into(),
             node_name: "consul-double".into(),
             acl_token: None,
+            acl: None,
             max_txn_ops: DEFAULT_MAX_TXN_OPS,
             txn_max_req_len: DEFAULT_TXN_MAX_REQ_LEN,
             initial_index: 1,
@@ -86,6 +94,7 @@ impl fmt::Debug for Config {
             .field("datacenter", &self.datacenter)
             .field("node_name", &self.node_name)
             .field("acl_token", &self.acl_token.as_ref().map(|_| "<redacted>"))
+            .field("acl", &self.acl)
             .field("max_txn_ops", &self.max_txn_ops)
             .field("txn_max_req_len", &self.txn_max_req_len)
             .field("initial_index", &self.initial_index)
@@ -100,6 +109,11 @@ pub(crate) struct Shared {
     /// Broadcasts the catalog index so blocked queries wake on writes.
     index_tx: watch::Sender<u64>,
     stats: Mutex<Stats>,
+    /// The ACL setup in force; replaceable at run time (control API).
+    acl: RwLock<Option<AclConfig>>,
+    /// Bumped by a wipe (a snapshot restore): blocked queries return at once,
+    /// as Consul's do when the state store is abandoned.
+    restores_tx: watch::Sender<u64>,
     api_addr: SocketAddr,
     api_up: AtomicBool,
     api_listener: tokio::sync::Mutex<Option<server::RunningListener>>,
@@ -132,6 +146,31 @@ impl Shared {
             catalog.index
         };
         self.publish_index(index);
+        // Consul's blockingquery returns as soon as `state.AbandonCh()`
+        // closes (a snapshot restore), with whatever the new store holds.
+        self.restores_tx.send_modify(|n| *n += 1);
+    }
+
+    fn acl(&self) -> RwLockReadGuard<'_, Option<AclConfig>> {
+        self.acl.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set_acl(&self, acl: Option<AclConfig>) {
+        *self.acl.write().unwrap_or_else(|e| e.into_inner()) = acl.map(AclConfig::normalized);
+    }
+
+    /// Replaces one token's rules; false when no token has that secret.
+    fn set_token_rules(&self, secret: &str, rules: Rules) -> bool {
+        let mut guard = self.acl.write().unwrap_or_else(|e| e.into_inner());
+        let Some(token) = guard
+            .as_mut()
+            .and_then(|acl| acl.tokens.iter_mut().find(|t| t.secret_id == secret))
+        else {
+            return false;
+        };
+        token.management = false;
+        token.rules = rules;
+        true
     }
 
     async fn down(&self) {
@@ -199,11 +238,18 @@ impl ConsulDouble {
         };
         let initial = Catalog::new(config.initial_index);
         let (index_tx, _) = watch::channel(initial.index);
+        let acl = match (&config.acl, &config.acl_token) {
+            (Some(acl), _) => Some(acl.clone().normalized()),
+            (None, Some(token)) => Some(AclConfig::single_management_token(token)),
+            (None, None) => None,
+        };
         let shared = Arc::new(Shared {
             config,
             catalog: RwLock::new(initial),
             index_tx,
             stats: Mutex::new(Stats::default()),
+            acl: RwLock::new(acl),
+            restores_tx: watch::Sender::new(0),
             api_addr,
             api_up: AtomicBool::new(true),
             api_listener: tokio::sync::Mutex::new(None),
@@ -280,6 +326,18 @@ impl ConsulDouble {
 
     pub fn stats(&self) -> Stats {
         self.shared.stats().clone()
+    }
+
+    /// Replaces the ACL setup (`None` turns ACLs off), like editing tokens
+    /// and policies in a running Consul. Takes effect on the next request.
+    pub fn set_acl(&self, acl: Option<AclConfig>) {
+        self.shared.set_acl(acl);
+    }
+
+    /// Replaces the rules of the token with this secret (it stops being a
+    /// management token); false if there is no such token.
+    pub fn set_token_rules(&self, secret: &str, rules: Rules) -> bool {
+        self.shared.set_token_rules(secret, rules)
     }
 
     pub fn reset_stats(&self) {

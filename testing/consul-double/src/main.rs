@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use consul_double::{Config, ConsulDouble, DEFAULT_MAX_TXN_OPS, DEFAULT_TXN_MAX_REQ_LEN};
+use consul_double::{
+    AclConfig, Config, ConsulDouble, DEFAULT_MAX_TXN_OPS, DEFAULT_TXN_MAX_REQ_LEN,
+};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -44,8 +46,18 @@ struct Args {
     acl_token: Option<String>,
 
     /// Read the required ACL token from this file (surrounding whitespace ignored).
-    #[arg(long, env = "CONSUL_DOUBLE_ACL_TOKEN_FILE")]
+    #[arg(
+        long,
+        env = "CONSUL_DOUBLE_ACL_TOKEN_FILE",
+        conflicts_with = "acl_config"
+    )]
     acl_token_file: Option<PathBuf>,
+
+    /// Full ACL setup from a JSON file: `{"default_policy": "deny", "tokens":
+    /// [{"secret_id": "…", "management": true} | {"secret_id": "…", "rules":
+    /// {"node_prefix": {"": {"policy": "read"}}, …}}], "anonymous": {rules}}`.
+    #[arg(long, env = "CONSUL_DOUBLE_ACL_CONFIG", conflicts_with = "acl_token")]
+    acl_config: Option<PathBuf>,
 
     /// Maximum operations per /v1/txn (Consul 1.14 and later: 128; before: 64).
     #[arg(long, env = "CONSUL_DOUBLE_MAX_TXN_OPS", default_value_t = DEFAULT_MAX_TXN_OPS)]
@@ -78,6 +90,17 @@ fn acl_token(args: &Args) -> Result<Option<String>, String> {
         return Err(format!("ACL token file {} is empty", path.display()));
     }
     Ok(Some(token))
+}
+
+fn acl_config(args: &Args) -> Result<Option<AclConfig>, String> {
+    let Some(path) = &args.acl_config else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read ACL config {}: {e}", path.display()))?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| format!("ACL config {}: {e}", path.display()))
 }
 
 /// Writes atomically so a watcher never reads a half-written file.
@@ -120,7 +143,15 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let acl = match acl_config(&args) {
+        Ok(acl) => acl,
+        Err(message) => {
+            eprintln!("consul-double: {message}");
+            return ExitCode::from(2);
+        }
+    };
     let config = Config {
+        acl,
         api_listen: args.listen,
         control_listen: Some(args.control_listen),
         datacenter: args.datacenter.clone(),

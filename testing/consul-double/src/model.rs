@@ -82,11 +82,41 @@ pub struct ServiceRecord {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tagged_addresses: Option<BTreeMap<String, ServiceAddress>>,
     pub meta: Option<Meta>,
+    /// `json:",omitempty"` in `structs.NodeService`: a zero port is left out.
+    #[serde(skip_serializing_if = "port_is_zero")]
     pub port: i64,
     pub weights: Weights,
     pub enable_tag_override: bool,
+    #[serde(flatten)]
+    pub mesh: MeshFields,
     pub create_index: u64,
     pub modify_index: u64,
+}
+
+fn port_is_zero(port: &i64) -> bool {
+    *port == 0
+}
+
+/// Fields every `structs.NodeService` carries in Consul's JSON even for a
+/// plain service (agent/structs/structs.go: `Proxy ConnectProxyConfig` and
+/// `Connect ServiceConnect` are values, not pointers; `PeerName` has no
+/// `omitempty`). The double stores no Connect data, so they are always the
+/// zero values Consul renders; `Locality` is `omitempty` and so left out.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MeshFields;
+
+impl Serialize for MeshFields {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(Some(3))?;
+        map.serialize_entry(
+            "Proxy",
+            &serde_json::json!({"Mode": "", "MeshGateway": {}, "Expose": {}}),
+        )?;
+        map.serialize_entry("Connect", &serde_json::json!({}))?;
+        map.serialize_entry("PeerName", "")?;
+        map.end()
+    }
 }
 
 impl ServiceRecord {

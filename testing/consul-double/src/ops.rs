@@ -2,6 +2,7 @@
 //! the server RPC layer followed by the state-store operations, for
 //! `/v1/catalog/register`, `/v1/catalog/deregister` and `/v1/txn`.
 
+use crate::acl::{Access, Authorizer, Resource};
 use crate::model::{
     CheckInput, CheckRecord, DeregisterRequest, NodeInput, RegisterRequest, ServiceInput,
     ServiceRecord, TxnError, TxnOpInput, TxnResult, Weights,
@@ -81,6 +82,7 @@ fn service_record(input: &ServiceInput, with_tagged_addresses: bool) -> ServiceR
         port: input.port.unwrap_or_default(),
         weights: Weights::normalized(input.weights.as_ref()),
         enable_tag_override: input.enable_tag_override.unwrap_or_default(),
+        mesh: Default::default(),
         create_index: 0,
         modify_index: 0,
     }
@@ -239,8 +241,11 @@ pub struct TxnPlan {
 }
 
 /// Converts and pre-checks txn ops (Consul's `convertOps` + `Txn.preCheck`).
-/// Any error here rejects the whole txn before anything is applied.
-pub fn prepare_txn(ops: Vec<TxnOpInput>) -> Result<TxnPlan, Vec<TxnError>> {
+/// Any error here rejects the whole txn before anything is applied. Each
+/// write op that passes validation is then vetted against the token
+/// (agent/consul/txn_endpoint.go `vetNodeTxnOp`, `vetServiceTxnOp`,
+/// `vetCheckTxnOp`): one `Permission denied: …` error per op refused.
+pub fn prepare_txn(ops: Vec<TxnOpInput>, authz: &Authorizer) -> Result<TxnPlan, Vec<TxnError>> {
     let mut errors = Vec::new();
     let mut prepared = Vec::with_capacity(ops.len());
     let mut writes = 0;
@@ -254,7 +259,9 @@ pub fn prepare_txn(ops: Vec<TxnOpInput>) -> Result<TxnPlan, Vec<TxnError>> {
             let node = node_op.node.unwrap_or_default();
             if VERBS.contains(&verb.as_str()) && verb != "get" {
                 let name = node.node.as_deref().unwrap_or_default();
-                if let Err(e) = node_pre_apply(name, node.id.as_deref().unwrap_or_default()) {
+                if let Err(e) = node_pre_apply(name, node.id.as_deref().unwrap_or_default())
+                    .and_then(|()| authz.require(Resource::Node, name, Access::Write))
+                {
                     fail(e);
                 }
             }
@@ -264,7 +271,10 @@ pub fn prepare_txn(ops: Vec<TxnOpInput>) -> Result<TxnPlan, Vec<TxnError>> {
             let mut service = service_op.service.unwrap_or_default();
             if VERBS.contains(&verb.as_str())
                 && verb != "get"
-                && let Err(e) = service_pre_apply(&mut service)
+                && let Err(e) = service_pre_apply(&mut service).and_then(|()| {
+                    let name = service.service.as_deref().unwrap_or_default();
+                    authz.require(Resource::Service, name, Access::Write)
+                })
             {
                 fail(e);
             }
@@ -279,6 +289,13 @@ pub fn prepare_txn(ops: Vec<TxnOpInput>) -> Result<TxnPlan, Vec<TxnError>> {
             )
         } else if let Some(check_op) = op.check {
             let verb = check_op.verb.unwrap_or_default();
+            if VERBS.contains(&verb.as_str())
+                && verb != "get"
+                && let Some(check) = &check_op.check
+                && let Err(e) = vet_check(check, authz)
+            {
+                fail(e);
+            }
             (
                 verb.clone(),
                 PreparedOp::Check {
@@ -311,6 +328,24 @@ pub fn prepare_txn(ops: Vec<TxnOpInput>) -> Result<TxnPlan, Vec<TxnError>> {
         })
     } else {
         Err(errors)
+    }
+}
+
+/// `vetCheckWrite`: a node-level check needs node:write, a service check
+/// service:write on the service it names.
+fn vet_check(check: &CheckInput, authz: &Authorizer) -> Result<(), String> {
+    let service_id = check.service_id.as_deref().unwrap_or_default();
+    if service_id.is_empty() {
+        let node = check.node.as_deref().unwrap_or_default();
+        return authz.require(Resource::Node, node, Access::Write);
+    }
+    match check.service_name.as_deref().unwrap_or_default() {
+        "" => Err(format!(
+            "unknown service ID {:?} for check ID {:?}",
+            service_id,
+            check.check_id.as_deref().unwrap_or_default()
+        )),
+        name => authz.require(Resource::Service, name, Access::Write),
     }
 }
 
@@ -544,6 +579,55 @@ mod tests {
         serde_json::from_str(json).unwrap()
     }
 
+    fn prepare_txn_all(ops: Vec<TxnOpInput>) -> Result<TxnPlan, Vec<TxnError>> {
+        prepare_txn(ops, &Authorizer::allow_all())
+    }
+
+    #[test]
+    fn each_op_the_token_may_not_write_gets_its_own_error() {
+        use crate::acl::{AclConfig, DefaultPolicy, Rules, Token};
+        let acl = AclConfig {
+            default_policy: DefaultPolicy::Deny,
+            tokens: vec![Token::with_rules(
+                "t",
+                Rules::everything(Access::Read).with(
+                    Resource::Service,
+                    "web",
+                    false,
+                    Access::Write,
+                ),
+            )],
+            anonymous: Rules::default(),
+        }
+        .normalized();
+        let authz = acl.resolve(Some("t")).unwrap();
+        let err = prepare_txn(
+            ops(
+                r#"[{"Node":{"Verb":"set","Node":{"Node":"n","Address":"a"}}},
+                    {"Service":{"Verb":"set","Node":"n","Service":{"Service":"web"}}},
+                    {"Service":{"Verb":"delete","Node":"n","Service":{"ID":"x","Service":"db"}}},
+                    {"Service":{"Verb":"get","Node":"n","Service":{"ID":"x","Service":"db"}}}]"#,
+            ),
+            &authz,
+        )
+        .err()
+        .unwrap();
+        let indexes: Vec<_> = err.iter().map(|e| e.op_index).collect();
+        assert_eq!(indexes, [0, 2]);
+        assert!(
+            err[0]
+                .what
+                .ends_with("lacks permission 'node:write' on \"n\""),
+            "{}",
+            err[0].what
+        );
+        assert!(
+            err[1]
+                .what
+                .ends_with("lacks permission 'service:write' on \"db\"")
+        );
+    }
+
     #[test]
     fn uuid_validation_matches_go_uuid() {
         assert!(validate_uuid("67539c9d-b948-ba67-edd4-d07a676d6673").is_ok());
@@ -553,7 +637,7 @@ mod tests {
 
     #[test]
     fn service_delete_without_name_is_rejected_like_consul() {
-        let err = prepare_txn(ops(
+        let err = prepare_txn_all(ops(
             r#"[{"Service":{"Verb":"delete","Node":"n","Service":{"ID":"db1"}}}]"#,
         ))
         .err()
@@ -564,7 +648,7 @@ mod tests {
 
     #[test]
     fn unknown_verbs_and_kv_are_reported_per_op() {
-        let err = prepare_txn(ops(
+        let err = prepare_txn_all(ops(
             r#"[{"Node":{"Verb":"set","Node":{"Node":"n","Address":"a"}}},
                 {"Node":{"Verb":"frob","Node":{"Node":"n"}}},
                 {"KV":{"Verb":"set","Key":"k"}},
@@ -590,7 +674,7 @@ mod tests {
     #[test]
     fn txn_drops_tagged_addresses_like_consul() {
         let mut cat = Catalog::new(1);
-        let plan = prepare_txn(ops(
+        let plan = prepare_txn_all(ops(
             r#"[{"Node":{"Verb":"set","Node":{"Node":"n","Address":"10.0.0.1"}}},
                 {"Service":{"Verb":"set","Node":"n","Service":{"Service":"web","Port":80,
                   "TaggedAddresses":{"lan":{"address":"1.2.3.4","port":1}}}}}]"#,

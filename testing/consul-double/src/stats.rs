@@ -34,8 +34,16 @@ pub struct Stats {
     pub unmatched: BTreeMap<String, u64>,
     /// Reads that asked to block (`index` > 0).
     pub blocking_queries: u64,
-    /// Requests refused with 403 by the ACL check.
+    /// Requests refused with 403 `ACL not found` (unknown token).
     pub acl_denied: u64,
+    /// Reads from which the token's rules removed something.
+    pub acl_filtered: u64,
+    /// Write operations refused for a missing permission (one per txn op;
+    /// register/deregister count once).
+    pub acl_permission_denied: u64,
+    /// How requests presented their token: `"X-Consul-Token"`, `"bearer"`,
+    /// `"query"` (`?token=`, which leaks into URLs and logs) or `"none"`.
+    pub token_sources: BTreeMap<String, u64>,
     /// Writes (register, deregister, txn) that moved the index.
     pub catalog_writes: u64,
     pub txn: TxnStats,
@@ -50,6 +58,10 @@ impl Stats {
                 seen.insert(name.to_string());
             }
         }
+    }
+
+    pub fn record_token_source(&mut self, source: &str) {
+        *self.token_sources.entry(source.to_string()).or_insert(0) += 1;
     }
 
     pub fn record_response(&mut self, route: &str, status: u16) {

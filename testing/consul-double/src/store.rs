@@ -47,6 +47,13 @@ pub struct Catalog {
     /// Lower-cased node ID -> lower-cased node name.
     node_ids: HashMap<String, String>,
     pub services_by_name: BTreeMap<String, ServiceNameEntry>,
+    /// Lower-cased node name -> last index that changed the node, its
+    /// services or its checks (Consul's `node.<name>` index entry, read by
+    /// `catalogNodeMaxIndex` in agent/consul/state/catalog.go).
+    node_indexes: HashMap<String, u64>,
+    /// Last index that deleted a node (`catalogNodeLastExtinctionIndex`):
+    /// what a read of an unknown node reports.
+    node_extinction_index: u64,
 }
 
 enum Undo {
@@ -84,6 +91,18 @@ impl Catalog {
             nodes: BTreeMap::new(),
             node_ids: HashMap::new(),
             services_by_name: BTreeMap::new(),
+            node_indexes: HashMap::new(),
+            node_extinction_index: 0,
+        }
+    }
+
+    /// The `X-Consul-Index` of a node read: the node's own index, or the
+    /// last node deletion for an unknown node (Consul's `nodeServices`).
+    pub fn node_index(&self, name: &str) -> u64 {
+        let node_key = key(name);
+        match self.node_indexes.get(&node_key) {
+            Some(index) if self.nodes.contains_key(&node_key) => *index,
+            _ => self.node_extinction_index,
         }
     }
 
@@ -246,6 +265,19 @@ impl<'a> WriteTxn<'a> {
             return None;
         }
         self.catalog.index = self.index;
+        for step in &self.undo {
+            let (Undo::Node { node_key, .. }
+            | Undo::Service { node_key, .. }
+            | Undo::Check { node_key, .. }) = step;
+            if self.catalog.nodes.contains_key(node_key) {
+                self.catalog
+                    .node_indexes
+                    .insert(node_key.clone(), self.index);
+            } else {
+                self.catalog.node_indexes.remove(node_key);
+                self.catalog.node_extinction_index = self.index;
+            }
+        }
         Some(self.index)
     }
 
@@ -567,6 +599,7 @@ mod tests {
             port: 80,
             weights: Weights::normalized(None),
             enable_tag_override: false,
+            mesh: Default::default(),
             create_index: 0,
             modify_index: 0,
         }

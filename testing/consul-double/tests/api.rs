@@ -263,8 +263,12 @@ async fn blocking_query_wakes_on_write_and_times_out_without_one() {
     double.shutdown().await;
 }
 
+/// agent/http.go `parseTokenInternal`: `?token=`, `X-Consul-Token`, then
+/// `Authorization: Bearer`; an unknown token is 403 `ACL not found`
+/// (acl/errors.go); no token is the anonymous token, whose reads are filtered
+/// (200, empty, no filtered header) and whose writes are refused per op.
 #[tokio::test]
-async fn acl_token_is_required_in_any_of_consuls_places() {
+async fn acl_tokens_are_resolved_like_consul() {
     let double = start_with(Config {
         acl_token: Some("s3cret".into()),
         ..Config::default()
@@ -272,10 +276,24 @@ async fn acl_token_is_required_in_any_of_consuls_places() {
     .await;
     let http = client();
     let url = format!("{}/v1/catalog/services", double.api_url());
+    let (status, _) = txn(
+        &http,
+        &double,
+        json!([node_set("syn"), service_set("syn", "w1", "web", 1)]),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT, "anonymous writes are refused");
 
+    // The anonymous token reads an empty catalog, with no filtered header.
     let response = http.get(&url).send().await.unwrap();
-    assert_eq!(response.status(), StatusCode::FORBIDDEN);
-    assert_eq!(response.text().await.unwrap(), "Permission denied");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["X-Consul-Default-ACL-Policy"], "deny");
+    assert!(
+        !response
+            .headers()
+            .contains_key("X-Consul-Results-Filtered-By-ACLs")
+    );
+    assert_eq!(response.json::<Value>().await.unwrap(), json!({}));
 
     let response = http
         .get(&url)
@@ -292,7 +310,13 @@ async fn acl_token_is_required_in_any_of_consuls_places() {
         .send()
         .await
         .unwrap();
-    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    assert_eq!(response.status(), StatusCode::CONFLICT);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(
+        body["Errors"][0]["What"],
+        "Permission denied: anonymous token lacks permission 'node:write' on \"syn\". \
+         The anonymous token is used implicitly when a request does not specify a token."
+    );
     assert_eq!(double.index(), 1, "a denied write must not apply");
 
     for request in [
@@ -303,10 +327,266 @@ async fn acl_token_is_required_in_any_of_consuls_places() {
         assert_eq!(request.send().await.unwrap().status(), StatusCode::OK);
     }
     let stats = double.stats();
-    assert_eq!(stats.acl_denied, 3);
+    assert_eq!(stats.acl_denied, 1);
+    assert_eq!(stats.acl_permission_denied, 3);
+    assert_eq!(stats.token_sources["X-Consul-Token"], 2);
+    assert_eq!(stats.token_sources["bearer"], 1);
+    assert_eq!(stats.token_sources["query"], 1);
+    assert_eq!(stats.token_sources["none"], 3);
     // Only parameter names are recorded, never the token value.
     let recorded = serde_json::to_string(&stats).unwrap();
     assert!(!recorded.contains("s3cret"));
+    double.shutdown().await;
+}
+
+fn acl_with(tokens: Vec<consul_double::Token>) -> consul_double::AclConfig {
+    consul_double::AclConfig {
+        default_policy: consul_double::DefaultPolicy::Deny,
+        tokens,
+        anonymous: Default::default(),
+    }
+}
+
+/// agent/consul/acl.go `filterNodeServiceList`: without node:read the reply
+/// is `{"Node":null,"Services":null}` with `X-Consul-Results-Filtered-By-ACLs`
+/// (a named token); without service:read on one service only that one goes.
+/// agent/consul/txn_endpoint.go: a read-only token gets one permission error
+/// per op in a 409.
+#[tokio::test]
+async fn acl_rules_filter_reads_and_refuse_writes_per_op() {
+    use consul_double::{Access, Resource, Rules, Token};
+    let double = start_with(Config {
+        acl: Some(acl_with(vec![
+            Token::management("root"),
+            Token::with_rules("reader", Rules::everything(Access::Read)),
+            Token::with_rules(
+                "web-only",
+                Rules::default()
+                    .with(Resource::Node, "syn", false, Access::Read)
+                    .with(Resource::Service, "web", true, Access::Read),
+            ),
+            Token::with_rules(
+                "no-node",
+                Rules::default().with(Resource::Service, "", true, Access::Write),
+            ),
+        ])),
+        ..Config::default()
+    })
+    .await;
+    let http = client();
+    let ops = json!([
+        node_set("syn"),
+        service_set("syn", "w1", "web", 1),
+        service_set("syn", "d1", "db", 2)
+    ]);
+    let response = http
+        .put(format!("{}/v1/txn", double.api_url()))
+        .header("X-Consul-Token", "root")
+        .json(&ops)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+
+    let node_services = format!("{}/v1/catalog/node-services/syn", double.api_url());
+    let read = |token: &'static str| {
+        http.get(&node_services)
+            .header("X-Consul-Token", token)
+            .send()
+    };
+    let response = read("reader").await.unwrap();
+    assert!(
+        !response
+            .headers()
+            .contains_key("X-Consul-Results-Filtered-By-ACLs")
+    );
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["Services"].as_array().unwrap().len(), 2);
+    // Entries carry the fields a real NodeService always has.
+    assert_eq!(body["Services"][0]["PeerName"], "");
+    assert_eq!(body["Services"][0]["Connect"], json!({}));
+    assert!(body["Services"][0]["Proxy"].is_object());
+
+    let response = read("web-only").await.unwrap();
+    assert_eq!(
+        response.headers()["X-Consul-Results-Filtered-By-ACLs"],
+        "true"
+    );
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["Services"].as_array().unwrap().len(), 1);
+    assert_eq!(body["Services"][0]["Service"], "web");
+
+    let response = read("no-node").await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        response.headers()["X-Consul-Results-Filtered-By-ACLs"],
+        "true"
+    );
+    assert_eq!(
+        response.json::<Value>().await.unwrap(),
+        json!({"Node": null, "Services": null})
+    );
+
+    let response = http
+        .put(format!("{}/v1/txn", double.api_url()))
+        .header("X-Consul-Token", "reader")
+        .json(&ops)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CONFLICT);
+    let body: Value = response.json().await.unwrap();
+    let errors = body["Errors"].as_array().unwrap();
+    assert_eq!(errors.len(), 3, "one error per op: {body}");
+    assert!(
+        errors[1]["What"]
+            .as_str()
+            .unwrap()
+            .starts_with("Permission denied: token with AccessorID '")
+    );
+    assert!(
+        errors[1]["What"]
+            .as_str()
+            .unwrap()
+            .ends_with("lacks permission 'service:write' on \"web\"")
+    );
+
+    // A policy edited at run time takes effect on the next request.
+    assert!(double.set_token_rules("reader", Rules::everything(Access::Write)));
+    let response = http
+        .put(format!("{}/v1/txn", double.api_url()))
+        .header("X-Consul-Token", "reader")
+        .json(&ops)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    double.shutdown().await;
+}
+
+/// agent/consul/catalog_endpoint.go `vetRegisterWithACL` / `vetDeregisterWithACL`: a
+/// refused register or deregister is an RPC permission error, which agent/http.go answers
+/// with 403 and the error text.
+#[tokio::test]
+async fn register_and_deregister_need_write_permission() {
+    use consul_double::{Access, Resource, Rules, Token};
+    let double = start_with(Config {
+        acl: Some(acl_with(vec![
+            Token::management("root"),
+            Token::with_rules(
+                "svc-only",
+                Rules::everything(Access::Read).with(
+                    Resource::Service,
+                    "web",
+                    false,
+                    Access::Write,
+                ),
+            ),
+        ])),
+        ..Config::default()
+    })
+    .await;
+    let http = client();
+    let register = |token: &'static str| {
+        http.put(format!("{}/v1/catalog/register", double.api_url()))
+            .header("X-Consul-Token", token)
+            .json(&json!({"Node": "n", "Address": "10.0.0.1",
+                          "Service": {"ID": "w1", "Service": "web", "Port": 1}}))
+            .send()
+    };
+    let response = register("svc-only").await.unwrap();
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    let text = response.text().await.unwrap();
+    assert!(
+        text.ends_with("lacks permission 'node:write' on \"n\""),
+        "{text}"
+    );
+    assert_eq!(register("root").await.unwrap().status(), StatusCode::OK);
+    // service:write on "web" is enough to deregister that service, not the node.
+    let deregister = |body: Value| {
+        http.put(format!("{}/v1/catalog/deregister", double.api_url()))
+            .header("X-Consul-Token", "svc-only")
+            .json(&body)
+            .send()
+    };
+    let response = deregister(json!({"Node": "n"})).await.unwrap();
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    let response = deregister(json!({"Node": "n", "ServiceID": "w1"}))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(double.with_catalog(|c| c.service_count()), 0);
+    assert_eq!(double.stats().acl_permission_denied, 2);
+    double.shutdown().await;
+}
+
+/// `catalogNodeMaxIndex`: node-services reports and blocks on the node's own
+/// index, so a write to another node neither wakes nor moves it.
+#[tokio::test]
+async fn node_services_blocks_on_the_nodes_own_index() {
+    let double = start().await;
+    let http = client();
+    txn(
+        &http,
+        &double,
+        json!([node_set("a"), service_set("a", "a1", "s", 1)]),
+    )
+    .await;
+    let url = format!("{}/v1/catalog/node-services/a", double.api_url());
+    let (_, index_a, _) = get_json(&http, url.clone()).await;
+    // structs.ServiceNode's Connect fields are values: always present.
+    let (_, _, listed) =
+        get_json(&http, format!("{}/v1/catalog/service/s", double.api_url())).await;
+    assert_eq!(listed[0]["ServiceConnect"], json!({}));
+    assert_eq!(listed[0]["ServiceProxy"]["Mode"], "");
+    txn(&http, &double, json!([node_set("b")])).await;
+    assert!(double.index() > index_a);
+    let started = Instant::now();
+    let (_, index, _) = get_json(&http, format!("{url}?index={index_a}&wait=300ms")).await;
+    assert_eq!(
+        index, index_a,
+        "another node's write does not move this one"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    let (_, unknown, body) = get_json(
+        &http,
+        format!("{}/v1/catalog/node-services/zzz", double.api_url()),
+    )
+    .await;
+    assert_eq!(body, json!({"Node": null, "Services": null}));
+    assert!(unknown >= 1);
+    double.shutdown().await;
+}
+
+/// agent/blockingquery: a restored snapshot (here a wipe) abandons the state
+/// store and every blocked query returns at once, with the lower index.
+#[tokio::test]
+async fn a_wipe_releases_blocked_queries_at_once() {
+    let double = start().await;
+    let http = client();
+    txn(&http, &double, json!([node_set("a")])).await;
+    let url = format!("{}/v1/catalog/node-services/a", double.api_url());
+    let (_, index, _) = get_json(&http, url.clone()).await;
+    let blocked = tokio::spawn({
+        let http = http.clone();
+        async move { get_json(&http, format!("{url}?index={index}&wait=20s")).await }
+    });
+    // Wait for the query to be blocked before wiping.
+    while double.stats().blocking_queries == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The counter moves just before the query subscribes; let it get there.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let started = Instant::now();
+    double.wipe();
+    let (status, after, body) = tokio::time::timeout(Duration::from_secs(5), blocked)
+        .await
+        .expect("released at once")
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert!(after < index, "{after} < {index}");
+    assert_eq!(body["Node"], Value::Null);
+    assert!(started.elapsed() < Duration::from_secs(5));
     double.shutdown().await;
 }
 
