@@ -38,6 +38,12 @@ pub struct Metrics {
     pub sweep_overruns: Counter,
     pub held_connections: Gauge,
     invalid_objects: Family<KindLabel, Gauge>,
+    sink_quarantined: Family<SinkLabel, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SinkLabel {
+    pub sink: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -116,8 +122,15 @@ impl Metrics {
             "Objects whose workersd declaration is refused (see their Warning Events), by kind",
             invalid_objects.clone(),
         );
+        let sink_quarantined = Family::<SinkLabel, Gauge>::default();
+        registry.register(
+            "sink_quarantined_operations",
+            "Operations the sink's backend refused on their own, held back and retried later (see the warning naming each)",
+            sink_quarantined.clone(),
+        );
         Self {
             invalid_objects,
+            sink_quarantined,
             registry,
             probes,
             targets,
@@ -167,6 +180,12 @@ impl Metrics {
     pub fn invalid_objects(&self, kind: &'static str, count: usize) {
         self.invalid_objects
             .get_or_create(&KindLabel { kind })
+            .set(count as i64);
+    }
+
+    pub fn sink_quarantined(&self, sink: &'static str, count: usize) {
+        self.sink_quarantined
+            .get_or_create(&SinkLabel { sink })
             .set(count as i64);
     }
 

@@ -483,3 +483,36 @@ async fn the_running_sink_rereads_only_after_consul_changed() {
         .expect("stops")
         .unwrap();
 }
+
+/// One entry Consul refuses (here a `metrics-path` over Consul's 512-byte meta value limit,
+/// which reaches the sink when a source lets it through) must not hold back the others: a
+/// txn is atomic, so the sink isolates the refused operation, publishes every other entry
+/// and the node, and holds the refused one back (not resent on every pass).
+#[tokio::test]
+async fn one_refused_entry_does_not_block_the_others() {
+    let double = start().await;
+    let mut sink = sink(&double, None);
+    let mut state = desired(30, 4, true); // 120 entries: one txn with the node op
+    let poisoned = state.catalog.keys().nth(17).unwrap().clone();
+    let entry = Arc::make_mut(state.catalog.get_mut(&poisoned).unwrap());
+    let mut meta = (*entry.meta).clone();
+    meta.insert("metrics-path".into(), format!("/{}", "m".repeat(600)));
+    entry.meta = Arc::new(meta);
+
+    let outcome = sink.sync(&state).await.unwrap();
+    assert_eq!(outcome.registered, 119, "{outcome:?}");
+    assert_eq!(outcome.quarantined, 1, "{outcome:?}");
+    let listed = instances(&double, "clever").await;
+    assert_eq!(listed.len(), 119);
+    assert!(listed.iter().all(|i| i["ServiceID"] != *poisoned));
+    assert_eq!(listed[0]["NodeMeta"]["external-source"], "workersd");
+
+    // The refused entry is held back: another pass sends nothing.
+    let again = sink.sync(&state).await.unwrap();
+    assert_eq!((again.requests, again.quarantined), (0, 1), "{again:?}");
+    // Once its declaration is fixed it is published at once.
+    let fixed = desired(30, 4, true);
+    let outcome = sink.sync(&fixed).await.unwrap();
+    assert_eq!((outcome.registered, outcome.quarantined), (1, 0));
+    assert_eq!(instances(&double, "clever").await.len(), 120);
+}

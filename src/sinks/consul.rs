@@ -10,6 +10,8 @@ use crate::model::{Catalog, EXTERNAL_SOURCE, ServiceInstance, meta_keys};
 use crate::pipeline::{DesiredRx, DesiredState};
 use crate::reconcile::{self, Op};
 use crate::secret::TokenSource;
+use crate::sinks::quarantine::{self, Quarantine};
+use backon::BackoffBuilder;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -180,7 +182,12 @@ pub enum ConsulError {
     #[error("Consul denied the request (HTTP 403): check the ACL token's policy: {0}")]
     Forbidden(String),
     #[error("Consul rejected the transaction (HTTP {status}): {errors}")]
-    TxnRejected { status: u16, errors: String },
+    TxnRejected {
+        status: u16,
+        errors: String,
+        /// Consul's per-op errors (`OpIndex`, `What`); empty when the reply had none.
+        failed: Vec<(usize, String)>,
+    },
     #[error("Consul answered HTTP {status} to {what}: {body}")]
     Status {
         what: &'static str,
@@ -555,18 +562,27 @@ impl ConsulClient {
             200 => Ok(()),
             403 => Err(ConsulError::Forbidden(truncate(&body))),
             409 => {
-                let errors = serde_json::from_str::<TxnErrors>(&body)
+                let failed: Vec<(usize, String)> = serde_json::from_str::<TxnErrors>(&body)
                     .ok()
                     .and_then(|e| e.errors)
-                    .map(|errors| {
-                        errors
-                            .iter()
-                            .map(|e| format!("op {}: {}", e.op_index, e.what))
-                            .collect::<Vec<_>>()
-                            .join("; ")
-                    })
-                    .unwrap_or_else(|| truncate(&body));
-                Err(ConsulError::TxnRejected { status, errors })
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|e| (e.op_index, e.what))
+                    .collect();
+                let errors = if failed.is_empty() {
+                    truncate(&body)
+                } else {
+                    failed
+                        .iter()
+                        .map(|(i, what)| format!("op {i}: {}", truncate(what)))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                };
+                Err(ConsulError::TxnRejected {
+                    status,
+                    errors,
+                    failed,
+                })
             }
             _ => Err(ConsulError::Status {
                 what: "txn",
@@ -704,28 +720,34 @@ fn truncate(body: &str) -> String {
     }
 }
 
-/// Capped exponential backoff for retries while Consul is unhealthy.
+/// Capped exponential backoff for retries while Consul is unhealthy, jittered so that many
+/// sidecars that lost the same Consul do not retry in lockstep when it comes back: each delay
+/// is the exponential step plus up to as much again at random, so within `[min, 2 * max)`.
 struct Backoff {
-    current: Duration,
-    min: Duration,
-    max: Duration,
+    builder: backon::ExponentialBuilder,
+    delays: backon::ExponentialBackoff,
 }
 
 impl Backoff {
     fn new(min: Duration, max: Duration) -> Self {
+        let builder = backon::ExponentialBuilder::default()
+            .with_min_delay(min)
+            .with_max_delay(max)
+            .with_jitter()
+            .without_max_times();
         Self {
-            current: min,
-            min,
-            max,
+            builder,
+            delays: builder.build(),
         }
     }
     fn next(&mut self) -> Duration {
-        let delay = self.current;
-        self.current = (self.current * 2).min(self.max);
-        delay
+        // Never runs out without a maximum of attempts; the cap is the fallback.
+        self.delays
+            .next()
+            .unwrap_or_else(|| self.builder.build().next().unwrap_or_default())
     }
     fn reset(&mut self) {
-        self.current = self.min;
+        self.delays = self.builder.build();
     }
 }
 
@@ -737,6 +759,8 @@ pub struct SyncOutcome {
     pub deregistered: usize,
     pub conflicts: usize,
     pub deferred: usize,
+    /// Operations Consul refused, held back and retried later.
+    pub quarantined: usize,
 }
 
 /// The sink's memory of Consul between passes: `None` means "re-read before writing".
@@ -750,6 +774,8 @@ pub struct ConsulSink {
     deregister_allowed: bool,
     reported_conflicts: Vec<String>,
     txn_limits: TxnLimits,
+    /// Operations Consul refused, held back so they do not block the others.
+    quarantine: Quarantine,
     pub synced: Arc<AtomicBool>,
 }
 
@@ -767,6 +793,7 @@ impl ConsulSink {
                 ops: MAX_TXN_OPS,
                 bytes: MAX_TXN_BYTES,
             },
+            quarantine: Quarantine::default(),
             synced: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -814,14 +841,23 @@ impl ConsulSink {
         }
         // Services need their node; it is (re)created in the first batch when missing.
         let needs_node = known.node_meta.is_none();
-        if plan.ops.is_empty() {
+        // Operations Consul refused stay out until their delay runs out or they change.
+        self.quarantine.retain_planned(&plan.ops);
+        let now = Instant::now();
+        let ops: Vec<&Op> = plan
+            .ops
+            .iter()
+            .filter(|op| !self.quarantine.holds(op, now))
+            .collect();
+        if ops.is_empty() {
+            self.count_quarantined(&mut outcome);
             return Ok(outcome);
         }
         let mut batch = Batch::default();
         if needs_node {
             batch.push(encode(&self.client.node_op()), None);
         }
-        for op in &plan.ops {
+        for op in ops {
             let encoded = encode(&self.client.service_op(op));
             if !batch.ops.is_empty() && !self.txn_limits.fit(&batch, encoded.len()) {
                 self.send(std::mem::take(&mut batch), &mut outcome).await?;
@@ -831,6 +867,7 @@ impl ConsulSink {
         if !batch.ops.is_empty() {
             self.send(batch, &mut outcome).await?;
         }
+        self.count_quarantined(&mut outcome);
         self.metrics
             .sink_operations(SINK, "register", outcome.registered as u64);
         self.metrics
@@ -857,13 +894,65 @@ impl ConsulSink {
                         queue.push_front(piece);
                     }
                 }
-                Err(e) => {
-                    self.known = None;
-                    return Err(e);
-                }
+                Err(e) => match self.isolate(&e, part) {
+                    Some(rest) if rest.ops.is_empty() => {}
+                    Some(rest) => queue.push_front(rest),
+                    None => {
+                        self.known = None;
+                        return Err(e);
+                    }
+                },
             }
         }
         Ok(())
+    }
+
+    /// Holds back the operations of `batch` that Consul refused for themselves and returns
+    /// the others, to resend; `None` when isolating cannot help (see [`quarantine::isolate`]).
+    fn isolate<'p>(&mut self, error: &ConsulError, batch: Batch<'p>) -> Option<Batch<'p>> {
+        let refusals = match error {
+            ConsulError::TxnRejected { failed, .. } => failed.clone(),
+            // One operation over Consul's body limit on its own.
+            ConsulError::Status {
+                status: 413, body, ..
+            } if batch.ops.len() == 1 => vec![(0, body.clone())],
+            _ => return None,
+        };
+        let node_op = batch.ops.iter().position(|(_, op)| op.is_none());
+        let isolation = quarantine::isolate(batch.ops.len(), &refusals, node_op)?;
+        let now = Instant::now();
+        let mut slots: Vec<_> = batch.ops.into_iter().map(Some).collect();
+        for (i, what) in &isolation.refused {
+            if let Some((_, Some(op))) = slots[*i].take() {
+                self.hold(op, what, now);
+            }
+        }
+        let mut rest = Batch::default();
+        for (encoded, op) in slots.into_iter().flatten() {
+            rest.push(encoded, op);
+        }
+        Some(rest)
+    }
+
+    fn hold(&mut self, op: &Op, what: &str, now: Instant) {
+        let (delay, refusals) = self.quarantine.refuse(op, now);
+        let (verb, instance) = match op {
+            Op::Register(i) => ("register", i),
+            Op::Deregister(i) => ("deregister", i),
+        };
+        self.metrics.sink_error(SINK, "entry_refused");
+        tracing::warn!(
+            service_id = %instance.id,
+            service = %instance.service,
+            address = %instance.address,
+            port = instance.port,
+            field = quarantine::refused_field(what).unwrap_or("-"),
+            verb,
+            error = %truncate(what),
+            retry_in = ?delay,
+            refusals,
+            "Consul refused one catalog entry; it is held back and retried later, every other entry is published"
+        );
     }
 
     fn applied(&mut self, batch: Batch<'_>, outcome: &mut SyncOutcome) {
@@ -877,6 +966,7 @@ impl ConsulSink {
                     )]));
                 }
                 Some(op) => {
+                    self.quarantine.accepted(op);
                     match op {
                         Op::Register(_) => outcome.registered += 1,
                         Op::Deregister(_) => outcome.deregistered += 1,
@@ -885,6 +975,11 @@ impl ConsulSink {
                 }
             }
         }
+    }
+
+    fn count_quarantined(&self, outcome: &mut SyncOutcome) {
+        outcome.quarantined = self.quarantine.len();
+        self.metrics.sink_quarantined(SINK, outcome.quarantined);
     }
 
     /// Forget the known state so the next pass re-reads Consul.
@@ -919,7 +1014,8 @@ impl ConsulSink {
             self.metrics.clone(),
         )));
         // Capped low: a retry is one cheap read, and a long outage must not delay convergence.
-        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+        // With jitter the delays are 100-200 ms at first and at most 5 s.
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_millis(2500));
         let mut change_seen = false;
         loop {
             let state = desired.borrow_and_update().clone();
@@ -954,8 +1050,13 @@ impl ConsulSink {
                 .map_or_else(Instant::now, |at| at + resync_interval);
             let wake_at = match retry_in {
                 Some(delay) => Some(Instant::now() + delay),
-                None if change_seen => Some(next_resync),
-                None => None,
+                None => [
+                    change_seen.then_some(next_resync),
+                    self.quarantine.next_retry(),
+                ]
+                .into_iter()
+                .flatten()
+                .min(),
             };
             tokio::select! {
                 () = &mut stop => break,
@@ -1057,12 +1158,27 @@ mod tests {
     }
 
     #[test]
-    fn backoff_is_capped() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(350));
-        let delays: Vec<_> = (0..4).map(|_| b.next().as_millis()).collect();
-        assert_eq!(delays, vec![100, 200, 350, 350]);
+    fn backoff_is_jittered_and_capped() {
+        let (min, max) = (Duration::from_millis(100), Duration::from_millis(350));
+        let sequence = || {
+            let mut b = Backoff::new(min, max);
+            (0..12).map(|_| b.next()).collect::<Vec<_>>()
+        };
+        let (one, two) = (sequence(), sequence());
+        // Two sidecars starting from the same state do not retry in lockstep.
+        assert_ne!(one, two);
+        for (i, delay) in one.iter().chain(&two).enumerate() {
+            let step = (min * 2u32.pow((i % 12) as u32)).min(max);
+            // The exponential step, plus up to as much again.
+            assert!(*delay >= step && *delay < step * 2, "{i}: {delay:?}");
+            assert!(*delay < max * 2);
+        }
+        let mut b = Backoff::new(min, max);
+        for _ in 0..5 {
+            b.next();
+        }
         b.reset();
-        assert_eq!(b.next().as_millis(), 100);
+        assert!(b.next() < min * 2, "back to the first step");
     }
 
     #[test]

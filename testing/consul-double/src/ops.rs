@@ -587,6 +587,37 @@ mod tests {
         assert!(!cas_allows(2, Some(3)));
     }
 
+    /// `ensureServiceTxn` (agent/consul/state/catalog.go) validates meta with
+    /// `structs.ValidateServiceMetadata`; `txnDispatch` (state/txn.go) collects the error
+    /// and `TxnRW` rolls back every op, the node included.
+    #[test]
+    fn one_meta_value_over_512_bytes_rolls_back_the_whole_txn() {
+        let mut cat = Catalog::new(1);
+        let long = "v".repeat(513);
+        let plan = prepare_txn(ops(&format!(
+            r#"[{{"Node":{{"Verb":"set","Node":{{"Node":"n","Address":"10.0.0.1"}}}}}},
+                {{"Service":{{"Verb":"set","Node":"n","Service":{{"ID":"a","Service":"web","Port":80}}}}}},
+                {{"Service":{{"Verb":"set","Node":"n","Service":{{"ID":"b","Service":"web","Port":81,
+                  "Meta":{{"metrics-path":"{long}"}}}}}}}}]"#
+        )))
+        .ok()
+        .unwrap();
+        match write_txn(&mut cat, plan, "dc1") {
+            TxnOutcome::RolledBack(errors) => {
+                assert_eq!(errors.len(), 1);
+                assert_eq!(errors[0].op_index, 2);
+                assert_eq!(
+                    errors[0].what,
+                    format!(
+                        "Invalid Service Meta for node n and serviceID b: Couldn't load metadata pair ('metrics-path', '{long}'): Value is too long (limit: 512 characters)"
+                    )
+                );
+            }
+            TxnOutcome::Applied { .. } => panic!("applied"),
+        }
+        assert!(cat.nodes.is_empty(), "the node op is rolled back too");
+    }
+
     #[test]
     fn txn_drops_tagged_addresses_like_consul() {
         let mut cat = Catalog::new(1);
