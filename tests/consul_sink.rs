@@ -49,10 +49,21 @@ fn desired_with_meta(
     complete: bool,
     meta: BTreeMap<String, String>,
 ) -> DesiredState {
+    desired_of("clever", OWNER, pods, live, complete, meta)
+}
+
+fn desired_of(
+    service: &str,
+    owner: &str,
+    pods: usize,
+    live: u16,
+    complete: bool,
+    meta: BTreeMap<String, String>,
+) -> DesiredState {
     let targets: Vec<Target> = (0..pods)
         .map(|i| Target {
             id: TargetId::new(format!("pod-{i}")),
-            service: "clever".into(),
+            service: service.into(),
             address: format!("10.1.{}.{}", i / 250, i % 250 + 1).parse().unwrap(),
             ports: PortRange::new(9011, 9020).unwrap(),
             path: "/metrics".into(),
@@ -65,7 +76,7 @@ fn desired_with_meta(
         .collect();
     let ports: BTreeSet<u16> = (9011..9011 + live).collect();
     DesiredState {
-        catalog: desired_catalog(OWNER, targets.iter().map(|t| (t, &ports))),
+        catalog: desired_catalog(owner, targets.iter().map(|t| (t, &ports))),
         complete,
     }
 }
@@ -515,4 +526,59 @@ async fn one_refused_entry_does_not_block_the_others() {
     let outcome = sink.sync(&fixed).await.unwrap();
     assert_eq!((outcome.registered, outcome.quarantined), (1, 0));
     assert_eq!(instances(&double, "clever").await.len(), 120);
+}
+
+/// Consul matches service IDs case-insensitively. A case-only change of the service name
+/// or of the owner id must leave every entry published, on Consul 1.15-1.20 (where a set
+/// and a delete of the same row in one txn delete what was just written) and on the newest
+/// Consul (which refuses to rename a service through its ID).
+#[tokio::test]
+async fn a_case_only_rename_keeps_every_entry() {
+    let meta = || BTreeMap::from([("team".to_string(), "web".to_string())]);
+    for newest in [false, true] {
+        let double = ConsulDouble::start(Config {
+            reject_txn_service_rename: newest,
+            ..Config::default()
+        })
+        .await
+        .unwrap();
+        let sink = |owner: &str| {
+            ConsulSink::new(
+                ConsulClient::new(ConsulSettings {
+                    owner: owner.into(),
+                    ..settings(&double, None)
+                })
+                .unwrap(),
+                Arc::new(Metrics::new()),
+            )
+        };
+        let mut first = sink("Cluster-A");
+        first
+            .sync(&desired_of("Clever", "Cluster-A", 3, 2, true, meta()))
+            .await
+            .unwrap();
+        assert_eq!(instances(&double, "clever").await.len(), 6);
+        // The service is renamed `clever`, then the owner id becomes `cluster-a`.
+        first
+            .sync(&desired_of("clever", "Cluster-A", 3, 2, true, meta()))
+            .await
+            .unwrap();
+        let listed = instances(&double, "clever").await;
+        assert_eq!(listed.len(), 6, "newest={newest}: {listed:?}");
+        assert!(listed.iter().all(|i| i["ServiceName"] == "clever"));
+        let mut renamed = sink("cluster-a");
+        let state = desired_of("clever", "cluster-a", 3, 2, true, meta());
+        renamed.sync(&state).await.unwrap();
+        let listed = instances(&double, "clever").await;
+        assert_eq!(listed.len(), 6, "newest={newest}: {listed:?}");
+        assert!(
+            listed
+                .iter()
+                .all(|i| i["ServiceMeta"]["workersd-owner"] == "cluster-a")
+        );
+        // Nothing left to do after a re-read.
+        renamed.invalidate();
+        let again = renamed.sync(&state).await.unwrap();
+        assert_eq!((again.registered, again.deregistered), (0, 0), "{again:?}");
+    }
 }

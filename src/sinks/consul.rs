@@ -842,14 +842,16 @@ impl ConsulSink {
         // Services need their node; it is (re)created in the first batch when missing.
         let needs_node = known.node_meta.is_none();
         // Operations Consul refused stay out until their delay runs out or they change.
-        self.quarantine.retain_planned(&plan.ops);
+        self.quarantine
+            .retain_planned(plan.first.iter().chain(&plan.ops));
         let now = Instant::now();
-        let ops: Vec<&Op> = plan
-            .ops
-            .iter()
-            .filter(|op| !self.quarantine.holds(op, now))
-            .collect();
-        if ops.is_empty() {
+        let sendable = |ops: &[Op]| -> Vec<usize> {
+            (0..ops.len())
+                .filter(|&i| !self.quarantine.holds(&ops[i], now))
+                .collect()
+        };
+        let (first, rest) = (sendable(&plan.first), sendable(&plan.ops));
+        if first.is_empty() && rest.is_empty() {
             self.count_quarantined(&mut outcome);
             return Ok(outcome);
         }
@@ -857,15 +859,21 @@ impl ConsulSink {
         if needs_node {
             batch.push(encode(&self.client.node_op()), None);
         }
-        for op in ops {
-            let encoded = encode(&self.client.service_op(op));
-            if !batch.ops.is_empty() && !self.txn_limits.fit(&batch, encoded.len()) {
+        for (ops, sendable) in [(&plan.first, first), (&plan.ops, rest)] {
+            if sendable.is_empty() {
+                continue;
+            }
+            for op in sendable.into_iter().map(|i| &ops[i]) {
+                let encoded = encode(&self.client.service_op(op));
+                if !batch.ops.is_empty() && !self.txn_limits.fit(&batch, encoded.len()) {
+                    self.send(std::mem::take(&mut batch), &mut outcome).await?;
+                }
+                batch.push(encoded, Some(op));
+            }
+            // Rows deleted in `first` are committed before they are set again.
+            if !batch.ops.is_empty() {
                 self.send(std::mem::take(&mut batch), &mut outcome).await?;
             }
-            batch.push(encoded, Some(op));
-        }
-        if !batch.ops.is_empty() {
-            self.send(batch, &mut outcome).await?;
         }
         self.count_quarantined(&mut outcome);
         self.metrics

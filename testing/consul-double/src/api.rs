@@ -726,6 +726,13 @@ async fn txn(
             return txn_conflict(&errors, pretty);
         }
     };
+    if shared.config.reject_txn_service_rename {
+        let errors = ops::reject_service_renames(&shared.read_catalog(), &plan);
+        if !errors.is_empty() {
+            shared.stats().txn.rolled_back += 1;
+            return txn_conflict(&errors, pretty);
+        }
+    }
     let labels = ops::op_labels(&plan);
     let datacenter = &shared.config.datacenter;
     if plan.writes == 0 {

@@ -60,6 +60,9 @@ pub struct Config {
     pub txn_max_req_len: usize,
     /// Index of the empty catalog, at start and after a wipe (minimum 1).
     pub initial_index: u64,
+    /// Newest Consul's txn pre-check: a Service op whose ID (case-insensitively) names a
+    /// stored service of another name is refused. Off by default: Consul 1.15-1.20 apply it.
+    pub reject_txn_service_rename: bool,
 }
 
 impl Default for Config {
@@ -73,6 +76,7 @@ impl Default for Config {
             max_txn_ops: DEFAULT_MAX_TXN_OPS,
             txn_max_req_len: DEFAULT_TXN_MAX_REQ_LEN,
             initial_index: 1,
+            reject_txn_service_rename: false,
         }
     }
 }
@@ -89,6 +93,7 @@ impl fmt::Debug for Config {
             .field("max_txn_ops", &self.max_txn_ops)
             .field("txn_max_req_len", &self.txn_max_req_len)
             .field("initial_index", &self.initial_index)
+            .field("reject_txn_service_rename", &self.reject_txn_service_rename)
             .finish()
     }
 }

@@ -59,6 +59,11 @@ struct Args {
     #[arg(long, default_value_t = 1)]
     initial_index: u64,
 
+    /// Refuse txn Service ops that rename a stored service through its ID, as the newest
+    /// Consul does (Consul 1.15-1.20 apply them).
+    #[arg(long, env = "CONSUL_DOUBLE_REJECT_TXN_SERVICE_RENAME")]
+    reject_txn_service_rename: bool,
+
     /// Write the bound addresses here as JSON once listening.
     #[arg(long, env = "CONSUL_DOUBLE_READY_FILE")]
     ready_file: Option<PathBuf>,
@@ -129,6 +134,7 @@ async fn main() -> ExitCode {
         max_txn_ops: args.max_txn_ops,
         txn_max_req_len: args.txn_max_req_len,
         initial_index: args.initial_index,
+        reject_txn_service_rename: args.reject_txn_service_rename,
     };
     tracing::info!(?config, "starting");
     let double = match ConsulDouble::start(config).await {

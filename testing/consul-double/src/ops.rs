@@ -314,6 +314,40 @@ pub fn prepare_txn(ops: Vec<TxnOpInput>) -> Result<TxnPlan, Vec<TxnError>> {
     }
 }
 
+/// Newest Consul's `vetServiceTxnOp` (`agent/consul/txn_endpoint.go`), run in `preCheck`
+/// against the committed catalog: a Service write whose ID names (case-insensitively, as
+/// memdb's ID index does) a stored service of another name (compared exactly) is refused.
+/// Consul 1.15-1.20 have no such check; see `Config::reject_txn_service_rename`.
+pub fn reject_service_renames(catalog: &Catalog, plan: &TxnPlan) -> Vec<TxnError> {
+    let mut errors = Vec::new();
+    for (op_index, op) in plan.ops.iter().enumerate() {
+        let PreparedOp::Service {
+            verb,
+            node,
+            service,
+        } = op
+        else {
+            continue;
+        };
+        if verb == "get" {
+            continue;
+        }
+        let id = service.id.as_deref().unwrap_or_default();
+        let name = service.service.as_deref().unwrap_or_default();
+        if let Some(existing) = catalog.service(node, id)
+            && existing.service != name
+        {
+            errors.push(TxnError {
+                op_index,
+                what: format!(
+                    "service name does not match existing service name for service ID {id:?} on node {node:?}"
+                ),
+            });
+        }
+    }
+    errors
+}
+
 /// Kind and verb of each op, e.g. `"Service.set"`, for statistics.
 pub fn op_labels(plan: &TxnPlan) -> Vec<String> {
     plan.ops
@@ -471,15 +505,9 @@ fn write_op(
             let existing = tx.catalog().service(&node, &record.id).cloned();
             match verb.as_str() {
                 "set" | "cas" => {
-                    if let Some(existing) = &existing
-                        && existing.service != record.service
-                    {
-                        // Newer Consul refuses to rename a service via its ID.
-                        return Err(format!(
-                            "service name does not match existing service name for service ID {:?} on node {:?}",
-                            record.id, node
-                        ));
-                    }
+                    // Consul 1.15-1.20: a set on an ID that matches a stored one
+                    // case-insensitively replaces that row, its ID spelling and name
+                    // included (`ensureServiceTxn`, memdb's lower-cased ID index).
                     if verb == "cas" && !cas_allows(requested, existing.map(|s| s.modify_index)) {
                         return Err(format!(
                             "failed to set service {:?} on node {:?}, index is stale",
@@ -616,6 +644,45 @@ mod tests {
             TxnOutcome::Applied { .. } => panic!("applied"),
         }
         assert!(cat.nodes.is_empty(), "the node op is rolled back too");
+    }
+
+    /// Consul 1.15-1.20: IDs are one row case-insensitively, so a set of `web-1` followed
+    /// by a delete of `Web-1` in one txn deletes what the set just wrote. The newest
+    /// Consul's pre-check refuses the set instead (the stored row is named `Web`).
+    #[test]
+    fn a_set_and_a_delete_of_ids_differing_in_case_hit_one_row() {
+        let mut cat = Catalog::new(1);
+        let setup = prepare_txn(ops(
+            r#"[{"Node":{"Verb":"set","Node":{"Node":"n","Address":"10.0.0.1"}}},
+                {"Service":{"Verb":"set","Node":"n","Service":{"ID":"Web-1","Service":"Web","Port":80}}}]"#,
+        ))
+        .ok()
+        .unwrap();
+        assert!(matches!(
+            write_txn(&mut cat, setup, "dc1"),
+            TxnOutcome::Applied { .. }
+        ));
+        let rename = || {
+            prepare_txn(ops(
+                r#"[{"Service":{"Verb":"set","Node":"n","Service":{"ID":"web-1","Service":"web","Port":80}}},
+                    {"Service":{"Verb":"delete","Node":"N","Service":{"ID":"Web-1","Service":"Web"}}}]"#,
+            ))
+            .ok()
+            .unwrap()
+        };
+        let refused = reject_service_renames(&cat, &rename());
+        assert_eq!(refused.len(), 1);
+        assert_eq!(refused[0].op_index, 0);
+        assert_eq!(
+            refused[0].what,
+            r#"service name does not match existing service name for service ID "web-1" on node "n""#
+        );
+        assert!(matches!(
+            write_txn(&mut cat, rename(), "dc1"),
+            TxnOutcome::Applied { .. }
+        ));
+        assert!(cat.service("n", "web-1").is_none(), "the set was deleted");
+        assert_eq!(cat.service_count(), 0);
     }
 
     #[test]
