@@ -582,3 +582,32 @@ async fn a_case_only_rename_keeps_every_entry() {
         assert_eq!((again.registered, again.deregistered), (0, 0), "{again:?}");
     }
 }
+
+/// The synthetic node is created only if absent (`cas` at ModifyIndex 0): a node of that name
+/// created by someone else between the sink's read and its write is never taken over.
+#[tokio::test]
+async fn a_node_created_meanwhile_by_someone_else_is_not_taken_over() {
+    let double = start().await;
+    let mut sink = sink(&double, None);
+    // The sink reads Consul (no node yet) and has nothing to write.
+    let outcome = sink.sync(&desired(0, 0, false)).await.unwrap();
+    assert_eq!(outcome.requests, 1);
+    put(
+        &double,
+        "/v1/catalog/register",
+        json!({"Node": NODE, "Address": "10.0.0.9", "NodeMeta": {"team": "x"}}),
+    )
+    .await;
+    let err = sink.sync(&desired(1, 1, true)).await.unwrap_err();
+    assert!(
+        err.to_string().contains("index is stale"),
+        "refused, not overwritten: {err}"
+    );
+    let node = get(&double, &format!("/v1/catalog/node/{NODE}")).await;
+    assert_eq!(node["Node"]["Meta"], json!({"team": "x"}));
+    assert_eq!(node["Node"]["Address"], "10.0.0.9");
+    assert!(instances(&double, "clever").await.is_empty());
+    // The re-read then sees whose node it is.
+    let err = sink.sync(&desired(1, 1, true)).await.unwrap_err();
+    assert!(matches!(err, ConsulError::NodeNotOwned { .. }), "{err}");
+}

@@ -523,15 +523,19 @@ impl ConsulClient {
     }
 
     fn node_op(&self) -> serde_json::Value {
+        // Sent only when the read found no node: `cas` at ModifyIndex 0 creates it only if
+        // still absent (Consul's ensureNodeCASTxn), so a node someone else registered since
+        // is refused ("index is stale") instead of taken over.
         let mut node = json!({
             "Node": self.settings.node,
             "Address": self.settings.node_address,
             "Meta": { meta_keys::EXTERNAL_SOURCE: EXTERNAL_SOURCE },
+            "ModifyIndex": 0,
         });
         if let Some(dc) = &self.settings.datacenter {
             node["Datacenter"] = json!(dc);
         }
-        json!({ "Node": { "Verb": "set", "Node": node } })
+        json!({ "Node": { "Verb": "cas", "Node": node } })
     }
 
     fn service_op(&self, op: &Op) -> serde_json::Value {

@@ -685,6 +685,49 @@ mod tests {
         assert_eq!(cat.service_count(), 0);
     }
 
+    /// `txnNode`/`txnService` (agent/consul/state/txn.go) with `ensureNodeCASTxn` and
+    /// `deleteServiceCASTxn` (state/catalog.go): create-only at index 0, stale otherwise.
+    #[test]
+    fn node_cas_creates_only_if_absent_and_delete_cas_needs_the_index() {
+        let mut cat = Catalog::new(1);
+        let run = |cat: &mut Catalog, json: &str| match write_txn(
+            cat,
+            prepare_txn(ops(json)).ok().unwrap(),
+            "dc1",
+        ) {
+            TxnOutcome::Applied { .. } => Ok(()),
+            TxnOutcome::RolledBack(e) => Err(e[0].what.clone()),
+        };
+        let create =
+            r#"[{"Node":{"Verb":"cas","Node":{"Node":"n","Address":"a","ModifyIndex":0}}}]"#;
+        run(&mut cat, create).unwrap();
+        assert_eq!(
+            run(&mut cat, create).unwrap_err(),
+            r#"failed to set node "n", index is stale"#
+        );
+        run(
+            &mut cat,
+            r#"[{"Service":{"Verb":"set","Node":"n","Service":{"ID":"a","Service":"web"}}}]"#,
+        )
+        .unwrap();
+        let index = cat.service("n", "a").unwrap().modify_index;
+        let delete = |i: u64| {
+            format!(
+                r#"[{{"Service":{{"Verb":"delete-cas","Node":"n","Service":{{"ID":"A","Service":"web","ModifyIndex":{i}}}}}}}]"#
+            )
+        };
+        assert_eq!(
+            run(&mut cat, &delete(index + 1)).unwrap_err(),
+            r#"failed to delete service "A" on node "n", index is stale"#
+        );
+        run(&mut cat, &delete(index)).unwrap();
+        assert!(cat.service("n", "a").is_none());
+        assert!(
+            run(&mut cat, &delete(index)).is_err(),
+            "an absent service is stale"
+        );
+    }
+
     #[test]
     fn txn_drops_tagged_addresses_like_consul() {
         let mut cat = Catalog::new(1);
