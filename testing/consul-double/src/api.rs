@@ -726,6 +726,11 @@ async fn txn(
             return txn_conflict(&errors, pretty);
         }
     };
+    let injected = ops::refuse_service_writes(&plan, &shared.refused_services());
+    if !injected.is_empty() {
+        shared.stats().txn.rolled_back += 1;
+        return txn_conflict(&injected, pretty);
+    }
     if shared.config.reject_txn_service_rename {
         let errors = ops::reject_service_renames(&shared.read_catalog(), &plan);
         if !errors.is_empty() {

@@ -108,6 +108,8 @@ pub(crate) struct Shared {
     api_addr: SocketAddr,
     api_up: AtomicBool,
     api_listener: tokio::sync::Mutex<Option<server::RunningListener>>,
+    /// Fault injection: txn Service writes of these service names are refused per op.
+    refused_services: Mutex<Vec<String>>,
 }
 
 impl Shared {
@@ -119,6 +121,12 @@ impl Shared {
 
     fn write_catalog(&self) -> RwLockWriteGuard<'_, Catalog> {
         self.catalog.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn refused_services(&self) -> MutexGuard<'_, Vec<String>> {
+        self.refused_services
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     fn stats(&self) -> MutexGuard<'_, Stats> {
@@ -212,6 +220,7 @@ impl ConsulDouble {
             api_addr,
             api_up: AtomicBool::new(true),
             api_listener: tokio::sync::Mutex::new(None),
+            refused_services: Mutex::new(Vec::new()),
         });
         *shared.api_listener.lock().await =
             Some(server::spawn_api(api_listener, api::router(shared.clone())));

@@ -348,6 +348,27 @@ pub fn reject_service_renames(catalog: &Catalog, plan: &TxnPlan) -> Vec<TxnError
     errors
 }
 
+/// Fault injection (`POST /control/refuse-service-writes`), not a Consul behaviour: txn
+/// Service writes of the given service names fail per op, as an op Consul refuses on its own
+/// (an ACL denial, a meta rule) does in `preCheck`: 409, nothing applied.
+pub fn refuse_service_writes(plan: &TxnPlan, refused: &[String]) -> Vec<TxnError> {
+    let mut errors = Vec::new();
+    for (op_index, op) in plan.ops.iter().enumerate() {
+        if let PreparedOp::Service { verb, service, .. } = op
+            && verb != "get"
+        {
+            let name = service.service.as_deref().unwrap_or_default();
+            if refused.iter().any(|r| r == name) {
+                errors.push(TxnError {
+                    op_index,
+                    what: format!("consul-double: injected refusal of service {name:?}"),
+                });
+            }
+        }
+    }
+    errors
+}
+
 /// Kind and verb of each op, e.g. `"Service.set"`, for statistics.
 pub fn op_labels(plan: &TxnPlan) -> Vec<String> {
     plan.ops
