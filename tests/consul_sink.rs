@@ -611,3 +611,37 @@ async fn a_node_created_meanwhile_by_someone_else_is_not_taken_over() {
     let err = sink.sync(&desired(1, 1, true)).await.unwrap_err();
     assert!(matches!(err, ConsulError::NodeNotOwned { .. }), "{err}");
 }
+
+/// Owned entries are deleted with `delete-cas` at the ModifyIndex the sink knows: an entry
+/// that someone else re-registered under the same ID since (now not ours) is never deleted.
+#[tokio::test]
+async fn an_entry_taken_over_meanwhile_is_not_deleted() {
+    let double = start().await;
+    let mut sink = sink(&double, None);
+    sink.sync(&desired(1, 2, true)).await.unwrap();
+    let listed = instances(&double, "clever").await;
+    assert_eq!(listed.len(), 2);
+    let taken = listed[1]["ServiceID"].as_str().unwrap().to_string();
+    // Someone registers their own service under that ID (no workersd meta).
+    put(&double, "/v1/catalog/register", json!({
+        "Node": NODE, "Address": "127.0.0.1", "SkipNodeUpdate": true,
+        "Service": {"ID": taken, "Service": "clever", "Address": "10.9.9.9", "Port": 1, "Meta": {"team": "ops"}}
+    }))
+    .await;
+    // The worker behind that ID is gone: the sink's stale view says the entry is its own.
+    let gone = desired(1, 1, true);
+    assert!(!gone.catalog.contains_key(taken.as_str()));
+    let first = sink.sync(&gone).await;
+    assert!(
+        first
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("index is stale")),
+        "{first:?}"
+    );
+    // After the re-read the entry is someone else's and is left alone.
+    let outcome = sink.sync(&gone).await.unwrap();
+    assert_eq!(outcome.deregistered, 0, "{outcome:?}");
+    let listed = instances(&double, "clever").await;
+    let kept = listed.iter().find(|i| i["ServiceID"] == *taken).unwrap();
+    assert_eq!(kept["ServiceMeta"], json!({"team": "ops"}));
+}

@@ -222,12 +222,18 @@ pub struct NodeView {
     pub services: Catalog,
     /// `X-Consul-Index` of the reply (0 when absent): where a change watch starts.
     pub index: u64,
+    /// Each entry's `ModifyIndex`, read or learnt from our txn results: owned entries are
+    /// deleted with `delete-cas` at it, so one re-registered by someone else since is kept.
+    pub modify_index: ModifyIndexes,
 }
+
+/// `ModifyIndex` by service ID.
+pub type ModifyIndexes = std::collections::HashMap<Arc<str>, u64>;
 
 /// Decodes a node-services reply entry by entry into a catalog as it is read: a
 /// resync re-reads every entry (40,000 at 10,000 pods), and entries equal to the desired
 /// ones are shared, never materialised or collected in between.
-struct NodeServicesSeed<'c>(&'c Catalog);
+struct NodeServicesSeed<'c>(&'c Catalog, &'c mut ModifyIndexes);
 
 impl<'de> serde::de::DeserializeSeed<'de> for NodeServicesSeed<'_> {
     type Value = (Option<NodeReply>, Catalog);
@@ -246,7 +252,7 @@ impl<'de> serde::de::Visitor<'de> for NodeServicesSeed<'_> {
         while let Some(key) = map.next_key::<String>()? {
             match key.as_str() {
                 "Node" => node = map.next_value()?,
-                "Services" => services = map.next_value_seed(ServicesSeed(self.0))?,
+                "Services" => services = map.next_value_seed(ServicesSeed(self.0, self.1))?,
                 _ => {
                     map.next_value::<serde::de::IgnoredAny>()?;
                 }
@@ -257,7 +263,7 @@ impl<'de> serde::de::Visitor<'de> for NodeServicesSeed<'_> {
 }
 
 /// The `Services` array (or null) of a node-services reply.
-struct ServicesSeed<'c>(&'c Catalog);
+struct ServicesSeed<'c>(&'c Catalog, &'c mut ModifyIndexes);
 
 impl<'de> serde::de::DeserializeSeed<'de> for ServicesSeed<'_> {
     type Value = Catalog;
@@ -283,6 +289,7 @@ impl<'de> serde::de::Visitor<'de> for ServicesSeed<'_> {
     fn visit_seq<S: serde::de::SeqAccess<'de>>(self, mut seq: S) -> Result<Catalog, S::Error> {
         let mut services = Catalog::new();
         while let Some(s) = seq.next_element::<ServiceReply>()? {
+            let modify_index = s.modify_index;
             let (id, instance) = match self.0.get(s.id.as_str()) {
                 // Shares the desired instance instead of a decoded copy.
                 Some(want) if s.is(want) => (want.id.clone(), want.clone()),
@@ -291,6 +298,7 @@ impl<'de> serde::de::Visitor<'de> for ServicesSeed<'_> {
                     (instance.id.clone(), Arc::new(instance))
                 }
             };
+            self.1.insert(id.clone(), modify_index);
             services.insert(id, instance);
         }
         Ok(services)
@@ -317,6 +325,8 @@ struct ServiceReply {
     tags: Option<Vec<String>>,
     #[serde(rename = "Meta", default)]
     meta: Option<Pairs>,
+    #[serde(rename = "ModifyIndex", default)]
+    modify_index: u64,
 }
 
 /// A JSON object of strings as its pairs, in one allocation (a map costs a node per key, per
@@ -398,6 +408,27 @@ impl ServiceReply {
             meta: Arc::new(meta),
         }
     }
+}
+
+/// A committed txn's reply: only what the sink keeps of it.
+#[derive(Deserialize)]
+struct TxnReply {
+    #[serde(rename = "Results", default)]
+    results: Option<Vec<TxnResultReply>>,
+}
+
+#[derive(Deserialize)]
+struct TxnResultReply {
+    #[serde(rename = "Service", default)]
+    service: Option<ServiceIndexReply>,
+}
+
+#[derive(Deserialize)]
+struct ServiceIndexReply {
+    #[serde(rename = "ID")]
+    id: String,
+    #[serde(rename = "ModifyIndex", default)]
+    modify_index: u64,
 }
 
 #[derive(Deserialize)]
@@ -538,7 +569,8 @@ impl ConsulClient {
         json!({ "Node": { "Verb": "cas", "Node": node } })
     }
 
-    fn service_op(&self, op: &Op) -> serde_json::Value {
+    /// `modify_index` is the entry's known ModifyIndex (used by deletes).
+    fn service_op(&self, op: &Op, modify_index: u64) -> serde_json::Value {
         match op {
             Op::Register(i) => json!({ "Service": {
                 "Verb": "set",
@@ -547,23 +579,33 @@ impl ConsulClient {
                     id: &i.id, service: &i.service, address: &i.address, port: i.port, tags: &i.tags, meta: i.published_meta(),
                 },
             }}),
+            // Only if unchanged since read (Consul's deleteServiceCASTxn): an entry someone
+            // re-registered under that ID is refused ("index is stale"), then re-read.
             Op::Deregister(i) => json!({ "Service": {
-                "Verb": "delete",
+                "Verb": "delete-cas",
                 "Node": self.settings.node,
-                "Service": { "ID": &*i.id, "Service": i.service },
+                "Service": { "ID": &*i.id, "Service": i.service, "ModifyIndex": modify_index },
             }}),
         }
     }
 
     /// Sends one transaction: `body` is a JSON array of operations.
-    async fn txn(&self, body: Vec<u8>) -> Result<(), ConsulError> {
+    /// Returns the ModifyIndex of each service the txn wrote, by ID.
+    async fn txn(&self, body: Vec<u8>) -> Result<BTreeMap<String, u64>, ConsulError> {
         let request = self
             .request(reqwest::Method::PUT, "/v1/txn")
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .body(body);
         let (status, body) = send(request).await?;
         match status {
-            200 => Ok(()),
+            200 => Ok(serde_json::from_str::<TxnReply>(&body)
+                .ok()
+                .and_then(|r| r.results)
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|r| r.service)
+                .map(|s| (s.id, s.modify_index))
+                .collect()),
             403 => Err(ConsulError::Forbidden(truncate(&body))),
             409 => {
                 let failed: Vec<(usize, String)> = serde_json::from_str::<TxnErrors>(&body)
@@ -670,7 +712,8 @@ pub fn decode_node_services(
 ) -> Result<NodeView, ConsulError> {
     use serde::de::DeserializeSeed;
     let mut decoder = serde_json::Deserializer::from_reader(body);
-    let (node, services) = NodeServicesSeed(desired)
+    let mut modify_index = ModifyIndexes::new();
+    let (node, services) = NodeServicesSeed(desired, &mut modify_index)
         .deserialize(&mut decoder)
         .and_then(|reply| decoder.end().map(|()| reply))
         .map_err(|e| ConsulError::Decode {
@@ -684,6 +727,7 @@ pub fn decode_node_services(
         node_meta: Some(node.meta.unwrap_or_default()),
         services,
         index: 0,
+        modify_index,
     })
 }
 
@@ -868,7 +912,16 @@ impl ConsulSink {
                 continue;
             }
             for op in sendable.into_iter().map(|i| &ops[i]) {
-                let encoded = encode(&self.client.service_op(op));
+                let modify_index = match op {
+                    Op::Deregister(i) => self
+                        .known
+                        .as_ref()
+                        .and_then(|k| k.modify_index.get(&i.id).copied())
+                        // Unknown: refused as stale, and the re-read learns it.
+                        .unwrap_or(0),
+                    Op::Register(_) => 0,
+                };
+                let encoded = encode(&self.client.service_op(op, modify_index));
                 if !batch.ops.is_empty() && !self.txn_limits.fit(&batch, encoded.len()) {
                     self.send(std::mem::take(&mut batch), &mut outcome).await?;
                 }
@@ -900,7 +953,7 @@ impl ConsulSink {
             self.metrics.sink_request(SINK, "txn");
             outcome.requests += 1;
             match self.client.txn(part.body()).await {
-                Ok(()) => self.applied(part, outcome),
+                Ok(written) => self.applied(part, &written, outcome),
                 Err(e) if part.ops.len() > 1 && self.txn_limits.shrink(&e, &part) => {
                     for piece in part.split(&self.txn_limits).into_iter().rev() {
                         queue.push_front(piece);
@@ -967,7 +1020,12 @@ impl ConsulSink {
         );
     }
 
-    fn applied(&mut self, batch: Batch<'_>, outcome: &mut SyncOutcome) {
+    fn applied(
+        &mut self,
+        batch: Batch<'_>,
+        written: &BTreeMap<String, u64>,
+        outcome: &mut SyncOutcome,
+    ) {
         let known = self.known.as_mut().expect("read before any write");
         for (_, op) in batch.ops {
             match op {
@@ -980,8 +1038,17 @@ impl ConsulSink {
                 Some(op) => {
                     self.quarantine.accepted(op);
                     match op {
-                        Op::Register(_) => outcome.registered += 1,
-                        Op::Deregister(_) => outcome.deregistered += 1,
+                        Op::Register(i) => {
+                            outcome.registered += 1;
+                            match written.get(&*i.id) {
+                                Some(&index) => known.modify_index.insert(i.id.clone(), index),
+                                None => known.modify_index.remove(&i.id),
+                            };
+                        }
+                        Op::Deregister(i) => {
+                            outcome.deregistered += 1;
+                            known.modify_index.remove(&i.id);
+                        }
                     }
                     reconcile::apply(&mut known.services, std::slice::from_ref(op));
                 }
