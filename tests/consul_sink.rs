@@ -265,12 +265,14 @@ async fn large_entries_are_batched_by_size() {
     assert_eq!(instances(&double, "clever").await.len(), 80);
 }
 
-/// A Consul configured with a smaller `limits.txn_max_req_len` refuses the first batches;
-/// the sink learns the size and later passes are not refused.
+/// A Consul configured with smaller `limits.txn_max_req_len` and `kv_max_value_size` (the
+/// body limit is the larger of the two) refuses the first batches; the sink learns the size
+/// and later passes are not refused.
 #[tokio::test]
 async fn a_smaller_consul_body_limit_is_learnt() {
     let double = ConsulDouble::start(Config {
         txn_max_req_len: 100 * 1024,
+        kv_max_value_size: 100 * 1024,
         ..Config::default()
     })
     .await

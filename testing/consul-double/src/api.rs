@@ -680,7 +680,12 @@ async fn txn(
     if let Err(error) = check_datacenter(params.get("dc"), &shared.config.datacenter) {
         return api_error(error);
     }
-    let limit = shared.config.txn_max_req_len;
+    // Consul's convertOps (agent/txn_endpoint.go): for backward compatibility the body may be
+    // as large as kv_max_value_size when that is the larger limit.
+    let limit = shared
+        .config
+        .txn_max_req_len
+        .max(shared.config.kv_max_value_size);
     if declared_length(&headers).is_some_and(|len| len > limit) {
         return txn_rejected(
             &shared,

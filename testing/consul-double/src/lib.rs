@@ -56,8 +56,12 @@ pub struct Config {
     /// When set, every `/v1` request must present this token.
     pub acl_token: Option<String>,
     pub max_txn_ops: usize,
-    /// Largest `/v1/txn` body in bytes (Consul's `limits.txn_max_req_len`, 512 KiB).
+    /// Largest `/v1/txn` body in bytes (Consul's `limits.txn_max_req_len`, 512 KiB); the
+    /// limit enforced is the larger of this and `kv_max_value_size`, as in Consul.
     pub txn_max_req_len: usize,
+    /// Consul's `limits.kv_max_value_size` (512 KiB): a txn body may be this large even
+    /// when `txn_max_req_len` is smaller (`convertOps` in `agent/txn_endpoint.go`).
+    pub kv_max_value_size: usize,
     /// Index of the empty catalog, at start and after a wipe (minimum 1).
     pub initial_index: u64,
     /// Newest Consul's txn pre-check: a Service op whose ID (case-insensitively) names a
@@ -75,6 +79,7 @@ impl Default for Config {
             acl_token: None,
             max_txn_ops: DEFAULT_MAX_TXN_OPS,
             txn_max_req_len: DEFAULT_TXN_MAX_REQ_LEN,
+            kv_max_value_size: DEFAULT_TXN_MAX_REQ_LEN,
             initial_index: 1,
             reject_txn_service_rename: false,
         }
@@ -92,6 +97,7 @@ impl fmt::Debug for Config {
             .field("acl_token", &self.acl_token.as_ref().map(|_| "<redacted>"))
             .field("max_txn_ops", &self.max_txn_ops)
             .field("txn_max_req_len", &self.txn_max_req_len)
+            .field("kv_max_value_size", &self.kv_max_value_size)
             .field("initial_index", &self.initial_index)
             .field("reject_txn_service_rename", &self.reject_txn_service_rename)
             .finish()

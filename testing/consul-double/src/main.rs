@@ -55,6 +55,10 @@ struct Args {
     #[arg(long, env = "CONSUL_DOUBLE_TXN_MAX_REQ_LEN", default_value_t = DEFAULT_TXN_MAX_REQ_LEN)]
     txn_max_req_len: usize,
 
+    /// Consul's limits.kv_max_value_size; the txn body limit is the larger of the two.
+    #[arg(long, env = "CONSUL_DOUBLE_KV_MAX_VALUE_SIZE", default_value_t = DEFAULT_TXN_MAX_REQ_LEN)]
+    kv_max_value_size: usize,
+
     /// Index of the empty catalog at start and after a wipe.
     #[arg(long, default_value_t = 1)]
     initial_index: u64,
@@ -133,6 +137,7 @@ async fn main() -> ExitCode {
         acl_token,
         max_txn_ops: args.max_txn_ops,
         txn_max_req_len: args.txn_max_req_len,
+        kv_max_value_size: args.kv_max_value_size,
         initial_index: args.initial_index,
         reject_txn_service_rename: args.reject_txn_service_rename,
     };
