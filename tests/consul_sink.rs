@@ -647,3 +647,52 @@ async fn an_entry_taken_over_meanwhile_is_not_deleted() {
     let kept = listed.iter().find(|i| i["ServiceID"] == *taken).unwrap();
     assert_eq!(kept["ServiceMeta"], json!({"team": "ops"}));
 }
+
+/// Consul's rate limiter (enforcing mode) refuses writes over the limit with 503 on the
+/// leader and 429 elsewhere: the running sink backs off (jittered) and converges without
+/// hammering Consul.
+#[tokio::test]
+async fn a_rate_limited_consul_is_backed_off_from() {
+    for leader in [true, false] {
+        let double = ConsulDouble::start(Config {
+            write_rate_limit: Some(consul_double::WriteRateLimit {
+                per_second: 4.0,
+                burst: 1.0,
+                leader,
+            }),
+            ..Config::default()
+        })
+        .await
+        .unwrap();
+        let sink = ConsulSink::new(
+            ConsulClient::new(settings(&double, None)).unwrap(),
+            Arc::new(Metrics::new()),
+        );
+        let (desired_tx, desired_rx) = workersd::pipeline::desired_channel();
+        desired_tx.send_replace(Arc::new(desired(100, 4, true))); // 400 entries: 4 txns
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let running = tokio::spawn(sink.run_until(desired_rx, async {
+            let _ = stop_rx.await;
+        }));
+        within(Duration::from_secs(10), "converged", async || {
+            instances(&double, "clever").await.len() == 400
+        })
+        .await;
+        let stats = double.stats();
+        let status: u16 = if leader { 503 } else { 429 };
+        let refused = stats
+            .responses
+            .get("PUT /v1/txn")
+            .and_then(|r| r.get(&status))
+            .copied()
+            .unwrap_or(0);
+        println!("leader={leader}: {refused} writes refused with {status} before converging");
+        assert!(
+            refused >= 1,
+            "leader={leader}: the limit was hit: {stats:?}"
+        );
+        assert!(refused <= 20, "leader={leader}: backed off: {stats:?}");
+        stop_tx.send(()).unwrap();
+        running.await.unwrap();
+    }
+}

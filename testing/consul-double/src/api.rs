@@ -743,6 +743,18 @@ async fn txn(
             return txn_conflict(&errors, pretty);
         }
     }
+    // Txn.Apply is a write RPC for Consul's rate limiter; read-only txns are Txn.Read.
+    if plan.writes > 0
+        && let Err((status, refusal)) = shared.admit_write()
+    {
+        return txn_rejected(
+            &shared,
+            text(
+                StatusCode::from_u16(status).unwrap_or(StatusCode::TOO_MANY_REQUESTS),
+                refusal,
+            ),
+        );
+    }
     let labels = ops::op_labels(&plan);
     let datacenter = &shared.config.datacenter;
     if plan.writes == 0 {

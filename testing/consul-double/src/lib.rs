@@ -67,6 +67,20 @@ pub struct Config {
     /// Newest Consul's txn pre-check: a Service op whose ID (case-insensitively) names a
     /// stored service of another name is refused. Off by default: Consul 1.15-1.20 apply it.
     pub reject_txn_service_rename: bool,
+    /// Consul's global write rate limit (`limits.request_limits`, mode `enforcing`) applied
+    /// to `/v1/txn` writes; `None` (the default) is Consul's default mode, `disabled`.
+    pub write_rate_limit: Option<WriteRateLimit>,
+}
+
+/// A token bucket of `per_second` tokens, holding at most `burst` (at least 1).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct WriteRateLimit {
+    pub per_second: f64,
+    pub burst: f64,
+    /// Whether the double answers as the leader: a write over the limit is then
+    /// `ErrRetryLater` (503), else `ErrRetryElsewhere` (429), per
+    /// `agent/consul/rate/handler.go`.
+    pub leader: bool,
 }
 
 impl Default for Config {
@@ -82,6 +96,7 @@ impl Default for Config {
             kv_max_value_size: DEFAULT_TXN_MAX_REQ_LEN,
             initial_index: 1,
             reject_txn_service_rename: false,
+            write_rate_limit: None,
         }
     }
 }
@@ -100,6 +115,7 @@ impl fmt::Debug for Config {
             .field("kv_max_value_size", &self.kv_max_value_size)
             .field("initial_index", &self.initial_index)
             .field("reject_txn_service_rename", &self.reject_txn_service_rename)
+            .field("write_rate_limit", &self.write_rate_limit)
             .finish()
     }
 }
@@ -116,6 +132,8 @@ pub(crate) struct Shared {
     api_listener: tokio::sync::Mutex<Option<server::RunningListener>>,
     /// Fault injection: txn Service writes of these service names are refused per op.
     refused_services: Mutex<Vec<String>>,
+    /// Write rate-limit bucket: (tokens, last refill).
+    write_tokens: Mutex<(f64, tokio::time::Instant)>,
 }
 
 impl Shared {
@@ -127,6 +145,33 @@ impl Shared {
 
     fn write_catalog(&self) -> RwLockWriteGuard<'_, Catalog> {
         self.catalog.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Consul's rate limiter (`agent/consul/rate/handler.go`, global write limit, enforcing):
+    /// `Err((status, text))` when this write is over the limit.
+    fn admit_write(&self) -> Result<(), (u16, &'static str)> {
+        let Some(limit) = self.config.write_rate_limit else {
+            return Ok(());
+        };
+        let mut bucket = self.write_tokens.lock().unwrap_or_else(|e| e.into_inner());
+        let now = tokio::time::Instant::now();
+        let refill = now.duration_since(bucket.1).as_secs_f64() * limit.per_second;
+        *bucket = ((bucket.0 + refill).min(limit.burst.max(1.0)), now);
+        if bucket.0 >= 1.0 {
+            bucket.0 -= 1.0;
+            return Ok(());
+        }
+        Err(if limit.leader {
+            (
+                503,
+                "rate limit exceeded for operation that can only be performed by the leader, try again later",
+            )
+        } else {
+            (
+                429,
+                "rate limit exceeded, try again later or against a different server",
+            )
+        })
     }
 
     fn refused_services(&self) -> MutexGuard<'_, Vec<String>> {
@@ -218,6 +263,10 @@ impl ConsulDouble {
         };
         let initial = Catalog::new(config.initial_index);
         let (index_tx, _) = watch::channel(initial.index);
+        let write_tokens = Mutex::new((
+            config.write_rate_limit.map_or(0.0, |l| l.burst.max(1.0)),
+            tokio::time::Instant::now(),
+        ));
         let shared = Arc::new(Shared {
             config,
             catalog: RwLock::new(initial),
@@ -227,6 +276,7 @@ impl ConsulDouble {
             api_up: AtomicBool::new(true),
             api_listener: tokio::sync::Mutex::new(None),
             refused_services: Mutex::new(Vec::new()),
+            write_tokens,
         });
         *shared.api_listener.lock().await =
             Some(server::spawn_api(api_listener, api::router(shared.clone())));

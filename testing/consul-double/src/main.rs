@@ -140,6 +140,7 @@ async fn main() -> ExitCode {
         kv_max_value_size: args.kv_max_value_size,
         initial_index: args.initial_index,
         reject_txn_service_rename: args.reject_txn_service_rename,
+        write_rate_limit: None,
     };
     tracing::info!(?config, "starting");
     let double = match ConsulDouble::start(config).await {
