@@ -153,7 +153,10 @@ mod tests {
         assert_eq!(current().unwrap(), lowered);
         let after = raise_for(1).unwrap();
         assert_eq!(after.soft, target_soft(lowered));
-        assert!(after.soft > lowered.soft, "{after:?} not raised from {lowered:?}");
+        assert!(
+            after.soft > lowered.soft,
+            "{after:?} not raised from {lowered:?}"
+        );
         assert_eq!(after.hard, before.hard);
         assert_eq!(current().unwrap(), after);
     }

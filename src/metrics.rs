@@ -39,11 +39,17 @@ pub struct Metrics {
     pub held_connections: Gauge,
     invalid_objects: Family<KindLabel, Gauge>,
     crd_installed: Family<CrdLabel, Gauge>,
+    sink_quarantined: Family<SinkLabel, Gauge>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CrdLabel {
     pub crd: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SinkLabel {
+    pub sink: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -129,9 +135,16 @@ impl Metrics {
             "1 while the named CRD is served by the API server, 0 while it is absent (its resources are then ignored)",
             crd_installed.clone(),
         );
+        let sink_quarantined = Family::<SinkLabel, Gauge>::default();
+        registry.register(
+            "sink_quarantined_operations",
+            "Operations the sink's backend refused on their own, held back and retried later (see the warning naming each)",
+            sink_quarantined.clone(),
+        );
         Self {
             invalid_objects,
             crd_installed,
+            sink_quarantined,
             registry,
             probes,
             targets,
@@ -188,6 +201,12 @@ impl Metrics {
         self.crd_installed
             .get_or_create(&CrdLabel { crd })
             .set(i64::from(installed));
+    }
+
+    pub fn sink_quarantined(&self, sink: &'static str, count: usize) {
+        self.sink_quarantined
+            .get_or_create(&SinkLabel { sink })
+            .set(count as i64);
     }
 
     pub fn encode(&self) -> String {

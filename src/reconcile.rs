@@ -2,13 +2,27 @@
 //! minimal operations. No I/O here, so every rule is testable in isolation.
 
 use crate::model::{Catalog, EXTERNAL_SOURCE, ServiceInstance, Target, meta_keys};
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 /// Stable and unique per owner and endpoint, so two workersd instances sharing a node never
-/// collide and a restarted instance recognises its own entries.
+/// collide and a restarted instance recognises its own entries. Lower case: Consul matches
+/// service IDs case-insensitively (its memdb ID indexes lower-case them), so two IDs that
+/// differ only in case would be one row there.
 pub fn instance_id(owner: &str, service: &str, address: &str, port: u16) -> String {
-    format!("{owner}:{service}:{address}:{port}")
+    let mut id = format!("{owner}:{service}:{address}:{port}");
+    id.make_ascii_lowercase();
+    id
+}
+
+/// The key under which Consul stores a service ID or node name: IDs equal under it are the
+/// same row. Borrowed when already lower case, as workersd's own IDs are.
+pub fn row_key(id: &str) -> std::borrow::Cow<'_, str> {
+    if id.chars().any(char::is_uppercase) {
+        std::borrow::Cow::Owned(id.to_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(id)
+    }
 }
 
 /// One instance per live port of each target.
@@ -52,7 +66,12 @@ pub fn is_owned_by(instance: &ServiceInstance, owner: &str) -> bool {
         .get(meta_keys::EXTERNAL_SOURCE)
         .map(String::as_str)
         == Some(EXTERNAL_SOURCE)
-        && instance.meta.get(meta_keys::OWNER).map(String::as_str) == Some(owner)
+        // Owner ids are part of service IDs, which Consul compares case-insensitively: two
+        // owners differing only in case would share rows, so they are one owner.
+        && instance
+            .meta
+            .get(meta_keys::OWNER)
+            .is_some_and(|o| o.eq_ignore_ascii_case(owner))
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -65,6 +84,11 @@ pub enum Op {
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Plan {
+    /// Deregistrations of rows that `ops` registers again under another spelling of the ID
+    /// or another service name: they must be committed before `ops` are sent. In one txn,
+    /// Consul 1.15-1.20 would delete the entry just written (same row), and the newest
+    /// Consul refuses a set that renames a stored service.
+    pub first: Vec<Op>,
     pub ops: Vec<Op>,
     /// Desired IDs already taken by an entry we do not own: left alone and reported.
     pub conflicts: Vec<String>,
@@ -78,15 +102,32 @@ pub struct Plan {
 /// yet re-discovered.
 pub fn plan(desired: &Catalog, current: &Catalog, owner: &str, allow_deregister: bool) -> Plan {
     let mut result = Plan::default();
+    // Current entries whose ID is not spelt as its row key (rare): found by row for the
+    // desired IDs, which are lower case.
+    let by_row: HashMap<String, &Arc<ServiceInstance>> = current
+        .iter()
+        .filter(|(id, _)| row_key(id) != ***id)
+        .map(|(id, have)| (row_key(id).into_owned(), have))
+        .collect();
+    // Current entries replaced through another spelling of their ID, deregistered in `first`.
+    let mut replaced: BTreeSet<&str> = BTreeSet::new();
     for (id, want) in desired {
-        match current.get(id) {
+        let have = current
+            .get(id)
+            .or_else(|| by_row.get(row_key(id).as_ref()).copied());
+        match have {
             Some(have) if !is_owned_by(have, owner) => result.conflicts.push(id.to_string()),
             Some(have) if have == want => {}
+            Some(have) if have.id != want.id || have.service != want.service => {
+                replaced.insert(&have.id);
+                result.first.push(Op::Deregister(have.clone()));
+                result.ops.push(Op::Register(want.clone()));
+            }
             _ => result.ops.push(Op::Register(want.clone())),
         }
     }
     for (id, have) in current {
-        if is_owned_by(have, owner) && !desired.contains_key(id) {
+        if is_owned_by(have, owner) && !desired.contains_key(id) && !replaced.contains(&**id) {
             if allow_deregister {
                 result.ops.push(Op::Deregister(have.clone()));
             } else {
@@ -209,6 +250,58 @@ mod tests {
         assert_eq!(p.conflicts, vec!["shared".to_string()]);
     }
 
+    #[test]
+    fn ids_cannot_differ_only_in_case() {
+        assert_eq!(
+            instance_id("Cluster-A", "Clever", "fe80::1", 9011),
+            instance_id("cluster-a", "clever", "FE80::1", 9011)
+        );
+        assert_eq!(row_key("Me:Web"), "me:web");
+        assert!(matches!(row_key("me:web"), std::borrow::Cow::Borrowed(_)));
+    }
+
+    /// A row Consul already holds under another spelling of the ID, or under another service
+    /// name, is deleted in `first` and set again in `ops`, never both in one txn.
+    #[test]
+    fn a_case_only_change_deletes_the_old_row_before_setting_the_new_one() {
+        let owned = |id: &str, service: &str, owner: &str| {
+            let mut i = instance(Some(owner), service, 1);
+            i.id = id.into();
+            Arc::new(i)
+        };
+        let want = owned("me:clever:10.0.0.1:1", "clever", OWNER);
+        let desired = Catalog::from([(want.id.clone(), want.clone())]);
+        // An old entry with an upper-case ID (and service name) on the same row.
+        let old = owned("me:Clever:10.0.0.1:1", "Clever", OWNER);
+        let current = Catalog::from([(old.id.clone(), old.clone())]);
+        for allowed in [true, false] {
+            let p = plan(&desired, &current, OWNER, allowed);
+            assert_eq!(p.first, vec![Op::Deregister(old.clone())]);
+            assert_eq!(p.ops, vec![Op::Register(want.clone())]);
+            assert_eq!(p.deferred_deregistrations, 0);
+        }
+        // Same ID, service name changed in case only: also two steps (the newest Consul
+        // refuses to rename a service through its ID).
+        let renamed = owned("me:clever:10.0.0.1:1", "Clever", OWNER);
+        let current = Catalog::from([(renamed.id.clone(), renamed.clone())]);
+        let p = plan(&desired, &current, OWNER, true);
+        assert_eq!(p.first, vec![Op::Deregister(renamed)]);
+        assert_eq!(p.ops, vec![Op::Register(want.clone())]);
+        // Owner ids differing in case are one owner: only the meta changes, one set.
+        let other_case = owned("me:clever:10.0.0.1:1", "clever", "ME");
+        let current = Catalog::from([(other_case.id.clone(), other_case)]);
+        let p = plan(&desired, &current, OWNER, true);
+        assert!(p.first.is_empty());
+        assert_eq!(p.ops, vec![Op::Register(want.clone())]);
+        // A foreign entry on the same row is a conflict, never overwritten.
+        let mut foreign = instance(None, "clever", 1);
+        foreign.id = "ME:CLEVER:10.0.0.1:1".into();
+        let current = Catalog::from([(foreign.id.clone(), Arc::new(foreign))]);
+        let p = plan(&desired, &current, OWNER, true);
+        assert!(p.ops.is_empty() && p.first.is_empty());
+        assert_eq!(p.conflicts, vec![want.id.to_string()]);
+    }
+
     fn arb_instance(owner: Option<&'static str>) -> impl Strategy<Value = ServiceInstance> {
         (
             prop::sample::select(vec!["a", "b", "c"]),
@@ -247,10 +340,11 @@ mod tests {
                 .collect();
 
             let p = plan(&desired, &current, OWNER, true);
-            for op in &p.ops {
+            for op in p.first.iter().chain(&p.ops) {
                 let id = match op { Op::Register(i) | Op::Deregister(i) => &i.id };
                 prop_assert!(!foreign_before.contains_key(id), "op touches foreign {id}");
             }
+            apply(&mut current, &p.first);
             apply(&mut current, &p.ops);
 
             let ours_after: Catalog = current
@@ -285,6 +379,7 @@ mod tests {
         #[test]
         fn ops_are_minimal(desired in arb_catalog(Some(OWNER)), current in arb_catalog(Some(OWNER))) {
             let p = plan(&desired, &current, OWNER, true);
+            prop_assert!(p.first.is_empty(), "no ID differs only in case here");
             let changed = desired.iter().filter(|(id, i)| current.get(*id) != Some(i)).count();
             let removed = current.keys().filter(|id| !desired.contains_key(*id)).count();
             prop_assert_eq!(p.ops.len(), changed + removed);

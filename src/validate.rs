@@ -11,7 +11,8 @@ pub const MAX_META_KEY_LEN: usize = 128;
 pub const MAX_META_VALUE_LEN: usize = 512;
 pub const MAX_TAGS: usize = 64;
 pub const MAX_TAG_LEN: usize = 255;
-pub const MAX_PATH_LEN: usize = 1024;
+/// The path is published as the `metrics-path` meta value: Consul's value limit applies.
+pub const MAX_PATH_LEN: usize = MAX_META_VALUE_LEN;
 pub const MAX_SERVICE_NAME_LEN: usize = 63;
 
 /// A DNS label: Consul warns on anything else and DNS interfaces can't resolve it.
@@ -122,7 +123,7 @@ pub fn metrics_path(path: &str) -> Result<(), String> {
     }
     if path.len() > MAX_PATH_LEN {
         return Err(format!(
-            "{} characters; at most {MAX_PATH_LEN} allowed",
+            "{} bytes; at most {MAX_PATH_LEN} allowed (published as Consul meta, whose values Consul limits to {MAX_META_VALUE_LEN})",
             path.len()
         ));
     }
@@ -182,6 +183,10 @@ mod tests {
         assert!(metrics_path("/metrics").is_ok());
         assert!(metrics_path("metrics").is_err());
         assert!(metrics_path("/a b").is_err());
+        // Consul refuses a meta value over 512 bytes, and with it the whole transaction.
+        assert!(metrics_path(&format!("/{}", "m".repeat(511))).is_ok());
+        let too_long = metrics_path(&format!("/{}", "m".repeat(512))).unwrap_err();
+        assert!(too_long.contains("at most 512"), "{too_long}");
     }
 
     #[test]

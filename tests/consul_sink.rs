@@ -51,10 +51,21 @@ fn desired_with_meta(
     complete: bool,
     meta: BTreeMap<String, String>,
 ) -> DesiredState {
+    desired_of("clever", OWNER, pods, live, complete, meta)
+}
+
+fn desired_of(
+    service: &str,
+    owner: &str,
+    pods: usize,
+    live: u16,
+    complete: bool,
+    meta: BTreeMap<String, String>,
+) -> DesiredState {
     let targets: Vec<Target> = (0..pods)
         .map(|i| Target {
             id: TargetId::new(format!("pod-{i}")),
-            service: "clever".into(),
+            service: service.into(),
             address: format!("10.1.{}.{}", i / 250, i % 250 + 1).parse().unwrap(),
             ports: PortRange::new(9011, 9020).unwrap(),
             path: "/metrics".into(),
@@ -67,7 +78,7 @@ fn desired_with_meta(
         .collect();
     let ports: BTreeSet<u16> = (9011..9011 + live).collect();
     DesiredState {
-        catalog: desired_catalog(OWNER, targets.iter().map(|t| (t, &ports))),
+        catalog: desired_catalog(owner, targets.iter().map(|t| (t, &ports))),
         complete,
     }
 }
@@ -290,12 +301,14 @@ async fn large_entries_are_batched_by_size() {
     assert_eq!(instances(&double, "clever").await.len(), 80);
 }
 
-/// A Consul configured with a smaller `limits.txn_max_req_len` refuses the first batches;
-/// the sink learns the size and later passes are not refused.
+/// A Consul configured with smaller `limits.txn_max_req_len` and `kv_max_value_size` (the
+/// body limit is the larger of the two) refuses the first batches; the sink learns the size
+/// and later passes are not refused.
 #[tokio::test]
 async fn a_smaller_consul_body_limit_is_learnt() {
     let double = ConsulDouble::start(Config {
         txn_max_req_len: 100 * 1024,
+        kv_max_value_size: 100 * 1024,
         ..Config::default()
     })
     .await
@@ -703,4 +716,204 @@ async fn the_running_sink_rereads_only_after_consul_changed() {
         .await
         .expect("stops")
         .unwrap();
+}
+
+/// One entry Consul refuses (here a `metrics-path` over Consul's 512-byte meta value limit,
+/// which reaches the sink when a source lets it through) must not hold back the others: a
+/// txn is atomic, so the sink isolates the refused operation, publishes every other entry
+/// and the node, and holds the refused one back (not resent on every pass).
+#[tokio::test]
+async fn one_refused_entry_does_not_block_the_others() {
+    let double = start().await;
+    let mut sink = sink(&double, None);
+    let mut state = desired(30, 4, true); // 120 entries: one txn with the node op
+    let poisoned = state.catalog.keys().nth(17).unwrap().clone();
+    let entry = Arc::make_mut(state.catalog.get_mut(&poisoned).unwrap());
+    let mut meta = (*entry.meta).clone();
+    meta.insert("metrics-path".into(), format!("/{}", "m".repeat(600)));
+    entry.meta = Arc::new(meta);
+
+    let outcome = sink.sync(&state).await.unwrap();
+    assert_eq!(outcome.registered, 119, "{outcome:?}");
+    assert_eq!(outcome.quarantined, 1, "{outcome:?}");
+    let listed = instances(&double, "clever").await;
+    assert_eq!(listed.len(), 119);
+    assert!(listed.iter().all(|i| i["ServiceID"] != *poisoned));
+    assert_eq!(listed[0]["NodeMeta"]["external-source"], "workersd");
+
+    // The refused entry is held back: another pass sends nothing.
+    let again = sink.sync(&state).await.unwrap();
+    assert_eq!((again.requests, again.quarantined), (0, 1), "{again:?}");
+    // Once its declaration is fixed it is published at once.
+    let fixed = desired(30, 4, true);
+    let outcome = sink.sync(&fixed).await.unwrap();
+    assert_eq!((outcome.registered, outcome.quarantined), (1, 0));
+    assert_eq!(instances(&double, "clever").await.len(), 120);
+}
+
+/// Consul matches service IDs case-insensitively. A case-only change of the service name
+/// or of the owner id must leave every entry published, on Consul 1.15-1.20 (where a set
+/// and a delete of the same row in one txn delete what was just written) and on the newest
+/// Consul (which refuses to rename a service through its ID).
+#[tokio::test]
+async fn a_case_only_rename_keeps_every_entry() {
+    let meta = || BTreeMap::from([("team".to_string(), "web".to_string())]);
+    for newest in [false, true] {
+        let double = ConsulDouble::start(Config {
+            reject_txn_service_rename: newest,
+            ..Config::default()
+        })
+        .await
+        .unwrap();
+        let sink = |owner: &str| {
+            ConsulSink::new(
+                ConsulClient::new(ConsulSettings {
+                    owner: owner.into(),
+                    ..settings(&double, None)
+                })
+                .unwrap(),
+                Arc::new(Metrics::new()),
+            )
+        };
+        let mut first = sink("Cluster-A");
+        first
+            .sync(&desired_of("Clever", "Cluster-A", 3, 2, true, meta()))
+            .await
+            .unwrap();
+        assert_eq!(instances(&double, "clever").await.len(), 6);
+        // The service is renamed `clever`, then the owner id becomes `cluster-a`.
+        first
+            .sync(&desired_of("clever", "Cluster-A", 3, 2, true, meta()))
+            .await
+            .unwrap();
+        let listed = instances(&double, "clever").await;
+        assert_eq!(listed.len(), 6, "newest={newest}: {listed:?}");
+        assert!(listed.iter().all(|i| i["ServiceName"] == "clever"));
+        let mut renamed = sink("cluster-a");
+        let state = desired_of("clever", "cluster-a", 3, 2, true, meta());
+        renamed.sync(&state).await.unwrap();
+        let listed = instances(&double, "clever").await;
+        assert_eq!(listed.len(), 6, "newest={newest}: {listed:?}");
+        assert!(
+            listed
+                .iter()
+                .all(|i| i["ServiceMeta"]["workersd-owner"] == "cluster-a")
+        );
+        // Nothing left to do after a re-read.
+        renamed.invalidate();
+        let again = renamed.sync(&state).await.unwrap();
+        assert_eq!((again.registered, again.deregistered), (0, 0), "{again:?}");
+    }
+}
+
+/// The synthetic node is created only if absent (`cas` at ModifyIndex 0): a node of that name
+/// created by someone else between the sink's read and its write is never taken over.
+#[tokio::test]
+async fn a_node_created_meanwhile_by_someone_else_is_not_taken_over() {
+    let double = start().await;
+    let mut sink = sink(&double, None);
+    // The sink reads Consul (no node yet) and has nothing to write.
+    let outcome = sink.sync(&desired(0, 0, false)).await.unwrap();
+    assert_eq!(outcome.requests, 1);
+    put(
+        &double,
+        "/v1/catalog/register",
+        json!({"Node": NODE, "Address": "10.0.0.9", "NodeMeta": {"team": "x"}}),
+    )
+    .await;
+    let err = sink.sync(&desired(1, 1, true)).await.unwrap_err();
+    assert!(
+        err.to_string().contains("index is stale"),
+        "refused, not overwritten: {err}"
+    );
+    let node = get(&double, &format!("/v1/catalog/node/{NODE}")).await;
+    assert_eq!(node["Node"]["Meta"], json!({"team": "x"}));
+    assert_eq!(node["Node"]["Address"], "10.0.0.9");
+    assert!(instances(&double, "clever").await.is_empty());
+    // The re-read then sees whose node it is.
+    let err = sink.sync(&desired(1, 1, true)).await.unwrap_err();
+    assert!(matches!(err, ConsulError::NodeNotOwned { .. }), "{err}");
+}
+
+/// Owned entries are deleted with `delete-cas` at the ModifyIndex the sink knows: an entry
+/// that someone else re-registered under the same ID since (now not ours) is never deleted.
+#[tokio::test]
+async fn an_entry_taken_over_meanwhile_is_not_deleted() {
+    let double = start().await;
+    let mut sink = sink(&double, None);
+    sink.sync(&desired(1, 2, true)).await.unwrap();
+    let listed = instances(&double, "clever").await;
+    assert_eq!(listed.len(), 2);
+    let taken = listed[1]["ServiceID"].as_str().unwrap().to_string();
+    // Someone registers their own service under that ID (no workersd meta).
+    put(&double, "/v1/catalog/register", json!({
+        "Node": NODE, "Address": "127.0.0.1", "SkipNodeUpdate": true,
+        "Service": {"ID": taken, "Service": "clever", "Address": "10.9.9.9", "Port": 1, "Meta": {"team": "ops"}}
+    }))
+    .await;
+    // The worker behind that ID is gone: the sink's stale view says the entry is its own.
+    let gone = desired(1, 1, true);
+    assert!(!gone.catalog.contains_key(taken.as_str()));
+    let first = sink.sync(&gone).await;
+    assert!(
+        first
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("index is stale")),
+        "{first:?}"
+    );
+    // After the re-read the entry is someone else's and is left alone.
+    let outcome = sink.sync(&gone).await.unwrap();
+    assert_eq!(outcome.deregistered, 0, "{outcome:?}");
+    let listed = instances(&double, "clever").await;
+    let kept = listed.iter().find(|i| i["ServiceID"] == *taken).unwrap();
+    assert_eq!(kept["ServiceMeta"], json!({"team": "ops"}));
+}
+
+/// Consul's rate limiter (enforcing mode) refuses writes over the limit with 503 on the
+/// leader and 429 elsewhere: the running sink backs off (jittered) and converges without
+/// hammering Consul.
+#[tokio::test]
+async fn a_rate_limited_consul_is_backed_off_from() {
+    for leader in [true, false] {
+        let double = ConsulDouble::start(Config {
+            write_rate_limit: Some(consul_double::WriteRateLimit {
+                per_second: 4.0,
+                burst: 1.0,
+                leader,
+            }),
+            ..Config::default()
+        })
+        .await
+        .unwrap();
+        let sink = ConsulSink::new(
+            ConsulClient::new(settings(&double, None)).unwrap(),
+            Arc::new(Metrics::new()),
+        );
+        let (desired_tx, desired_rx) = workersd::pipeline::desired_channel();
+        desired_tx.send_replace(Arc::new(desired(100, 4, true))); // 400 entries: 4 txns
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let running = tokio::spawn(sink.run_until(desired_rx, async {
+            let _ = stop_rx.await;
+        }));
+        within(Duration::from_secs(10), "converged", async || {
+            instances(&double, "clever").await.len() == 400
+        })
+        .await;
+        let stats = double.stats();
+        let status: u16 = if leader { 503 } else { 429 };
+        let refused = stats
+            .responses
+            .get("PUT /v1/txn")
+            .and_then(|r| r.get(&status))
+            .copied()
+            .unwrap_or(0);
+        println!("leader={leader}: {refused} writes refused with {status} before converging");
+        assert!(
+            refused >= 1,
+            "leader={leader}: the limit was hit: {stats:?}"
+        );
+        assert!(refused <= 20, "leader={leader}: backed off: {stats:?}");
+        stop_tx.send(()).unwrap();
+        running.await.unwrap();
+    }
 }

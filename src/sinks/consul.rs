@@ -10,6 +10,8 @@ use crate::model::{Catalog, EXTERNAL_SOURCE, ServiceInstance, meta_keys};
 use crate::pipeline::{DesiredRx, DesiredState};
 use crate::reconcile::{self, Op};
 use crate::secret::TokenSource;
+use crate::sinks::quarantine::{self, Quarantine};
+use backon::BackoffBuilder;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -182,7 +184,12 @@ pub enum ConsulError {
     #[error("Consul denied the request: check the ACL token's policy: {0}")]
     Forbidden(String),
     #[error("Consul rejected the transaction (HTTP {status}): {errors}")]
-    TxnRejected { status: u16, errors: String },
+    TxnRejected {
+        status: u16,
+        errors: String,
+        /// Consul's per-op errors (`OpIndex`, `What`); empty when the reply had none.
+        failed: Vec<(usize, String)>,
+    },
     #[error("Consul answered HTTP {status} to {what}: {body}")]
     Status {
         what: &'static str,
@@ -217,13 +224,19 @@ pub struct NodeView {
     pub services: Catalog,
     /// `X-Consul-Index` of the reply (0 when absent): where a change watch starts.
     pub index: u64,
+    /// Each entry's `ModifyIndex`, read or learnt from our txn results: owned entries are
+    /// deleted with `delete-cas` at it, so one re-registered by someone else since is kept.
+    pub modify_index: ModifyIndexes,
 }
+
+/// `ModifyIndex` by service ID.
+pub type ModifyIndexes = std::collections::HashMap<Arc<str>, u64>;
 
 /// Decodes a node-services reply entry by entry into a catalog as it is read: a
 /// resync re-reads every entry (40,000 at 10,000 pods), and entries equal to the desired
 /// ones are shared, never materialised or collected in between.
 /// The second field is our owner id: only entries carrying it must decode strictly.
-struct NodeServicesSeed<'c>(&'c Catalog, &'c str);
+struct NodeServicesSeed<'c>(&'c Catalog, &'c str, &'c mut ModifyIndexes);
 
 impl<'de> serde::de::DeserializeSeed<'de> for NodeServicesSeed<'_> {
     type Value = (Option<NodeReply>, Catalog);
@@ -242,7 +255,9 @@ impl<'de> serde::de::Visitor<'de> for NodeServicesSeed<'_> {
         while let Some(key) = map.next_key::<String>()? {
             match key.as_str() {
                 "Node" => node = map.next_value()?,
-                "Services" => services = map.next_value_seed(ServicesSeed(self.0, self.1))?,
+                "Services" => {
+                    services = map.next_value_seed(ServicesSeed(self.0, self.1, self.2))?
+                }
                 _ => {
                     map.next_value::<serde::de::IgnoredAny>()?;
                 }
@@ -253,7 +268,7 @@ impl<'de> serde::de::Visitor<'de> for NodeServicesSeed<'_> {
 }
 
 /// The `Services` array (or null) of a node-services reply; the second field is our owner.
-struct ServicesSeed<'c>(&'c Catalog, &'c str);
+struct ServicesSeed<'c>(&'c Catalog, &'c str, &'c mut ModifyIndexes);
 
 impl<'de> serde::de::DeserializeSeed<'de> for ServicesSeed<'_> {
     type Value = Catalog;
@@ -291,6 +306,7 @@ impl<'de> serde::de::Visitor<'de> for ServicesSeed<'_> {
                 }
                 s.port = Port::Valid(0);
             }
+            let modify_index = s.modify_index;
             let (id, instance) = match self.0.get(s.id.as_str()) {
                 // Shares the desired instance instead of a decoded copy.
                 Some(want) if s.is(want) => (want.id.clone(), want.clone()),
@@ -299,6 +315,7 @@ impl<'de> serde::de::Visitor<'de> for ServicesSeed<'_> {
                     (instance.id.clone(), Arc::new(instance))
                 }
             };
+            self.2.insert(id.clone(), modify_index);
             services.insert(id, instance);
         }
         Ok(services)
@@ -326,6 +343,8 @@ struct ServiceReply {
     tags: Option<Vec<String>>,
     #[serde(rename = "Meta", default)]
     meta: Option<Pairs>,
+    #[serde(rename = "ModifyIndex", default)]
+    modify_index: u64,
 }
 
 /// A service's `Port` as Consul may hold it: any JSON value is accepted, so that one foreign
@@ -484,6 +503,27 @@ impl ServiceReply {
     }
 }
 
+/// A committed txn's reply: only what the sink keeps of it.
+#[derive(Deserialize)]
+struct TxnReply {
+    #[serde(rename = "Results", default)]
+    results: Option<Vec<TxnResultReply>>,
+}
+
+#[derive(Deserialize)]
+struct TxnResultReply {
+    #[serde(rename = "Service", default)]
+    service: Option<ServiceIndexReply>,
+}
+
+#[derive(Deserialize)]
+struct ServiceIndexReply {
+    #[serde(rename = "ID")]
+    id: String,
+    #[serde(rename = "ModifyIndex", default)]
+    modify_index: u64,
+}
+
 #[derive(Deserialize)]
 struct TxnErrors {
     #[serde(rename = "Errors", default)]
@@ -617,18 +657,23 @@ impl ConsulClient {
     }
 
     fn node_op(&self) -> serde_json::Value {
+        // Sent only when the read found no node: `cas` at ModifyIndex 0 creates it only if
+        // still absent (Consul's ensureNodeCASTxn), so a node someone else registered since
+        // is refused ("index is stale") instead of taken over.
         let mut node = json!({
             "Node": self.settings.node,
             "Address": self.settings.node_address,
             "Meta": { meta_keys::EXTERNAL_SOURCE: EXTERNAL_SOURCE },
+            "ModifyIndex": 0,
         });
         if let Some(dc) = &self.settings.datacenter {
             node["Datacenter"] = json!(dc);
         }
-        json!({ "Node": { "Verb": "set", "Node": node } })
+        json!({ "Node": { "Verb": "cas", "Node": node } })
     }
 
-    fn service_op(&self, op: &Op) -> serde_json::Value {
+    /// `modify_index` is the entry's known ModifyIndex (used by deletes).
+    fn service_op(&self, op: &Op, modify_index: u64) -> serde_json::Value {
         match op {
             Op::Register(i) => json!({ "Service": {
                 "Verb": "set",
@@ -637,46 +682,59 @@ impl ConsulClient {
                     id: &i.id, service: &i.service, address: &i.address, port: i.port, tags: &i.tags, meta: i.published_meta(),
                 },
             }}),
+            // Only if unchanged since read (Consul's deleteServiceCASTxn): an entry someone
+            // re-registered under that ID is refused ("index is stale"), then re-read.
             Op::Deregister(i) => json!({ "Service": {
-                "Verb": "delete",
+                "Verb": "delete-cas",
                 "Node": self.settings.node,
-                "Service": { "ID": &*i.id, "Service": i.service },
+                "Service": { "ID": &*i.id, "Service": i.service, "ModifyIndex": modify_index },
             }}),
         }
     }
 
     /// Sends one transaction: `body` is a JSON array of operations.
-    async fn txn(&self, body: Vec<u8>) -> Result<(), ConsulError> {
+    /// Returns the ModifyIndex of each service the txn wrote, by ID.
+    async fn txn(&self, body: Vec<u8>) -> Result<BTreeMap<String, u64>, ConsulError> {
         let request = self
             .request(reqwest::Method::PUT, "/v1/txn")
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .body(body);
         let (status, body) = send(request).await?;
         match status {
-            200 => Ok(()),
+            200 => Ok(serde_json::from_str::<TxnReply>(&body)
+                .ok()
+                .and_then(|r| r.results)
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|r| r.service)
+                .map(|s| (s.id, s.modify_index))
+                .collect()),
             403 => Err(ConsulError::Forbidden(format!(
                 "HTTP 403: {}",
                 truncate(&body)
             ))),
             409 => {
-                let parsed = serde_json::from_str::<TxnErrors>(&body)
+                let failed: Vec<(usize, String)> = serde_json::from_str::<TxnErrors>(&body)
                     .ok()
-                    .and_then(|e| e.errors);
-                // A token without write permission gets one error per operation: the cause
-                // is the token, so say once which permissions it lacks.
-                if let Some(summary) = parsed.as_deref().and_then(permission_summary) {
-                    return Err(ConsulError::Forbidden(summary));
-                }
-                let errors = parsed
-                    .map(|errors| {
-                        errors
-                            .iter()
-                            .map(|e| format!("op {}: {}", e.op_index, e.what))
-                            .collect::<Vec<_>>()
-                            .join("; ")
-                    })
-                    .unwrap_or_else(|| truncate(&body));
-                Err(ConsulError::TxnRejected { status, errors })
+                    .and_then(|e| e.errors)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|e| (e.op_index, e.what))
+                    .collect();
+                let errors = if failed.is_empty() {
+                    truncate(&body)
+                } else {
+                    failed
+                        .iter()
+                        .map(|(i, what)| format!("op {i}: {}", truncate(what)))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                };
+                Err(ConsulError::TxnRejected {
+                    status,
+                    errors,
+                    failed,
+                })
             }
             _ => Err(ConsulError::Status {
                 what: "txn",
@@ -777,7 +835,8 @@ pub fn decode_owned_node_services(
 ) -> Result<NodeView, ConsulError> {
     use serde::de::DeserializeSeed;
     let mut decoder = serde_json::Deserializer::from_reader(body);
-    let (node, services) = NodeServicesSeed(desired, owner)
+    let mut modify_index = ModifyIndexes::new();
+    let (node, services) = NodeServicesSeed(desired, owner, &mut modify_index)
         .deserialize(&mut decoder)
         .and_then(|reply| decoder.end().map(|()| reply))
         .map_err(|e| ConsulError::Decode {
@@ -791,6 +850,7 @@ pub fn decode_owned_node_services(
         node_meta: Some(node.meta.unwrap_or_default()),
         services,
         index: 0,
+        modify_index,
     })
 }
 
@@ -806,12 +866,34 @@ fn filtered_by_acls(response: &reqwest::Response) -> bool {
 /// once, e.g. `token with AccessorID 'a1' lacks 'node:write' on "n", 'service:write' on "web"
 /// (129 of 129 operations refused)`. `None` when no operation was refused for a permission.
 /// Consul's wording is acl/errors.go `PermissionDeniedError.Error`.
-fn permission_summary(errors: &[TxnError]) -> Option<String> {
-    const DENIED: &str = "Permission denied";
+/// A token that may write none of a batch's operations, or not the node, is the cause of the
+/// refusal, not the entries: one `Forbidden` that says which permissions it lacks. A token
+/// refused only some entries (a rule for some service prefixes) has those held back like
+/// any entry Consul refuses.
+fn forbidden_txn(error: &ConsulError, ops: usize, node_op: Option<usize>) -> Option<String> {
+    let ConsulError::TxnRejected { failed, .. } = error else {
+        return None;
+    };
+    if failed.is_empty() || !failed.iter().all(|(_, what)| is_permission_denied(what)) {
+        return None;
+    }
+    let node_refused = node_op.is_some_and(|n| failed.iter().any(|(i, _)| *i == n));
+    if failed.len() < ops && !node_refused {
+        return None;
+    }
+    permission_summary(failed, ops)
+}
+
+fn is_permission_denied(what: &str) -> bool {
+    what.contains("Permission denied")
+}
+
+/// One line for the permission errors among `errors` (op index, text) of a txn of `ops`.
+fn permission_summary(errors: &[(usize, String)], ops: usize) -> Option<String> {
     let denied: Vec<&str> = errors
         .iter()
-        .map(|e| e.what.as_str())
-        .filter(|what| what.contains(DENIED))
+        .map(|(_, what)| what.as_str())
+        .filter(|what| is_permission_denied(what))
         .collect();
     let first = *denied.first()?;
     let mut who = None;
@@ -827,7 +909,7 @@ fn permission_summary(errors: &[TxnError]) -> Option<String> {
             missing.push(permission);
         }
     }
-    let refused = format!("{} of {} operations refused", denied.len(), errors.len());
+    let refused = format!("{} of {ops} operations refused", denied.len());
     Some(match who {
         Some(who) => {
             let hint = if who == "anonymous token" {
@@ -878,28 +960,34 @@ fn truncate(body: &str) -> String {
     }
 }
 
-/// Capped exponential backoff for retries while Consul is unhealthy.
+/// Capped exponential backoff for retries while Consul is unhealthy, jittered so that many
+/// sidecars that lost the same Consul do not retry in lockstep when it comes back: each delay
+/// is the exponential step plus up to as much again at random, so within `[min, 2 * max)`.
 struct Backoff {
-    current: Duration,
-    min: Duration,
-    max: Duration,
+    builder: backon::ExponentialBuilder,
+    delays: backon::ExponentialBackoff,
 }
 
 impl Backoff {
     fn new(min: Duration, max: Duration) -> Self {
+        let builder = backon::ExponentialBuilder::default()
+            .with_min_delay(min)
+            .with_max_delay(max)
+            .with_jitter()
+            .without_max_times();
         Self {
-            current: min,
-            min,
-            max,
+            builder,
+            delays: builder.build(),
         }
     }
     fn next(&mut self) -> Duration {
-        let delay = self.current;
-        self.current = (self.current * 2).min(self.max);
-        delay
+        // Never runs out without a maximum of attempts; the cap is the fallback.
+        self.delays
+            .next()
+            .unwrap_or_else(|| self.builder.build().next().unwrap_or_default())
     }
     fn reset(&mut self) {
-        self.current = self.min;
+        self.delays = self.builder.build();
     }
 }
 
@@ -911,6 +999,8 @@ pub struct SyncOutcome {
     pub deregistered: usize,
     pub conflicts: usize,
     pub deferred: usize,
+    /// Operations Consul refused, held back and retried later.
+    pub quarantined: usize,
 }
 
 /// The sink's memory of Consul between passes: `None` means "re-read before writing".
@@ -924,6 +1014,8 @@ pub struct ConsulSink {
     deregister_allowed: bool,
     reported_conflicts: Vec<String>,
     txn_limits: TxnLimits,
+    /// Operations Consul refused, held back so they do not block the others.
+    quarantine: Quarantine,
     pub synced: Arc<AtomicBool>,
 }
 
@@ -941,6 +1033,7 @@ impl ConsulSink {
                 ops: MAX_TXN_OPS,
                 bytes: MAX_TXN_BYTES,
             },
+            quarantine: Quarantine::default(),
             synced: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -988,23 +1081,50 @@ impl ConsulSink {
         }
         // Services need their node; it is (re)created in the first batch when missing.
         let needs_node = known.node_meta.is_none();
-        if plan.ops.is_empty() {
+        // Operations Consul refused stay out until their delay runs out or they change.
+        self.quarantine
+            .retain_planned(plan.first.iter().chain(&plan.ops));
+        let now = Instant::now();
+        let sendable = |ops: &[Op]| -> Vec<usize> {
+            (0..ops.len())
+                .filter(|&i| !self.quarantine.holds(&ops[i], now))
+                .collect()
+        };
+        let (first, rest) = (sendable(&plan.first), sendable(&plan.ops));
+        if first.is_empty() && rest.is_empty() {
+            self.count_quarantined(&mut outcome);
             return Ok(outcome);
         }
         let mut batch = Batch::default();
         if needs_node {
             batch.push(encode(&self.client.node_op()), None);
         }
-        for op in &plan.ops {
-            let encoded = encode(&self.client.service_op(op));
-            if !batch.ops.is_empty() && !self.txn_limits.fit(&batch, encoded.len()) {
+        for (ops, sendable) in [(&plan.first, first), (&plan.ops, rest)] {
+            if sendable.is_empty() {
+                continue;
+            }
+            for op in sendable.into_iter().map(|i| &ops[i]) {
+                let modify_index = match op {
+                    Op::Deregister(i) => self
+                        .known
+                        .as_ref()
+                        .and_then(|k| k.modify_index.get(&i.id).copied())
+                        // Unknown: refused as stale, and the re-read learns it.
+                        .unwrap_or(0),
+                    Op::Register(_) => 0,
+                };
+                let encoded = encode(&self.client.service_op(op, modify_index));
+                if !batch.ops.is_empty() && !self.txn_limits.fit(&batch, encoded.len()) {
+                    self.send(std::mem::take(&mut batch), &mut outcome).await?;
+                }
+                batch.push(encoded, Some(op));
+            }
+            // Rows deleted in `first` are committed before they are set again.
+            if !batch.ops.is_empty() {
                 self.send(std::mem::take(&mut batch), &mut outcome).await?;
             }
-            batch.push(encoded, Some(op));
         }
-        if !batch.ops.is_empty() {
-            self.send(batch, &mut outcome).await?;
-        }
+        self.count_quarantined(&mut outcome);
         self.metrics
             .sink_operations(SINK, "register", outcome.registered as u64);
         self.metrics
@@ -1025,22 +1145,86 @@ impl ConsulSink {
             self.metrics.sink_request(SINK, "txn");
             outcome.requests += 1;
             match self.client.txn(part.body()).await {
-                Ok(()) => self.applied(part, outcome),
+                Ok(written) => self.applied(part, &written, outcome),
                 Err(e) if part.ops.len() > 1 && self.txn_limits.shrink(&e, &part) => {
                     for piece in part.split(&self.txn_limits).into_iter().rev() {
                         queue.push_front(piece);
                     }
                 }
                 Err(e) => {
-                    self.known = None;
-                    return Err(e);
+                    let node_op = part.ops.iter().position(|(_, op)| op.is_none());
+                    if let Some(summary) = forbidden_txn(&e, part.ops.len(), node_op) {
+                        self.known = None;
+                        return Err(ConsulError::Forbidden(summary));
+                    }
+                    match self.isolate(&e, part) {
+                        Some(rest) if rest.ops.is_empty() => {}
+                        Some(rest) => queue.push_front(rest),
+                        None => {
+                            self.known = None;
+                            return Err(e);
+                        }
+                    }
                 }
             }
         }
         Ok(())
     }
 
-    fn applied(&mut self, batch: Batch<'_>, outcome: &mut SyncOutcome) {
+    /// Holds back the operations of `batch` that Consul refused for themselves and returns
+    /// the others, to resend; `None` when isolating cannot help (see [`quarantine::isolate`]).
+    fn isolate<'p>(&mut self, error: &ConsulError, batch: Batch<'p>) -> Option<Batch<'p>> {
+        let refusals = match error {
+            ConsulError::TxnRejected { failed, .. } => failed.clone(),
+            // One operation over Consul's body limit on its own.
+            ConsulError::Status {
+                status: 413, body, ..
+            } if batch.ops.len() == 1 => vec![(0, body.clone())],
+            _ => return None,
+        };
+        let node_op = batch.ops.iter().position(|(_, op)| op.is_none());
+        let isolation = quarantine::isolate(batch.ops.len(), &refusals, node_op)?;
+        let now = Instant::now();
+        let mut slots: Vec<_> = batch.ops.into_iter().map(Some).collect();
+        for (i, what) in &isolation.refused {
+            if let Some((_, Some(op))) = slots[*i].take() {
+                self.hold(op, what, now);
+            }
+        }
+        let mut rest = Batch::default();
+        for (encoded, op) in slots.into_iter().flatten() {
+            rest.push(encoded, op);
+        }
+        Some(rest)
+    }
+
+    fn hold(&mut self, op: &Op, what: &str, now: Instant) {
+        let (delay, refusals) = self.quarantine.refuse(op, now);
+        let (verb, instance) = match op {
+            Op::Register(i) => ("register", i),
+            Op::Deregister(i) => ("deregister", i),
+        };
+        self.metrics.sink_error(SINK, "entry_refused");
+        tracing::warn!(
+            service_id = %instance.id,
+            service = %instance.service,
+            address = %instance.address,
+            port = instance.port,
+            field = quarantine::refused_field(what).unwrap_or("-"),
+            verb,
+            error = %truncate(what),
+            retry_in = ?delay,
+            refusals,
+            "Consul refused one catalog entry; it is held back and retried later, every other entry is published"
+        );
+    }
+
+    fn applied(
+        &mut self,
+        batch: Batch<'_>,
+        written: &BTreeMap<String, u64>,
+        outcome: &mut SyncOutcome,
+    ) {
         let known = self.known.as_mut().expect("read before any write");
         for (_, op) in batch.ops {
             match op {
@@ -1051,14 +1235,29 @@ impl ConsulSink {
                     )]));
                 }
                 Some(op) => {
+                    self.quarantine.accepted(op);
                     match op {
-                        Op::Register(_) => outcome.registered += 1,
-                        Op::Deregister(_) => outcome.deregistered += 1,
+                        Op::Register(i) => {
+                            outcome.registered += 1;
+                            match written.get(&*i.id) {
+                                Some(&index) => known.modify_index.insert(i.id.clone(), index),
+                                None => known.modify_index.remove(&i.id),
+                            };
+                        }
+                        Op::Deregister(i) => {
+                            outcome.deregistered += 1;
+                            known.modify_index.remove(&i.id);
+                        }
                     }
                     reconcile::apply(&mut known.services, std::slice::from_ref(op));
                 }
             }
         }
+    }
+
+    fn count_quarantined(&self, outcome: &mut SyncOutcome) {
+        outcome.quarantined = self.quarantine.len();
+        self.metrics.sink_quarantined(SINK, outcome.quarantined);
     }
 
     /// Forget the known state so the next pass re-reads Consul.
@@ -1093,7 +1292,8 @@ impl ConsulSink {
             self.metrics.clone(),
         )));
         // Capped low: a retry is one cheap read, and a long outage must not delay convergence.
-        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+        // With jitter the delays are 100-200 ms at first and at most 5 s.
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_millis(2500));
         let mut change_seen = false;
         loop {
             let state = desired.borrow_and_update().clone();
@@ -1128,8 +1328,13 @@ impl ConsulSink {
                 .map_or_else(Instant::now, |at| at + resync_interval);
             let wake_at = match retry_in {
                 Some(delay) => Some(Instant::now() + delay),
-                None if change_seen => Some(next_resync),
-                None => None,
+                None => [
+                    change_seen.then_some(next_resync),
+                    self.quarantine.next_retry(),
+                ]
+                .into_iter()
+                .flatten()
+                .min(),
             };
             tokio::select! {
                 () = &mut stop => break,
@@ -1232,12 +1437,27 @@ mod tests {
     }
 
     #[test]
-    fn backoff_is_capped() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(350));
-        let delays: Vec<_> = (0..4).map(|_| b.next().as_millis()).collect();
-        assert_eq!(delays, vec![100, 200, 350, 350]);
+    fn backoff_is_jittered_and_capped() {
+        let (min, max) = (Duration::from_millis(100), Duration::from_millis(350));
+        let sequence = || {
+            let mut b = Backoff::new(min, max);
+            (0..12).map(|_| b.next()).collect::<Vec<_>>()
+        };
+        let (one, two) = (sequence(), sequence());
+        // Two sidecars starting from the same state do not retry in lockstep.
+        assert_ne!(one, two);
+        for (i, delay) in one.iter().chain(&two).enumerate() {
+            let step = (min * 2u32.pow((i % 12) as u32)).min(max);
+            // The exponential step, plus up to as much again.
+            assert!(*delay >= step && *delay < step * 2, "{i}: {delay:?}");
+            assert!(*delay < max * 2);
+        }
+        let mut b = Backoff::new(min, max);
+        for _ in 0..5 {
+            b.next();
+        }
         b.reset();
-        assert_eq!(b.next().as_millis(), 100);
+        assert!(b.next() < min * 2, "back to the first step");
     }
 
     #[test]
@@ -1381,17 +1601,14 @@ mod tests {
 
     #[test]
     fn permission_errors_are_summarised_once() {
-        let op = |i, what: &str| TxnError {
-            op_index: i,
-            what: what.into(),
-        };
+        let op = |i, what: &str| (i, what.to_string());
         let token = "Permission denied: token with AccessorID 'a1' lacks permission";
-        let errors: Vec<TxnError> =
+        let errors: Vec<(usize, String)> =
             std::iter::once(op(0, &format!("{token} 'node:write' on \"n\"")))
                 .chain((1..128).map(|i| op(i, &format!("{token} 'service:write' on \"web\""))))
                 .collect();
         assert_eq!(
-            permission_summary(&errors).unwrap(),
+            permission_summary(&errors, 128).unwrap(),
             "token with AccessorID 'a1' lacks 'node:write' on \"n\", 'service:write' on \"web\" (128 of 128 operations refused)"
         );
         let anonymous = [op(
@@ -1399,19 +1616,51 @@ mod tests {
             "Permission denied: anonymous token lacks permission 'node:write' on \"n\". The anonymous token is used implicitly when a request does not specify a token.",
         )];
         assert_eq!(
-            permission_summary(&anonymous).unwrap(),
+            permission_summary(&anonymous, 1).unwrap(),
             "anonymous token (no token was sent) lacks 'node:write' on \"n\" (1 of 1 operations refused)"
         );
         let other = [op(0, "Missing node registration")];
-        assert_eq!(permission_summary(&other), None);
+        assert_eq!(permission_summary(&other, 1), None);
         let mixed = [
             op(0, "Permission denied"),
             op(1, "Missing node registration"),
         ];
         assert_eq!(
-            permission_summary(&mixed).unwrap(),
+            permission_summary(&mixed, 2).unwrap(),
             "Permission denied (1 of 2 operations refused)"
         );
+    }
+
+    #[test]
+    fn only_a_token_refused_everything_or_the_node_is_forbidden() {
+        let denied = |i: usize, on: &str| {
+            (
+                i,
+                format!(
+                    "Permission denied: token with AccessorID 'a1' lacks permission 'service:write' on \"{on}\""
+                ),
+            )
+        };
+        let rejected = |failed: Vec<(usize, String)>| ConsulError::TxnRejected {
+            status: 409,
+            errors: String::new(),
+            failed,
+        };
+        // Every op refused: the token is the cause.
+        let all = rejected(vec![denied(0, "a"), denied(1, "b")]);
+        assert!(forbidden_txn(&all, 2, None).unwrap().contains("2 of 2"));
+        // Some services refused (a prefix rule): those entries are held back, not the sink.
+        let some = rejected(vec![denied(1, "b")]);
+        assert_eq!(forbidden_txn(&some, 3, Some(0)), None);
+        // The node refused: nothing can be written.
+        let node = rejected(vec![denied(0, "n")]);
+        assert!(forbidden_txn(&node, 3, Some(0)).is_some());
+        // Refused for another reason: isolation decides.
+        let meta = rejected(vec![
+            (0, "Value is too long".into()),
+            (1, "Value is too long".into()),
+        ]);
+        assert_eq!(forbidden_txn(&meta, 2, None), None);
     }
 
     #[test]

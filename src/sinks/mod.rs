@@ -3,3 +3,4 @@
 
 pub mod consul;
 pub mod http_sd;
+pub mod quarantine;

@@ -1271,6 +1271,13 @@ class ConsulDouble(_Runner):
         if r.status_code // 100 != 2:
             raise RuntimeError(f"consul-double /control/acl/rules: {r.status_code} {r.text}")
 
+    def refuse_service_writes(self, services: list[str]) -> None:
+        """Fault injection: txn Service writes of these names fail per op (409)."""
+        r = http_request("POST", f"{self.control_url}/control/refuse-service-writes",
+                         json={"services": list(services)}, timeout=5)
+        if r.status_code // 100 != 2:
+            raise RuntimeError(f"consul-double refuse-service-writes: {r.status_code} {r.text}")
+
     def health(self) -> Any:
         r = http_get(f"{self.control_url}/control/health", timeout=5)
         r.raise_for_status()

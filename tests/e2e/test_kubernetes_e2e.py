@@ -696,7 +696,7 @@ def test_kubernetes_restart_never_drops_entries_and_catches_up_on_deletions(proc
         time.sleep(0.3)
     print(f"deletion made while down applied {caught_up:.2f} s after restart")
     assert monitor.min_count("web-a") == 3
-    assert deregistrations(consul.stats()).get("Service.delete") == 2
+    assert deregistrations(consul.stats()).get("Service.delete-cas") == 2
     assert readyz(w)[0] == 200
 
 

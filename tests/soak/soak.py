@@ -21,6 +21,10 @@ Invariant (checked after every fault):
     stays published), then re-creates it and the WorkerMetrics (its entries come back);
   * while workersd's ACL token has lost its write permission (token_loses_write), Consul
     does not change at all (every write is refused), and once it is back workersd converges;
+  * one poisoned entry among many: a pod moved to the service POISON, whose writes
+    the Consul double refuses per op (as Consul refuses an entry on its own), is not
+    published, and every other entry still is (a txn is atomic: workersd must isolate
+    the refused ops and resend the rest);
   * no "panicked" in any workersd log;
   * workersd's RSS (VmRSS) stays under --rss-limit-mb and does not grow more than
     --rss-growth-mb within one process lifetime.
@@ -78,6 +82,7 @@ TEAMS = ("web", "payments", "search")
 TAGSETS = ("", "gunicorn", "gunicorn,python")
 MAX_REQUESTS = 15  # gunicorn --max-requests: traffic recycles workers
 HOLD_S = 1.2  # after convergence, with no fault, Consul must not change
+POISON = "clever-poison"  # valid for workersd; the double refuses its txn writes
 
 FAULT_WEIGHTS = {
     "pod_create": 6,
@@ -87,6 +92,7 @@ FAULT_WEIGHTS = {
     "recycle": 5,
     "annotation_valid": 6,
     "annotation_invalid": 4,
+    "poisoned_entry": 3,
     "consul_outage": 3,
     "consul_wipe": 2,
     "watch_drop": 3,
@@ -149,6 +155,7 @@ class Soak:
             "tokens": [{"secret_id": ROOT_TOKEN, "management": True},
                        {"secret_id": WORKERSD_TOKEN, "rules": WRITE_RULES}],
         }).start()
+        self.consul.refuse_service_writes([POISON])
         self.fk.ok("POST", "/api/v1/namespaces", {"metadata": {"name": NS}})
         n0 = self.rng.randint(a.min_pods + 1, a.max_pods)
         for _ in range(n0):
@@ -307,7 +314,7 @@ class Soak:
     def expected(self) -> set[tuple]:
         want = set()
         for name, p in self.pods.items():
-            if not p["valid"]:
+            if not p["valid"] or p["ann"]["workersd.io/service"] == POISON:
                 continue
             g, ann = p["g"], p["ann"]
             tags = tuple(sorted(t for t in ann.get("workersd.io/tags", "").split(",") if t))
@@ -324,7 +331,7 @@ class Soak:
         """Every listening worker as (pod, port, pid): equal sets mean nothing moved."""
         out = set()
         for name, p in self.pods.items():
-            if not p["valid"]:
+            if not p["valid"] or p["ann"]["workersd.io/service"] == POISON:
                 continue
             owners = p["g"].port_owners()
             out.update((name, port, owners.get(port)) for port in p["g"].listening_metrics_ports())
@@ -609,7 +616,8 @@ class Soak:
             # Let the last recycled workers finish booting before the quiet period.
             self.wait_workers(name)
         elif kind == "annotation_valid":
-            invalid = [n for n in names if not self.pods[n]["valid"]]
+            invalid = [n for n in names if not self.pods[n]["valid"]
+                       or self.pods[n]["ann"]["workersd.io/service"] == POISON]
             name = rng.choice(invalid) if invalid and rng.random() < 0.7 else rng.choice(names)
             g = self.pods[name]["g"]
             ann = self.annotations(g, service=rng.choice(SERVICES))
@@ -637,6 +645,12 @@ class Soak:
             self.set_annotations(name, ann)
             self.pods[name]["valid"] = False
             token = (name, token)
+        elif kind == "poisoned_entry":
+            name = rng.choice(names)
+            ann = self.annotations(self.pods[name]["g"], service=POISON)
+            self.log(f"poisoned_entry {name}: its entries are refused by Consul")
+            self.set_annotations(name, ann)
+            self.pods[name]["valid"] = True
         elif kind == "consul_outage":
             secs = rng.uniform(1, 5)
             self.log(f"consul_outage {secs:.1f}s")

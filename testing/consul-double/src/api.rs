@@ -922,7 +922,12 @@ async fn txn(
     if let Err(error) = check_datacenter(params.get("dc"), &shared.config.datacenter) {
         return api_error(error);
     }
-    let limit = shared.config.txn_max_req_len;
+    // Consul's convertOps (agent/txn_endpoint.go): for backward compatibility the body may be
+    // as large as kv_max_value_size when that is the larger limit.
+    let limit = shared
+        .config
+        .txn_max_req_len
+        .max(shared.config.kv_max_value_size);
     if declared_length(&headers).is_some_and(|len| len > limit) {
         return txn_rejected(
             &shared,
@@ -973,6 +978,30 @@ async fn txn(
             return txn_conflict(&errors, pretty);
         }
     };
+    let injected = ops::refuse_service_writes(&plan, &shared.refused_services());
+    if !injected.is_empty() {
+        shared.stats().txn.rolled_back += 1;
+        return txn_conflict(&injected, pretty);
+    }
+    if shared.config.reject_txn_service_rename {
+        let errors = ops::reject_service_renames(&shared.read_catalog(), &plan);
+        if !errors.is_empty() {
+            shared.stats().txn.rolled_back += 1;
+            return txn_conflict(&errors, pretty);
+        }
+    }
+    // Txn.Apply is a write RPC for Consul's rate limiter; read-only txns are Txn.Read.
+    if plan.writes > 0
+        && let Err((status, refusal)) = shared.admit_write()
+    {
+        return txn_rejected(
+            &shared,
+            text(
+                StatusCode::from_u16(status).unwrap_or(StatusCode::TOO_MANY_REQUESTS),
+                refusal,
+            ),
+        );
+    }
     let labels = ops::op_labels(&plan);
     let datacenter = &shared.config.datacenter;
     if plan.writes == 0 {

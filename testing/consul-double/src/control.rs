@@ -25,6 +25,10 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/control/reset-stats", post(reset_stats))
         .route("/control/acl", put(set_acl))
         .route("/control/acl/rules", put(set_token_rules))
+        .route(
+            "/control/refuse-service-writes",
+            post(refuse_service_writes),
+        )
         .with_state(shared)
 }
 
@@ -78,6 +82,22 @@ async fn state(State(shared): State<Arc<Shared>>) -> Response {
 async fn stats(State(shared): State<Arc<Shared>>) -> Response {
     let snapshot = shared.stats().clone();
     Json(snapshot).into_response()
+}
+
+/// Body `{"services": ["name", …]}` replaces the set of refused service names (`[]` clears).
+async fn refuse_service_writes(
+    State(shared): State<Arc<Shared>>,
+    Json(body): Json<serde_json::Value>,
+) -> Response {
+    let Some(names) = body["services"].as_array() else {
+        return (StatusCode::BAD_REQUEST, "body must be {\"services\": [..]}").into_response();
+    };
+    let names: Vec<String> = names
+        .iter()
+        .filter_map(|n| n.as_str().map(str::to_string))
+        .collect();
+    *shared.refused_services() = names.clone();
+    Json(json!({ "services": names })).into_response()
 }
 
 async fn reset_stats(State(shared): State<Arc<Shared>>) -> Response {

@@ -63,10 +63,31 @@ pub struct Config {
     /// `acl_token`: ACLs disabled, everything allowed.
     pub acl: Option<AclConfig>,
     pub max_txn_ops: usize,
-    /// Largest `/v1/txn` body in bytes (Consul's `limits.txn_max_req_len`, 512 KiB).
+    /// Largest `/v1/txn` body in bytes (Consul's `limits.txn_max_req_len`, 512 KiB); the
+    /// limit enforced is the larger of this and `kv_max_value_size`, as in Consul.
     pub txn_max_req_len: usize,
+    /// Consul's `limits.kv_max_value_size` (512 KiB): a txn body may be this large even
+    /// when `txn_max_req_len` is smaller (`convertOps` in `agent/txn_endpoint.go`).
+    pub kv_max_value_size: usize,
     /// Index of the empty catalog, at start and after a wipe (minimum 1).
     pub initial_index: u64,
+    /// Newest Consul's txn pre-check: a Service op whose ID (case-insensitively) names a
+    /// stored service of another name is refused. Off by default: Consul 1.15-1.20 apply it.
+    pub reject_txn_service_rename: bool,
+    /// Consul's global write rate limit (`limits.request_limits`, mode `enforcing`) applied
+    /// to `/v1/txn` writes; `None` (the default) is Consul's default mode, `disabled`.
+    pub write_rate_limit: Option<WriteRateLimit>,
+}
+
+/// A token bucket of `per_second` tokens, holding at most `burst` (at least 1).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct WriteRateLimit {
+    pub per_second: f64,
+    pub burst: f64,
+    /// Whether the double answers as the leader: a write over the limit is then
+    /// `ErrRetryLater` (503), else `ErrRetryElsewhere` (429), per
+    /// `agent/consul/rate/handler.go`.
+    pub leader: bool,
 }
 
 impl Default for Config {
@@ -80,7 +101,10 @@ impl Default for Config {
             acl: None,
             max_txn_ops: DEFAULT_MAX_TXN_OPS,
             txn_max_req_len: DEFAULT_TXN_MAX_REQ_LEN,
+            kv_max_value_size: DEFAULT_TXN_MAX_REQ_LEN,
             initial_index: 1,
+            reject_txn_service_rename: false,
+            write_rate_limit: None,
         }
     }
 }
@@ -97,7 +121,10 @@ impl fmt::Debug for Config {
             .field("acl", &self.acl)
             .field("max_txn_ops", &self.max_txn_ops)
             .field("txn_max_req_len", &self.txn_max_req_len)
+            .field("kv_max_value_size", &self.kv_max_value_size)
             .field("initial_index", &self.initial_index)
+            .field("reject_txn_service_rename", &self.reject_txn_service_rename)
+            .field("write_rate_limit", &self.write_rate_limit)
             .finish()
     }
 }
@@ -117,6 +144,10 @@ pub(crate) struct Shared {
     api_addr: SocketAddr,
     api_up: AtomicBool,
     api_listener: tokio::sync::Mutex<Option<server::RunningListener>>,
+    /// Fault injection: txn Service writes of these service names are refused per op.
+    refused_services: Mutex<Vec<String>>,
+    /// Write rate-limit bucket: (tokens, last refill).
+    write_tokens: Mutex<(f64, tokio::time::Instant)>,
 }
 
 impl Shared {
@@ -128,6 +159,39 @@ impl Shared {
 
     fn write_catalog(&self) -> RwLockWriteGuard<'_, Catalog> {
         self.catalog.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Consul's rate limiter (`agent/consul/rate/handler.go`, global write limit, enforcing):
+    /// `Err((status, text))` when this write is over the limit.
+    fn admit_write(&self) -> Result<(), (u16, &'static str)> {
+        let Some(limit) = self.config.write_rate_limit else {
+            return Ok(());
+        };
+        let mut bucket = self.write_tokens.lock().unwrap_or_else(|e| e.into_inner());
+        let now = tokio::time::Instant::now();
+        let refill = now.duration_since(bucket.1).as_secs_f64() * limit.per_second;
+        *bucket = ((bucket.0 + refill).min(limit.burst.max(1.0)), now);
+        if bucket.0 >= 1.0 {
+            bucket.0 -= 1.0;
+            return Ok(());
+        }
+        Err(if limit.leader {
+            (
+                503,
+                "rate limit exceeded for operation that can only be performed by the leader, try again later",
+            )
+        } else {
+            (
+                429,
+                "rate limit exceeded, try again later or against a different server",
+            )
+        })
+    }
+
+    fn refused_services(&self) -> MutexGuard<'_, Vec<String>> {
+        self.refused_services
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     fn stats(&self) -> MutexGuard<'_, Stats> {
@@ -243,6 +307,10 @@ impl ConsulDouble {
             (None, Some(token)) => Some(AclConfig::single_management_token(token)),
             (None, None) => None,
         };
+        let write_tokens = Mutex::new((
+            config.write_rate_limit.map_or(0.0, |l| l.burst.max(1.0)),
+            tokio::time::Instant::now(),
+        ));
         let shared = Arc::new(Shared {
             config,
             catalog: RwLock::new(initial),
@@ -253,6 +321,8 @@ impl ConsulDouble {
             api_addr,
             api_up: AtomicBool::new(true),
             api_listener: tokio::sync::Mutex::new(None),
+            refused_services: Mutex::new(Vec::new()),
+            write_tokens,
         });
         *shared.api_listener.lock().await =
             Some(server::spawn_api(api_listener, api::router(shared.clone())));

@@ -67,9 +67,18 @@ struct Args {
     #[arg(long, env = "CONSUL_DOUBLE_TXN_MAX_REQ_LEN", default_value_t = DEFAULT_TXN_MAX_REQ_LEN)]
     txn_max_req_len: usize,
 
+    /// Consul's limits.kv_max_value_size; the txn body limit is the larger of the two.
+    #[arg(long, env = "CONSUL_DOUBLE_KV_MAX_VALUE_SIZE", default_value_t = DEFAULT_TXN_MAX_REQ_LEN)]
+    kv_max_value_size: usize,
+
     /// Index of the empty catalog at start and after a wipe.
     #[arg(long, default_value_t = 1)]
     initial_index: u64,
+
+    /// Refuse txn Service ops that rename a stored service through its ID, as the newest
+    /// Consul does (Consul 1.15-1.20 apply them).
+    #[arg(long, env = "CONSUL_DOUBLE_REJECT_TXN_SERVICE_RENAME")]
+    reject_txn_service_rename: bool,
 
     /// Write the bound addresses here as JSON once listening.
     #[arg(long, env = "CONSUL_DOUBLE_READY_FILE")]
@@ -159,7 +168,10 @@ async fn main() -> ExitCode {
         acl_token,
         max_txn_ops: args.max_txn_ops,
         txn_max_req_len: args.txn_max_req_len,
+        kv_max_value_size: args.kv_max_value_size,
         initial_index: args.initial_index,
+        reject_txn_service_rename: args.reject_txn_service_rename,
+        write_rate_limit: None,
     };
     tracing::info!(?config, "starting");
     let double = match ConsulDouble::start(config).await {

@@ -349,6 +349,61 @@ fn vet_check(check: &CheckInput, authz: &Authorizer) -> Result<(), String> {
     }
 }
 
+/// Newest Consul's `vetServiceTxnOp` (`agent/consul/txn_endpoint.go`), run in `preCheck`
+/// against the committed catalog: a Service write whose ID names (case-insensitively, as
+/// memdb's ID index does) a stored service of another name (compared exactly) is refused.
+/// Consul 1.15-1.20 have no such check; see `Config::reject_txn_service_rename`.
+pub fn reject_service_renames(catalog: &Catalog, plan: &TxnPlan) -> Vec<TxnError> {
+    let mut errors = Vec::new();
+    for (op_index, op) in plan.ops.iter().enumerate() {
+        let PreparedOp::Service {
+            verb,
+            node,
+            service,
+        } = op
+        else {
+            continue;
+        };
+        if verb == "get" {
+            continue;
+        }
+        let id = service.id.as_deref().unwrap_or_default();
+        let name = service.service.as_deref().unwrap_or_default();
+        if let Some(existing) = catalog.service(node, id)
+            && existing.service != name
+        {
+            errors.push(TxnError {
+                op_index,
+                what: format!(
+                    "service name does not match existing service name for service ID {id:?} on node {node:?}"
+                ),
+            });
+        }
+    }
+    errors
+}
+
+/// Fault injection (`POST /control/refuse-service-writes`), not a Consul behaviour: txn
+/// Service writes of the given service names fail per op, as an op Consul refuses on its own
+/// (an ACL denial, a meta rule) does in `preCheck`: 409, nothing applied.
+pub fn refuse_service_writes(plan: &TxnPlan, refused: &[String]) -> Vec<TxnError> {
+    let mut errors = Vec::new();
+    for (op_index, op) in plan.ops.iter().enumerate() {
+        if let PreparedOp::Service { verb, service, .. } = op
+            && verb != "get"
+        {
+            let name = service.service.as_deref().unwrap_or_default();
+            if refused.iter().any(|r| r == name) {
+                errors.push(TxnError {
+                    op_index,
+                    what: format!("consul-double: injected refusal of service {name:?}"),
+                });
+            }
+        }
+    }
+    errors
+}
+
 /// Kind and verb of each op, e.g. `"Service.set"`, for statistics.
 pub fn op_labels(plan: &TxnPlan) -> Vec<String> {
     plan.ops
@@ -506,15 +561,9 @@ fn write_op(
             let existing = tx.catalog().service(&node, &record.id).cloned();
             match verb.as_str() {
                 "set" | "cas" => {
-                    if let Some(existing) = &existing
-                        && existing.service != record.service
-                    {
-                        // Newer Consul refuses to rename a service via its ID.
-                        return Err(format!(
-                            "service name does not match existing service name for service ID {:?} on node {:?}",
-                            record.id, node
-                        ));
-                    }
+                    // Consul 1.15-1.20: a set on an ID that matches a stored one
+                    // case-insensitively replaces that row, its ID spelling and name
+                    // included (`ensureServiceTxn`, memdb's lower-cased ID index).
                     if verb == "cas" && !cas_allows(requested, existing.map(|s| s.modify_index)) {
                         return Err(format!(
                             "failed to set service {:?} on node {:?}, index is stale",
@@ -669,6 +718,119 @@ mod tests {
         assert!(!cas_allows(3, None));
         assert!(cas_allows(3, Some(3)));
         assert!(!cas_allows(2, Some(3)));
+    }
+
+    /// `ensureServiceTxn` (agent/consul/state/catalog.go) validates meta with
+    /// `structs.ValidateServiceMetadata`; `txnDispatch` (state/txn.go) collects the error
+    /// and `TxnRW` rolls back every op, the node included.
+    #[test]
+    fn one_meta_value_over_512_bytes_rolls_back_the_whole_txn() {
+        let mut cat = Catalog::new(1);
+        let long = "v".repeat(513);
+        let plan = prepare_txn_all(ops(&format!(
+            r#"[{{"Node":{{"Verb":"set","Node":{{"Node":"n","Address":"10.0.0.1"}}}}}},
+                {{"Service":{{"Verb":"set","Node":"n","Service":{{"ID":"a","Service":"web","Port":80}}}}}},
+                {{"Service":{{"Verb":"set","Node":"n","Service":{{"ID":"b","Service":"web","Port":81,
+                  "Meta":{{"metrics-path":"{long}"}}}}}}}}]"#
+        )))
+        .ok()
+        .unwrap();
+        match write_txn(&mut cat, plan, "dc1") {
+            TxnOutcome::RolledBack(errors) => {
+                assert_eq!(errors.len(), 1);
+                assert_eq!(errors[0].op_index, 2);
+                assert_eq!(
+                    errors[0].what,
+                    format!(
+                        "Invalid Service Meta for node n and serviceID b: Couldn't load metadata pair ('metrics-path', '{long}'): Value is too long (limit: 512 characters)"
+                    )
+                );
+            }
+            TxnOutcome::Applied { .. } => panic!("applied"),
+        }
+        assert!(cat.nodes.is_empty(), "the node op is rolled back too");
+    }
+
+    /// Consul 1.15-1.20: IDs are one row case-insensitively, so a set of `web-1` followed
+    /// by a delete of `Web-1` in one txn deletes what the set just wrote. The newest
+    /// Consul's pre-check refuses the set instead (the stored row is named `Web`).
+    #[test]
+    fn a_set_and_a_delete_of_ids_differing_in_case_hit_one_row() {
+        let mut cat = Catalog::new(1);
+        let setup = prepare_txn_all(ops(
+            r#"[{"Node":{"Verb":"set","Node":{"Node":"n","Address":"10.0.0.1"}}},
+                {"Service":{"Verb":"set","Node":"n","Service":{"ID":"Web-1","Service":"Web","Port":80}}}]"#,
+        ))
+        .ok()
+        .unwrap();
+        assert!(matches!(
+            write_txn(&mut cat, setup, "dc1"),
+            TxnOutcome::Applied { .. }
+        ));
+        let rename = || {
+            prepare_txn_all(ops(
+                r#"[{"Service":{"Verb":"set","Node":"n","Service":{"ID":"web-1","Service":"web","Port":80}}},
+                    {"Service":{"Verb":"delete","Node":"N","Service":{"ID":"Web-1","Service":"Web"}}}]"#,
+            ))
+            .ok()
+            .unwrap()
+        };
+        let refused = reject_service_renames(&cat, &rename());
+        assert_eq!(refused.len(), 1);
+        assert_eq!(refused[0].op_index, 0);
+        assert_eq!(
+            refused[0].what,
+            r#"service name does not match existing service name for service ID "web-1" on node "n""#
+        );
+        assert!(matches!(
+            write_txn(&mut cat, rename(), "dc1"),
+            TxnOutcome::Applied { .. }
+        ));
+        assert!(cat.service("n", "web-1").is_none(), "the set was deleted");
+        assert_eq!(cat.service_count(), 0);
+    }
+
+    /// `txnNode`/`txnService` (agent/consul/state/txn.go) with `ensureNodeCASTxn` and
+    /// `deleteServiceCASTxn` (state/catalog.go): create-only at index 0, stale otherwise.
+    #[test]
+    fn node_cas_creates_only_if_absent_and_delete_cas_needs_the_index() {
+        let mut cat = Catalog::new(1);
+        let run = |cat: &mut Catalog, json: &str| match write_txn(
+            cat,
+            prepare_txn_all(ops(json)).ok().unwrap(),
+            "dc1",
+        ) {
+            TxnOutcome::Applied { .. } => Ok(()),
+            TxnOutcome::RolledBack(e) => Err(e[0].what.clone()),
+        };
+        let create =
+            r#"[{"Node":{"Verb":"cas","Node":{"Node":"n","Address":"a","ModifyIndex":0}}}]"#;
+        run(&mut cat, create).unwrap();
+        assert_eq!(
+            run(&mut cat, create).unwrap_err(),
+            r#"failed to set node "n", index is stale"#
+        );
+        run(
+            &mut cat,
+            r#"[{"Service":{"Verb":"set","Node":"n","Service":{"ID":"a","Service":"web"}}}]"#,
+        )
+        .unwrap();
+        let index = cat.service("n", "a").unwrap().modify_index;
+        let delete = |i: u64| {
+            format!(
+                r#"[{{"Service":{{"Verb":"delete-cas","Node":"n","Service":{{"ID":"A","Service":"web","ModifyIndex":{i}}}}}}}]"#
+            )
+        };
+        assert_eq!(
+            run(&mut cat, &delete(index + 1)).unwrap_err(),
+            r#"failed to delete service "A" on node "n", index is stale"#
+        );
+        run(&mut cat, &delete(index)).unwrap();
+        assert!(cat.service("n", "a").is_none());
+        assert!(
+            run(&mut cat, &delete(index)).is_err(),
+            "an absent service is stale"
+        );
     }
 
     #[test]

@@ -135,6 +135,49 @@ async fn txn_is_atomic_and_reports_every_failed_op() {
     double.shutdown().await;
 }
 
+/// Consul's `convertOps` (agent/txn_endpoint.go) enforces the larger of
+/// `limits.txn_max_req_len` and `limits.kv_max_value_size` on the body, with its wording.
+#[tokio::test]
+async fn txn_body_limit_is_the_larger_of_txn_max_req_len_and_kv_max_value_size() {
+    let http = client();
+    // ~200 KiB: one node op with a big meta value the node op does not validate.
+    let big = |len: usize| {
+        json!([{"Node": {"Verb": "set", "Node": {
+        "Node": "n", "Address": "127.0.0.1", "Meta": {"k": "v".repeat(len)}}}}])
+    };
+    let lowered_txn_only = start_with(Config {
+        txn_max_req_len: 100 * 1024,
+        ..Config::default()
+    })
+    .await;
+    let (status, _) = txn(&http, &lowered_txn_only, big(200 * 1024)).await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "kv_max_value_size (512 KiB) still applies"
+    );
+    let (status, body) = txn(&http, &lowered_txn_only, big(600 * 1024)).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(
+        body,
+        json!("Request body too large, max size: 524288 bytes")
+    );
+    lowered_txn_only.shutdown().await;
+    let lowered_both = start_with(Config {
+        txn_max_req_len: 100 * 1024,
+        kv_max_value_size: 100 * 1024,
+        ..Config::default()
+    })
+    .await;
+    let (status, body) = txn(&http, &lowered_both, big(200 * 1024)).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(
+        body,
+        json!("Request body too large, max size: 102400 bytes")
+    );
+    lowered_both.shutdown().await;
+}
+
 #[tokio::test]
 async fn txn_operation_limit_and_body_errors() {
     let double = start().await;

@@ -1,0 +1,314 @@
+//! What the Consul sink does when Consul refuses some operations of a transaction, apart from
+//! any I/O. A txn is atomic (Consul's `TxnRW` rolls everything back on any per-op error), so
+//! one bad entry would otherwise hold back every other entry of its batch, and the node.
+//! The refused operations are isolated, the rest resent, and the refused ones held back with
+//! a jittered, growing delay until their content changes or the delay runs out.
+
+use crate::reconcile::Op;
+use backon::BackoffBuilder;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// First delay before a refused operation is tried again.
+pub const MIN_HOLD: Duration = Duration::from_secs(10);
+/// The delay stops growing here (jitter adds up to as much again).
+pub const MAX_HOLD: Duration = Duration::from_secs(300);
+
+/// Why Consul refused an operation, as far as its text tells.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Cause {
+    /// The entry itself (a meta pair over Consul's limits, a permission on its name, …):
+    /// resending it cannot help until it changes.
+    Entry,
+    /// The sink's view of Consul is out of date (the node is gone, a `cas` index moved):
+    /// every operation may fail for it; re-read Consul instead of blaming the entry.
+    StaleView,
+}
+
+/// Texts from Consul's state store (`agent/consul/state/catalog.go`, `txn.go`) that say the
+/// catalog changed under the sink rather than that the operation is bad.
+pub fn cause(what: &str) -> Cause {
+    const STALE: [&str; 3] = [
+        "Missing node registration",
+        "index is stale",
+        "doesn't exist",
+    ];
+    if STALE.iter().any(|s| what.contains(s)) {
+        Cause::StaleView
+    } else {
+        Cause::Entry
+    }
+}
+
+/// How to go on after Consul refused a batch of `len` operations with per-op `errors`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Isolation {
+    /// Indexes of the refused operations, each with Consul's first reason, in order.
+    pub refused: Vec<(usize, String)>,
+    /// Indexes of the operations to resend (none of them was refused), in order.
+    pub resend: Vec<usize>,
+}
+
+/// `None` when isolating cannot help: no usable per-op error, an index out of range, the
+/// node's own operation (`node_op`) refused (nothing can be registered without it), or a
+/// refusal caused by a stale view; the caller then fails the pass and re-reads Consul.
+pub fn isolate(
+    len: usize,
+    errors: &[(usize, String)],
+    node_op: Option<usize>,
+) -> Option<Isolation> {
+    if errors.is_empty() || errors.iter().any(|(i, _)| *i >= len) {
+        return None;
+    }
+    if errors
+        .iter()
+        .any(|(i, what)| Some(*i) == node_op || cause(what) == Cause::StaleView)
+    {
+        return None;
+    }
+    let mut refused: Vec<(usize, String)> = Vec::new();
+    for (i, what) in errors {
+        if !refused.iter().any(|(r, _)| r == i) {
+            refused.push((*i, what.clone()));
+        }
+    }
+    refused.sort_by_key(|(i, _)| *i);
+    let resend = (0..len)
+        .filter(|i| !refused.iter().any(|(r, _)| r == i))
+        .collect();
+    Some(Isolation { refused, resend })
+}
+
+/// The meta key a Consul meta error names (`Couldn't load metadata pair ('KEY', …`), if any:
+/// the field to name in the log line.
+pub fn refused_field(what: &str) -> Option<&str> {
+    let start = what.find("metadata pair ('")? + "metadata pair ('".len();
+    let len = what[start..].find('\'')?;
+    Some(&what[start..start + len])
+}
+
+struct Held {
+    op: Op,
+    retry_at: Instant,
+    refusals: u32,
+    delays: backon::ExponentialBackoff,
+}
+
+/// Refused operations held back, by service ID.
+#[derive(Default)]
+pub struct Quarantine {
+    held: HashMap<Arc<str>, Held>,
+}
+
+fn op_id(op: &Op) -> &Arc<str> {
+    match op {
+        Op::Register(i) | Op::Deregister(i) => &i.id,
+    }
+}
+
+fn delays() -> backon::ExponentialBackoff {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(MIN_HOLD)
+        .with_max_delay(MAX_HOLD)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+impl Quarantine {
+    pub fn len(&self) -> usize {
+        self.held.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
+
+    /// Whether `op` is held back at `now`: an equal operation was refused and its delay has
+    /// not run out. A changed operation (a fixed declaration) is never held.
+    pub fn holds(&self, op: &Op, now: Instant) -> bool {
+        self.held
+            .get(op_id(op))
+            .is_some_and(|h| h.op == *op && now < h.retry_at)
+    }
+
+    /// Records a refusal of `op`; returns how long it is held and how often it was refused
+    /// in a row. The delay grows only while the same operation keeps being refused.
+    pub fn refuse(&mut self, op: &Op, now: Instant) -> (Duration, u32) {
+        let held = self.held.entry(op_id(op).clone()).or_insert_with(|| Held {
+            op: op.clone(),
+            retry_at: now,
+            refusals: 0,
+            delays: delays(),
+        });
+        if held.op != *op {
+            *held = Held {
+                op: op.clone(),
+                retry_at: now,
+                refusals: 0,
+                delays: delays(),
+            };
+        }
+        let delay = held.delays.next().unwrap_or(MAX_HOLD);
+        held.refusals += 1;
+        held.retry_at = now + delay;
+        (delay, held.refusals)
+    }
+
+    /// `op` was applied: it is no longer held.
+    pub fn accepted(&mut self, op: &Op) {
+        if self.held.get(op_id(op)).is_some_and(|h| h.op == *op) {
+            self.held.remove(op_id(op));
+        }
+    }
+
+    /// Forgets operations no longer planned as they were refused (the declaration changed or
+    /// the target went away): `planned` are this pass's operations.
+    pub fn retain_planned<'a>(&mut self, planned: impl IntoIterator<Item = &'a Op>) {
+        if self.held.is_empty() {
+            return;
+        }
+        let planned: HashMap<&Arc<str>, &Op> =
+            planned.into_iter().map(|op| (op_id(op), op)).collect();
+        self.held
+            .retain(|id, h| planned.get(id).is_some_and(|op| **op == h.op));
+    }
+
+    /// When the first held operation may be tried again.
+    pub fn next_retry(&self) -> Option<Instant> {
+        self.held.values().map(|h| h.retry_at).min()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ServiceInstance;
+    use std::collections::BTreeMap;
+
+    fn op(id: &str, port: u16) -> Op {
+        Op::Register(Arc::new(ServiceInstance {
+            id: id.into(),
+            service: "s".into(),
+            address: "10.0.0.1".into(),
+            port,
+            tags: vec![],
+            meta: Arc::new(BTreeMap::new()),
+        }))
+    }
+
+    const META_ERROR: &str = "Invalid Service Meta for node n and serviceID a: Couldn't load metadata pair ('metrics-path', '/mmm'): Value is too long (limit: 512 characters)";
+
+    #[test]
+    fn refused_ops_are_isolated_and_the_rest_resent() {
+        let errors = vec![(3, META_ERROR.to_string()), (1, "Permission denied".into())];
+        let iso = isolate(5, &errors, Some(0)).unwrap();
+        assert_eq!(
+            iso.refused,
+            vec![(1, "Permission denied".into()), (3, META_ERROR.into())]
+        );
+        assert_eq!(iso.resend, vec![0, 2, 4]);
+        // Every op refused: nothing to resend.
+        let all: Vec<_> = (0..3).map(|i| (i, META_ERROR.to_string())).collect();
+        assert_eq!(isolate(3, &all, None).unwrap().resend, Vec::<usize>::new());
+        // The same op twice is one refusal.
+        let twice = vec![(2, "a".to_string()), (2, "b".to_string())];
+        assert_eq!(
+            isolate(3, &twice, None).unwrap().refused,
+            vec![(2, "a".into())]
+        );
+    }
+
+    #[test]
+    fn isolation_gives_up_when_it_cannot_help() {
+        let entry = |i: usize| (i, META_ERROR.to_string());
+        assert!(isolate(3, &[], None).is_none(), "no per-op errors");
+        assert!(
+            isolate(3, &[entry(3)], None).is_none(),
+            "index out of range"
+        );
+        assert!(
+            isolate(3, &[entry(0)], Some(0)).is_none(),
+            "the node refused"
+        );
+        for stale in [
+            "Missing node registration",
+            "failed to set node \"n\", index is stale",
+            "failed to delete service \"a\" on node \"n\", index is stale",
+        ] {
+            assert!(
+                isolate(3, &[entry(1), (2, stale.into())], None).is_none(),
+                "{stale}"
+            );
+        }
+    }
+
+    #[test]
+    fn names_the_refused_field() {
+        assert_eq!(refused_field(META_ERROR), Some("metrics-path"));
+        assert_eq!(refused_field("Permission denied"), None);
+    }
+
+    #[test]
+    fn refused_ops_are_held_with_growing_jittered_delays_until_they_change() {
+        let now = Instant::now();
+        let mut q = Quarantine::default();
+        let bad = op("a", 1);
+        assert!(!q.holds(&bad, now));
+        let (first, n) = q.refuse(&bad, now);
+        assert_eq!(n, 1);
+        assert!((MIN_HOLD..MIN_HOLD * 2).contains(&first), "{first:?}");
+        assert!(q.holds(&bad, now + first - Duration::from_millis(1)));
+        assert!(
+            !q.holds(&bad, now + first),
+            "retried once the delay ran out"
+        );
+        // The same op refused again waits longer; a changed op is not held at all.
+        let (second, n) = q.refuse(&bad, now + first);
+        assert_eq!(n, 2);
+        assert!((MIN_HOLD * 2..MIN_HOLD * 4).contains(&second), "{second:?}");
+        assert!(!q.holds(&op("a", 2), now));
+        assert_eq!(q.next_retry(), Some(now + first + second));
+        // Refusing the changed op starts over.
+        let (restart, n) = q.refuse(&op("a", 2), now);
+        assert_eq!(n, 1);
+        assert!(restart < MIN_HOLD * 2);
+        // Many refusals stay within the cap (plus jitter).
+        for _ in 0..20 {
+            let (d, _) = q.refuse(&op("a", 2), now);
+            assert!(d < MAX_HOLD * 2, "{d:?}");
+        }
+    }
+
+    #[test]
+    fn accepted_or_unplanned_ops_are_forgotten() {
+        let now = Instant::now();
+        let mut q = Quarantine::default();
+        let (a, b, c) = (op("a", 1), op("b", 1), op("c", 1));
+        for o in [&a, &b, &c] {
+            q.refuse(o, now);
+        }
+        q.accepted(&a);
+        assert_eq!(q.len(), 2);
+        // `b` is still planned as refused, `c` changed: only `b` stays.
+        q.retain_planned([&b, &op("c", 2)]);
+        assert_eq!(q.len(), 1);
+        assert!(q.holds(&b, now));
+        q.retain_planned([]);
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn two_quarantines_do_not_retry_in_lockstep() {
+        let now = Instant::now();
+        let delays = || {
+            let mut q = Quarantine::default();
+            (0..5)
+                .map(|_| q.refuse(&op("a", 1), now).0)
+                .collect::<Vec<_>>()
+        };
+        assert_ne!(delays(), delays());
+    }
+}
