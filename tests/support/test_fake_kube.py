@@ -636,6 +636,57 @@ def test_controls_faults_drop_watches_and_request_counts(fk):
     assert "demo" in [o["metadata"]["name"] for o in st["storages"]["/namespaces"]["objects"]]
 
 
+def test_kubectl_sees_list_latency_per_list_and_per_page(kubectl, fk):
+    """Slow lists (as on a big cluster) are visible to a real client: once per list, and once
+    per page of a chunked list; other resources stay fast."""
+    ensure_ns(fk, "demo")
+    for i in range(3):
+        create_pod(fk, "demo", f"p{i}")
+
+    def timed(*args):
+        t0 = time.monotonic()
+        out = kubectl(*args)
+        return time.monotonic() - t0, out.stdout
+
+    fast, _ = timed("get", "pods", "-n", "demo")
+    fk.set_latency(list=2.0, resources=["pods"])
+    assert fk.config()["listLatencySeconds"] == 2.0
+    slow, out = timed("get", "pods", "-n", "demo")
+    assert slow >= 2.0 and all(f"p{i}" in out for i in range(3)), (slow, out)
+    ns_time, _ = timed("get", "namespaces")
+    assert ns_time < slow, (ns_time, slow)  # only pods are slowed
+    # Per page: --chunk-size=1 reads the 3 pods in 3 pages.
+    fk.set_latency(list=0, page=1.0)
+    paged, out = timed("get", "pods", "-n", "demo", "--chunk-size=1")
+    assert paged >= 3.0 and all(f"p{i}" in out for i in range(3)), (paged, out)
+    whole, _ = timed("get", "pods", "-n", "demo", "--chunk-size=0")
+    assert 1.0 <= whole < paged, (whole, paged)
+    fk.set_latency(page=0)
+    print(f"\nkubectl get pods: {fast:.2f} s, with 2 s list latency {slow:.2f} s, "
+          f"3 pages at 1 s each {paged:.2f} s, one page {whole:.2f} s")
+
+
+def test_watch_latency_delays_the_stream_and_loses_nothing(fk):
+    ensure_ns(fk, "demo")
+    rv = http(fk, "GET", "/api/v1/namespaces/demo/pods").json()["metadata"]["resourceVersion"]
+    fk.set_latency(watch=1.5, resources=["pods"])
+    got = {}
+
+    def run():
+        t0 = time.monotonic()
+        evs = watch(fk, "/api/v1/namespaces/demo/pods", timeout_seconds=4, max_events=1, resourceVersion=rv)
+        got["events"], got["took"] = evs, time.monotonic() - t0
+
+    t = threading.Thread(target=run)
+    t.start()
+    fk.wait_for_watch("pods", timeout=10)
+    create_pod(fk, "demo", "made-during-the-delay")  # written before the response starts
+    t.join(timeout=20)
+    assert not t.is_alive()
+    assert got["took"] >= 1.5, got
+    assert [(e["type"], e["object"]["metadata"]["name"]) for e in got["events"]] == [("ADDED", "made-during-the-delay")]
+
+
 def test_crd_created_at_run_time_is_served(fk):
     crd = {"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
            "metadata": {"name": "widgets.example.com"},

@@ -942,6 +942,10 @@ class State:
         self.path_counts: dict = {}
         self.faults: list = []
         self._fault_ids = iter(range(1, 1 << 62))
+        # Test knob: response latency of lists and watches (seconds). A real apiserver lists a
+        # big cluster slowly (it reads and serialises every object of every page), so a client
+        # must tolerate lists that take longer than its own timers.
+        self.latency = {"list": 0.0, "listPage": 0.0, "watch": 0.0, "resources": []}
         self.closing = False
         for ns in DEFAULT_NAMESPACES:
             self.create(self.rd("", "v1", "namespaces"), None, {"metadata": {"name": ns}}, bypass=True)
@@ -951,6 +955,20 @@ class State:
         self._reaper.start()
 
     # -- helpers ----------------------------------------------------------
+
+    def latency_for(self, rd, kind):
+        """Configured latency (seconds) of `kind` ("list", "listPage", "watch") for rd."""
+        with self.cond:
+            only = self.latency["resources"]
+            if only and rd.plural not in only and rd.qualified not in only:
+                return 0.0
+            return float(self.latency[kind] or 0.0)
+
+    def pause(self, seconds):
+        """Sleeps `seconds`, cut short when the server stops."""
+        if seconds > 0:
+            with self.cond:
+                self.cond.wait_for(lambda: self.closing, timeout=seconds)
 
     def rd(self, group, version, plural):
         return self.registry.get(group, version, plural)
@@ -1791,6 +1809,12 @@ class Handler(BaseHTTPRequestHandler):
         dry_run = bool(q.get("dryRun"))
         if verb == "list":
             items, meta = st.list(rd, ns, q)
+            # Latency after the snapshot is taken: changes made meanwhile reach the client through
+            # the watch that starts at this list's resourceVersion, as on a slow real server.
+            delay = st.latency_for(rd, "listPage")
+            if not q.get("continue"):
+                delay += st.latency_for(rd, "list")
+            st.pause(delay)
             if self._wants_table():
                 return self._send_json(200, self._table(rd, items, meta))
             return self._send(200, st.list_bytes(rd, items, meta))
@@ -2000,6 +2024,9 @@ class Handler(BaseHTTPRequestHandler):
             if error is None:
                 st.watches[handle.id] = handle
         try:
+            # Latency before the response starts; the start point is already fixed, so nothing
+            # written meanwhile is lost.
+            st.pause(st.latency_for(rd, "watch"))
             self.send_response(200)
             self.send_header("Content-Type", JSON_CT)
             self.send_header("Transfer-Encoding", "chunked")
@@ -2250,12 +2277,22 @@ class Handler(BaseHTTPRequestHandler):
                         st.auto_create_namespaces = bool(data["autoCreateNamespaces"])
                     if "watchTimeoutMaxSeconds" in data:
                         st.watch_timeout_max = float(data["watchTimeoutMaxSeconds"])
+                    for key, lk in (("listLatencySeconds", "list"), ("listPageLatencySeconds", "listPage"),
+                                    ("watchLatencySeconds", "watch")):
+                        if key in data:
+                            st.latency[lk] = max(0.0, float(data[key] or 0.0))
+                    if "latencyResources" in data:
+                        st.latency["resources"] = list(data["latencyResources"] or [])
                     st.cond.notify_all()
                 return self._send_json(200, {"bookmarkIntervalSeconds": st.bookmark_interval,
                                              "gracefulDeletion": st.graceful_deletion,
                                              "historyLimit": st.history_limit,
                                              "autoCreateNamespaces": st.auto_create_namespaces,
                                              "watchTimeoutMaxSeconds": st.watch_timeout_max,
+                                             "listLatencySeconds": st.latency["list"],
+                                             "listPageLatencySeconds": st.latency["listPage"],
+                                             "watchLatencySeconds": st.latency["watch"],
+                                             "latencyResources": st.latency["resources"],
                                              "resourceVersion": str(st.rv)})
         if segs == ["state"]:
             with st.cond:
@@ -2515,6 +2552,9 @@ def main(argv=None):
                    help="create a missing namespace on first use instead of answering 404")
     p.add_argument("--seed", action="append", default=[], help="YAML/JSON file of objects to preload (repeatable)")
     p.add_argument("--log-requests", action="store_true", help="log every request to stderr")
+    p.add_argument("--list-latency", type=float, default=0.0, help="seconds added to every list (once per list)")
+    p.add_argument("--list-page-latency", type=float, default=0.0, help="seconds added to every page of a list")
+    p.add_argument("--watch-latency", type=float, default=0.0, help="seconds before a watch response starts")
     args = p.parse_args(argv)
 
     host, _, port = args.listen.rpartition(":")
@@ -2524,6 +2564,8 @@ def main(argv=None):
     state = State(history_limit=args.history_limit, bookmark_interval=args.bookmark_interval,
                   graceful_deletion=args.graceful_deletion, auto_create_namespaces=args.auto_create_namespaces,
                   watch_timeout_max=args.watch_timeout_max)
+    state.latency.update({"list": max(0.0, args.list_latency), "listPage": max(0.0, args.list_page_latency),
+                          "watch": max(0.0, args.watch_latency)})
     for s in args.seed:
         n = load_seed(state, s)
         sys.stderr.write(f"fake_kube: seeded {n} objects from {s}\n")
