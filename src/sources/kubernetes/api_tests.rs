@@ -3,7 +3,7 @@
 //! acquisition.
 
 use super::crd::WorkerMetricsStatus;
-use super::leader::{LeaseSettings, try_hold};
+use super::leader::{LeaseSettings, Observed, try_hold};
 use super::spec::field_error;
 use super::status;
 use super::watch::{EventPublisher, Warned};
@@ -160,16 +160,46 @@ async fn invalid_pod_gets_one_warning_event_per_distinct_problem() {
     );
 }
 
-#[tokio::test]
-async fn lease_is_created_when_missing_and_not_taken_while_held() {
-    let settings = LeaseSettings {
+/// Bounds a call under test: a regression that sends an unexpected request (which the mock
+/// never answers) fails the test instead of hanging it.
+async fn bounded<T>(call: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(5), call)
+        .await
+        .expect("the call finishes within 5 s (an unexpected request would hang it)")
+}
+
+/// Asserts that nothing else was sent.
+async fn no_more_requests(handle: &mut Handle) {
+    let mut pending = pin!(handle);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), pending.next_request())
+            .await
+            .is_err(),
+        "no further request"
+    );
+}
+
+fn lease_settings() -> LeaseSettings {
+    LeaseSettings {
         namespace: "ops".into(),
         name: "workersd".into(),
         identity: "me".into(),
         duration: Duration::from_secs(15),
-    };
+    }
+}
+
+fn held_by_other(renew_time: k8s_openapi::jiff::Timestamp, duration: i64, rv: &str) -> Value {
+    json!({"metadata": {"name": "workersd", "namespace": "ops", "resourceVersion": rv},
+           "spec": {"holderIdentity": "other", "leaseDurationSeconds": duration,
+                    "renewTime": renew_time.to_string()}})
+}
+
+#[tokio::test]
+async fn lease_is_created_when_missing_and_not_taken_while_held() {
+    let settings = lease_settings();
     let (client, mut handle) = client();
     let api = kube::Api::namespaced(client, "ops");
+    let mut observed = Observed::default();
     let server = tokio::spawn(async move {
         let get = answer(
             &mut handle,
@@ -185,7 +215,11 @@ async fn lease_is_created_when_missing_and_not_taken_while_held() {
         .await;
         (get, create, handle)
     });
-    assert!(try_hold(&api, &settings).await.unwrap());
+    assert!(
+        bounded(try_hold(&api, &settings, &mut observed))
+            .await
+            .unwrap()
+    );
     let (get, create, mut handle) = server.await.unwrap();
     assert_eq!(get.0, Method::GET);
     assert_eq!(
@@ -197,23 +231,140 @@ async fn lease_is_created_when_missing_and_not_taken_while_held() {
     assert_eq!(create.2["spec"]["leaseDurationSeconds"], 15);
 
     // Someone else renewed just now: no write.
-    let renewed = k8s_openapi::jiff::Timestamp::now().to_string();
+    let mut observed = Observed::default();
+    let renewed = k8s_openapi::jiff::Timestamp::now();
+    let server = tokio::spawn(async move {
+        answer(&mut handle, StatusCode::OK, held_by_other(renewed, 15, "5")).await;
+        handle
+    });
+    assert!(
+        !bounded(try_hold(&api, &settings, &mut observed))
+            .await
+            .unwrap()
+    );
+    let mut handle = server.await.unwrap();
+    no_more_requests(&mut handle).await;
+}
+
+/// client-go's rule: another holder's lease expires leaseDurationSeconds after this instance
+/// last saw it change, whatever the holder's clock wrote in renewTime.
+#[tokio::test(start_paused = true)]
+async fn a_skewed_holder_clock_neither_hands_over_early_nor_late() {
+    let settings = lease_settings();
+    let (client, mut handle) = client();
+    let api = kube::Api::namespaced(client, "ops");
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let ten = k8s_openapi::jiff::SignedDuration::from_secs(10);
+
+    // renewTime 10 s in the past (holder clock behind), 5 s lease: by its renewTime it expired
+    // 5 s ago, but this instance just saw it, so it is valid: no write.
+    let mut observed = Observed::default();
+    let behind = held_by_other(now - ten, 5, "7");
+    let lease = behind.clone();
+    let server = tokio::spawn(async move {
+        answer(&mut handle, StatusCode::OK, lease).await;
+        handle
+    });
+    assert!(
+        !bounded(try_hold(&api, &settings, &mut observed))
+            .await
+            .unwrap(),
+        "a lease seen for the first time is valid for its whole duration"
+    );
+    let mut handle = server.await.unwrap();
+    no_more_requests(&mut handle).await;
+
+    // renewTime 10 s in the future (holder clock ahead): by its renewTime it is valid for 15 s
+    // more, but once this instance has seen it unchanged for 5 s it has expired: take over.
+    let mut observed = Observed::default();
+    let ahead = held_by_other(now + ten, 5, "8");
+    let lease = ahead.clone();
+    let server = tokio::spawn(async move {
+        answer(&mut handle, StatusCode::OK, lease).await;
+        handle
+    });
+    assert!(
+        !bounded(try_hold(&api, &settings, &mut observed))
+            .await
+            .unwrap()
+    );
+    let mut handle = server.await.unwrap();
+    tokio::time::advance(Duration::from_secs(5)).await;
+    let lease = ahead.clone();
+    let server = tokio::spawn(async move {
+        let get = answer(&mut handle, StatusCode::OK, lease.clone()).await;
+        let mut taken = lease;
+        taken["spec"]["holderIdentity"] = json!("me");
+        taken["metadata"]["resourceVersion"] = json!("9");
+        let put = answer(&mut handle, StatusCode::OK, taken).await;
+        (get, put, handle)
+    });
+    assert!(
+        bounded(try_hold(&api, &settings, &mut observed))
+            .await
+            .unwrap(),
+        "unchanged for a whole lease duration on our clock: expired"
+    );
+    let (get, put, _) = server.await.unwrap();
+    assert_eq!(get.0, Method::GET);
+    assert_eq!(put.0, Method::PUT);
+    assert_eq!(put.2["spec"]["holderIdentity"], "me");
+    assert_eq!(put.2["spec"]["leaseTransitions"], 1);
+    assert_eq!(
+        put.2["metadata"]["resourceVersion"], "8",
+        "the takeover is conditional on the version read"
+    );
+}
+
+/// Two instances racing: the one whose write loses (409) is not the leader.
+#[tokio::test]
+async fn a_conflicting_write_means_not_leader() {
+    let settings = lease_settings();
+    let (client, mut handle) = client();
+    let api = kube::Api::namespaced(client, "ops");
+    let conflict = |reason: &str| {
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason,
+               "code": 409, "message": "conflict"})
+    };
+
+    // Both saw no lease; the other created it first: AlreadyExists.
+    let mut observed = Observed::default();
+    let already = conflict("AlreadyExists");
     let server = tokio::spawn(async move {
         answer(
             &mut handle,
-            StatusCode::OK,
-            json!({"metadata": {"name": "workersd", "namespace": "ops", "resourceVersion": "5"},
-                   "spec": {"holderIdentity": "other", "leaseDurationSeconds": 15, "renewTime": renewed}}),
+            StatusCode::NOT_FOUND,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"}),
         )
         .await;
-        handle
+        let create = answer(&mut handle, StatusCode::CONFLICT, already).await;
+        (create, handle)
     });
-    assert!(!try_hold(&api, &settings).await.unwrap());
-    let mut handle = server.await.unwrap();
-    let mut pending = pin!(&mut handle);
     assert!(
-        tokio::time::timeout(Duration::from_millis(200), pending.next_request())
+        !bounded(try_hold(&api, &settings, &mut observed))
             .await
-            .is_err()
+            .unwrap()
     );
+    let (create, mut handle) = server.await.unwrap();
+    assert_eq!(create.0, Method::POST);
+
+    // Both saw a released lease; the other's update landed first: Conflict.
+    let mut observed = Observed::default();
+    let released = json!({"metadata": {"name": "workersd", "namespace": "ops", "resourceVersion": "3"},
+                          "spec": {"leaseDurationSeconds": 15}});
+    let modified = conflict("Conflict");
+    let server = tokio::spawn(async move {
+        answer(&mut handle, StatusCode::OK, released).await;
+        let put = answer(&mut handle, StatusCode::CONFLICT, modified).await;
+        (put, handle)
+    });
+    assert!(
+        !bounded(try_hold(&api, &settings, &mut observed))
+            .await
+            .unwrap()
+    );
+    let (put, mut handle) = server.await.unwrap();
+    assert_eq!(put.0, Method::PUT);
+    assert_eq!(put.2["metadata"]["resourceVersion"], "3");
+    no_more_requests(&mut handle).await;
 }
