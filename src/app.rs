@@ -111,6 +111,7 @@ pub async fn run_kubernetes(args: KubernetesArgs) -> anyhow::Result<()> {
             max_ports_per_namespace: args.max_ports_per_namespace,
         },
         identity,
+        event_refresh: args.event_refresh_interval,
     };
     let metrics = controller.metrics.clone();
     let outputs = tokio::select! {

@@ -687,6 +687,68 @@ def test_watch_latency_delays_the_stream_and_loses_nothing(fk):
     assert [(e["type"], e["object"]["metadata"]["name"]) for e in got["events"]] == [("ADDED", "made-during-the-delay")]
 
 
+def events_v1(name, ns="demo", **extra):
+    ev = {"apiVersion": "events.k8s.io/v1", "kind": "Event", "metadata": {"name": name, "namespace": ns},
+          "eventTime": "2026-01-01T00:00:00.000000Z", "reportingController": "workersd",
+          "reportingInstance": "wd-1", "action": "Validate", "reason": "InvalidSpec", "type": "Warning",
+          "note": "bad ports", "regarding": {"apiVersion": "v1", "kind": "Pod", "namespace": ns, "name": "p"}}
+    ev.update(extra)
+    return ev
+
+
+def test_kubectl_event_names_are_dns_subdomains_on_events_v1_only(kubectl, fk):
+    """kube-apiserver validates an events.k8s.io/v1 Event's name (DNS subdomain, <= 253) and its
+    series; a core/v1 Event keeps the legacy leniency."""
+    ensure_ns(fk, "demo")
+    too_long = "p" * 250 + ".1a2b"
+    for bad, why in ((too_long, "no more than 253 characters"), ("Bad_Name.1a2b", "RFC 1123 subdomain")):
+        p = kubectl("create", "-f", "-", input=json.dumps(events_v1(bad)), check=False)
+        assert p.returncode != 0 and "is invalid" in p.stderr and why in p.stderr, p.stderr
+        r = http(fk, "POST", "/apis/events.k8s.io/v1/namespaces/demo/events", events_v1(bad))
+        assert r.status_code == 422 and r.json()["details"]["causes"][0]["field"] == "metadata.name", r.text
+    legacy = {"apiVersion": "v1", "kind": "Event", "metadata": {"name": "Bad_Name.1a2b", "namespace": "demo"},
+              "involvedObject": {"kind": "Pod", "namespace": "demo", "name": "p"}, "reason": "X", "message": "m"}
+    kubectl("create", "-f", "-", input=json.dumps(legacy))
+    ok = events_v1("p." + "a" * 200)
+    kubectl("create", "-f", "-", input=json.dumps(ok))
+    # A series needs count >= 2 and lastObservedTime.
+    r = http(fk, "PATCH", f"/apis/events.k8s.io/v1/namespaces/demo/events/{ok['metadata']['name']}",
+             {"series": {"count": 1}}, ctype="application/merge-patch+json")
+    assert r.status_code == 422 and {c["field"] for c in r.json()["details"]["causes"]} == {
+        "series.count", "series.lastObservedTime"}, r.text
+    r = http(fk, "PATCH", f"/apis/events.k8s.io/v1/namespaces/demo/events/{ok['metadata']['name']}",
+             {"series": {"count": 2, "lastObservedTime": "2026-01-01T00:01:00.000000Z"}},
+             ctype="application/merge-patch+json")
+    assert r.status_code == 200 and r.json()["series"]["count"] == 2, r.text
+
+
+def test_kubectl_sees_events_expire_after_the_event_ttl(kubectl, fk):
+    """Events vanish event_ttl after their last write (kube-apiserver --event-ttl, 1 h by
+    default); a write renews the TTL; a watcher sees the expiry as DELETED."""
+    ensure_ns(fk, "demo")
+    assert fk.config()["eventTTLSeconds"] == 3600
+    fk.config(eventTTLSeconds=2.5)
+    t0 = time.monotonic()
+    kubectl("create", "-f", "-", input=json.dumps(events_v1("kept.1")))
+    kubectl("create", "-f", "-", input=json.dumps(events_v1("expires.1")))
+    assert {"kept.1", "expires.1"} <= set(kubectl("get", "events", "-n", "demo", "-o", "name").stdout.replace(
+        "event.events.k8s.io/", "").replace("event/", "").split())
+    time.sleep(max(0.0, 1.2 - (time.monotonic() - t0)))
+    kubectl("patch", "events.v1.events.k8s.io", "kept.1", "-n", "demo", "--type=merge", "-p",
+            json.dumps({"series": {"count": 2, "lastObservedTime": "2026-01-01T00:01:00.000000Z"}}))
+    events = watch(fk, "/api/v1/namespaces/demo/events", timeout_seconds=8, resourceVersion="0",
+                   stop=lambda ev: ev["type"] == "DELETED")
+    gone = time.monotonic()
+    assert events[-1]["type"] == "DELETED" and events[-1]["object"]["metadata"]["name"] == "expires.1", events
+    assert 2.0 <= gone - t0 <= 6.0, gone - t0
+    names = kubectl("get", "events", "-n", "demo", "-o", "name").stdout
+    assert "kept.1" in names and "expires.1" not in names, names
+    deadline = time.monotonic() + 8
+    while "kept.1" in kubectl("get", "events", "-n", "demo", "-o", "name").stdout:
+        assert time.monotonic() < deadline, "kept.1 never expired"
+        time.sleep(0.2)
+
+
 def test_crd_created_at_run_time_is_served(fk):
     crd = {"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
            "metadata": {"name": "widgets.example.com"},

@@ -1,19 +1,20 @@
 //! What the Kubernetes mode sends to the API server, checked against kube-rs's tower-test mock
-//! service: status patches, Warning Events (published once per distinct problem), and Lease
-//! acquisition.
+//! service: status patches, Warning Events (one per distinct problem, renewed before the
+//! Event TTL, retried with backoff), and Lease acquisition. Every call is bounded in time.
 
 use super::crd::WorkerMetricsStatus;
+use super::events::{self, Problems};
 use super::leader::{LeaseSettings, Observed, try_hold};
 use super::spec::field_error;
 use super::status;
-use super::watch::{EventPublisher, Warned};
+use super::watch;
 use http::{Method, Request, Response, StatusCode};
 use kube::Client;
 use kube::client::Body;
-use kube::runtime::events::Reporter;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::pin::pin;
+use std::sync::Arc;
 use std::time::Duration;
 use tower_test::mock;
 
@@ -82,30 +83,28 @@ async fn status_patch_is_a_merge_patch_on_the_status_subresource() {
     assert_eq!(body["status"]["liveEndpoints"], 7);
 }
 
-#[tokio::test]
-async fn invalid_pod_gets_one_warning_event_per_distinct_problem() {
-    let (client, mut handle) = client();
-    let events = EventPublisher {
-        client,
-        reporter: Reporter {
-            controller: "workersd".into(),
-            instance: Some("test".into()),
-        },
-    };
-    let mut warned = Warned::default();
-    let key = ("shop".to_string(), "web-1".to_string());
-    let problem = vec![field_error(
-        "metadata.annotations[workersd.io/ports]",
-        "range 9020-9011 is reversed",
-    )];
-    let invalid = BTreeMap::from([(key.clone(), ("uid-1".to_string(), problem))]);
+fn invalid_pod(note: &str) -> Arc<Problems> {
+    let problems = watch::problems(
+        &BTreeMap::from([(
+            ("shop".to_string(), "web-1".to_string()),
+            ("uid-1".to_string(), vec![field_error(note, "is wrong")]),
+        )]),
+        &Default::default(),
+    );
+    Arc::new(problems)
+}
 
-    let server = tokio::spawn(async move {
-        let first = answer(&mut handle, StatusCode::CREATED, json!({})).await;
-        (first, handle)
-    });
-    warned.pods(&events, &invalid).await;
-    let ((method, uri, event), mut handle) = server.await.unwrap();
+/// Events go out on their own task: one per distinct problem, renewed (a series patch) before
+/// the API server's Event TTL, re-created when gone, retried with backoff when rejected.
+#[tokio::test(start_paused = true)]
+async fn warning_events_are_published_renewed_and_retried_off_the_watch_path() {
+    let (client, mut handle) = client();
+    let refresh = Duration::from_secs(1800);
+    let (tx, rx) =
+        tokio::sync::watch::channel(invalid_pod("metadata.annotations[workersd.io/ports]"));
+    let publisher = tokio::spawn(events::run(client, "wd-1".into(), refresh, rx));
+
+    let (method, uri, event) = answer(&mut handle, StatusCode::CREATED, json!({})).await;
     assert_eq!(method, Method::POST);
     assert!(
         uri.starts_with("/apis/events.k8s.io/v1/namespaces/shop/events"),
@@ -113,6 +112,8 @@ async fn invalid_pod_gets_one_warning_event_per_distinct_problem() {
     );
     assert_eq!(event["type"], "Warning");
     assert_eq!(event["reason"], "InvalidWorkerMetrics");
+    assert_eq!(event["reportingController"], "workersd");
+    assert_eq!(event["reportingInstance"], "wd-1");
     assert_eq!(event["regarding"]["name"], "web-1");
     assert_eq!(event["regarding"]["kind"], "Pod");
     assert!(
@@ -122,41 +123,74 @@ async fn invalid_pod_gets_one_warning_event_per_distinct_problem() {
             .contains("workersd.io/ports"),
         "{event}"
     );
+    let name = event["metadata"]["name"].as_str().unwrap().to_string();
+    assert!(name.starts_with("web-1."), "{name}");
 
-    // Same problem again: no request at all.
-    warned.pods(&events, &invalid).await;
-    {
-        let mut pending = pin!(&mut handle);
-        assert!(
-            tokio::time::timeout(Duration::from_millis(200), pending.next_request())
-                .await
-                .is_err(),
-            "no second Event for the same problem"
-        );
-    }
+    // The same problem, resolved again and again: nothing until the refresh is due.
+    tx.send_replace(invalid_pod("metadata.annotations[workersd.io/ports]"));
+    no_request_for(&mut handle, refresh - Duration::from_secs(1)).await;
+    // Then the Event is renewed by patching its series (which renews its TTL).
+    let (method, uri, patch) = answer(&mut handle, StatusCode::OK, json!({})).await;
+    assert_eq!(method, Method::PATCH);
+    assert!(uri.contains(&format!("/events/{name}")), "{uri}");
+    assert_eq!(patch["series"]["count"], 2);
+    assert!(patch["series"]["lastObservedTime"].is_string(), "{patch}");
 
-    // A different problem on the same object: a new Event (not folded into the first one)
-    // whose note names the new field.
-    let other = vec![field_error(
-        "metadata.annotations[workersd.io/service]",
-        "\"Bad_Name\" is not a DNS-compatible name",
-    )];
-    let changed = BTreeMap::from([(key, ("uid-1".to_string(), other))]);
-    let server =
-        tokio::spawn(async move { answer(&mut handle, StatusCode::CREATED, json!({})).await });
-    warned.pods(&events, &changed).await;
-    let (method, _, event) = server.await.unwrap();
-    assert_eq!(
-        method,
-        Method::POST,
-        "a new Event, not a patch of the old series"
-    );
+    // Next time the Event has expired: 404, so a new Event is created at once.
+    no_request_for(&mut handle, refresh - Duration::from_secs(1)).await;
+    let (method, ..) = answer(
+        &mut handle,
+        StatusCode::NOT_FOUND,
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "gone"}),
+    )
+    .await;
+    assert_eq!(method, Method::PATCH);
+    let (method, ..) = answer(&mut handle, StatusCode::CREATED, json!({})).await;
+    assert_eq!(method, Method::POST);
+
+    // A different problem: a new Event naming it; rejected, it is retried after 1 s, 2 s, ...
+    // and not on every resolution.
+    tx.send_replace(invalid_pod("metadata.annotations[workersd.io/service]"));
+    let rejected = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "InternalError", "code": 500, "message": "etcd"});
+    let (method, _, event) = answer(
+        &mut handle,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        rejected.clone(),
+    )
+    .await;
+    assert_eq!(method, Method::POST);
     assert!(
         event["note"]
             .as_str()
             .unwrap()
             .contains("workersd.io/service"),
         "{event}"
+    );
+    for backoff in [1, 2, 4] {
+        tx.send_replace(invalid_pod("metadata.annotations[workersd.io/service]"));
+        no_request_for(&mut handle, Duration::from_millis(backoff * 1000 - 10)).await;
+        let (method, ..) = answer(
+            &mut handle,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            rejected.clone(),
+        )
+        .await;
+        assert_eq!(method, Method::POST);
+    }
+    // Fixed: no more Events.
+    tx.send_replace(Arc::new(Problems::new()));
+    no_request_for(&mut handle, Duration::from_secs(3600)).await;
+    publisher.abort();
+}
+
+/// Asserts that nothing is sent for `quiet` (in paused time).
+async fn no_request_for(handle: &mut Handle, quiet: Duration) {
+    let mut pending = pin!(handle);
+    assert!(
+        tokio::time::timeout(quiet, pending.next_request())
+            .await
+            .is_err(),
+        "no request for {quiet:?}"
     );
 }
 

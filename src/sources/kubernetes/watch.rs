@@ -3,18 +3,18 @@
 //! of that scope atomically, so deletions missed meanwhile are never lost.
 
 use super::crd::{WorkerMetrics, compile};
+use super::events::{self, Problem, Problems};
 use super::resolve::{ClusterView, CustomResourceEntry, ObjectKey, ResolveSettings, resolve};
 use super::spec::{FieldError, PREFIX, PodInfo};
 use crate::metrics::Metrics;
 use crate::sources::TargetSnapshot;
 use futures::stream::{BoxStream, SelectAll};
 use futures::{FutureExt, StreamExt};
-use k8s_openapi::api::core::v1::{ObjectReference, Pod};
+use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::WatchStreamExt;
-use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, Resource, ResourceExt};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use tokio::sync::{oneshot, watch};
 
@@ -35,6 +35,9 @@ pub struct WatchSettings {
     pub namespaces: Vec<String>,
     pub resolve: ResolveSettings,
     pub identity: String,
+    /// How long a published Event is left before its series is renewed (below the API
+    /// server's Event TTL).
+    pub event_refresh: std::time::Duration,
 }
 
 /// Keeps only what workersd needs of a pod.
@@ -297,14 +300,15 @@ async fn run(
         scopes,
         synced: BTreeSet::new(),
     };
-    let events = EventPublisher {
-        client: client.clone(),
-        reporter: Reporter {
-            controller: "workersd".into(),
-            instance: Some(settings.identity.clone()),
-        },
-    };
-    let mut warned = Warned::default();
+    // Events are written by their own task: a slow or failing API server never holds up the
+    // snapshots below.
+    let (problems_tx, problems_rx) = watch::channel(Arc::new(Problems::new()));
+    tokio::spawn(events::run(
+        client.clone(),
+        settings.identity.clone(),
+        settings.event_refresh,
+        problems_rx,
+    ));
     let mut ready = Some(ready);
     while let Some(change) = changes.next().await {
         source.apply(change);
@@ -327,8 +331,14 @@ async fn run(
             .filter(|e| e.compiled.is_err())
             .count();
         metrics.invalid_objects("workermetrics", invalid_resources);
-        warned.pods(&events, &resolution.invalid_pods).await;
-        warned.resources(&events, &source.view).await;
+        let current = problems(&resolution.invalid_pods, &source.view);
+        problems_tx.send_if_modified(|sent| {
+            let changed = **sent != current;
+            if changed {
+                *sent = Arc::new(current);
+            }
+            changed
+        });
         let report: ResourceReport = source
             .view
             .resources
@@ -371,144 +381,48 @@ async fn run(
     }
 }
 
-/// Remembers which problems were already reported, so an Event is published once per distinct
-/// problem, not on every resolution.
-#[derive(Default)]
-pub(crate) struct Warned {
-    pods: HashMap<String, String>,
-    resources: HashMap<String, String>,
-}
-
-fn reference(
-    api_version: &str,
-    kind: &str,
-    namespace: &str,
-    name: &str,
-    uid: &str,
-) -> ObjectReference {
-    ObjectReference {
-        api_version: Some(api_version.into()),
-        kind: Some(kind.into()),
-        namespace: Some(namespace.into()),
-        name: Some(name.into()),
-        uid: Some(uid.into()),
-        ..ObjectReference::default()
-    }
-}
-
 fn describe(errors: &[FieldError]) -> String {
-    let mut note = errors
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join("; ");
-    // Events carry at most 1 kB of note.
-    if note.len() > 1000 {
-        let mut cut = 1000;
-        while !note.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        note.truncate(cut);
-        note.push('…');
-    }
-    note
-}
-
-/// Publishes Events. kube-runtime's `Recorder` folds every Event with the same reason on one
-/// object into a single series for minutes, keeping the first message; workersd de-duplicates
-/// by message itself (`Warned`), so each distinct problem gets a fresh Event that names it.
-pub(crate) struct EventPublisher {
-    pub(crate) client: Client,
-    pub(crate) reporter: Reporter,
-}
-
-impl EventPublisher {
-    async fn publish(
-        &self,
-        event: &KubeEvent,
-        target: &ObjectReference,
-    ) -> Result<(), kube::Error> {
-        Recorder::new(self.client.clone(), self.reporter.clone())
-            .publish(event, target)
-            .await
-    }
-}
-
-/// Kind-specific wording of a refusal Event.
-struct Refusal {
-    api_version: &'static str,
-    kind: &'static str,
-    reason: &'static str,
-}
-
-const POD_REFUSAL: Refusal = Refusal {
-    api_version: "v1",
-    kind: "Pod",
-    reason: "InvalidWorkerMetrics",
-};
-const RESOURCE_REFUSAL: Refusal = Refusal {
-    api_version: "workersd.io/v1alpha1",
-    kind: "WorkerMetrics",
-    reason: "InvalidSpec",
-};
-
-/// Publishes one Warning Event per object and distinct problem; `seen` maps uid → note.
-async fn warn_once<'a>(
-    events: &EventPublisher,
-    seen: &mut HashMap<String, String>,
-    refusal: &Refusal,
-    invalid: impl IntoIterator<Item = (&'a ObjectKey, &'a str, &'a [FieldError])>,
-) {
-    let invalid: Vec<_> = invalid.into_iter().collect();
-    let live: BTreeSet<&str> = invalid.iter().map(|(_, uid, _)| *uid).collect();
-    seen.retain(|uid, _| live.contains(uid.as_str()));
-    for ((namespace, name), uid, errors) in invalid {
-        let note = describe(errors);
-        if seen.get(uid) == Some(&note) {
-            continue;
-        }
-        tracing::warn!(namespace, name, kind = refusal.kind, problems = %note, "declaration refused");
-        let event = KubeEvent {
-            type_: EventType::Warning,
-            reason: refusal.reason.into(),
-            note: Some(note.clone()),
-            action: "Validate".into(),
-            secondary: None,
-        };
-        let target = reference(refusal.api_version, refusal.kind, namespace, name, uid);
-        match events.publish(&event, &target).await {
-            Ok(()) => {
-                seen.insert(uid.to_string(), note);
-            }
-            Err(e) => {
-                tracing::warn!(namespace, name, kind = refusal.kind, error = %e, "cannot publish Event")
-            }
-        }
-    }
-}
-
-impl Warned {
-    pub(crate) async fn pods(
-        &mut self,
-        events: &EventPublisher,
-        invalid: &BTreeMap<ObjectKey, (String, Vec<FieldError>)>,
-    ) {
-        let invalid = invalid
+    events::note(
+        errors
             .iter()
-            .map(|(key, (uid, errors))| (key, uid.as_str(), errors.as_slice()));
-        warn_once(events, &mut self.pods, &POD_REFUSAL, invalid).await;
-    }
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; "),
+    )
+}
 
-    async fn resources(&mut self, events: &EventPublisher, view: &ClusterView) {
-        let invalid = view.resources.iter().filter_map(|(key, entry)| {
-            entry
-                .compiled
-                .as_ref()
-                .err()
-                .map(|errors| (key, entry.uid.as_str(), errors.as_slice()))
+/// The current problems of pods and `WorkerMetrics`, for Events.
+pub(crate) fn problems(
+    invalid_pods: &BTreeMap<ObjectKey, (String, Vec<FieldError>)>,
+    view: &ClusterView,
+) -> Problems {
+    let pods = invalid_pods
+        .iter()
+        .map(|((namespace, name), (uid, errors))| Problem {
+            api_version: "v1",
+            kind: "Pod",
+            namespace: namespace.clone(),
+            name: name.clone(),
+            uid: uid.clone(),
+            reason: "InvalidWorkerMetrics",
+            note: describe(errors),
         });
-        warn_once(events, &mut self.resources, &RESOURCE_REFUSAL, invalid).await;
-    }
+    let resources = view
+        .resources
+        .iter()
+        .filter_map(|((namespace, name), entry)| {
+            let errors = entry.compiled.as_ref().err()?;
+            Some(Problem {
+                api_version: "workersd.io/v1alpha1",
+                kind: "WorkerMetrics",
+                namespace: namespace.clone(),
+                name: name.clone(),
+                uid: entry.uid.clone(),
+                reason: "InvalidSpec",
+                note: describe(errors),
+            })
+        });
+    pods.chain(resources).map(|p| (p.uid.clone(), p)).collect()
 }
 
 #[cfg(test)]

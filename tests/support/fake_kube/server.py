@@ -926,7 +926,7 @@ class State:
     """All objects, the global resourceVersion, per-storage event histories and watchers."""
 
     def __init__(self, history_limit=10000, bookmark_interval=5.0, graceful_deletion=False,
-                 auto_create_namespaces=False, watch_timeout_max=1800.0):
+                 auto_create_namespaces=False, watch_timeout_max=1800.0, event_ttl=3600.0):
         self.cond = threading.Condition(threading.RLock())
         self.rv = 1
         self.registry = Registry()
@@ -946,6 +946,11 @@ class State:
         # big cluster slowly (it reads and serialises every object of every page), so a client
         # must tolerate lists that take longer than its own timers.
         self.latency = {"list": 0.0, "listPage": 0.0, "watch": 0.0, "resources": []}
+        # Events live event_ttl seconds after their last write, as kube-apiserver's --event-ttl
+        # (default 1 h; cmd/kube-apiserver/app/options) puts them under an etcd lease on every
+        # create and update (pkg/registry/core/event/storage/storage.go TTLFunc).
+        self.event_ttl = float(event_ttl)
+        self.event_expiry: dict = {}  # stored key -> deadline
         self.closing = False
         for ns in DEFAULT_NAMESPACES:
             self.create(self.rd("", "v1", "namespaces"), None, {"metadata": {"name": ns}}, bypass=True)
@@ -996,6 +1001,9 @@ class State:
         self.cond.notify_all()
 
     def _store_put(self, st: Storage, key, obj, type_, prev_entry):
+        if st.key == "core/events":
+            self.event_expiry[key] = time.time() + self.event_ttl
+            self.cond.notify_all()
         entry = Entry(obj)
         if key not in st.objects:
             st._sorted = None
@@ -1007,6 +1015,8 @@ class State:
         prev = st.objects.pop(key)
         st._sorted = None
         self.grace_deadlines.pop((st.key, key), None)
+        if st.key == "core/events":
+            self.event_expiry.pop(key, None)
         entry = Entry(final_obj)
         self._record(st, "DELETED", key, entry, prev)
         return entry
@@ -1142,6 +1152,8 @@ class State:
                 raise ApiError(500, "InternalError",
                                "Internal error occurred: resourceVersion should not be set on objects to be created")
             self._validate_meta(rd, obj, name)
+            if rd.group == "events.k8s.io":
+                _validate_events_v1(rd, obj, name, None)
             if rd.namespaced:
                 self._ensure_namespace(ns, bypass)
             st = self.store(rd.storage)
@@ -1315,6 +1327,8 @@ class State:
                 else:
                     new.pop("status", None)
             self._validate_meta(rd, new, name)
+            if rd.group == "events.k8s.io" and not bypass:
+                _validate_events_v1(rd, new, name, old)
             if rd.plural == "pods" and rd.group == "" and not bypass:
                 _check_pod_spec_update(rd, name, old.get("spec") or {}, new.get("spec") or {})
             if rd.plural == "namespaces" and rd.group == "":
@@ -1457,7 +1471,17 @@ class State:
                     obj = cur.copy()
                     obj["metadata"]["resourceVersion"] = str(self.next_rv())
                     self._remove(rd, st, key, obj)
+                # Expired Events vanish as an etcd lease expiry deletes the key: a DELETED event.
+                ev_store = self.stores.get("core/events")
+                for key in [k for k, d in self.event_expiry.items() if d <= now]:
+                    self.event_expiry.pop(key, None)
+                    if ev_store is None or key not in ev_store.objects:
+                        continue
+                    obj = ev_store.objects[key].copy()
+                    obj["metadata"]["resourceVersion"] = str(self.next_rv())
+                    self._store_remove(ev_store, key, obj)
                 pending = [d for d in self.grace_deadlines.values() if d != float("inf")]
+                pending += list(self.event_expiry.values())
                 wait = min(1.0, max(0.05, (min(pending) - now) if pending else 1.0))
                 self.cond.wait(wait)
 
@@ -2283,6 +2307,8 @@ class Handler(BaseHTTPRequestHandler):
                             st.latency[lk] = max(0.0, float(data[key] or 0.0))
                     if "latencyResources" in data:
                         st.latency["resources"] = list(data["latencyResources"] or [])
+                    if "eventTTLSeconds" in data:
+                        st.event_ttl = max(0.0, float(data["eventTTLSeconds"]))
                     st.cond.notify_all()
                 return self._send_json(200, {"bookmarkIntervalSeconds": st.bookmark_interval,
                                              "gracefulDeletion": st.graceful_deletion,
@@ -2293,6 +2319,7 @@ class Handler(BaseHTTPRequestHandler):
                                              "listPageLatencySeconds": st.latency["listPage"],
                                              "watchLatencySeconds": st.latency["watch"],
                                              "latencyResources": st.latency["resources"],
+                                             "eventTTLSeconds": st.event_ttl,
                                              "resourceVersion": str(st.rv)})
         if segs == ["state"]:
             with st.cond:
@@ -2402,6 +2429,29 @@ class Handler(BaseHTTPRequestHandler):
 
 
 POD_MUTABLE_SPEC = ("activeDeadlineSeconds", "tolerations", "terminationGracePeriodSeconds")
+
+
+def _validate_events_v1(rd, obj, name, old):
+    """What kube-apiserver checks on an events.k8s.io/v1 write and not on a core/v1 one
+    (pkg/apis/core/validation/events.go ValidateEventCreate / ValidateEventUpdate): the name is a
+    DNS subdomain of at most 253 characters (apimachinery NameIsDNSSubdomain, on create), and a
+    series has count >= 2 and a lastObservedTime (validateV1EventSeries, on create and when the
+    series changes). `obj` may be in either view: `series` has the same name in both."""
+    causes = []
+    if old is None and (not _DNS_SUBDOMAIN_RE.match(name) or len(name) > 253):
+        why = "must be no more than 253 characters" if len(name) > 253 else (
+            "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', "
+            "and must start and end with an alphanumeric character")
+        causes.append(("metadata.name", "FieldValueInvalid", f'Invalid value: "{name}": {why}'))
+    series = obj.get("series")
+    if series is not None and (old is None or series != old.get("series")):
+        count = series.get("count") if isinstance(series, dict) else None
+        if not isinstance(count, int) or count < 2:
+            causes.append(("series.count", "FieldValueInvalid", 'Invalid value: "": should be at least 2'))
+        if not isinstance(series, dict) or not series.get("lastObservedTime"):
+            causes.append(("series.lastObservedTime", "FieldValueRequired", "Required value"))
+    if causes:
+        raise err_invalid(rd, name, causes)
 
 
 def _check_pod_spec_update(rd, name, old, new):
@@ -2552,6 +2602,8 @@ def main(argv=None):
                    help="create a missing namespace on first use instead of answering 404")
     p.add_argument("--seed", action="append", default=[], help="YAML/JSON file of objects to preload (repeatable)")
     p.add_argument("--log-requests", action="store_true", help="log every request to stderr")
+    p.add_argument("--event-ttl", type=float, default=3600.0,
+                   help="seconds an Event lives after its last write (kube-apiserver --event-ttl, default 1 h)")
     p.add_argument("--list-latency", type=float, default=0.0, help="seconds added to every list (once per list)")
     p.add_argument("--list-page-latency", type=float, default=0.0, help="seconds added to every page of a list")
     p.add_argument("--watch-latency", type=float, default=0.0, help="seconds before a watch response starts")
@@ -2563,7 +2615,7 @@ def main(argv=None):
         p.error("--listen must be a loopback address")
     state = State(history_limit=args.history_limit, bookmark_interval=args.bookmark_interval,
                   graceful_deletion=args.graceful_deletion, auto_create_namespaces=args.auto_create_namespaces,
-                  watch_timeout_max=args.watch_timeout_max)
+                  watch_timeout_max=args.watch_timeout_max, event_ttl=args.event_ttl)
     state.latency.update({"list": max(0.0, args.list_latency), "listPage": max(0.0, args.list_page_latency),
                           "watch": max(0.0, args.watch_latency)})
     for s in args.seed:
