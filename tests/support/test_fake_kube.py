@@ -749,6 +749,31 @@ def test_kubectl_sees_events_expire_after_the_event_ttl(kubectl, fk):
         time.sleep(0.2)
 
 
+def test_kubectl_sees_field_managers_in_managed_fields(kubectl, fk):
+    """Each writer is recorded in metadata.managedFields (fieldManager, else the User-Agent up to
+    its first '/'), one entry per manager/operation/subresource, as the apiserver does."""
+    ensure_ns(fk, "demo")
+    kubectl("create", "-f", "-", input=json.dumps(WM))
+    r = http(fk, "PATCH", f"{WM_PATH}/web/status", {"status": {"matchedPods": 1}},
+             ctype="application/merge-patch+json", fieldManager="workersd")
+    assert r.status_code == 200, r.text
+    http(fk, "PATCH", f"{WM_PATH}/web/status", {"status": {"matchedPods": 2}},
+         ctype="application/merge-patch+json", fieldManager="workersd")
+    obj = kubectl.json("get", "workermetrics", "web", "-n", "demo")
+    managers = {(m["manager"], m["operation"], m.get("subresource")) for m in obj["metadata"]["managedFields"]}
+    kubectl_manager = [m for m, _, sub in managers if sub is None]
+    assert len(kubectl_manager) == 1 and kubectl_manager[0].startswith("kubectl"), managers
+    assert ("workersd", "Update", "status") in managers, managers
+    assert len(obj["metadata"]["managedFields"]) == 2, "one entry per manager and subresource"
+    status_entry = [m for m in obj["metadata"]["managedFields"] if m["manager"] == "workersd"][0]
+    assert status_entry["fieldsV1"] == {"f:status": {}} and status_entry["apiVersion"] == "workersd.io/v1alpha1"
+    # Without fieldManager the User-Agent names the manager.
+    r = requests.patch(fk.url + f"{WM_PATH}/web", data=json.dumps({"metadata": {"labels": {"x": "y"}}}),
+                       headers={"Content-Type": "application/merge-patch+json", "User-Agent": "tool/1.2 (linux)"},
+                       timeout=30, proxies=NO_PROXY)
+    assert "tool" in {m["manager"] for m in r.json()["metadata"]["managedFields"]}, r.text
+
+
 def test_crd_created_at_run_time_is_served(fk):
     crd = {"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
            "metadata": {"name": "widgets.example.com"},

@@ -2,7 +2,7 @@
 //! and publishes target snapshots. A re-list after a dropped watch (410 Gone) replaces the view
 //! of that scope atomically, so deletions missed meanwhile are never lost.
 
-use super::crd::{WorkerMetrics, compile};
+use super::crd::{WorkerMetrics, WorkerMetricsStatus, compile};
 use super::events::{self, Problem, Problems};
 use super::resolve::{ClusterView, CustomResourceEntry, ObjectKey, ResolveSettings, resolve};
 use super::spec::{FieldError, PREFIX, PodInfo};
@@ -25,6 +25,9 @@ pub struct ResourceState {
     pub generation: Option<i64>,
     pub covered_pods: BTreeSet<String>,
     pub errors: Option<Vec<String>>,
+    /// The status the object carries now: its conditions' transition times are kept across
+    /// restarts and failovers.
+    pub existing: Option<WorkerMetricsStatus>,
 }
 
 pub type ResourceReport = BTreeMap<ObjectKey, ResourceState>;
@@ -106,6 +109,7 @@ fn resource_entry(resource: &WorkerMetrics) -> CustomResourceEntry {
             .map(|t| t.0.to_string())
             .unwrap_or_default(),
         compiled: compile(&resource.spec),
+        status: resource.status.clone(),
     }
 }
 
@@ -357,6 +361,7 @@ async fn run(
                         .as_ref()
                         .err()
                         .map(|e| e.iter().map(ToString::to_string).collect()),
+                    existing: entry.status.clone(),
                 };
                 (key.clone(), state)
             })

@@ -951,6 +951,8 @@ class State:
         # create and update (pkg/registry/core/event/storage/storage.go TTLFunc).
         self.event_ttl = float(event_ttl)
         self.event_expiry: dict = {}  # stored key -> deadline
+        # The field manager of the API write this thread is serving (None: control/seed writes).
+        self.tls = threading.local()
         self.closing = False
         for ns in DEFAULT_NAMESPACES:
             self.create(self.rd("", "v1", "namespaces"), None, {"metadata": {"name": ns}}, bypass=True)
@@ -1175,6 +1177,8 @@ class State:
                 meta["resourceVersion"] = str(self.rv)
                 return Entry(obj)
             obj = {"apiVersion": obj.pop("apiVersion"), "kind": obj.pop("kind"), "metadata": obj.pop("metadata"), **obj}
+            obj["metadata"].pop("managedFields", None)
+            self._note_manager(obj, None)
             obj["metadata"]["resourceVersion"] = str(self.next_rv())
             return self._store_put(st, key, obj, "ADDED", None)
 
@@ -1302,6 +1306,29 @@ class State:
                 raise err_bad_request("metadata.name and metadata.namespace cannot be changed by a patch")
             return self._commit_update(rd, st, key, cur, new, subresource, False, dry_run), False
 
+    def _note_manager(self, obj, subresource):
+        """Records the writer in metadata.managedFields as the apiserver's field manager does
+        (staging/src/k8s.io/apiserver/pkg/endpoints/handlers: the `fieldManager` parameter, or
+        the User-Agent up to its first '/'): one entry per manager, operation, apiVersion and
+        subresource, its time updated by each write. fieldsV1 is simplified (see Deviations)."""
+        who = getattr(self.tls, "manager", None)
+        if not who:
+            return
+        manager, operation, sub, api_version = who
+        if subresource == "status":
+            fields = {"f:status": {}}
+        else:
+            fields = {f"f:{k}": {} for k in obj if k not in ("apiVersion", "kind", "status")}
+        entry = {"manager": manager, "operation": operation, "apiVersion": api_version, "time": now_ts(),
+                 "fieldsType": "FieldsV1", "fieldsV1": fields}
+        if sub:
+            entry["subresource"] = sub
+        meta = obj["metadata"]
+        kept = [m for m in (meta.get("managedFields") or [])
+                if (m.get("manager"), m.get("operation"), m.get("apiVersion"), m.get("subresource"))
+                != (manager, operation, api_version, sub)]
+        meta["managedFields"] = kept + [entry]
+
     def _commit_update(self, rd, st, key, cur: Entry, new: dict, subresource, bypass, dry_run):
         old = cur.obj
         name = old["metadata"]["name"]
@@ -1316,7 +1343,7 @@ class State:
             nmeta = new.setdefault("metadata", {})
             ometa = old["metadata"]
             for f in ("name", "namespace", "uid", "creationTimestamp", "deletionTimestamp",
-                      "deletionGracePeriodSeconds", "generation"):
+                      "deletionGracePeriodSeconds", "generation", "managedFields"):
                 if f in ometa:
                     nmeta[f] = ometa[f]
                 else:
@@ -1342,6 +1369,7 @@ class State:
                 new["metadata"]["generation"] = int(old["metadata"].get("generation") or 0) + 1
         if new == old:
             return cur  # no-op: no new resourceVersion, no watch event (like the real server)
+        self._note_manager(new, subresource)
         if rd.plural == "customresourcedefinitions" and rd.group == "apiextensions.k8s.io" and subresource is None:
             self._apply_crd(new, dry_run)
         if dry_run:
@@ -1693,6 +1721,7 @@ class Handler(BaseHTTPRequestHandler):
         parts = urlsplit(self.path)
         path = parts.path.rstrip("/") or "/"
         q = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
+        self.state.tls.manager = None
         try:
             if path.startswith("/_control"):
                 return self._control(method, path, q, body)
@@ -1831,6 +1860,12 @@ class Handler(BaseHTTPRequestHandler):
         if verb not in rd.verbs and not sub:
             raise err_method_not_allowed()
         dry_run = bool(q.get("dryRun"))
+        if verb in ("create", "update", "patch"):
+            ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+            st.tls.manager = (_manager_or_user_agent(q.get("fieldManager"), self.headers.get("User-Agent")),
+                              "Apply" if ctype == "application/apply-patch+yaml" else "Update", sub, rd.api_version)
+        else:
+            st.tls.manager = None
         if verb == "list":
             items, meta = st.list(rd, ns, q)
             # Latency after the snapshot is taken: changes made meanwhile reach the client through
@@ -2429,6 +2464,14 @@ class Handler(BaseHTTPRequestHandler):
 
 
 POD_MUTABLE_SPEC = ("activeDeadlineSeconds", "tolerations", "terminationGracePeriodSeconds")
+
+
+def _manager_or_user_agent(manager, user_agent):
+    """apiserver handlers/rest.go managerOrUserAgent: the fieldManager parameter, else the
+    User-Agent up to its first '/', cut to 128 characters."""
+    if manager:
+        return manager
+    return (user_agent or "").split("/", 1)[0][:128]
 
 
 def _validate_events_v1(rd, obj, name, old):
