@@ -17,6 +17,8 @@ Invariant (checked after every fault):
   * an invalid annotation edit removes the pod's entries and a Warning Event
     (reason InvalidWorkerMetrics) naming the bad annotation appears on the pod;
   * no "panicked" in any workersd log;
+  * while the API server lists slower than the whole lease (slow_apiserver), the lease does
+    not move unless its holder was restarted, and no instance exits;
   * workersd's RSS (VmRSS) stays under --rss-limit-mb and does not grow more than
     --rss-growth-mb within one process lifetime.
 Once it holds, it must keep holding over a 1.2 s hold period; a break that does not
@@ -81,6 +83,7 @@ FAULT_WEIGHTS = {
     "watch_410": 3,
     "controller_kill": 3,
     "leader_handover": 3,
+    "slow_apiserver": 2,
 }
 
 
@@ -426,14 +429,16 @@ class Soak:
     def pick(self) -> str:
         n = len(self.pods)
         kinds = dict(FAULT_WEIGHTS)
+        if self.args.faults:
+            kinds = {k: w for k, w in kinds.items() if k in self.args.faults}
         if n >= self.args.max_pods or not self.free_ips:
-            kinds.pop("pod_create")
+            kinds.pop("pod_create", None)
         if n <= self.args.min_pods:
-            kinds.pop("pod_delete")
+            kinds.pop("pod_delete", None)
         if not any(p["workers"] < 4 for p in self.pods.values()):
-            kinds.pop("scale_up")
+            kinds.pop("scale_up", None)
         if not any(p["workers"] > 1 for p in self.pods.values()):
-            kinds.pop("scale_down")
+            kinds.pop("scale_down", None)
         names = list(kinds)
         return self.rng.choices(names, weights=[kinds[k] for k in names])[0]
 
@@ -595,6 +600,43 @@ class Soak:
             if lead in self.workersd:
                 self.restart(lead)  # back as a standby
             return t0, None
+        elif kind == "slow_apiserver":
+            # Lists slower than the whole lease (a big cluster) and late watches, for a while:
+            # the watches re-list slowly, and a restarted leader's initial sync is slow. The
+            # lease must stay where it is and no instance may exit.
+            lease = self.args.lease
+            secs = rng.uniform(1.5, 2.5) * lease
+            lead = self.leader()
+            restart_leader = lead in self.workersd and rng.random() < 0.5
+            self.log(f"slow_apiserver: lists take {secs:.1f}s, watches start {lease / 2:.1f}s late "
+                     f"for {secs + lease:.1f}s; watches dropped" + (f"; leader {lead} restarted" if restart_leader else ""))
+            t0 = time.monotonic()
+            self.fk.set_latency(list=secs, page=0.2, watch=lease / 2)
+            try:
+                self.fk.drop_watches()
+                if restart_leader:
+                    # SIGTERM: it leaves the lease to expire, then one instance re-acquires it
+                    # and waits on a slow initial list.
+                    self.workersd[lead].stop()
+                    self.restart(lead)
+                self.side_change()
+                holder = self.leader()
+                t_end = time.monotonic() + secs + lease
+                while time.monotonic() < t_end:
+                    now_holder = self.leader()
+                    if not restart_leader and now_holder != holder:
+                        self.violation(f"slow_apiserver: the lease moved from {holder} to {now_holder} "
+                                       "while nothing happened to its holder")
+                        break
+                    holder = now_holder
+                    time.sleep(0.2)
+                for ident, w in self.workersd.items():
+                    if not w.alive():
+                        self.violation(f"slow_apiserver: {ident} exited during slow lists: {w.logs()[-500:]}")
+                        self.restart(ident)
+            finally:
+                self.fk.set_latency(list=0, page=0, watch=0)
+            return t0, None
         return time.monotonic(), token
 
     # ------------------------------------------------------------------ main loop
@@ -666,6 +708,8 @@ def main(argv=None) -> int:
     ap.add_argument("--converge-timeout", type=float, default=60)
     ap.add_argument("--event-timeout", type=float, default=15)
     ap.add_argument("--max-faults", type=int, default=10000)
+    ap.add_argument("--faults", type=lambda v: set(v.split(",")), default=None,
+                    help="only these fault kinds (comma-separated), e.g. slow_apiserver,pod_create")
     ap.add_argument("--rss-limit-mb", type=float, default=200)
     ap.add_argument("--rss-growth-mb", type=float, default=40)
     ap.add_argument("--workdir", help="logs here (default: a new temp dir, kept)")
