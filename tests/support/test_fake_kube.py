@@ -774,6 +774,21 @@ def test_kubectl_sees_field_managers_in_managed_fields(kubectl, fk):
     assert "tool" in {m["manager"] for m in r.json()["metadata"]["managedFields"]}, r.text
 
 
+def test_write_log_survives_compaction(fk):
+    ensure_ns(fk, "demo")
+    path = "/apis/coordination.k8s.io/v1/namespaces/demo/leases"
+    body = {"metadata": {"name": "l"}, "spec": {"holderIdentity": "a"}}
+    assert http(fk, "POST", path, body).status_code == 201
+    fk.compact()
+    r = http(fk, "PATCH", f"{path}/l", {"spec": {"holderIdentity": "b"}}, ctype="application/merge-patch+json")
+    assert r.status_code == 200
+    assert http(fk, "DELETE", f"{path}/l").status_code == 200
+    writes = fk.writes("leases")
+    assert [(w["type"], (w["object"].get("spec") or {}).get("holderIdentity")) for w in writes] == [
+        ("ADDED", "a"), ("MODIFIED", "b"), ("DELETED", "b")]
+    assert writes[0]["time"] <= writes[1]["time"] <= writes[2]["time"] <= time.time()
+
+
 def test_crd_created_at_run_time_is_served(fk):
     crd = {"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
            "metadata": {"name": "widgets.example.com"},

@@ -480,3 +480,38 @@ async fn status_writes_keep_transition_times_across_restarts_and_name_their_mana
     no_request_for(&mut handle, Duration::from_millis(500)).await;
     writer.abort();
 }
+
+/// An acquisition that took a whole renew period (a slow create) must still leave time for
+/// the first renewal: renewals are timed from the last successful attempt's start.
+#[tokio::test(start_paused = true)]
+async fn a_slow_acquisition_leaves_time_for_the_first_renewal() {
+    let settings = lease_settings(); // 15 s: renew every 5 s, renew deadline 10 s
+    let (kube_client, mut handle) = client();
+    let api = kube::Api::namespaced(kube_client, "ops");
+    let acquired = tokio::time::Instant::now() - Duration::from_secs(5);
+    let holder = tokio::spawn(async move { super::leader::hold(&api, &settings, acquired).await });
+    {
+        let mut pending = pin!(&mut handle);
+        let request = tokio::time::timeout(Duration::from_millis(100), pending.next_request())
+            .await
+            .expect("the first renewal is due at once, not a renew period from now");
+        let (request, send) = request.expect("service called");
+        assert_eq!(request.method(), Method::GET);
+        let mine = json!({"metadata": {"name": "workersd", "namespace": "ops", "resourceVersion": "4"},
+                          "spec": {"holderIdentity": "me", "leaseDurationSeconds": 15}});
+        send.send_response(
+            Response::builder()
+                .status(StatusCode::OK)
+                .body(Body::from(serde_json::to_vec(&mine).unwrap()))
+                .unwrap(),
+        );
+    }
+    let (method, ..) = answer(&mut handle, StatusCode::OK, json!({})).await;
+    assert_eq!(method, Method::PUT);
+    tokio::task::yield_now().await;
+    assert!(
+        !holder.is_finished(),
+        "still leading after a renewal in time"
+    );
+    holder.abort();
+}

@@ -238,14 +238,20 @@ pub async fn hold(api: &Api<Lease>, settings: &LeaseSettings, acquired: Instant)
     let mut observed = Observed::default();
     // The start of the last successful attempt: never later than the renewTime it wrote.
     let mut last_renewed = acquired;
+    // Renewals are timed from the last successful attempt's start, not from when it finished:
+    // a slow acquisition or renewal must not eat the time left before the renew deadline.
+    let mut next = acquired + settings.renew_every();
     loop {
-        tokio::time::sleep(settings.renew_every()).await;
+        tokio::time::sleep_until(next).await;
         let attempt = Instant::now();
         let left = settings
             .renew_deadline()
             .saturating_sub(attempt - last_renewed);
         match tokio::time::timeout(left, try_hold(api, settings, &mut observed)).await {
-            Ok(Ok(true)) => last_renewed = attempt,
+            Ok(Ok(true)) => {
+                last_renewed = attempt;
+                next = attempt + settings.renew_every();
+            }
             Ok(Ok(false)) => {
                 tracing::error!(lease = %settings.name, "lost the lease to another instance");
                 return;
@@ -258,6 +264,10 @@ pub async fn hold(api: &Api<Lease>, settings: &LeaseSettings, acquired: Instant)
         if last_renewed.elapsed() >= settings.renew_deadline() {
             tracing::error!(lease = %settings.name, "could not renew the lease before its renew deadline");
             return;
+        }
+        if next <= Instant::now() {
+            // Failed: retry soon, while there is time left before the deadline.
+            next = Instant::now() + settings.renew_every() / 4;
         }
     }
 }

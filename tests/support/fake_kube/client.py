@@ -202,6 +202,10 @@ class FakeKube:
                 body[k] = v
         return self.config(**body)
 
+    def writes(self, resource=None):
+        """Every write (time.time(), resourceVersion, type, object), oldest first; never compacted."""
+        return self.ok("GET", "/_control/writes", query={"resource": resource} if resource else None)["writes"]
+
     def state(self, resource=None):
         return self.ok("GET", "/_control/state", query={"resource": resource} if resource else None)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import base64
 import bisect
+import collections
 import json
 import os
 import random
@@ -878,6 +879,8 @@ class History:
 class Storage:
     def __init__(self, storage_key, horizon):
         self.key = storage_key
+        # Test aid: every write with its wall-clock time, never compacted (bounded).
+        self.writes = collections.deque(maxlen=10000)
         self.objects: dict = {}  # key -> Entry
         self.hist = History(horizon)
         self._sorted = None
@@ -991,6 +994,7 @@ class State:
         return self.rv
 
     def _record(self, st: Storage, type_, key, entry, prev):
+        st.writes.append((time.time(), self.rv, type_, key, entry))
         ev = HistEvent(self.rv, type_, key, entry, prev)
         h = st.hist
         h.events.append(ev)
@@ -2366,6 +2370,16 @@ class Handler(BaseHTTPRequestHandler):
                                "horizon": str(store.hist.horizon), "historySize": len(store.hist.events)}
                 body_out = dumps({"resourceVersion": str(st.rv), "storages": out})
             return self._send(200, body_out)
+        if segs == ["writes"]:
+            with st.cond:
+                out = []
+                for sk, store in st.stores.items():
+                    if q.get("resource") and q["resource"] not in (sk, sk.split("/", 1)[1]):
+                        continue
+                    out += [{"time": t, "resourceVersion": str(rv), "type": typ, "storage": sk, "key": k,
+                             "object": e.obj} for t, rv, typ, k, e in store.writes]
+            out.sort(key=lambda w: int(w["resourceVersion"]))
+            return self._send(200, dumps({"writes": out}))
         if segs == ["bulk"] and method == "POST":
             return self._send_json(200, self._bulk(data))
         if len(segs) == 4 and segs[0] == "pods" and method in ("POST", "PATCH", "PUT"):
