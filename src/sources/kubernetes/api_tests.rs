@@ -69,7 +69,7 @@ async fn status_patch_is_a_merge_patch_on_the_status_subresource() {
         .await;
         (method, uri, body)
     });
-    status::patch(&client, "shop", "web", &status)
+    bounded(status::patch(&client, "shop", "web", &status))
         .await
         .unwrap();
     let (method, uri, body) = server.await.unwrap();
