@@ -16,6 +16,7 @@ use crate::sources::kubernetes::{status, watch as kube_watch};
 use crate::sources::{self, TargetSnapshot, file};
 use crate::validate;
 use anyhow::{Context, bail};
+use futures::FutureExt;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use tokio::sync::watch;
@@ -72,7 +73,10 @@ pub async fn run_kubernetes(args: KubernetesArgs) -> anyhow::Result<()> {
     )
     .await?;
     let identity = args.identity.clone().unwrap_or_else(hostname_or_localhost);
-    let lease = if args.leader_election {
+    // Renewal runs on its own task from the moment the lease is held: the initial sync below
+    // can take longer than the whole lease on a big cluster, and nothing the rest of the
+    // process awaits may keep the lease from being renewed.
+    let mut lost = if args.leader_election {
         let settings = LeaseSettings {
             namespace: args
                 .lease_namespace
@@ -89,9 +93,15 @@ pub async fn run_kubernetes(args: KubernetesArgs) -> anyhow::Result<()> {
             _ = shutdown_signal() => return Ok(()),
         };
         controller.readiness.standby.store(false, Ordering::Relaxed);
-        Some((api, settings, acquired))
+        let lease = format!("{}/{}", settings.namespace, settings.name);
+        let holder = tokio::spawn(async move { leader::hold(&api, &settings, acquired).await });
+        async move {
+            let _ = holder.await;
+            lease
+        }
+        .boxed()
     } else {
-        None
+        std::future::pending::<String>().boxed()
     };
     let watch_settings = kube_watch::WatchSettings {
         namespaces: args.namespaces.clone(),
@@ -102,10 +112,12 @@ pub async fn run_kubernetes(args: KubernetesArgs) -> anyhow::Result<()> {
         },
         identity,
         crd_missing: controller.readiness.crd_missing.clone(),
+        event_refresh: args.event_refresh_interval,
     };
     let metrics = controller.metrics.clone();
     let outputs = tokio::select! {
         outputs = kube_watch::start(client.clone(), watch_settings, metrics) => outputs,
+        lease = &mut lost => bail!("lost leadership of lease {lease} during the initial sync; exiting so a standby takes over"),
         _ = shutdown_signal() => return Ok(()),
     };
     let running = controller.start(outputs.targets);
@@ -114,14 +126,11 @@ pub async fn run_kubernetes(args: KubernetesArgs) -> anyhow::Result<()> {
         outputs.resources,
         running.desired.clone(),
     ));
-    match lease {
-        Some((api, settings, acquired)) => tokio::select! {
-            _ = leader::hold(&api, &settings, acquired) => {
-                bail!("lost leadership of lease {}/{}; exiting so a standby takes over", settings.namespace, settings.name)
-            }
-            _ = shutdown_signal() => {}
-        },
-        None => shutdown_signal().await,
+    tokio::select! {
+        lease = &mut lost => {
+            bail!("lost leadership of lease {lease}; exiting so a standby takes over")
+        }
+        _ = shutdown_signal() => {}
     }
     running.stop().await;
     Ok(())

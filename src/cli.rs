@@ -78,9 +78,13 @@ pub struct KubernetesArgs {
     pub lease_namespace: Option<String>,
     #[arg(long, env = "WORKERSD_LEASE_NAME", default_value = "workersd")]
     pub lease_name: String,
-    /// A standby takes over this long after the leader's last renewal.
+    /// A standby takes over once it has seen the Lease unrenewed for this long.
     #[arg(long, env = "WORKERSD_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
     pub lease_duration: Duration,
+    /// A Warning Event about a problem that persists is renewed this often; keep it well below
+    /// the API server's --event-ttl (1 h by default) so the Event never expires meanwhile.
+    #[arg(long, env = "WORKERSD_EVENT_REFRESH_INTERVAL", default_value = "30m", value_parser = parse_duration)]
+    pub event_refresh_interval: Duration,
     /// This instance's identity in the Lease and in Events [default: the hostname].
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,

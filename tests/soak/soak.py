@@ -26,6 +26,8 @@ Invariant (checked after every fault):
     published, and every other entry still is (a txn is atomic: workersd must isolate
     the refused ops and resend the rest);
   * no "panicked" in any workersd log;
+  * while the API server lists slower than the whole lease (slow_apiserver), the lease does
+    not move unless its holder was restarted, and no instance exits;
   * workersd's RSS (VmRSS) stays under --rss-limit-mb and does not grow more than
     --rss-growth-mb within one process lifetime.
 Once it holds, it must keep holding over a 1.2 s hold period. A break while no worker
@@ -101,6 +103,7 @@ FAULT_WEIGHTS = {
     "leader_handover": 3,
     "crd_removal": 2,
     "token_loses_write": 2,
+    "slow_apiserver": 2,
 }
 
 # Consul runs with ACLs (default deny), as in production: the soak reads and registers
@@ -764,6 +767,43 @@ class Soak:
                 self.conv["leader_handover:lease"].append(time.monotonic() - t0)
             if lead in self.workersd:
                 self.restart(lead)  # back as a standby
+            return t0, None
+        elif kind == "slow_apiserver":
+            # Lists slower than the whole lease (a big cluster) and late watches, for a while:
+            # the watches re-list slowly, and a restarted leader's initial sync is slow. The
+            # lease must stay where it is and no instance may exit.
+            lease = self.args.lease
+            secs = rng.uniform(1.5, 2.5) * lease
+            lead = self.leader()
+            restart_leader = lead in self.workersd and rng.random() < 0.5
+            self.log(f"slow_apiserver: lists take {secs:.1f}s, watches start {lease / 2:.1f}s late "
+                     f"for {secs + lease:.1f}s; watches dropped" + (f"; leader {lead} restarted" if restart_leader else ""))
+            t0 = time.monotonic()
+            self.fk.set_latency(list=secs, page=0.2, watch=lease / 2)
+            try:
+                self.fk.drop_watches()
+                if restart_leader:
+                    # SIGTERM: it leaves the lease to expire, then one instance re-acquires it
+                    # and waits on a slow initial list.
+                    self.workersd[lead].stop()
+                    self.restart(lead)
+                self.side_change()
+                holder = self.leader()
+                t_end = time.monotonic() + secs + lease
+                while time.monotonic() < t_end:
+                    now_holder = self.leader()
+                    if not restart_leader and now_holder != holder:
+                        self.violation(f"slow_apiserver: the lease moved from {holder} to {now_holder} "
+                                       "while nothing happened to its holder")
+                        break
+                    holder = now_holder
+                    time.sleep(0.2)
+                for ident, w in self.workersd.items():
+                    if not w.alive():
+                        self.violation(f"slow_apiserver: {ident} exited during slow lists: {w.logs()[-500:]}")
+                        self.restart(ident)
+            finally:
+                self.fk.set_latency(list=0, page=0, watch=0)
             return t0, None
         return time.monotonic(), token
 

@@ -713,6 +713,159 @@ def test_controls_faults_drop_watches_and_request_counts(fk):
     assert "demo" in [o["metadata"]["name"] for o in st["storages"]["/namespaces"]["objects"]]
 
 
+def test_kubectl_sees_list_latency_per_list_and_per_page(kubectl, fk):
+    """Slow lists (as on a big cluster) are visible to a real client: once per list, and once
+    per page of a chunked list; other resources stay fast."""
+    ensure_ns(fk, "demo")
+    for i in range(3):
+        create_pod(fk, "demo", f"p{i}")
+
+    def timed(*args):
+        t0 = time.monotonic()
+        out = kubectl(*args)
+        return time.monotonic() - t0, out.stdout
+
+    fast, _ = timed("get", "pods", "-n", "demo")
+    fk.set_latency(list=2.0, resources=["pods"])
+    assert fk.config()["listLatencySeconds"] == 2.0
+    slow, out = timed("get", "pods", "-n", "demo")
+    assert slow >= 2.0 and all(f"p{i}" in out for i in range(3)), (slow, out)
+    ns_time, _ = timed("get", "namespaces")
+    assert ns_time < slow, (ns_time, slow)  # only pods are slowed
+    # Per page: --chunk-size=1 reads the 3 pods in 3 pages.
+    fk.set_latency(list=0, page=1.0)
+    paged, out = timed("get", "pods", "-n", "demo", "--chunk-size=1")
+    assert paged >= 3.0 and all(f"p{i}" in out for i in range(3)), (paged, out)
+    whole, _ = timed("get", "pods", "-n", "demo", "--chunk-size=0")
+    assert 1.0 <= whole < paged, (whole, paged)
+    fk.set_latency(page=0)
+    print(f"\nkubectl get pods: {fast:.2f} s, with 2 s list latency {slow:.2f} s, "
+          f"3 pages at 1 s each {paged:.2f} s, one page {whole:.2f} s")
+
+
+def test_watch_latency_delays_the_stream_and_loses_nothing(fk):
+    ensure_ns(fk, "demo")
+    rv = http(fk, "GET", "/api/v1/namespaces/demo/pods").json()["metadata"]["resourceVersion"]
+    fk.set_latency(watch=1.5, resources=["pods"])
+    got = {}
+
+    def run():
+        t0 = time.monotonic()
+        evs = watch(fk, "/api/v1/namespaces/demo/pods", timeout_seconds=4, max_events=1, resourceVersion=rv)
+        got["events"], got["took"] = evs, time.monotonic() - t0
+
+    t = threading.Thread(target=run)
+    t.start()
+    fk.wait_for_watch("pods", timeout=10)
+    create_pod(fk, "demo", "made-during-the-delay")  # written before the response starts
+    t.join(timeout=20)
+    assert not t.is_alive()
+    assert got["took"] >= 1.5, got
+    assert [(e["type"], e["object"]["metadata"]["name"]) for e in got["events"]] == [("ADDED", "made-during-the-delay")]
+
+
+def events_v1(name, ns="demo", **extra):
+    ev = {"apiVersion": "events.k8s.io/v1", "kind": "Event", "metadata": {"name": name, "namespace": ns},
+          "eventTime": "2026-01-01T00:00:00.000000Z", "reportingController": "workersd",
+          "reportingInstance": "wd-1", "action": "Validate", "reason": "InvalidSpec", "type": "Warning",
+          "note": "bad ports", "regarding": {"apiVersion": "v1", "kind": "Pod", "namespace": ns, "name": "p"}}
+    ev.update(extra)
+    return ev
+
+
+def test_kubectl_event_names_are_dns_subdomains_on_events_v1_only(kubectl, fk):
+    """kube-apiserver validates an events.k8s.io/v1 Event's name (DNS subdomain, <= 253) and its
+    series; a core/v1 Event keeps the legacy leniency."""
+    ensure_ns(fk, "demo")
+    too_long = "p" * 250 + ".1a2b"
+    for bad, why in ((too_long, "no more than 253 characters"), ("Bad_Name.1a2b", "RFC 1123 subdomain")):
+        p = kubectl("create", "-f", "-", input=json.dumps(events_v1(bad)), check=False)
+        assert p.returncode != 0 and "is invalid" in p.stderr and why in p.stderr, p.stderr
+        r = http(fk, "POST", "/apis/events.k8s.io/v1/namespaces/demo/events", events_v1(bad))
+        assert r.status_code == 422 and r.json()["details"]["causes"][0]["field"] == "metadata.name", r.text
+    legacy = {"apiVersion": "v1", "kind": "Event", "metadata": {"name": "Bad_Name.1a2b", "namespace": "demo"},
+              "involvedObject": {"kind": "Pod", "namespace": "demo", "name": "p"}, "reason": "X", "message": "m"}
+    kubectl("create", "-f", "-", input=json.dumps(legacy))
+    ok = events_v1("p." + "a" * 200)
+    kubectl("create", "-f", "-", input=json.dumps(ok))
+    # A series needs count >= 2 and lastObservedTime.
+    r = http(fk, "PATCH", f"/apis/events.k8s.io/v1/namespaces/demo/events/{ok['metadata']['name']}",
+             {"series": {"count": 1}}, ctype="application/merge-patch+json")
+    assert r.status_code == 422 and {c["field"] for c in r.json()["details"]["causes"]} == {
+        "series.count", "series.lastObservedTime"}, r.text
+    r = http(fk, "PATCH", f"/apis/events.k8s.io/v1/namespaces/demo/events/{ok['metadata']['name']}",
+             {"series": {"count": 2, "lastObservedTime": "2026-01-01T00:01:00.000000Z"}},
+             ctype="application/merge-patch+json")
+    assert r.status_code == 200 and r.json()["series"]["count"] == 2, r.text
+
+
+def test_kubectl_sees_events_expire_after_the_event_ttl(kubectl, fk):
+    """Events vanish event_ttl after their last write (kube-apiserver --event-ttl, 1 h by
+    default); a write renews the TTL; a watcher sees the expiry as DELETED."""
+    ensure_ns(fk, "demo")
+    assert fk.config()["eventTTLSeconds"] == 3600
+    fk.config(eventTTLSeconds=2.5)
+    t0 = time.monotonic()
+    kubectl("create", "-f", "-", input=json.dumps(events_v1("kept.1")))
+    kubectl("create", "-f", "-", input=json.dumps(events_v1("expires.1")))
+    assert {"kept.1", "expires.1"} <= set(kubectl("get", "events", "-n", "demo", "-o", "name").stdout.replace(
+        "event.events.k8s.io/", "").replace("event/", "").split())
+    time.sleep(max(0.0, 1.2 - (time.monotonic() - t0)))
+    kubectl("patch", "events.v1.events.k8s.io", "kept.1", "-n", "demo", "--type=merge", "-p",
+            json.dumps({"series": {"count": 2, "lastObservedTime": "2026-01-01T00:01:00.000000Z"}}))
+    events = watch(fk, "/api/v1/namespaces/demo/events", timeout_seconds=8, resourceVersion="0",
+                   stop=lambda ev: ev["type"] == "DELETED")
+    gone = time.monotonic()
+    assert events[-1]["type"] == "DELETED" and events[-1]["object"]["metadata"]["name"] == "expires.1", events
+    assert 2.0 <= gone - t0 <= 6.0, gone - t0
+    names = kubectl("get", "events", "-n", "demo", "-o", "name").stdout
+    assert "kept.1" in names and "expires.1" not in names, names
+    deadline = time.monotonic() + 8
+    while "kept.1" in kubectl("get", "events", "-n", "demo", "-o", "name").stdout:
+        assert time.monotonic() < deadline, "kept.1 never expired"
+        time.sleep(0.2)
+
+
+def test_kubectl_sees_field_managers_in_managed_fields(kubectl, fk):
+    """Each writer is recorded in metadata.managedFields (fieldManager, else the User-Agent up to
+    its first '/'), one entry per manager/operation/subresource, as the apiserver does."""
+    ensure_ns(fk, "demo")
+    kubectl("create", "-f", "-", input=json.dumps(WM))
+    r = http(fk, "PATCH", f"{WM_PATH}/web/status", {"status": {"matchedPods": 1}},
+             ctype="application/merge-patch+json", fieldManager="workersd")
+    assert r.status_code == 200, r.text
+    http(fk, "PATCH", f"{WM_PATH}/web/status", {"status": {"matchedPods": 2}},
+         ctype="application/merge-patch+json", fieldManager="workersd")
+    obj = kubectl.json("get", "workermetrics", "web", "-n", "demo")
+    managers = {(m["manager"], m["operation"], m.get("subresource")) for m in obj["metadata"]["managedFields"]}
+    kubectl_manager = [m for m, _, sub in managers if sub is None]
+    assert len(kubectl_manager) == 1 and kubectl_manager[0].startswith("kubectl"), managers
+    assert ("workersd", "Update", "status") in managers, managers
+    assert len(obj["metadata"]["managedFields"]) == 2, "one entry per manager and subresource"
+    status_entry = [m for m in obj["metadata"]["managedFields"] if m["manager"] == "workersd"][0]
+    assert status_entry["fieldsV1"] == {"f:status": {}} and status_entry["apiVersion"] == "workersd.io/v1alpha1"
+    # Without fieldManager the User-Agent names the manager.
+    r = requests.patch(fk.url + f"{WM_PATH}/web", data=json.dumps({"metadata": {"labels": {"x": "y"}}}),
+                       headers={"Content-Type": "application/merge-patch+json", "User-Agent": "tool/1.2 (linux)"},
+                       timeout=30, proxies=NO_PROXY)
+    assert "tool" in {m["manager"] for m in r.json()["metadata"]["managedFields"]}, r.text
+
+
+def test_write_log_survives_compaction(fk):
+    ensure_ns(fk, "demo")
+    path = "/apis/coordination.k8s.io/v1/namespaces/demo/leases"
+    body = {"metadata": {"name": "l"}, "spec": {"holderIdentity": "a"}}
+    assert http(fk, "POST", path, body).status_code == 201
+    fk.compact()
+    r = http(fk, "PATCH", f"{path}/l", {"spec": {"holderIdentity": "b"}}, ctype="application/merge-patch+json")
+    assert r.status_code == 200
+    assert http(fk, "DELETE", f"{path}/l").status_code == 200
+    writes = fk.writes("leases")
+    assert [(w["type"], (w["object"].get("spec") or {}).get("holderIdentity")) for w in writes] == [
+        ("ADDED", "a"), ("MODIFIED", "b"), ("DELETED", "b")]
+    assert writes[0]["time"] <= writes[1]["time"] <= writes[2]["time"] <= time.time()
+
+
 def test_crd_created_at_run_time_is_served(fk):
     crd = {"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
            "metadata": {"name": "widgets.example.com"},

@@ -3,10 +3,11 @@
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
-use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use k8s_openapi::jiff::Timestamp;
 use kube::Api;
 use kube::api::PostParams;
 use std::time::Duration;
+use tokio::time::Instant;
 
 #[derive(Clone, Debug)]
 pub struct LeaseSettings {
@@ -20,6 +21,13 @@ impl LeaseSettings {
     /// Renew well inside the lease so one slow request does not lose it.
     pub fn renew_every(&self) -> Duration {
         self.duration / 3
+    }
+
+    /// How often a standby reads the lease. It takes over one lease duration after it last saw
+    /// the lease change, so polling more often than the holder renews keeps takeover close to
+    /// that (client-go's RetryPeriod, 2 s for a 15 s lease, plays this part).
+    pub fn retry_every(&self) -> Duration {
+        self.duration / 6
     }
 
     /// A leader that has not renewed for this long steps down, a third of the lease before a
@@ -41,8 +49,58 @@ pub enum Decision {
     Wait { holder: String },
 }
 
-/// What to do with the lease as it is now.
-pub fn decide(lease: Option<&Lease>, identity: &str, now: Timestamp) -> Decision {
+/// What this instance last saw of the lease and when, on its own monotonic clock. As in
+/// client-go (tools/leaderelection/leaderelection.go: `observedRecord`, `observedTime`,
+/// `isLeaseValid`), another holder's lease expires `leaseDurationSeconds` after this instance
+/// last saw it change; the holder's renewTime is never compared with our clock, so clock skew
+/// between nodes cannot hand the lease to a second leader.
+#[derive(Clone, Debug, Default)]
+pub struct Observed {
+    record: Option<(Option<String>, Option<LeaseSpec>)>,
+    at: Option<Instant>,
+}
+
+impl Observed {
+    /// Notes the lease as read at `now`; the clock restarts only when its resourceVersion or
+    /// spec (holder, renewTime, ...) changed since the last read.
+    pub fn observe(&mut self, lease: &Lease, now: Instant) {
+        let record = (lease.metadata.resource_version.clone(), lease.spec.clone());
+        if self.record.as_ref() != Some(&record) {
+            self.record = Some(record);
+            self.at = Some(now);
+        }
+    }
+
+    /// The holder of the lease last observed.
+    pub fn holder(&self) -> Option<&str> {
+        self.record
+            .as_ref()
+            .and_then(|(_, spec)| spec.as_ref())
+            .and_then(|s| s.holder_identity.as_deref())
+    }
+
+    /// Whether the observed lease is still valid at `now`. A missing leaseDurationSeconds
+    /// counts as 0, as in client-go's LeaseSpecToLeaderElectionRecord.
+    fn valid(&self, now: Instant) -> bool {
+        let Some(at) = self.at else { return false };
+        let seconds = self
+            .record
+            .as_ref()
+            .and_then(|(_, spec)| spec.as_ref())
+            .and_then(|s| s.lease_duration_seconds)
+            .unwrap_or(0)
+            .max(0);
+        at + Duration::from_secs(seconds as u64) > now
+    }
+}
+
+/// What to do with the lease as it is now; `observed` must already have seen `lease`.
+pub fn decide(
+    lease: Option<&Lease>,
+    identity: &str,
+    observed: &Observed,
+    now: Instant,
+) -> Decision {
     let Some(spec) = lease.and_then(|l| l.spec.as_ref()) else {
         return if lease.is_some() {
             Decision::Takeover
@@ -54,16 +112,10 @@ pub fn decide(lease: Option<&Lease>, identity: &str, now: Timestamp) -> Decision
     if holder == identity {
         return Decision::Renew;
     }
-    if holder.is_empty() {
+    if holder.is_empty() || !observed.valid(now) {
         return Decision::Takeover;
     }
-    let duration = SignedDuration::from_secs(i64::from(spec.lease_duration_seconds.unwrap_or(15)));
-    match &spec.renew_time {
-        Some(MicroTime(renewed)) if renewed.saturating_add(duration).unwrap_or(*renewed) > now => {
-            Decision::Wait { holder }
-        }
-        _ => Decision::Takeover,
-    }
+    Decision::Wait { holder }
 }
 
 fn held_spec(
@@ -93,10 +145,24 @@ fn held_spec(
 
 /// One attempt to become or stay leader. `Ok(true)`: we hold the lease now. Conflicts (a
 /// concurrent writer) are a plain `Ok(false)`.
-pub async fn try_hold(api: &Api<Lease>, settings: &LeaseSettings) -> Result<bool, kube::Error> {
+pub async fn try_hold(
+    api: &Api<Lease>,
+    settings: &LeaseSettings,
+    observed: &mut Observed,
+) -> Result<bool, kube::Error> {
     let current = api.get_opt(&settings.name).await?;
+    if let Some(lease) = &current {
+        observed.observe(lease, Instant::now());
+    }
+    // Wall-clock time only for what is written (renewTime, acquireTime); decisions use the
+    // monotonic clock.
     let now = Timestamp::now();
-    let result = match decide(current.as_ref(), &settings.identity, now) {
+    let result = match decide(
+        current.as_ref(),
+        &settings.identity,
+        observed,
+        Instant::now(),
+    ) {
         Decision::Wait { .. } => return Ok(false),
         Decision::Create => {
             let lease = Lease {
@@ -133,24 +199,26 @@ pub async fn try_hold(api: &Api<Lease>, settings: &LeaseSettings) -> Result<bool
 
 /// Waits until this instance holds the lease; returns when the successful attempt started,
 /// which is no later than the renewTime recorded in the lease.
-pub async fn acquire(api: &Api<Lease>, settings: &LeaseSettings) -> tokio::time::Instant {
+pub async fn acquire(api: &Api<Lease>, settings: &LeaseSettings) -> Instant {
+    let mut observed = Observed::default();
     let mut logged_holder = None;
     loop {
-        let attempt = tokio::time::Instant::now();
-        match tokio::time::timeout(settings.renew_deadline(), try_hold(api, settings)).await {
+        let attempt = Instant::now();
+        match tokio::time::timeout(
+            settings.renew_deadline(),
+            try_hold(api, settings, &mut observed),
+        )
+        .await
+        {
             Ok(Ok(true)) => {
                 tracing::info!(lease = %settings.name, identity = %settings.identity, "became leader");
                 return attempt;
             }
             Ok(Ok(false)) => {
-                if let Ok(Ok(Some(lease))) =
-                    tokio::time::timeout(settings.renew_every(), api.get_opt(&settings.name)).await
-                {
-                    let holder = lease.spec.and_then(|s| s.holder_identity);
-                    if holder != logged_holder {
-                        tracing::info!(lease = %settings.name, holder = ?holder, "standing by; another instance leads");
-                        logged_holder = holder;
-                    }
+                let holder = observed.holder().map(str::to_string);
+                if holder != logged_holder {
+                    tracing::info!(lease = %settings.name, holder = ?holder, "standing by; another instance leads");
+                    logged_holder = holder;
                 }
             }
             Ok(Err(e)) => {
@@ -158,7 +226,7 @@ pub async fn acquire(api: &Api<Lease>, settings: &LeaseSettings) -> tokio::time:
             }
             Err(_) => tracing::warn!(lease = %settings.name, "lease request timed out; retrying"),
         }
-        tokio::time::sleep(settings.renew_every()).await;
+        tokio::time::sleep(settings.retry_every()).await;
     }
 }
 
@@ -166,17 +234,24 @@ pub async fn acquire(api: &Api<Lease>, settings: &LeaseSettings) -> tokio::time:
 /// renewal succeeded within the renew deadline. Every attempt is bounded by what is left of
 /// that deadline, so a hung request cannot keep a leader writing past its lease (the standby
 /// takes over only after the full lease duration).
-pub async fn hold(api: &Api<Lease>, settings: &LeaseSettings, acquired: tokio::time::Instant) {
+pub async fn hold(api: &Api<Lease>, settings: &LeaseSettings, acquired: Instant) {
+    let mut observed = Observed::default();
     // The start of the last successful attempt: never later than the renewTime it wrote.
     let mut last_renewed = acquired;
+    // Renewals are timed from the last successful attempt's start, not from when it finished:
+    // a slow acquisition or renewal must not eat the time left before the renew deadline.
+    let mut next = acquired + settings.renew_every();
     loop {
-        tokio::time::sleep(settings.renew_every()).await;
-        let attempt = tokio::time::Instant::now();
+        tokio::time::sleep_until(next).await;
+        let attempt = Instant::now();
         let left = settings
             .renew_deadline()
             .saturating_sub(attempt - last_renewed);
-        match tokio::time::timeout(left, try_hold(api, settings)).await {
-            Ok(Ok(true)) => last_renewed = attempt,
+        match tokio::time::timeout(left, try_hold(api, settings, &mut observed)).await {
+            Ok(Ok(true)) => {
+                last_renewed = attempt;
+                next = attempt + settings.renew_every();
+            }
             Ok(Ok(false)) => {
                 tracing::error!(lease = %settings.name, "lost the lease to another instance");
                 return;
@@ -190,12 +265,17 @@ pub async fn hold(api: &Api<Lease>, settings: &LeaseSettings, acquired: tokio::t
             tracing::error!(lease = %settings.name, "could not renew the lease before its renew deadline");
             return;
         }
+        if next <= Instant::now() {
+            // Failed: retry soon, while there is time left before the deadline.
+            next = Instant::now() + settings.renew_every() / 4;
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::jiff::SignedDuration;
 
     fn lease(holder: &str, renewed_secs_ago: i64, duration: i32) -> Lease {
         let now = Timestamp::now();
@@ -210,32 +290,94 @@ mod tests {
         }
     }
 
+    fn observed(lease: &Lease, at: Instant) -> Observed {
+        let mut observed = Observed::default();
+        observed.observe(lease, at);
+        observed
+    }
+
     #[test]
     fn decisions() {
-        let now = Timestamp::now();
-        assert_eq!(decide(None, "me", now), Decision::Create);
+        let t0 = Instant::now();
+        let none = Observed::default();
+        assert_eq!(decide(None, "me", &none, t0), Decision::Create);
+        let mine = lease("me", 100, 15);
         assert_eq!(
-            decide(Some(&lease("me", 100, 15)), "me", now),
+            decide(Some(&mine), "me", &observed(&mine, t0), t0),
             Decision::Renew
         );
+        let other = lease("other", 5, 15);
         assert_eq!(
-            decide(Some(&lease("other", 5, 15)), "me", now),
+            decide(Some(&other), "me", &observed(&other, t0), t0),
             Decision::Wait {
                 holder: "other".into()
             }
         );
+        let released = lease("", 1, 15);
         assert_eq!(
-            decide(Some(&lease("other", 16, 15)), "me", now),
+            decide(Some(&released), "me", &observed(&released, t0), t0),
             Decision::Takeover
         );
+        let empty = Lease::default();
         assert_eq!(
-            decide(Some(&lease("", 1, 15)), "me", now),
+            decide(Some(&empty), "me", &observed(&empty, t0), t0),
             Decision::Takeover
         );
+        let mut no_duration = lease("other", 0, 15);
+        no_duration.spec.as_mut().unwrap().lease_duration_seconds = None;
         assert_eq!(
-            decide(Some(&Lease::default()), "me", now),
-            Decision::Takeover
+            decide(Some(&no_duration), "me", &observed(&no_duration, t0), t0),
+            Decision::Takeover,
+            "no leaseDurationSeconds is a zero-length lease, as in client-go"
         );
+    }
+
+    /// The holder's renewTime says nothing about expiry: only how long this instance has seen
+    /// the lease unchanged. A holder clock 10 s ahead or 10 s behind changes nothing.
+    #[test]
+    fn expiry_follows_our_observation_not_the_holders_clock() {
+        for skew in [-10, 10] {
+            // renewTime 10 s in the future (skew -10: "renewed -10 s ago") or 10 s in the past.
+            let held = lease("other", skew, 15);
+            let t0 = Instant::now();
+            let mut seen = observed(&held, t0);
+            let at = |secs: u64| t0 + Duration::from_secs(secs);
+            let wait = Decision::Wait {
+                holder: "other".into(),
+            };
+            assert_eq!(decide(Some(&held), "me", &seen, t0), wait, "skew {skew}");
+            // Unchanged for 14 s: still valid whatever its renewTime says.
+            seen.observe(&held, at(14));
+            assert_eq!(
+                decide(Some(&held), "me", &seen, at(14)),
+                wait,
+                "skew {skew}"
+            );
+            // Unchanged for a whole lease duration: expired.
+            seen.observe(&held, at(15));
+            assert_eq!(
+                decide(Some(&held), "me", &seen, at(15)),
+                Decision::Takeover,
+                "skew {skew}"
+            );
+            // A renewal (new renewTime, even an older one) restarts the clock.
+            let mut renewed = held.clone();
+            renewed.spec.as_mut().unwrap().renew_time = Some(MicroTime(
+                held.spec.as_ref().unwrap().renew_time.as_ref().unwrap().0
+                    - SignedDuration::from_secs(1),
+            ));
+            seen.observe(&renewed, at(20));
+            assert_eq!(decide(Some(&renewed), "me", &seen, at(34)), wait);
+            assert_eq!(
+                decide(Some(&renewed), "me", &seen, at(35)),
+                Decision::Takeover
+            );
+            // So does a new resourceVersion.
+            let mut rewritten = renewed.clone();
+            rewritten.metadata.resource_version = Some("9".into());
+            seen.observe(&rewritten, at(35));
+            assert_eq!(decide(Some(&rewritten), "me", &seen, at(49)), wait);
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The Kubernetes source: annotated pods and `WorkerMetrics` custom resources.
 
 pub mod crd;
+pub mod events;
 pub mod leader;
 pub mod resolve;
 pub mod spec;

@@ -1,7 +1,7 @@
 //! Turns the cluster view (slim pods and compiled `WorkerMetrics`) into targets, plus what
 //! must be reported back: invalid objects and which pods each custom resource covers. Pure.
 
-use super::crd::CompiledWorkerMetrics;
+use super::crd::{CompiledWorkerMetrics, WorkerMetricsStatus};
 use super::spec::{
     FieldError, NamePolicy, PodInfo, WorkerSpec, field_error, parse_annotations, pod_targets,
     ports_annotation, unknown_containers,
@@ -20,6 +20,8 @@ pub struct CustomResourceEntry {
     /// Orders competing resources: the oldest wins, then the name.
     pub created: String,
     pub compiled: Result<CompiledWorkerMetrics, Vec<FieldError>>,
+    /// The status the object carries now (written by an earlier leader or run).
+    pub status: Option<WorkerMetricsStatus>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -251,6 +253,7 @@ mod tests {
             generation: Some(1),
             created: created.into(),
             compiled: compile(&spec),
+            status: None,
         }
     }
 

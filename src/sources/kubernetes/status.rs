@@ -13,6 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 
+/// The field manager of workersd's writes.
+pub const FIELD_MANAGER: &str = "workersd";
+
 /// Live endpoints per (namespace, pod), from the desired catalog.
 pub fn live_by_pod(catalog: &Catalog) -> HashMap<(&str, &str), u32> {
     let mut counts = HashMap::new();
@@ -118,9 +121,13 @@ pub async fn run(
         let now = Time(k8s_openapi::jiff::Timestamp::now());
         let mut seen = BTreeMap::new();
         for ((namespace, name), state) in report.iter() {
-            let status = status_for(namespace, state, &live, written.get(&state.uid), &now);
+            // What we wrote last, else what the object carries (written by an earlier run or
+            // leader): an unchanged condition keeps its lastTransitionTime across restarts.
+            let previous = written.get(&state.uid).or(state.existing.as_ref());
+            let status = status_for(namespace, state, &live, previous, &now);
             seen.insert(state.uid.clone(), ());
-            if written.get(&state.uid) == Some(&status) {
+            if previous == Some(&status) {
+                written.insert(state.uid.clone(), status);
                 continue;
             }
             match patch(&client, namespace, name, &status).await {
@@ -150,7 +157,12 @@ pub(crate) async fn patch(
 ) -> Result<(), kube::Error> {
     let api: Api<WorkerMetrics> = Api::namespaced(client.clone(), namespace);
     let body = serde_json::json!({ "status": status });
-    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&body))
+    // Named like every write of ours, so managedFields say who owns the status.
+    let params = PatchParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..PatchParams::default()
+    };
+    api.patch_status(name, &params, &Patch::Merge(&body))
         .await
         .map(|_| ())
 }
@@ -168,6 +180,7 @@ mod tests {
             generation: Some(3),
             covered_pods: pods.iter().map(|p| p.to_string()).collect(),
             errors,
+            existing: None,
         }
     }
 

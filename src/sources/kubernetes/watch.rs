@@ -2,19 +2,19 @@
 //! and publishes target snapshots. A re-list after a dropped watch (410 Gone) replaces the view
 //! of that scope atomically, so deletions missed meanwhile are never lost.
 
-use super::crd::{WorkerMetrics, compile};
+use super::crd::{WorkerMetrics, WorkerMetricsStatus, compile};
+use super::events::{self, Problem, Problems};
 use super::resolve::{ClusterView, CustomResourceEntry, ObjectKey, ResolveSettings, resolve};
 use super::spec::{FieldError, PREFIX, PodInfo};
 use crate::metrics::Metrics;
 use crate::sources::TargetSnapshot;
 use futures::stream::{BoxStream, SelectAll};
 use futures::{FutureExt, StreamExt};
-use k8s_openapi::api::core::v1::{ContainerStatus, ObjectReference, Pod};
+use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 use kube::runtime::WatchStreamExt;
-use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, Resource, ResourceExt};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -35,6 +35,9 @@ pub struct ResourceState {
     pub generation: Option<i64>,
     pub covered_pods: BTreeSet<String>,
     pub errors: Option<Vec<String>>,
+    /// The status the object carries now: its conditions' transition times are kept across
+    /// restarts and failovers.
+    pub existing: Option<WorkerMetricsStatus>,
 }
 
 pub type ResourceReport = BTreeMap<ObjectKey, ResourceState>;
@@ -47,6 +50,9 @@ pub struct WatchSettings {
     pub identity: String,
     /// Set while the WorkerMetrics CRD is absent (read by `/readyz`).
     pub crd_missing: Arc<AtomicBool>,
+    /// How long a published Event is left before its series is renewed (below the API
+    /// server's Event TTL).
+    pub event_refresh: std::time::Duration,
 }
 
 /// Keeps only what workersd needs of a pod.
@@ -152,6 +158,7 @@ fn resource_entry(resource: &WorkerMetrics) -> CustomResourceEntry {
             .map(|t| t.0.to_string())
             .unwrap_or_default(),
         compiled: compile(&resource.spec),
+        status: resource.status.clone(),
     }
 }
 
@@ -416,14 +423,15 @@ async fn run(
         resources_absent: BTreeSet::new(),
     };
     let mut crd_missing = false;
-    let events = EventPublisher {
-        client: client.clone(),
-        reporter: Reporter {
-            controller: "workersd".into(),
-            instance: Some(settings.identity.clone()),
-        },
-    };
-    let mut warned = Warned::default();
+    // Events are written by their own task: a slow or failing API server never holds up the
+    // snapshots below.
+    let (problems_tx, problems_rx) = watch::channel(Arc::new(Problems::new()));
+    tokio::spawn(events::run(
+        client.clone(),
+        settings.identity.clone(),
+        settings.event_refresh,
+        problems_rx,
+    ));
     let mut ready = Some(ready);
     while let Some(change) = changes.next().await {
         source.apply(change);
@@ -463,11 +471,18 @@ async fn run(
             .filter(|e| e.compiled.is_err())
             .count();
         metrics.invalid_objects("workermetrics", invalid_resources);
-        warned.pods(&events, &resolution.invalid_pods).await;
-        warned
-            .unknown_containers(&events, &resolution.unknown_containers)
-            .await;
-        warned.resources(&events, &source.view).await;
+        let current = problems(
+            &resolution.invalid_pods,
+            &resolution.unknown_containers,
+            &source.view,
+        );
+        problems_tx.send_if_modified(|sent| {
+            let changed = **sent != current;
+            if changed {
+                *sent = Arc::new(current);
+            }
+            changed
+        });
         let report: ResourceReport = source
             .view
             .resources
@@ -486,6 +501,7 @@ async fn run(
                         .as_ref()
                         .err()
                         .map(|e| e.iter().map(ToString::to_string).collect()),
+                    existing: entry.status.clone(),
                 };
                 (key.clone(), state)
             })
@@ -510,178 +526,102 @@ async fn run(
     }
 }
 
-/// Remembers which problems were already reported, so an Event is published once per distinct
-/// problem, not on every resolution.
-#[derive(Default)]
-pub(crate) struct Warned {
-    pods: HashMap<String, String>,
-    resources: HashMap<String, String>,
-    unknown_containers: HashMap<String, String>,
-}
-
-fn reference(
-    api_version: &str,
-    kind: &str,
-    namespace: &str,
-    name: &str,
-    uid: &str,
-) -> ObjectReference {
-    ObjectReference {
-        api_version: Some(api_version.into()),
-        kind: Some(kind.into()),
-        namespace: Some(namespace.into()),
-        name: Some(name.into()),
-        uid: Some(uid.into()),
-        ..ObjectReference::default()
-    }
-}
-
 fn describe(errors: &[FieldError]) -> String {
-    let mut note = errors
+    events::note(
+        errors
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; "),
+    )
+}
+
+/// The current problems of pods and `WorkerMetrics`, for Events.
+pub(crate) fn problems(
+    invalid_pods: &BTreeMap<ObjectKey, (String, Vec<FieldError>)>,
+    unknown_containers: &BTreeMap<ObjectKey, (String, Vec<FieldError>)>,
+    view: &ClusterView,
+) -> Problems {
+    let pods = invalid_pods
         .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join("; ");
-    // Events carry at most 1 kB of note.
-    if note.len() > 1000 {
-        let mut cut = 1000;
-        while !note.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        note.truncate(cut);
-        note.push('…');
-    }
-    note
-}
-
-/// Publishes Events. kube-runtime's `Recorder` folds every Event with the same reason on one
-/// object into a single series for minutes, keeping the first message; workersd de-duplicates
-/// by message itself (`Warned`), so each distinct problem gets a fresh Event that names it.
-pub(crate) struct EventPublisher {
-    pub(crate) client: Client,
-    pub(crate) reporter: Reporter,
-}
-
-impl EventPublisher {
-    async fn publish(
-        &self,
-        event: &KubeEvent,
-        target: &ObjectReference,
-    ) -> Result<(), kube::Error> {
-        Recorder::new(self.client.clone(), self.reporter.clone())
-            .publish(event, target)
-            .await
-    }
-}
-
-/// Kind-specific wording of a refusal Event.
-struct Refusal {
-    api_version: &'static str,
-    kind: &'static str,
-    reason: &'static str,
-    /// For the log line.
-    what: &'static str,
-}
-
-const POD_REFUSAL: Refusal = Refusal {
-    api_version: "v1",
-    kind: "Pod",
-    reason: "InvalidWorkerMetrics",
-    what: "declaration refused",
-};
-const RESOURCE_REFUSAL: Refusal = Refusal {
-    api_version: "workersd.io/v1alpha1",
-    kind: "WorkerMetrics",
-    reason: "InvalidSpec",
-    what: "declaration refused",
-};
-/// On the pod: a declared container name matches no container or native sidecar of it.
-const UNKNOWN_CONTAINER: Refusal = Refusal {
-    api_version: "v1",
-    kind: "Pod",
-    reason: "UnknownContainer",
-    what: "declared container not found; its ports are not probed",
-};
-
-/// Publishes one Warning Event per object and distinct problem; `seen` maps uid → note.
-async fn warn_once<'a>(
-    events: &EventPublisher,
-    seen: &mut HashMap<String, String>,
-    refusal: &Refusal,
-    invalid: impl IntoIterator<Item = (&'a ObjectKey, &'a str, &'a [FieldError])>,
-) {
-    let invalid: Vec<_> = invalid.into_iter().collect();
-    let live: BTreeSet<&str> = invalid.iter().map(|(_, uid, _)| *uid).collect();
-    seen.retain(|uid, _| live.contains(uid.as_str()));
-    for ((namespace, name), uid, errors) in invalid {
-        let note = describe(errors);
-        if seen.get(uid) == Some(&note) {
-            continue;
-        }
-        tracing::warn!(namespace, name, kind = refusal.kind, problems = %note, "{}", refusal.what);
-        let event = KubeEvent {
-            type_: EventType::Warning,
-            reason: refusal.reason.into(),
-            note: Some(note.clone()),
-            action: "Validate".into(),
-            secondary: None,
-        };
-        let target = reference(refusal.api_version, refusal.kind, namespace, name, uid);
-        match events.publish(&event, &target).await {
-            Ok(()) => {
-                seen.insert(uid.to_string(), note);
-            }
-            Err(e) => {
-                tracing::warn!(namespace, name, kind = refusal.kind, error = %e, "cannot publish Event")
-            }
-        }
-    }
-}
-
-impl Warned {
-    pub(crate) async fn pods(
-        &mut self,
-        events: &EventPublisher,
-        invalid: &BTreeMap<ObjectKey, (String, Vec<FieldError>)>,
-    ) {
-        let invalid = invalid
-            .iter()
-            .map(|(key, (uid, errors))| (key, uid.as_str(), errors.as_slice()));
-        warn_once(events, &mut self.pods, &POD_REFUSAL, invalid).await;
-    }
-
-    pub(crate) async fn unknown_containers(
-        &mut self,
-        events: &EventPublisher,
-        unknown: &BTreeMap<ObjectKey, (String, Vec<FieldError>)>,
-    ) {
-        let unknown = unknown
-            .iter()
-            .map(|(key, (uid, errors))| (key, uid.as_str(), errors.as_slice()));
-        warn_once(
-            events,
-            &mut self.unknown_containers,
-            &UNKNOWN_CONTAINER,
-            unknown,
-        )
-        .await;
-    }
-
-    async fn resources(&mut self, events: &EventPublisher, view: &ClusterView) {
-        let invalid = view.resources.iter().filter_map(|(key, entry)| {
-            entry
-                .compiled
-                .as_ref()
-                .err()
-                .map(|errors| (key, entry.uid.as_str(), errors.as_slice()))
+        .map(|((namespace, name), (uid, errors))| Problem {
+            api_version: "v1",
+            kind: "Pod",
+            namespace: namespace.clone(),
+            name: name.clone(),
+            uid: uid.clone(),
+            reason: "InvalidWorkerMetrics",
+            note: describe(errors),
         });
-        warn_once(events, &mut self.resources, &RESOURCE_REFUSAL, invalid).await;
-    }
+    let resources = view
+        .resources
+        .iter()
+        .filter_map(|((namespace, name), entry)| {
+            let errors = entry.compiled.as_ref().err()?;
+            Some(Problem {
+                api_version: "workersd.io/v1alpha1",
+                kind: "WorkerMetrics",
+                namespace: namespace.clone(),
+                name: name.clone(),
+                uid: entry.uid.clone(),
+                reason: "InvalidSpec",
+                note: describe(errors),
+            })
+        });
+    // A declared name that matches no container or native sidecar: the pod's other ranges
+    // are still probed, so this is its own problem beside any other on the same pod.
+    let unknown = unknown_containers
+        .iter()
+        .map(|((namespace, name), (uid, errors))| Problem {
+            api_version: "v1",
+            kind: "Pod",
+            namespace: namespace.clone(),
+            name: name.clone(),
+            uid: uid.clone(),
+            reason: "UnknownContainer",
+            note: describe(errors),
+        })
+        .map(|p| (format!("{}/{}", p.uid, p.reason), p));
+    pods.chain(resources)
+        .map(|p| (p.uid.clone(), p))
+        .chain(unknown)
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unknown_container_is_a_problem_beside_a_refused_declaration_of_the_same_pod() {
+        let key = ("shop".to_string(), "web-1".to_string());
+        let errors = |field: &str| {
+            (
+                "u1".to_string(),
+                vec![super::super::spec::field_error(field, "x")],
+            )
+        };
+        let invalid = BTreeMap::from([(
+            key.clone(),
+            errors("metadata.annotations[workersd.io/ports]"),
+        )]);
+        let unknown =
+            BTreeMap::from([(key, errors("metadata.annotations[workersd.io/ports.side]"))]);
+        let problems = problems(&invalid, &unknown, &ClusterView::default());
+        let reasons: Vec<_> = problems
+            .values()
+            .map(|p| (p.uid.as_str(), p.reason))
+            .collect();
+        assert_eq!(
+            reasons,
+            vec![("u1", "InvalidWorkerMetrics"), ("u1", "UnknownContainer")]
+        );
+        assert!(
+            problems
+                .values()
+                .all(|p| p.kind == "Pod" && p.name == "web-1")
+        );
+    }
 
     #[test]
     fn pod_info_keeps_only_what_is_needed() {

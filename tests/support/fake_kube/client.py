@@ -196,6 +196,20 @@ class FakeKube:
     def config(self, **kw):
         return self.ok("POST", "/_control/config", kw) if kw else self.ok("GET", "/_control/config")
 
+    def set_latency(self, list=None, page=None, watch=None, resources=None):
+        """Latency (seconds) of lists (once per list), of every list page, and before a watch
+        starts; `resources` (plurals or plural.group) limits it to those, [] = all."""
+        body = {}
+        for k, v in (("listLatencySeconds", list), ("listPageLatencySeconds", page), ("watchLatencySeconds", watch),
+                     ("latencyResources", resources)):
+            if v is not None:
+                body[k] = v
+        return self.config(**body)
+
+    def writes(self, resource=None):
+        """Every write (time.time(), resourceVersion, type, object), oldest first; never compacted."""
+        return self.ok("GET", "/_control/writes", query={"resource": resource} if resource else None)["writes"]
+
     def state(self, resource=None):
         return self.ok("GET", "/_control/state", query={"resource": resource} if resource else None)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import base64
 import bisect
+import collections
 import json
 import os
 import random
@@ -1094,6 +1095,8 @@ class History:
 class Storage:
     def __init__(self, storage_key, horizon):
         self.key = storage_key
+        # Test aid: every write with its wall-clock time, never compacted (bounded).
+        self.writes = collections.deque(maxlen=10000)
         self.objects: dict = {}  # key -> Entry
         self.hist = History(horizon)
         self._sorted = None
@@ -1142,7 +1145,8 @@ class State:
     """All objects, the global resourceVersion, per-storage event histories and watchers."""
 
     def __init__(self, history_limit=10000, bookmark_interval=5.0, graceful_deletion=False,
-                 auto_create_namespaces=False, watch_timeout_max=1800.0, workermetrics_crd=True, watch_list=False):
+                 auto_create_namespaces=False, watch_timeout_max=1800.0, workermetrics_crd=True, watch_list=False,
+                 event_ttl=3600.0):
         self.cond = threading.Condition(threading.RLock())
         self.rv = 1
         self.registry = Registry()
@@ -1160,6 +1164,17 @@ class State:
         self.path_counts: dict = {}
         self.faults: list = []
         self._fault_ids = iter(range(1, 1 << 62))
+        # Test knob: response latency of lists and watches (seconds). A real apiserver lists a
+        # big cluster slowly (it reads and serialises every object of every page), so a client
+        # must tolerate lists that take longer than its own timers.
+        self.latency = {"list": 0.0, "listPage": 0.0, "watch": 0.0, "resources": []}
+        # Events live event_ttl seconds after their last write, as kube-apiserver's --event-ttl
+        # (default 1 h; cmd/kube-apiserver/app/options) puts them under an etcd lease on every
+        # create and update (pkg/registry/core/event/storage/storage.go TTLFunc).
+        self.event_ttl = float(event_ttl)
+        self.event_expiry: dict = {}  # stored key -> deadline
+        # The field manager of the API write this thread is serving (None: control/seed writes).
+        self.tls = threading.local()
         self.closing = False
         for ns in DEFAULT_NAMESPACES:
             self.create(self.rd("", "v1", "namespaces"), None, {"metadata": {"name": ns}}, bypass=True)
@@ -1170,6 +1185,20 @@ class State:
         self._reaper.start()
 
     # -- helpers ----------------------------------------------------------
+
+    def latency_for(self, rd, kind):
+        """Configured latency (seconds) of `kind` ("list", "listPage", "watch") for rd."""
+        with self.cond:
+            only = self.latency["resources"]
+            if only and rd.plural not in only and rd.qualified not in only:
+                return 0.0
+            return float(self.latency[kind] or 0.0)
+
+    def pause(self, seconds):
+        """Sleeps `seconds`, cut short when the server stops."""
+        if seconds > 0:
+            with self.cond:
+                self.cond.wait_for(lambda: self.closing, timeout=seconds)
 
     def rd(self, group, version, plural):
         return self.registry.get(group, version, plural)
@@ -1185,6 +1214,7 @@ class State:
         return self.rv
 
     def _record(self, st: Storage, type_, key, entry, prev):
+        st.writes.append((time.time(), self.rv, type_, key, entry))
         ev = HistEvent(self.rv, type_, key, entry, prev)
         h = st.hist
         h.events.append(ev)
@@ -1197,6 +1227,9 @@ class State:
         self.cond.notify_all()
 
     def _store_put(self, st: Storage, key, obj, type_, prev_entry):
+        if st.key == "core/events":
+            self.event_expiry[key] = time.time() + self.event_ttl
+            self.cond.notify_all()
         entry = Entry(obj)
         if key not in st.objects:
             st._sorted = None
@@ -1208,6 +1241,8 @@ class State:
         prev = st.objects.pop(key)
         st._sorted = None
         self.grace_deadlines.pop((st.key, key), None)
+        if st.key == "core/events":
+            self.event_expiry.pop(key, None)
         entry = Entry(final_obj)
         self._record(st, "DELETED", key, entry, prev)
         return entry
@@ -1382,6 +1417,8 @@ class State:
                 raise ApiError(500, "InternalError",
                                "Internal error occurred: resourceVersion should not be set on objects to be created")
             self._validate_meta(rd, obj, name)
+            if rd.group == "events.k8s.io":
+                _validate_events_v1(rd, obj, name, None)
             if rd.namespaced:
                 self._ensure_namespace(ns, bypass)
             st = self.store(rd.storage)
@@ -1405,6 +1442,8 @@ class State:
                 meta["resourceVersion"] = str(self.rv)
                 return Entry(obj)
             obj = {"apiVersion": obj.pop("apiVersion"), "kind": obj.pop("kind"), "metadata": obj.pop("metadata"), **obj}
+            obj["metadata"].pop("managedFields", None)
+            self._note_manager(obj, None)
             obj["metadata"]["resourceVersion"] = str(self.next_rv())
             return self._store_put(st, key, obj, "ADDED", None)
 
@@ -1532,6 +1571,29 @@ class State:
                 raise err_bad_request("metadata.name and metadata.namespace cannot be changed by a patch")
             return self._commit_update(rd, st, key, cur, new, subresource, False, dry_run), False
 
+    def _note_manager(self, obj, subresource):
+        """Records the writer in metadata.managedFields as the apiserver's field manager does
+        (staging/src/k8s.io/apiserver/pkg/endpoints/handlers: the `fieldManager` parameter, or
+        the User-Agent up to its first '/'): one entry per manager, operation, apiVersion and
+        subresource, its time updated by each write. fieldsV1 is simplified (see Deviations)."""
+        who = getattr(self.tls, "manager", None)
+        if not who:
+            return
+        manager, operation, sub, api_version = who
+        if subresource == "status":
+            fields = {"f:status": {}}
+        else:
+            fields = {f"f:{k}": {} for k in obj if k not in ("apiVersion", "kind", "status")}
+        entry = {"manager": manager, "operation": operation, "apiVersion": api_version, "time": now_ts(),
+                 "fieldsType": "FieldsV1", "fieldsV1": fields}
+        if sub:
+            entry["subresource"] = sub
+        meta = obj["metadata"]
+        kept = [m for m in (meta.get("managedFields") or [])
+                if (m.get("manager"), m.get("operation"), m.get("apiVersion"), m.get("subresource"))
+                != (manager, operation, api_version, sub)]
+        meta["managedFields"] = kept + [entry]
+
     def _commit_update(self, rd, st, key, cur: Entry, new: dict, subresource, bypass, dry_run):
         old = cur.obj
         name = old["metadata"]["name"]
@@ -1546,7 +1608,7 @@ class State:
             nmeta = new.setdefault("metadata", {})
             ometa = old["metadata"]
             for f in ("name", "namespace", "uid", "creationTimestamp", "deletionTimestamp",
-                      "deletionGracePeriodSeconds", "generation"):
+                      "deletionGracePeriodSeconds", "generation", "managedFields"):
                 if f in ometa:
                     nmeta[f] = ometa[f]
                 else:
@@ -1557,6 +1619,8 @@ class State:
                 else:
                     new.pop("status", None)
             self._validate_meta(rd, new, name)
+            if rd.group == "events.k8s.io" and not bypass:
+                _validate_events_v1(rd, new, name, old)
             if rd.plural == "pods" and rd.group == "" and not bypass:
                 _check_pod_spec_update(rd, name, old.get("spec") or {}, new.get("spec") or {})
             if rd.plural == "namespaces" and rd.group == "":
@@ -1572,6 +1636,7 @@ class State:
                 new["metadata"]["generation"] = int(old["metadata"].get("generation") or 0) + 1
         if new == old:
             return cur  # no-op: no new resourceVersion, no watch event (like the real server)
+        self._note_manager(new, subresource)
         if rd.plural == "customresourcedefinitions" and rd.group == "apiextensions.k8s.io" and subresource is None:
             self._apply_crd(new, dry_run)
         if dry_run:
@@ -1709,7 +1774,17 @@ class State:
                     obj = cur.copy()
                     obj["metadata"]["resourceVersion"] = str(self.next_rv())
                     self._remove(rd, st, key, obj)
+                # Expired Events vanish as an etcd lease expiry deletes the key: a DELETED event.
+                ev_store = self.stores.get("core/events")
+                for key in [k for k, d in self.event_expiry.items() if d <= now]:
+                    self.event_expiry.pop(key, None)
+                    if ev_store is None or key not in ev_store.objects:
+                        continue
+                    obj = ev_store.objects[key].copy()
+                    obj["metadata"]["resourceVersion"] = str(self.next_rv())
+                    self._store_remove(ev_store, key, obj)
                 pending = [d for d in self.grace_deadlines.values() if d != float("inf")]
+                pending += list(self.event_expiry.values())
                 wait = min(1.0, max(0.05, (min(pending) - now) if pending else 1.0))
                 self.cond.wait(wait)
 
@@ -1926,6 +2001,7 @@ class Handler(BaseHTTPRequestHandler):
         q = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
         _REQ.warnings = []
         _REQ.field_validation = None
+        self.state.tls.manager = None
         try:
             fv = q.get("fieldValidation")
             if fv and method in ("POST", "PUT", "PATCH"):
@@ -2071,8 +2147,20 @@ class Handler(BaseHTTPRequestHandler):
         if verb not in rd.verbs and not sub:
             raise err_method_not_allowed()
         dry_run = bool(q.get("dryRun"))
+        if verb in ("create", "update", "patch"):
+            ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+            st.tls.manager = (_manager_or_user_agent(q.get("fieldManager"), self.headers.get("User-Agent")),
+                              "Apply" if ctype == "application/apply-patch+yaml" else "Update", sub, rd.api_version)
+        else:
+            st.tls.manager = None
         if verb == "list":
             items, meta = st.list(rd, ns, q)
+            # Latency after the snapshot is taken: changes made meanwhile reach the client through
+            # the watch that starts at this list's resourceVersion, as on a slow real server.
+            delay = st.latency_for(rd, "listPage")
+            if not q.get("continue"):
+                delay += st.latency_for(rd, "list")
+            st.pause(delay)
             if self._wants_table():
                 return self._send_json(200, self._table(rd, items, meta))
             return self._send(200, st.list_bytes(rd, items, meta))
@@ -2308,6 +2396,9 @@ class Handler(BaseHTTPRequestHandler):
             if error is None:
                 st.watches[handle.id] = handle
         try:
+            # Latency before the response starts; the start point is already fixed, so nothing
+            # written meanwhile is lost.
+            st.pause(st.latency_for(rd, "watch"))
             self.send_response(200)
             self.send_header("Content-Type", JSON_CT)
             self.send_header("Transfer-Encoding", "chunked")
@@ -2564,6 +2655,14 @@ class Handler(BaseHTTPRequestHandler):
                         st.watch_timeout_max = float(data["watchTimeoutMaxSeconds"])
                     if "watchList" in data:
                         st.watch_list = bool(data["watchList"])
+                    for key, lk in (("listLatencySeconds", "list"), ("listPageLatencySeconds", "listPage"),
+                                    ("watchLatencySeconds", "watch")):
+                        if key in data:
+                            st.latency[lk] = max(0.0, float(data[key] or 0.0))
+                    if "latencyResources" in data:
+                        st.latency["resources"] = list(data["latencyResources"] or [])
+                    if "eventTTLSeconds" in data:
+                        st.event_ttl = max(0.0, float(data["eventTTLSeconds"]))
                     st.cond.notify_all()
                 return self._send_json(200, {"bookmarkIntervalSeconds": st.bookmark_interval,
                                              "gracefulDeletion": st.graceful_deletion,
@@ -2571,6 +2670,11 @@ class Handler(BaseHTTPRequestHandler):
                                              "autoCreateNamespaces": st.auto_create_namespaces,
                                              "watchTimeoutMaxSeconds": st.watch_timeout_max,
                                              "watchList": st.watch_list,
+                                             "listLatencySeconds": st.latency["list"],
+                                             "listPageLatencySeconds": st.latency["listPage"],
+                                             "watchLatencySeconds": st.latency["watch"],
+                                             "latencyResources": st.latency["resources"],
+                                             "eventTTLSeconds": st.event_ttl,
                                              "resourceVersion": str(st.rv)})
         if segs == ["state"]:
             with st.cond:
@@ -2582,6 +2686,16 @@ class Handler(BaseHTTPRequestHandler):
                                "horizon": str(store.hist.horizon), "historySize": len(store.hist.events)}
                 body_out = dumps({"resourceVersion": str(st.rv), "storages": out})
             return self._send(200, body_out)
+        if segs == ["writes"]:
+            with st.cond:
+                out = []
+                for sk, store in st.stores.items():
+                    if q.get("resource") and q["resource"] not in (sk, sk.split("/", 1)[1]):
+                        continue
+                    out += [{"time": t, "resourceVersion": str(rv), "type": typ, "storage": sk, "key": k,
+                             "object": e.obj} for t, rv, typ, k, e in store.writes]
+            out.sort(key=lambda w: int(w["resourceVersion"]))
+            return self._send(200, dumps({"writes": out}))
         if segs == ["bulk"] and method == "POST":
             return self._send_json(200, self._bulk(data))
         if len(segs) == 4 and segs[0] == "pods" and method in ("POST", "PATCH", "PUT"):
@@ -2709,6 +2823,37 @@ class Handler(BaseHTTPRequestHandler):
 
 
 POD_MUTABLE_SPEC = ("activeDeadlineSeconds", "tolerations", "terminationGracePeriodSeconds")
+
+
+def _manager_or_user_agent(manager, user_agent):
+    """apiserver handlers/rest.go managerOrUserAgent: the fieldManager parameter, else the
+    User-Agent up to its first '/', cut to 128 characters."""
+    if manager:
+        return manager
+    return (user_agent or "").split("/", 1)[0][:128]
+
+
+def _validate_events_v1(rd, obj, name, old):
+    """What kube-apiserver checks on an events.k8s.io/v1 write and not on a core/v1 one
+    (pkg/apis/core/validation/events.go ValidateEventCreate / ValidateEventUpdate): the name is a
+    DNS subdomain of at most 253 characters (apimachinery NameIsDNSSubdomain, on create), and a
+    series has count >= 2 and a lastObservedTime (validateV1EventSeries, on create and when the
+    series changes). `obj` may be in either view: `series` has the same name in both."""
+    causes = []
+    if old is None and (not _DNS_SUBDOMAIN_RE.match(name) or len(name) > 253):
+        why = "must be no more than 253 characters" if len(name) > 253 else (
+            "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', "
+            "and must start and end with an alphanumeric character")
+        causes.append(("metadata.name", "FieldValueInvalid", f'Invalid value: "{name}": {why}'))
+    series = obj.get("series")
+    if series is not None and (old is None or series != old.get("series")):
+        count = series.get("count") if isinstance(series, dict) else None
+        if not isinstance(count, int) or count < 2:
+            causes.append(("series.count", "FieldValueInvalid", 'Invalid value: "": should be at least 2'))
+        if not isinstance(series, dict) or not series.get("lastObservedTime"):
+            causes.append(("series.lastObservedTime", "FieldValueRequired", "Required value"))
+    if causes:
+        raise err_invalid(rd, name, causes)
 
 
 def _check_pod_spec_update(rd, name, old, new):
@@ -2863,6 +3008,11 @@ def main(argv=None):
                    help="enable the WatchList feature gate (streaming lists, sendInitialEvents=true)")
     p.add_argument("--no-workermetrics-crd", action="store_true",
                    help="start without the WorkerMetrics CRD (as after `helm install --skip-crds`)")
+    p.add_argument("--event-ttl", type=float, default=3600.0,
+                   help="seconds an Event lives after its last write (kube-apiserver --event-ttl, default 1 h)")
+    p.add_argument("--list-latency", type=float, default=0.0, help="seconds added to every list (once per list)")
+    p.add_argument("--list-page-latency", type=float, default=0.0, help="seconds added to every page of a list")
+    p.add_argument("--watch-latency", type=float, default=0.0, help="seconds before a watch response starts")
     args = p.parse_args(argv)
 
     host, _, port = args.listen.rpartition(":")
@@ -2872,7 +3022,9 @@ def main(argv=None):
     state = State(history_limit=args.history_limit, bookmark_interval=args.bookmark_interval,
                   graceful_deletion=args.graceful_deletion, auto_create_namespaces=args.auto_create_namespaces,
                   watch_timeout_max=args.watch_timeout_max, workermetrics_crd=not args.no_workermetrics_crd,
-                  watch_list=args.watch_list)
+                  watch_list=args.watch_list, event_ttl=args.event_ttl)
+    state.latency.update({"list": max(0.0, args.list_latency), "listPage": max(0.0, args.list_page_latency),
+                          "watch": max(0.0, args.watch_latency)})
     for s in args.seed:
         n = load_seed(state, s)
         sys.stderr.write(f"fake_kube: seeded {n} objects from {s}\n")
