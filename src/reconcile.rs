@@ -322,17 +322,43 @@ mod tests {
             .prop_map(|v| v.into_iter().map(|i| (i.id.clone(), Arc::new(i))).collect())
     }
 
+    /// Entries we do not own, a third of them holding one of our IDs (as another tool, or a
+    /// hand-made registration, may), half of those spelt in upper case.
+    fn arb_foreign(owner: Option<&'static str>) -> impl Strategy<Value = Catalog> {
+        prop::collection::vec((arb_instance(owner), 0u8..6), 0..30).prop_map(|v| {
+            v.into_iter()
+                .map(|(mut i, steal)| {
+                    let ours = instance_id(OWNER, &i.service, &i.address, i.port);
+                    match steal {
+                        0 => i.id = ours.into(),
+                        1 => i.id = ours.to_uppercase().into(),
+                        _ => {}
+                    }
+                    (i.id.clone(), Arc::new(i))
+                })
+                .collect()
+        })
+    }
+
+    /// What Consul holds after these registrations in order: one entry per row, the last.
+    fn consul_rows(catalogs: impl IntoIterator<Item = Catalog>) -> Catalog {
+        let mut rows: Catalog = Catalog::new();
+        for (id, entry) in catalogs.into_iter().flatten() {
+            rows.retain(|held, _| row_key(held) != row_key(&id));
+            rows.insert(id, entry);
+        }
+        rows
+    }
+
     proptest! {
         #[test]
         fn applying_the_plan_yields_desired_and_spares_foreign_entries(
             desired in arb_catalog(Some(OWNER)),
             ours_now in arb_catalog(Some(OWNER)),
-            other_owner in arb_catalog(Some("other-owner")),
-            foreign in arb_catalog(None),
+            other_owner in arb_foreign(Some("other-owner")),
+            foreign in arb_foreign(None),
         ) {
-            let mut current: Catalog = ours_now;
-            current.extend(other_owner.clone());
-            current.extend(foreign.clone());
+            let mut current = consul_rows([ours_now, other_owner, foreign]);
             let foreign_before: Catalog = current
                 .iter()
                 .filter(|(_, i)| !is_owned_by(i, OWNER))
@@ -340,6 +366,14 @@ mod tests {
                 .collect();
 
             let p = plan(&desired, &current, OWNER, true);
+            // Exactly the desired IDs whose row a foreign entry holds are conflicts.
+            let held_by_others: BTreeSet<&str> = desired
+                .keys()
+                .filter(|id| foreign_before.keys().any(|f| row_key(f) == row_key(id)))
+                .map(|id| &**id)
+                .collect();
+            let conflicts: BTreeSet<&str> = p.conflicts.iter().map(String::as_str).collect();
+            prop_assert_eq!(conflicts, held_by_others);
             for op in p.first.iter().chain(&p.ops) {
                 let id = match op { Op::Register(i) | Op::Deregister(i) => &i.id };
                 prop_assert!(!foreign_before.contains_key(id), "op touches foreign {id}");
