@@ -866,10 +866,10 @@ fn filtered_by_acls(response: &reqwest::Response) -> bool {
 /// once, e.g. `token with AccessorID 'a1' lacks 'node:write' on "n", 'service:write' on "web"
 /// (129 of 129 operations refused)`. `None` when no operation was refused for a permission.
 /// Consul's wording is acl/errors.go `PermissionDeniedError.Error`.
-/// A token that may write none of a batch's operations, or not the node, is the cause of the
+/// A token that may write none of a batch's entries, or not the node, is the cause of the
 /// refusal, not the entries: one `Forbidden` that says which permissions it lacks. A token
 /// refused only some entries (a rule for some service prefixes) has those held back like
-/// any entry Consul refuses.
+/// any entry Consul refuses, and the others are published.
 fn forbidden_txn(error: &ConsulError, ops: usize, node_op: Option<usize>) -> Option<String> {
     let ConsulError::TxnRejected { failed, .. } = error else {
         return None;
@@ -878,7 +878,9 @@ fn forbidden_txn(error: &ConsulError, ops: usize, node_op: Option<usize>) -> Opt
         return None;
     }
     let node_refused = node_op.is_some_and(|n| failed.iter().any(|(i, _)| *i == n));
-    if failed.len() < ops && !node_refused {
+    let entries = ops - usize::from(node_op.is_some());
+    let entries_refused = failed.len() - usize::from(node_refused);
+    if entries_refused < entries && !node_refused {
         return None;
     }
     permission_summary(failed, ops)
@@ -1655,6 +1657,13 @@ mod tests {
         // The node refused: nothing can be written.
         let node = rejected(vec![denied(0, "n")]);
         assert!(forbidden_txn(&node, 3, Some(0)).is_some());
+        // The node allowed but no entry: the token may write none of what it is for.
+        let entries = rejected(vec![denied(1, "a"), denied(2, "b")]);
+        assert!(
+            forbidden_txn(&entries, 3, Some(0))
+                .unwrap()
+                .contains("2 of 3")
+        );
         // Refused for another reason: isolation decides.
         let meta = rejected(vec![
             (0, "Value is too long".into()),
