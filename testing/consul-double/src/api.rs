@@ -532,6 +532,34 @@ impl<'a> CatalogServiceView<'a> {
 }
 
 /// ACL filter: `aclFilter.filterServiceNodes` (node:read and service:read).
+/// The instances of service `name` a read returns: those matching `?node-meta` and every
+/// `?tag`, less those the token may not see (`aclFilter.filterServiceNodes` /
+/// `filterCheckServiceNodes`: node:read on the node and service:read on the service are both
+/// needed); `filtered` is set when the ACL filter dropped any.
+fn visible_instances<'a>(
+    catalog: &'a Catalog,
+    name: &str,
+    options: &ReadOptions,
+    tags: &[String],
+    authz: &Authorizer,
+    filtered: &mut bool,
+) -> Vec<(&'a NodeEntry, &'a ServiceRecord)> {
+    let tag_refs: Vec<&str> = tags.iter().map(String::as_str).collect();
+    catalog
+        .instances_of(name)
+        .filter(|(node, service)| {
+            node_matches_meta(&node.record, &options.node_meta)
+                && service_has_tags(service, &tag_refs)
+        })
+        .filter(|(node, service)| {
+            let allowed =
+                authz.node_read(&node.record.node) && authz.service_read(&service.service);
+            *filtered |= !allowed;
+            allowed
+        })
+        .collect()
+}
+
 async fn catalog_service(
     State(shared): State<Arc<Shared>>,
     Extension(authz): Extension<Authorizer>,
@@ -546,22 +574,12 @@ async fn catalog_service(
         &authz,
         whole_catalog,
         |catalog, options| {
-            let tag_refs: Vec<&str> = tags.iter().map(String::as_str).collect();
             let mut filtered = false;
-            let views: Vec<CatalogServiceView> = catalog
-                .instances_of(&name)
-                .filter(|(node, service)| {
-                    node_matches_meta(&node.record, &options.node_meta)
-                        && service_has_tags(service, &tag_refs)
-                })
-                .filter(|(node, service)| {
-                    let allowed =
-                        authz.node_read(&node.record.node) && authz.service_read(&service.service);
-                    filtered |= !allowed;
-                    allowed
-                })
-                .map(|(node, service)| CatalogServiceView::new(&node.record, service))
-                .collect();
+            let views: Vec<CatalogServiceView> =
+                visible_instances(catalog, &name, options, &tags, &authz, &mut filtered)
+                    .into_iter()
+                    .map(|(node, service)| CatalogServiceView::new(&node.record, service))
+                    .collect();
             Rendered {
                 body: encode(&views, options.pretty),
                 filtered,
@@ -696,27 +714,19 @@ async fn health_service(
         &authz,
         whole_catalog,
         |catalog, options| {
-            let tag_refs: Vec<&str> = tags.iter().map(String::as_str).collect();
             let mut filtered = false;
-            let views: Vec<CheckServiceNodeView> = catalog
-                .instances_of(&name)
-                .filter(|(node, service)| {
-                    node_matches_meta(&node.record, &options.node_meta)
-                        && service_has_tags(service, &tag_refs)
-                })
-                .filter(|(node, service)| {
-                    let allowed =
-                        authz.node_read(&node.record.node) && authz.service_read(&service.service);
-                    filtered |= !allowed;
-                    allowed
-                })
-                .map(|(node, service)| CheckServiceNodeView {
-                    node: &node.record,
-                    service,
-                    checks: instance_checks(node, service),
-                })
-                .filter(|view| !passing_only || view.checks.iter().all(|c| c.status == "passing"))
-                .collect();
+            let views: Vec<CheckServiceNodeView> =
+                visible_instances(catalog, &name, options, &tags, &authz, &mut filtered)
+                    .into_iter()
+                    .map(|(node, service)| CheckServiceNodeView {
+                        node: &node.record,
+                        service,
+                        checks: instance_checks(node, service),
+                    })
+                    .filter(|view| {
+                        !passing_only || view.checks.iter().all(|c| c.status == "passing")
+                    })
+                    .collect();
             Rendered {
                 body: encode(&views, options.pretty),
                 filtered,
