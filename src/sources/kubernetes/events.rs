@@ -291,7 +291,7 @@ pub async fn run(
     loop {
         let current = problems.borrow_and_update().clone();
         for p in plan.update(&current, Instant::now()) {
-            tracing::warn!(namespace = %p.namespace, name = %p.name, kind = p.kind, reason = p.reason, problems = %p.note, "declaration refused");
+            tracing::warn!(namespace = %p.namespace, name = %p.name, kind = p.kind, reason = p.reason, problems = %p.note, "problem reported as a Warning Event");
         }
         for uid in plan.due(Instant::now()) {
             let Some(action) = plan.action(&uid, &identity, Timestamp::now()) else {
