@@ -546,6 +546,7 @@ def test_kubernetes_entry_refused_by_consul_is_reported_on_its_pod(procs, cluste
     (event,) = wait_until(refused_events, timeout=20, message="ConsulRefusedEntry Event on pod held")
     assert event["type"] == "Warning"
     assert event["involvedObject"]["kind"] == "Pod" and event["involvedObject"]["name"] == "held"
+    assert event.get("action") == "Register", event
     assert "injected refusal" in event["message"], event["message"]
     assert not [e for e in kube.events("good") if e.get("reason") == "ConsulRefusedEntry"]
     assert not consul.catalog_service(other)

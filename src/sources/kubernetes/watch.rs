@@ -588,6 +588,7 @@ pub(crate) fn problems(
             name: name.clone(),
             uid: uid.clone(),
             reason: "InvalidWorkerMetrics",
+            action: "Validate",
             note: describe(errors),
         });
     let resources = view
@@ -602,6 +603,7 @@ pub(crate) fn problems(
                 name: name.clone(),
                 uid: entry.uid.clone(),
                 reason: "InvalidSpec",
+                action: "Validate",
                 note: describe(errors),
             })
         });
@@ -616,6 +618,7 @@ pub(crate) fn problems(
             name: name.clone(),
             uid: uid.clone(),
             reason: "UnknownContainer",
+            action: "Validate",
             note: describe(errors),
         })
         .map(|p| (format!("{}/{}", p.uid, p.reason), p));
@@ -665,6 +668,7 @@ pub(crate) fn refused_problems(refused: &[Refused], view: &ClusterView) -> Probl
                 name: key.1,
                 uid: pod.uid.clone(),
                 reason: REFUSED_REASON,
+                action: "Register",
                 note: events::note(format!(
                     "Consul refused the catalog entry of service ID {ids}; held back and retried later, the pod's other entries are published. {reasons}"
                 )),
@@ -845,8 +849,14 @@ mod tests {
         );
         let web = &problems["u1/ConsulRefusedEntry"];
         assert_eq!(
-            (web.kind, web.name.as_str(), web.uid.as_str(), web.reason),
-            ("Pod", "web-1", "u1", "ConsulRefusedEntry")
+            (
+                web.kind,
+                web.name.as_str(),
+                web.uid.as_str(),
+                web.reason,
+                web.action
+            ),
+            ("Pod", "web-1", "u1", "ConsulRefusedEntry", "Register")
         );
         assert!(
             web.note.contains("service ID web-a, web-b;")
