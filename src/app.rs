@@ -115,8 +115,9 @@ pub async fn run_kubernetes(args: KubernetesArgs) -> anyhow::Result<()> {
         event_refresh: args.event_refresh_interval,
     };
     let metrics = controller.metrics.clone();
+    let refused = controller.refused();
     let outputs = tokio::select! {
-        outputs = kube_watch::start(client.clone(), watch_settings, metrics) => outputs,
+        outputs = kube_watch::start(client.clone(), watch_settings, metrics, refused) => outputs,
         lease = &mut lost => bail!("lost leadership of lease {lease} during the initial sync; exiting so a standby takes over"),
         _ = shutdown_signal() => return Ok(()),
     };
@@ -258,6 +259,11 @@ impl Controller {
             metrics,
             readiness,
         })
+    }
+
+    /// The catalog entries Consul refused and the sink holds back; `None` without a Consul sink.
+    pub fn refused(&self) -> Option<watch::Receiver<crate::sinks::quarantine::RefusedEntries>> {
+        self.sink.as_ref().map(consul::ConsulSink::refused)
     }
 
     /// Starts probing, publishing and serving HTTP SD for the targets on `targets`.

@@ -726,6 +726,7 @@ async fn the_running_sink_rereads_only_after_consul_changed() {
 async fn one_refused_entry_does_not_block_the_others() {
     let double = start().await;
     let mut sink = sink(&double, None);
+    let mut refused = sink.refused();
     let mut state = desired(30, 4, true); // 120 entries: one txn with the node op
     let poisoned = state.catalog.keys().nth(17).unwrap().clone();
     let entry = Arc::make_mut(state.catalog.get_mut(&poisoned).unwrap());
@@ -740,15 +741,26 @@ async fn one_refused_entry_does_not_block_the_others() {
     assert_eq!(listed.len(), 119);
     assert!(listed.iter().all(|i| i["ServiceID"] != *poisoned));
     assert_eq!(listed[0]["NodeMeta"]["external-source"], "workersd");
+    // Published for Events: the entry, with Consul's reason.
+    assert!(refused.has_changed().unwrap());
+    {
+        let held = refused.borrow_and_update();
+        assert_eq!(held.len(), 1);
+        assert_eq!(held[0].instance.id, poisoned);
+        assert!(held[0].error.contains("metrics-path"), "{}", held[0].error);
+    }
 
-    // The refused entry is held back: another pass sends nothing.
+    // The refused entry is held back: another pass sends nothing, and announces nothing new.
     let again = sink.sync(&state).await.unwrap();
     assert_eq!((again.requests, again.quarantined), (0, 1), "{again:?}");
-    // Once its declaration is fixed it is published at once.
+    assert!(!refused.has_changed().unwrap());
+    // Once its declaration is fixed it is published at once, and leaves the refused set.
     let fixed = desired(30, 4, true);
     let outcome = sink.sync(&fixed).await.unwrap();
     assert_eq!((outcome.registered, outcome.quarantined), (1, 0));
     assert_eq!(instances(&double, "clever").await.len(), 120);
+    assert!(refused.has_changed().unwrap());
+    assert!(refused.borrow_and_update().is_empty());
 }
 
 /// Consul matches service IDs case-insensitively. A case-only change of the service name

@@ -1018,6 +1018,8 @@ pub struct ConsulSink {
     txn_limits: TxnLimits,
     /// Operations Consul refused, held back so they do not block the others.
     quarantine: Quarantine,
+    /// The entries held back, published when the set changes (for Kubernetes Events).
+    refused: tokio::sync::watch::Sender<quarantine::RefusedEntries>,
     pub synced: Arc<AtomicBool>,
 }
 
@@ -1036,6 +1038,7 @@ impl ConsulSink {
                 bytes: MAX_TXN_BYTES,
             },
             quarantine: Quarantine::default(),
+            refused: tokio::sync::watch::Sender::new(Arc::new(Vec::new())),
             synced: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -1201,7 +1204,7 @@ impl ConsulSink {
     }
 
     fn hold(&mut self, op: &Op, what: &str, now: Instant) {
-        let (delay, refusals) = self.quarantine.refuse(op, now);
+        let (delay, refusals) = self.quarantine.refuse(op, what, now);
         let (verb, instance) = match op {
             Op::Register(i) => ("register", i),
             Op::Deregister(i) => ("deregister", i),
@@ -1260,6 +1263,25 @@ impl ConsulSink {
     fn count_quarantined(&self, outcome: &mut SyncOutcome) {
         outcome.quarantined = self.quarantine.len();
         self.metrics.sink_quarantined(SINK, outcome.quarantined);
+        self.publish_refused();
+    }
+
+    /// Sends the held entries when they differ from those sent last: an entry leaves once
+    /// accepted, no longer desired, or changed.
+    fn publish_refused(&self) {
+        let entries = self.quarantine.entries();
+        self.refused.send_if_modified(|sent| {
+            let changed = **sent != entries;
+            if changed {
+                *sent = Arc::new(entries);
+            }
+            changed
+        });
+    }
+
+    /// The entries Consul refused and the sink holds back, updated whenever that set changes.
+    pub fn refused(&self) -> tokio::sync::watch::Receiver<quarantine::RefusedEntries> {
+        self.refused.subscribe()
     }
 
     /// Forget the known state so the next pass re-reads Consul.
@@ -1318,6 +1340,8 @@ impl ConsulSink {
                     None
                 }
                 Err(e) => {
+                    // Refusals isolated before the pass failed are held all the same.
+                    self.publish_refused();
                     self.metrics.sink_error(SINK, e.kind());
                     let delay = backoff.next();
                     tracing::warn!(error = %e, retry_in = ?delay, "consul sync failed; will re-read and retry");

@@ -4,6 +4,7 @@
 //! The refused operations are isolated, the rest resent, and the refused ones held back with
 //! a jittered, growing delay until their content changes or the delay runs out.
 
+use crate::model::ServiceInstance;
 use crate::reconcile::Op;
 use backon::BackoffBuilder;
 use std::collections::HashMap;
@@ -89,8 +90,22 @@ pub fn refused_field(what: &str) -> Option<&str> {
     Some(&what[start..start + len])
 }
 
+/// One entry held back, as published to whoever reports it (Kubernetes Events).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refused {
+    /// The refused entry (its ID is the service ID).
+    pub instance: Arc<ServiceInstance>,
+    /// Consul's reason, as it gave it.
+    pub error: String,
+}
+
+/// The entries held back now, sorted by service ID.
+pub type RefusedEntries = Arc<Vec<Refused>>;
+
 struct Held {
     op: Op,
+    /// Consul's reason for the last refusal.
+    what: String,
     retry_at: Instant,
     refusals: u32,
     delays: backon::ExponentialBackoff,
@@ -134,11 +149,13 @@ impl Quarantine {
             .is_some_and(|h| h.op == *op && now < h.retry_at)
     }
 
-    /// Records a refusal of `op`; returns how long it is held and how often it was refused
-    /// in a row. The delay grows only while the same operation keeps being refused.
-    pub fn refuse(&mut self, op: &Op, now: Instant) -> (Duration, u32) {
+    /// Records a refusal of `op` for the reason `what`; returns how long it is held and how
+    /// often it was refused in a row. The delay grows only while the same operation keeps
+    /// being refused.
+    pub fn refuse(&mut self, op: &Op, what: &str, now: Instant) -> (Duration, u32) {
         let held = self.held.entry(op_id(op).clone()).or_insert_with(|| Held {
             op: op.clone(),
+            what: String::new(),
             retry_at: now,
             refusals: 0,
             delays: delays(),
@@ -146,6 +163,7 @@ impl Quarantine {
         if held.op != *op {
             *held = Held {
                 op: op.clone(),
+                what: String::new(),
                 retry_at: now,
                 refusals: 0,
                 delays: delays(),
@@ -154,6 +172,7 @@ impl Quarantine {
         let delay = held.delays.next().unwrap_or(MAX_HOLD);
         held.refusals += 1;
         held.retry_at = now + delay;
+        what.clone_into(&mut held.what);
         (delay, held.refusals)
     }
 
@@ -174,6 +193,22 @@ impl Quarantine {
             planned.into_iter().map(|op| (op_id(op), op)).collect();
         self.held
             .retain(|id, h| planned.get(id).is_some_and(|op| **op == h.op));
+    }
+
+    /// The entries held now, sorted by service ID.
+    pub fn entries(&self) -> Vec<Refused> {
+        let mut entries: Vec<Refused> = self
+            .held
+            .values()
+            .map(|h| Refused {
+                instance: match &h.op {
+                    Op::Register(i) | Op::Deregister(i) => i.clone(),
+                },
+                error: h.what.clone(),
+            })
+            .collect();
+        entries.sort_by(|a, b| a.instance.id.cmp(&b.instance.id));
+        entries
     }
 
     /// When the first held operation may be tried again.
@@ -257,7 +292,7 @@ mod tests {
         let mut q = Quarantine::default();
         let bad = op("a", 1);
         assert!(!q.holds(&bad, now));
-        let (first, n) = q.refuse(&bad, now);
+        let (first, n) = q.refuse(&bad, "x", now);
         assert_eq!(n, 1);
         assert!((MIN_HOLD..MIN_HOLD * 2).contains(&first), "{first:?}");
         assert!(q.holds(&bad, now + first - Duration::from_millis(1)));
@@ -266,18 +301,18 @@ mod tests {
             "retried once the delay ran out"
         );
         // The same op refused again waits longer; a changed op is not held at all.
-        let (second, n) = q.refuse(&bad, now + first);
+        let (second, n) = q.refuse(&bad, "x", now + first);
         assert_eq!(n, 2);
         assert!((MIN_HOLD * 2..MIN_HOLD * 4).contains(&second), "{second:?}");
         assert!(!q.holds(&op("a", 2), now));
         assert_eq!(q.next_retry(), Some(now + first + second));
         // Refusing the changed op starts over.
-        let (restart, n) = q.refuse(&op("a", 2), now);
+        let (restart, n) = q.refuse(&op("a", 2), "x", now);
         assert_eq!(n, 1);
         assert!(restart < MIN_HOLD * 2);
         // Many refusals stay within the cap (plus jitter).
         for _ in 0..20 {
-            let (d, _) = q.refuse(&op("a", 2), now);
+            let (d, _) = q.refuse(&op("a", 2), "x", now);
             assert!(d < MAX_HOLD * 2, "{d:?}");
         }
     }
@@ -288,7 +323,7 @@ mod tests {
         let mut q = Quarantine::default();
         let (a, b, c) = (op("a", 1), op("b", 1), op("c", 1));
         for o in [&a, &b, &c] {
-            q.refuse(o, now);
+            q.refuse(o, "x", now);
         }
         q.accepted(&a);
         assert_eq!(q.len(), 2);
@@ -301,12 +336,35 @@ mod tests {
     }
 
     #[test]
+    fn entries_list_what_is_held_with_the_last_reason_sorted_until_it_leaves() {
+        let now = Instant::now();
+        let mut q = Quarantine::default();
+        let (a, b) = (op("a", 1), op("b", 1));
+        q.refuse(&b, "first", now);
+        q.refuse(&a, "meta", now);
+        q.refuse(&b, "second", now);
+        let listed = |q: &Quarantine| {
+            q.entries()
+                .into_iter()
+                .map(|r| (r.instance.id.to_string(), r.error))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            listed(&q),
+            vec![("a".into(), "meta".into()), ("b".into(), "second".into())]
+        );
+        q.accepted(&a);
+        q.retain_planned([&op("b", 2)]);
+        assert_eq!(listed(&q), vec![]);
+    }
+
+    #[test]
     fn two_quarantines_do_not_retry_in_lockstep() {
         let now = Instant::now();
         let delays = || {
             let mut q = Quarantine::default();
             (0..5)
-                .map(|_| q.refuse(&op("a", 1), now).0)
+                .map(|_| q.refuse(&op("a", 1), "x", now).0)
                 .collect::<Vec<_>>()
         };
         assert_ne!(delays(), delays());

@@ -525,6 +525,61 @@ def test_kubernetes_invalid_declarations_are_reported_and_isolated(procs, cluste
     assert endpoints(published(consul)) == want
 
 
+def test_kubernetes_entry_refused_by_consul_is_reported_on_its_pod(procs, cluster):
+    """Consul refuses one service's writes: the other pod is published, the refused pod gets a
+    Warning Event naming its service IDs, and once Consul accepts them they are published."""
+    fk, consul, kube = cluster
+    other = "billing"
+    good = Gunicorn(procs, address="127.0.0.2", workers=2).start()
+    held = Gunicorn(procs, address="127.0.0.3", workers=2).start()
+    consul.refuse_service_writes([other])
+    kube.add_pod("good", good.address, annotations=ports_annotations(good))
+    kube.add_pod(
+        "held", held.address, annotations=ports_annotations(held, **{"workersd.io/service": other})
+    )
+    w = kube_workersd(procs, fk, consul).start()
+    wait_published(consul, expected("good", good), timeout=15)
+
+    def refused_events():
+        return [e for e in kube.events("held") if e.get("reason") == "ConsulRefusedEntry"]
+
+    # A worker found live later is refused later, a changed problem with an Event of its own.
+    event = wait_until(refused_events, timeout=20, message="ConsulRefusedEntry Event on pod held")[0]
+    assert event["type"] == "Warning"
+    assert event["involvedObject"]["kind"] == "Pod" and event["involvedObject"]["name"] == "held"
+    assert event.get("action") == "Register", event
+    assert "injected refusal" in event["message"], event["message"]
+    assert not [e for e in kube.events("good") if e.get("reason") == "ConsulRefusedEntry"]
+    assert not consul.catalog_service(other)
+
+    # Consul accepts them again: published once the first retry delay runs out (10-20 s).
+    consul.refuse_service_writes([])
+    want = {("held", held.address, p) for p in held.listening_metrics_ports()}
+    entries = wait_until(
+        lambda: (
+            (es := [e for e in consul.catalog_service(other) if e["ServiceMeta"].get("workersd-owner") == OWNER])
+            and endpoints(es) == want
+            and es
+        ),
+        timeout=45,
+        interval=0.2,
+        message=f"{other} entries == {sorted(want)}",
+    )
+    # The Events named every refused entry by its service ID.
+    notes = [e["message"] for e in refused_events()]
+    for e in entries:
+        assert any(e["ServiceID"] in note for note in notes), (e["ServiceID"], notes)
+    wait_until(
+        lambda: metric(w, "workersd_sink_quarantined_operations", {"sink": "consul"}) == 0,
+        timeout=10,
+        message="no quarantined operations left",
+    )
+    assert endpoints(published(consul)) == expected("good", good)
+    # One Event per distinct problem: entries accepted one at a time change the problem (a
+    # new Event naming those still held), never one Event per entry or per pass.
+    assert 1 <= len(refused_events()) <= len(entries), refused_events()
+
+
 # --------------------------------------------------------------------------
 # 4: a watch dropped with 410 Gone loses no deletion
 # --------------------------------------------------------------------------

@@ -41,6 +41,8 @@ pub struct Problem {
     pub name: String,
     pub uid: String,
     pub reason: &'static str,
+    /// What workersd was doing when it found the problem (the Event's `action`).
+    pub action: &'static str,
     pub note: String,
 }
 
@@ -193,7 +195,7 @@ impl Plan {
                 event_time: Some(MicroTime(wall)),
                 type_: Some("Warning".into()),
                 reason: Some(p.reason.into()),
-                action: Some("Validate".into()),
+                action: Some(p.action.into()),
                 note: Some(p.note.clone()),
                 reporting_controller: Some(REPORTER.into()),
                 reporting_instance: Some(identity.into()),
@@ -291,7 +293,7 @@ pub async fn run(
     loop {
         let current = problems.borrow_and_update().clone();
         for p in plan.update(&current, Instant::now()) {
-            tracing::warn!(namespace = %p.namespace, name = %p.name, kind = p.kind, reason = p.reason, problems = %p.note, "declaration refused");
+            tracing::warn!(namespace = %p.namespace, name = %p.name, kind = p.kind, reason = p.reason, problems = %p.note, "problem reported as a Warning Event");
         }
         for uid in plan.due(Instant::now()) {
             let Some(action) = plan.action(&uid, &identity, Timestamp::now()) else {
@@ -336,6 +338,7 @@ mod tests {
             name: "web-1".into(),
             uid: "u1".into(),
             reason: "InvalidWorkerMetrics",
+            action: "Validate",
             note: note.into(),
         }
     }

@@ -7,6 +7,7 @@ use super::events::{self, Problem, Problems};
 use super::resolve::{ClusterView, CustomResourceEntry, ObjectKey, ResolveSettings, resolve};
 use super::spec::{FieldError, PREFIX, PodInfo};
 use crate::metrics::Metrics;
+use crate::sinks::quarantine::{Refused, RefusedEntries};
 use crate::sources::TargetSnapshot;
 use futures::stream::{BoxStream, SelectAll};
 use futures::{FutureExt, StreamExt};
@@ -386,8 +387,14 @@ pub struct Outputs {
 }
 
 /// Starts watching; returns once every watch completed its first list, so the first snapshot
-/// is complete (a partial one would make the sinks drop live entries).
-pub async fn start(client: Client, settings: WatchSettings, metrics: Arc<Metrics>) -> Outputs {
+/// is complete (a partial one would make the sinks drop live entries). `refused`: the entries
+/// the Consul sink holds back, reported as Events on their pods (`None` without that sink).
+pub async fn start(
+    client: Client,
+    settings: WatchSettings,
+    metrics: Arc<Metrics>,
+    refused: Option<watch::Receiver<RefusedEntries>>,
+) -> Outputs {
     let (targets_tx, targets_rx) = watch::channel::<TargetSnapshot>(Arc::new(Vec::new()));
     let (resources_tx, resources_rx) = watch::channel(Arc::new(ResourceReport::new()));
     let (ready_tx, ready_rx) = oneshot::channel();
@@ -398,6 +405,7 @@ pub async fn start(client: Client, settings: WatchSettings, metrics: Arc<Metrics
         targets_tx,
         resources_tx,
         ready_tx,
+        refused,
     ));
     // The task never drops the sender before sending unless the runtime shuts down.
     let _ = ready_rx.await;
@@ -414,6 +422,7 @@ async fn run(
     targets: watch::Sender<TargetSnapshot>,
     resources: watch::Sender<Arc<ResourceReport>>,
     ready: oneshot::Sender<()>,
+    refused: Option<watch::Receiver<RefusedEntries>>,
 ) {
     let (scopes, mut changes) = streams(&client, &settings.namespaces);
     let mut source = Source {
@@ -433,8 +442,41 @@ async fn run(
         problems_rx,
     ));
     let mut ready = Some(ready);
-    while let Some(change) = changes.next().await {
-        source.apply(change);
+    // Problems of the cluster's objects, kept so a change of the refused entries alone
+    // merges with them without resolving again.
+    let mut cluster_problems = Problems::new();
+    let (mut refused, mut refused_open) = match refused {
+        Some(rx) => (rx, true),
+        None => (watch::channel(RefusedEntries::default()).1, false),
+    };
+    let send_problems = |cluster: &Problems, refused: &[Refused], view: &ClusterView| {
+        let mut current = cluster.clone();
+        current.extend(refused_problems(refused, view));
+        problems_tx.send_if_modified(|sent| {
+            let changed = **sent != current;
+            if changed {
+                *sent = Arc::new(current);
+            }
+            changed
+        });
+    };
+    loop {
+        tokio::select! {
+            change = changes.next() => {
+                let Some(change) = change else { break };
+                source.apply(change);
+            }
+            // The sink's refusals change: only the Events follow, no snapshot.
+            seen = refused.changed(), if refused_open => {
+                if seen.is_err() {
+                    refused_open = false;
+                } else if source.all_synced() {
+                    let entries = refused.borrow_and_update().clone();
+                    send_problems(&cluster_problems, &entries, &source.view);
+                }
+                continue;
+            }
+        }
         // Coalesce what is already queued into one resolution.
         for _ in 0..10_000 {
             match changes.next().now_or_never() {
@@ -471,18 +513,13 @@ async fn run(
             .filter(|e| e.compiled.is_err())
             .count();
         metrics.invalid_objects("workermetrics", invalid_resources);
-        let current = problems(
+        cluster_problems = problems(
             &resolution.invalid_pods,
             &resolution.unknown_containers,
             &source.view,
         );
-        problems_tx.send_if_modified(|sent| {
-            let changed = **sent != current;
-            if changed {
-                *sent = Arc::new(current);
-            }
-            changed
-        });
+        let entries = refused.borrow_and_update().clone();
+        send_problems(&cluster_problems, &entries, &source.view);
         let report: ResourceReport = source
             .view
             .resources
@@ -551,6 +588,7 @@ pub(crate) fn problems(
             name: name.clone(),
             uid: uid.clone(),
             reason: "InvalidWorkerMetrics",
+            action: "Validate",
             note: describe(errors),
         });
     let resources = view
@@ -565,6 +603,7 @@ pub(crate) fn problems(
                 name: name.clone(),
                 uid: entry.uid.clone(),
                 reason: "InvalidSpec",
+                action: "Validate",
                 note: describe(errors),
             })
         });
@@ -579,12 +618,63 @@ pub(crate) fn problems(
             name: name.clone(),
             uid: uid.clone(),
             reason: "UnknownContainer",
+            action: "Validate",
             note: describe(errors),
         })
         .map(|p| (format!("{}/{}", p.uid, p.reason), p));
     pods.chain(resources)
         .map(|p| (p.uid.clone(), p))
         .chain(unknown)
+        .collect()
+}
+
+/// Why an entry is refused, the reason of its pod's Event.
+const REFUSED_REASON: &str = "ConsulRefusedEntry";
+
+/// The entries Consul refused, as problems of the pods they came from: one per pod (keyed
+/// beside the pod's other problems), its note listing the pod's refused entries. Entries of
+/// pods no longer in `view` (or without the Kubernetes meta) are skipped.
+pub(crate) fn refused_problems(refused: &[Refused], view: &ClusterView) -> Problems {
+    let mut by_pod: BTreeMap<ObjectKey, Vec<&Refused>> = BTreeMap::new();
+    for entry in refused {
+        let meta = &entry.instance.meta;
+        if let (Some(namespace), Some(name)) = (meta.get("k8s-namespace"), meta.get("k8s-pod")) {
+            by_pod
+                .entry((namespace.clone(), name.clone()))
+                .or_default()
+                .push(entry);
+        }
+    }
+    by_pod
+        .into_iter()
+        .filter_map(|(key, mut entries)| {
+            let pod = view.pods.get(&key)?;
+            entries.sort_by(|a, b| a.instance.id.cmp(&b.instance.id));
+            // IDs first, so a cut note still names every refused entry.
+            let ids = entries
+                .iter()
+                .map(|e| e.instance.id.to_string())
+                .collect::<Vec<_>>()
+                .join(", ");
+            let reasons = entries
+                .iter()
+                .map(|e| format!("{}: {}", e.instance.id, e.error))
+                .collect::<Vec<_>>()
+                .join("; ");
+            let problem = Problem {
+                api_version: "v1",
+                kind: "Pod",
+                namespace: key.0,
+                name: key.1,
+                uid: pod.uid.clone(),
+                reason: REFUSED_REASON,
+                action: "Register",
+                note: events::note(format!(
+                    "Consul refused the catalog entry of service ID {ids}; held back and retried later, the pod's other entries are published. {reasons}"
+                )),
+            };
+            Some((format!("{}/{REFUSED_REASON}", pod.uid), problem))
+        })
         .collect()
 }
 
@@ -715,6 +805,73 @@ mod tests {
             watcher_config().initial_list_strategy,
             watcher::InitialListStrategy::ListWatch
         ));
+    }
+
+    fn refused(id: &str, ns: &str, pod: &str, error: &str) -> Refused {
+        let meta = [("k8s-namespace", ns), ("k8s-pod", pod)]
+            .into_iter()
+            .filter(|(_, v)| !v.is_empty())
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Refused {
+            instance: Arc::new(crate::model::ServiceInstance {
+                id: id.into(),
+                service: "s".into(),
+                address: "10.0.0.1".into(),
+                port: 9000,
+                tags: vec![],
+                meta: Arc::new(meta),
+            }),
+            error: error.into(),
+        }
+    }
+
+    #[test]
+    fn refused_entries_are_one_problem_per_pod_beside_its_other_problems() {
+        let mut view = ClusterView::default();
+        for (name, uid) in [("web-1", "u1"), ("api-1", "u2")] {
+            let mut pod = pod_named(name, "shop");
+            pod.uid = uid.into();
+            view.pods.insert(("shop".into(), name.into()), pod);
+        }
+        let entries = vec![
+            refused("web-b", "shop", "web-1", "Permission denied"),
+            refused("web-a", "shop", "web-1", "Value is too long"),
+            refused("api-a", "shop", "api-1", "Permission denied"),
+            // The pod is gone, or the entry is not a pod's: nothing to report on.
+            refused("old-a", "shop", "old-1", "Permission denied"),
+            refused("file-a", "", "", "Permission denied"),
+        ];
+        let problems = refused_problems(&entries, &view);
+        assert_eq!(
+            problems.keys().collect::<Vec<_>>(),
+            vec!["u1/ConsulRefusedEntry", "u2/ConsulRefusedEntry"]
+        );
+        let web = &problems["u1/ConsulRefusedEntry"];
+        assert_eq!(
+            (
+                web.kind,
+                web.name.as_str(),
+                web.uid.as_str(),
+                web.reason,
+                web.action
+            ),
+            ("Pod", "web-1", "u1", "ConsulRefusedEntry", "Register")
+        );
+        assert!(
+            web.note.contains("service ID web-a, web-b;")
+                && web
+                    .note
+                    .ends_with("web-a: Value is too long; web-b: Permission denied"),
+            "{}",
+            web.note
+        );
+        assert!(!problems["u2/ConsulRefusedEntry"].note.contains("web-"));
+        // A long error is cut to the Event limit, still naming the IDs.
+        let long = vec![refused("web-a", "shop", "web-1", &"x".repeat(5000))];
+        let note = &refused_problems(&long, &view)["u1/ConsulRefusedEntry"].note;
+        assert!(note.len() <= 1004 && note.contains("service ID web-a;"));
+        assert!(refused_problems(&[], &view).is_empty());
     }
 
     fn pod_named(name: &str, ns: &str) -> PodInfo {
