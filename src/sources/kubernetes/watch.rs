@@ -579,18 +579,15 @@ pub(crate) fn problems(
     unknown_containers: &BTreeMap<ObjectKey, (String, Vec<FieldError>)>,
     view: &ClusterView,
 ) -> Problems {
-    let pods = invalid_pods
-        .iter()
-        .map(|((namespace, name), (uid, errors))| Problem {
-            api_version: "v1",
-            kind: "Pod",
-            namespace: namespace.clone(),
-            name: name.clone(),
-            uid: uid.clone(),
-            reason: "InvalidWorkerMetrics",
-            action: "Validate",
-            note: describe(errors),
-        });
+    let pods = invalid_pods.iter().map(|(key, (uid, errors))| {
+        pod_problem(
+            key,
+            uid,
+            "InvalidWorkerMetrics",
+            "Validate",
+            describe(errors),
+        )
+    });
     let resources = view
         .resources
         .iter()
@@ -611,21 +608,33 @@ pub(crate) fn problems(
     // are still probed, so this is its own problem beside any other on the same pod.
     let unknown = unknown_containers
         .iter()
-        .map(|((namespace, name), (uid, errors))| Problem {
-            api_version: "v1",
-            kind: "Pod",
-            namespace: namespace.clone(),
-            name: name.clone(),
-            uid: uid.clone(),
-            reason: "UnknownContainer",
-            action: "Validate",
-            note: describe(errors),
+        .map(|(key, (uid, errors))| {
+            pod_problem(key, uid, "UnknownContainer", "Validate", describe(errors))
         })
         .map(|p| (format!("{}/{}", p.uid, p.reason), p));
     pods.chain(resources)
         .map(|p| (p.uid.clone(), p))
         .chain(unknown)
         .collect()
+}
+
+fn pod_problem(
+    (namespace, name): &ObjectKey,
+    uid: &str,
+    reason: &'static str,
+    action: &'static str,
+    note: String,
+) -> Problem {
+    Problem {
+        api_version: "v1",
+        kind: "Pod",
+        namespace: namespace.clone(),
+        name: name.clone(),
+        uid: uid.to_string(),
+        reason,
+        action,
+        note,
+    }
 }
 
 /// Why an entry is refused, the reason of its pod's Event.
@@ -661,18 +670,10 @@ pub(crate) fn refused_problems(refused: &[Refused], view: &ClusterView) -> Probl
                 .map(|e| format!("{}: {}", e.instance.id, e.error))
                 .collect::<Vec<_>>()
                 .join("; ");
-            let problem = Problem {
-                api_version: "v1",
-                kind: "Pod",
-                namespace: key.0,
-                name: key.1,
-                uid: pod.uid.clone(),
-                reason: REFUSED_REASON,
-                action: "Register",
-                note: events::note(format!(
-                    "Consul refused the catalog entry of service ID {ids}; held back and retried later, the pod's other entries are published. {reasons}"
-                )),
-            };
+            let note = events::note(format!(
+                "Consul refused the catalog entry of service ID {ids}; held back and retried later, the pod's other entries are published. {reasons}"
+            ));
+            let problem = pod_problem(&key, &pod.uid, REFUSED_REASON, "Register", note);
             Some((format!("{}/{REFUSED_REASON}", pod.uid), problem))
         })
         .collect()
