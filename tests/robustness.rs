@@ -191,11 +191,25 @@ fn worker_metrics_spec(valid: bool) -> impl Strategy<Value = serde_json::Value> 
             .prop_map(String::from)
             .boxed()
     };
-    let containers = prop::collection::vec(
-        (container_names, ports)
-            .prop_map(|(name, ports)| serde_json::json!({"name": name, "ports": ports})),
-        usize::from(valid)..4,
-    );
+    // Each container's range in its own thousand, so valid specs never overlap.
+    let containers = prop::collection::vec((container_names, ports), usize::from(valid)..4)
+        .prop_map(move |v| {
+            v.into_iter()
+                .enumerate()
+                .map(|(i, (name, ports))| {
+                    let ports = if valid {
+                        let (first, last) = ports.split_once('-').unwrap_or((&ports, &ports));
+                        let (first, last): (u16, u16) =
+                            (first.parse().unwrap(), last.parse().unwrap());
+                        let start = 10_000 + 1000 * i as u16 + first % 500;
+                        format!("{start}-{}", start + (last - first))
+                    } else {
+                        ports
+                    };
+                    serde_json::json!({"name": name, "ports": ports})
+                })
+                .collect::<Vec<_>>()
+        });
     let selector = (
         prop::collection::btree_map(label_text(valid), label_text(valid), 0..3),
         prop::collection::vec((label_text(valid), operator), 0..2),
