@@ -297,6 +297,34 @@ mod tests {
     }
 
     #[test]
+    fn timings_keep_one_leader_inside_the_lease() {
+        let settings = LeaseSettings {
+            namespace: "ops".into(),
+            name: "workersd".into(),
+            identity: "me".into(),
+            duration: Duration::from_secs(15),
+        };
+        assert_eq!(settings.renew_every(), Duration::from_secs(5));
+        assert_eq!(settings.retry_every(), Duration::from_millis(2500));
+        assert_eq!(settings.renew_deadline(), Duration::from_secs(10));
+        // A standby polls more often than the holder renews, and the holder gives up a third
+        // of the lease before anyone may take over.
+        assert!(settings.retry_every() < settings.renew_every());
+        assert!(settings.renew_every() < settings.renew_deadline());
+        assert!(settings.renew_deadline() < settings.duration);
+    }
+
+    #[test]
+    fn the_holder_is_the_one_last_observed() {
+        let t0 = Instant::now();
+        assert_eq!(Observed::default().holder(), None);
+        let mut seen = observed(&lease("other", 0, 15), t0);
+        assert_eq!(seen.holder(), Some("other"));
+        seen.observe(&lease("me", 0, 15), t0);
+        assert_eq!(seen.holder(), Some("me"));
+    }
+
+    #[test]
     fn decisions() {
         let t0 = Instant::now();
         let none = Observed::default();
