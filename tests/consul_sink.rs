@@ -487,6 +487,11 @@ fn stored(double: &ConsulDouble) -> usize {
     double.with_catalog(|c| c.service_count())
 }
 
+/// Instances of `service` as the double holds them (no ACL filter in the way).
+fn stored_of(double: &ConsulDouble, service: &str) -> usize {
+    double.with_catalog(|c| c.instances_of(service).count())
+}
+
 fn acl(tokens: Vec<Token>) -> AclConfig {
     AclConfig {
         default_policy: DefaultPolicy::Deny,
@@ -589,6 +594,44 @@ async fn a_token_losing_and_regaining_write_permission() {
     let outcome = sink.sync(&desired(3, 2, true)).await.unwrap();
     assert_eq!((outcome.registered, outcome.deregistered), (0, 3));
     assert_eq!(stored(&double), 6);
+}
+
+#[tokio::test]
+async fn a_token_refused_one_service_publishes_the_others_and_says_forbidden() {
+    // A prefix rule: every node and the service "clever", but not "billing".
+    let rules = Rules::everything(Access::Read)
+        .with(Resource::Node, "", true, Access::Write)
+        .with(Resource::Service, "clever", false, Access::Write);
+    let double = ConsulDouble::start(Config {
+        acl: Some(acl(vec![Token::with_rules("t", rules)])),
+        ..Config::default()
+    })
+    .await
+    .unwrap();
+    let mut sink = sink(&double, Some("t"));
+    let meta = BTreeMap::new();
+    // 130 refused entries sort before the allowed ones and fill a batch of their own.
+    let mut want = desired_of("billing", OWNER, 65, 2, true, meta.clone());
+    want.catalog
+        .extend(desired_of("clever", OWNER, 2, 2, true, meta).catalog);
+    let err = sink.sync(&want).await.unwrap_err();
+    let ConsulError::Forbidden(why) = &err else {
+        panic!("{err}")
+    };
+    assert!(
+        why.contains("lacks 'service:write' on \"billing\""),
+        "{why}"
+    );
+    assert_eq!(
+        stored_of(&double, "clever"),
+        4,
+        "the allowed entries are published"
+    );
+    assert!(stored_of(&double, "billing") == 0);
+    // Next pass: the refused entries wait in quarantine; still forbidden, nothing resent.
+    let err = sink.sync(&want).await.unwrap_err();
+    assert!(matches!(err, ConsulError::Forbidden(_)), "{err}");
+    assert_eq!(stored_of(&double, "clever"), 4);
 }
 
 #[tokio::test]

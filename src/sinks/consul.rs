@@ -866,11 +866,11 @@ fn filtered_by_acls(response: &reqwest::Response) -> bool {
 /// once, e.g. `token with AccessorID 'a1' lacks 'node:write' on "n", 'service:write' on "web"
 /// (129 of 129 operations refused)`. `None` when no operation was refused for a permission.
 /// Consul's wording is acl/errors.go `PermissionDeniedError.Error`.
-/// A token that may write none of a batch's entries, or not the node, is the cause of the
-/// refusal, not the entries: one `Forbidden` that says which permissions it lacks. A token
-/// refused only some entries (a rule for some service prefixes) has those held back like
-/// any entry Consul refuses, and the others are published.
-fn forbidden_txn(error: &ConsulError, ops: usize, node_op: Option<usize>) -> Option<String> {
+/// A token that may not write the node can write nothing: one `Forbidden` that says which
+/// permissions it lacks. Entries refused for permission are left out of the pass, so the
+/// others are still published, and the pass then reports `Forbidden` (see
+/// [`ConsulSink::permission_held`]).
+fn forbidden_txn(error: &ConsulError, node_op: Option<usize>) -> Option<String> {
     let ConsulError::TxnRejected { failed, .. } = error else {
         return None;
     };
@@ -878,12 +878,7 @@ fn forbidden_txn(error: &ConsulError, ops: usize, node_op: Option<usize>) -> Opt
         return None;
     }
     let node_refused = node_op.is_some_and(|n| failed.iter().any(|(i, _)| *i == n));
-    let entries = ops - usize::from(node_op.is_some());
-    let entries_refused = failed.len() - usize::from(node_refused);
-    if entries_refused < entries && !node_refused {
-        return None;
-    }
-    permission_summary(failed, ops)
+    node_refused.then(|| permission_summary(failed, failed.len()))?
 }
 
 fn is_permission_denied(what: &str) -> bool {
@@ -1020,6 +1015,10 @@ pub struct ConsulSink {
     quarantine: Quarantine,
     /// The entries held back, published when the set changes (for Kubernetes Events).
     refused: tokio::sync::watch::Sender<quarantine::RefusedEntries>,
+    /// This pass's entries the token may not write: left out so the others are published,
+    /// then the pass reports `Forbidden`. Not quarantined: they are resent on the sink's
+    /// own retry, so a fixed policy takes effect within seconds.
+    denied: Vec<(usize, String)>,
     pub synced: Arc<AtomicBool>,
 }
 
@@ -1039,6 +1038,7 @@ impl ConsulSink {
             },
             quarantine: Quarantine::default(),
             refused: tokio::sync::watch::Sender::new(Arc::new(Vec::new())),
+            denied: Vec::new(),
             synced: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -1050,6 +1050,7 @@ impl ConsulSink {
         self.deregister_allowed |= desired.complete;
         let owner = self.client.settings.owner.clone();
         let mut outcome = SyncOutcome::default();
+        self.denied.clear();
         if self.known.is_none() {
             self.metrics.sink_request(SINK, "read");
             outcome.requests += 1;
@@ -1098,7 +1099,7 @@ impl ConsulSink {
         let (first, rest) = (sendable(&plan.first), sendable(&plan.ops));
         if first.is_empty() && rest.is_empty() {
             self.count_quarantined(&mut outcome);
-            return Ok(outcome);
+            return self.permission_held().map_or(Ok(outcome), Err);
         }
         let mut batch = Batch::default();
         if needs_node {
@@ -1134,7 +1135,7 @@ impl ConsulSink {
             .sink_operations(SINK, "register", outcome.registered as u64);
         self.metrics
             .sink_operations(SINK, "deregister", outcome.deregistered as u64);
-        Ok(outcome)
+        self.permission_held().map_or(Ok(outcome), Err)
     }
 
     /// Applies `batch` in one transaction, or in smaller ones when Consul refuses it as too
@@ -1158,7 +1159,7 @@ impl ConsulSink {
                 }
                 Err(e) => {
                     let node_op = part.ops.iter().position(|(_, op)| op.is_none());
-                    if let Some(summary) = forbidden_txn(&e, part.ops.len(), node_op) {
+                    if let Some(summary) = forbidden_txn(&e, node_op) {
                         self.known = None;
                         return Err(ConsulError::Forbidden(summary));
                     }
@@ -1193,7 +1194,11 @@ impl ConsulSink {
         let mut slots: Vec<_> = batch.ops.into_iter().map(Some).collect();
         for (i, what) in &isolation.refused {
             if let Some((_, Some(op))) = slots[*i].take() {
-                self.hold(op, what, now);
+                if is_permission_denied(what) {
+                    self.denied.push((*i, what.clone()));
+                } else {
+                    self.hold(op, what, now);
+                }
             }
         }
         let mut rest = Batch::default();
@@ -1258,6 +1263,14 @@ impl ConsulSink {
                 }
             }
         }
+    }
+
+    /// `Forbidden` when this pass left out entries the token may not write: the pass
+    /// published what it could, and the policy gets fixed (readiness says so) rather than
+    /// the refusal passing as a synced catalog.
+    fn permission_held(&self) -> Option<ConsulError> {
+        let summary = permission_summary(&self.denied, self.denied.len())?;
+        Some(ConsulError::Forbidden(summary))
     }
 
     fn count_quarantined(&self, outcome: &mut SyncOutcome) {
@@ -1658,7 +1671,7 @@ mod tests {
     }
 
     #[test]
-    fn only_a_token_refused_everything_or_the_node_is_forbidden() {
+    fn only_a_refused_node_makes_a_txn_forbidden() {
         let denied = |i: usize, on: &str| {
             (
                 i,
@@ -1672,28 +1685,16 @@ mod tests {
             errors: String::new(),
             failed,
         };
-        // Every op refused: the token is the cause.
-        let all = rejected(vec![denied(0, "a"), denied(1, "b")]);
-        assert!(forbidden_txn(&all, 2, None).unwrap().contains("2 of 2"));
-        // Some services refused (a prefix rule): those entries are held back, not the sink.
-        let some = rejected(vec![denied(1, "b")]);
-        assert_eq!(forbidden_txn(&some, 3, Some(0)), None);
         // The node refused: nothing can be written.
-        let node = rejected(vec![denied(0, "n")]);
-        assert!(forbidden_txn(&node, 3, Some(0)).is_some());
-        // The node allowed but no entry: the token may write none of what it is for.
+        let node = rejected(vec![denied(0, "n"), denied(1, "a")]);
+        assert!(forbidden_txn(&node, Some(0)).unwrap().contains("2 of 2"));
+        // Entries refused, the node allowed or absent: they are held back, the rest is sent.
         let entries = rejected(vec![denied(1, "a"), denied(2, "b")]);
-        assert!(
-            forbidden_txn(&entries, 3, Some(0))
-                .unwrap()
-                .contains("2 of 3")
-        );
+        assert_eq!(forbidden_txn(&entries, Some(0)), None);
+        assert_eq!(forbidden_txn(&entries, None), None);
         // Refused for another reason: isolation decides.
-        let meta = rejected(vec![
-            (0, "Value is too long".into()),
-            (1, "Value is too long".into()),
-        ]);
-        assert_eq!(forbidden_txn(&meta, 2, None), None);
+        let meta = rejected(vec![(0, "Value is too long".into())]);
+        assert_eq!(forbidden_txn(&meta, Some(0)), None);
     }
 
     #[test]
