@@ -419,7 +419,15 @@ mod tests {
         let now = Timestamp::now();
         let previous = lease("other", 30, 15).spec.unwrap();
         let taken = held_spec(&settings, Some(&previous), now, true);
+        assert_eq!(
+            taken.acquire_time,
+            Some(MicroTime(now)),
+            "a takeover acquires anew"
+        );
         assert_eq!(taken.lease_transitions, Some(1));
+        let created = held_spec(&settings, None, now, false);
+        assert_eq!(created.acquire_time, Some(MicroTime(now)));
+        assert_eq!(created.lease_transitions, Some(0));
         assert_eq!(taken.holder_identity.as_deref(), Some("me"));
         let later = now + SignedDuration::from_secs(5);
         let renewed = held_spec(&settings, Some(&taken), later, false);
