@@ -262,6 +262,10 @@ async fn lease_is_created_when_missing_and_not_taken_while_held() {
         "/apis/coordination.k8s.io/v1/namespaces/ops/leases/workersd"
     );
     assert_eq!(create.0, Method::POST);
+    // The apiserver names the object from its body (and checks its namespace against the
+    // URL): a body without them is refused.
+    assert_eq!(create.2["metadata"]["name"], "workersd");
+    assert_eq!(create.2["metadata"]["namespace"], "ops");
     assert_eq!(create.2["spec"]["holderIdentity"], "me");
     assert_eq!(create.2["spec"]["leaseDurationSeconds"], 15);
 
