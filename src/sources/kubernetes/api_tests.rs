@@ -405,6 +405,29 @@ async fn a_conflicting_write_means_not_leader() {
     let (put, mut handle) = server.await.unwrap();
     assert_eq!(put.0, Method::PUT);
     assert_eq!(put.2["metadata"]["resourceVersion"], "3");
+    // Any other failure is an error the caller retries, never "someone else leads".
+    let mut observed = Observed::default();
+    let server = tokio::spawn(async move {
+        answer(
+            &mut handle,
+            StatusCode::NOT_FOUND,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"}),
+        )
+        .await;
+        answer(
+            &mut handle,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "InternalError", "code": 500, "message": "etcd timeout"}),
+        )
+        .await;
+        handle
+    });
+    assert!(
+        bounded(try_hold(&api, &settings, &mut observed))
+            .await
+            .is_err()
+    );
+    let mut handle = server.await.unwrap();
     no_more_requests(&mut handle).await;
 }
 
