@@ -142,7 +142,7 @@ async fn warning_events_are_published_renewed_and_retried_off_the_watch_path() {
     let (method, ..) = answer(
         &mut handle,
         StatusCode::NOT_FOUND,
-        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "gone"}),
+        api_status(404, "NotFound", "gone"),
     )
     .await;
     assert_eq!(method, Method::PATCH);
@@ -152,7 +152,7 @@ async fn warning_events_are_published_renewed_and_retried_off_the_watch_path() {
     // A different problem: a new Event naming it; rejected, it is retried after 1 s, 2 s, ...
     // and not on every resolution.
     tx.send_replace(invalid_pod("metadata.annotations[workersd.io/service]"));
-    let rejected = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "InternalError", "code": 500, "message": "etcd"});
+    let rejected = api_status(500, "InternalError", "etcd");
     let (method, _, event) = answer(
         &mut handle,
         StatusCode::INTERNAL_SERVER_ERROR,
@@ -214,6 +214,12 @@ async fn no_more_requests(handle: &mut Handle) {
     );
 }
 
+/// The body of an API error, as the apiserver sends it.
+fn api_status(code: u16, reason: &str, message: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason,
+           "code": code, "message": message})
+}
+
 fn lease_settings() -> LeaseSettings {
     LeaseSettings {
         namespace: "ops".into(),
@@ -239,7 +245,7 @@ async fn lease_is_created_when_missing_and_not_taken_while_held() {
         let get = answer(
             &mut handle,
             StatusCode::NOT_FOUND,
-            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"}),
+            api_status(404, "NotFound", "not found"),
         )
         .await;
         let create = answer(
@@ -361,10 +367,7 @@ async fn a_conflicting_write_means_not_leader() {
     let settings = lease_settings();
     let (client, mut handle) = client();
     let api = kube::Api::namespaced(client, "ops");
-    let conflict = |reason: &str| {
-        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason,
-               "code": 409, "message": "conflict"})
-    };
+    let conflict = |reason: &str| api_status(409, reason, "conflict");
 
     // Both saw no lease; the other created it first: AlreadyExists.
     let mut observed = Observed::default();
@@ -373,7 +376,7 @@ async fn a_conflicting_write_means_not_leader() {
         answer(
             &mut handle,
             StatusCode::NOT_FOUND,
-            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"}),
+            api_status(404, "NotFound", "not found"),
         )
         .await;
         let create = answer(&mut handle, StatusCode::CONFLICT, already).await;
@@ -411,13 +414,13 @@ async fn a_conflicting_write_means_not_leader() {
         answer(
             &mut handle,
             StatusCode::NOT_FOUND,
-            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"}),
+            api_status(404, "NotFound", "not found"),
         )
         .await;
         answer(
             &mut handle,
             StatusCode::INTERNAL_SERVER_ERROR,
-            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "InternalError", "code": 500, "message": "etcd timeout"}),
+            api_status(500, "InternalError", "etcd timeout"),
         )
         .await;
         handle
