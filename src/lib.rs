@@ -1,16 +1,15 @@
 //! workersd: gives every worker process of a multi-process web service its own Prometheus
-//! scrape target. Stages: `sources` → `probe` → `reconcile` (pure) → `sinks`.
+//! scrape target. Stages: `sources` → `probe` → `catalog` (pure) → `sinks`; `runtime` wires
+//! them together.
 
-pub mod app;
+pub mod catalog;
 pub mod cli;
-pub mod limits;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;
 pub mod probe;
-pub mod reconcile;
+pub mod runtime;
 pub mod secret;
-pub mod server;
 pub mod sinks;
 pub mod sources;
 pub mod tls;

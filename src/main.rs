@@ -39,11 +39,11 @@ fn main() -> ExitCode {
         }
         Command::Kubernetes(args) => {
             init_logging(args.run.log_format);
-            run_async(workersd::app::run_kubernetes(*args))
+            run_async(workersd::runtime::run_kubernetes(*args))
         }
         Command::Standalone(args) => {
             init_logging(args.run.log_format);
-            run_async(workersd::app::run_standalone(*args))
+            run_async(workersd::runtime::run_standalone(*args))
         }
     }
 }

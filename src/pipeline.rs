@@ -1,10 +1,10 @@
 //! Wires a source's snapshots to the prober and turns probe reports into the desired catalog
 //! every sink follows.
 
+use crate::catalog::plan::desired_catalog;
 use crate::metrics::Metrics;
 use crate::model::{Catalog, Target, TargetId};
 use crate::probe::{ProbeReport, ProbeSettings, Prober};
-use crate::reconcile::desired_catalog;
 use crate::sources::TargetSnapshot;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;

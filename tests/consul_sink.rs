@@ -8,10 +8,10 @@ use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
+use workersd::catalog::plan::desired_catalog;
 use workersd::metrics::Metrics;
 use workersd::model::{PortRange, Scheme, Target, TargetId};
 use workersd::pipeline::DesiredState;
-use workersd::reconcile::desired_catalog;
 use workersd::secret::{FileSecret, Secret, TokenSource};
 use workersd::sinks::consul::{ConsulClient, ConsulError, ConsulSettings, ConsulSink};
 

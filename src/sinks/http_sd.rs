@@ -3,7 +3,7 @@
 
 use crate::model::{Catalog, ServiceInstance, meta_keys};
 use crate::pipeline::DesiredRx;
-use crate::server::Readiness;
+use crate::runtime::admin_server::Readiness;
 use axum::Json;
 use axum::extract::{Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
@@ -145,8 +145,8 @@ pub fn router(desired: DesiredRx, readiness: Arc<Readiness>) -> axum::Router {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::catalog::plan::desired_catalog;
     use crate::model::{PortRange, Scheme, Target, TargetId};
-    use crate::reconcile::desired_catalog;
     use std::collections::BTreeSet;
 
     fn target(service: &str, address: &str) -> Target {

@@ -3,11 +3,11 @@
 //! Event TTL, retried with backoff), and Lease acquisition. Every call is bounded in time.
 
 use super::crd::WorkerMetricsStatus;
-use super::events::{self, Problems};
-use super::leader::{LeaseSettings, Observed, try_hold};
 use super::spec::field_error;
-use super::status;
 use super::watch;
+use crate::runtime::leader::{LeaseSettings, Observed, try_hold};
+use crate::sinks::kubernetes_events::{self as events, Problems};
+use crate::sinks::workermetrics_status as status;
 use http::{Method, Request, Response, StatusCode};
 use kube::Client;
 use kube::client::Body;
@@ -520,7 +520,8 @@ async fn a_slow_acquisition_leaves_time_for_the_first_renewal() {
     let (kube_client, mut handle) = client();
     let api = kube::Api::namespaced(kube_client, "ops");
     let acquired = tokio::time::Instant::now() - Duration::from_secs(5);
-    let holder = tokio::spawn(async move { super::leader::hold(&api, &settings, acquired).await });
+    let holder =
+        tokio::spawn(async move { crate::runtime::leader::hold(&api, &settings, acquired).await });
     {
         let mut pending = pin!(&mut handle);
         let request = tokio::time::timeout(Duration::from_millis(100), pending.next_request())

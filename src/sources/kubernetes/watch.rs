@@ -3,11 +3,11 @@
 //! of that scope atomically, so deletions missed meanwhile are never lost.
 
 use super::crd::{WorkerMetrics, WorkerMetricsStatus, compile};
-use super::events::{self, Problem, Problems};
 use super::resolve::{ClusterView, CustomResourceEntry, ObjectKey, ResolveSettings, resolve};
 use super::spec::{FieldError, PREFIX, PodInfo};
 use crate::metrics::Metrics;
-use crate::sinks::quarantine::{Refused, RefusedEntries};
+use crate::sinks::consul::quarantine::{Refused, RefusedEntries};
+use crate::sinks::kubernetes_events::{self as events, Problem, Problems};
 use crate::sources::TargetSnapshot;
 use futures::stream::{BoxStream, SelectAll};
 use futures::{FutureExt, StreamExt};

@@ -22,11 +22,11 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
+use workersd::catalog::plan::{desired_catalog, instance_id};
 use workersd::metrics::Metrics;
 use workersd::model::{PortRange, Scheme, Target, TargetId};
 use workersd::pipeline::{self, DesiredState};
 use workersd::probe::{ProbeSettings, RangeState, SweepKind, sweep_target};
-use workersd::reconcile::{desired_catalog, instance_id};
 use workersd::secret::TokenSource;
 use workersd::sinks::consul::{ConsulClient, ConsulSettings, ConsulSink};
 

@@ -2,17 +2,21 @@
 //! pipeline and sinks through a `TargetSnapshot` channel.
 
 use crate::cli::{KubernetesArgs, Liveness, RunArgs, StandaloneArgs};
-use crate::limits;
+pub mod admin_server;
+pub mod leader;
+pub mod limits;
+
+use self::admin_server::{self as server, Readiness};
+use self::leader::LeaseSettings;
 use crate::metrics::Metrics;
 use crate::pipeline::{self, DesiredRx, desired_channel};
 use crate::probe::ProbeSettings;
 use crate::secret::{FileSecret, Secret, TokenSource};
-use crate::server::{self, Readiness};
+use crate::sinks::workermetrics_status as status;
 use crate::sinks::{consul, http_sd};
-use crate::sources::kubernetes::leader::{self, LeaseSettings};
 use crate::sources::kubernetes::resolve::ResolveSettings;
 use crate::sources::kubernetes::spec::NamePolicy;
-use crate::sources::kubernetes::{status, watch as kube_watch};
+use crate::sources::kubernetes::watch as kube_watch;
 use crate::sources::{self, TargetSnapshot, file};
 use crate::validate;
 use anyhow::{Context, bail};
@@ -262,7 +266,9 @@ impl Controller {
     }
 
     /// The catalog entries Consul refused and the sink holds back; `None` without a Consul sink.
-    pub fn refused(&self) -> Option<watch::Receiver<crate::sinks::quarantine::RefusedEntries>> {
+    pub fn refused(
+        &self,
+    ) -> Option<watch::Receiver<crate::sinks::consul::quarantine::RefusedEntries>> {
         self.sink.as_ref().map(consul::ConsulSink::refused)
     }
 

@@ -5,12 +5,14 @@
 //! sees the node change (at most once per resync interval), and corrected: missing entries
 //! re-registered, stale owned entries garbage-collected, entries of anyone else never touched.
 
+use crate::catalog::plan::{self as reconcile, Op};
 use crate::metrics::Metrics;
 use crate::model::{Catalog, EXTERNAL_SOURCE, ServiceInstance, meta_keys};
 use crate::pipeline::{DesiredRx, DesiredState};
-use crate::reconcile::{self, Op};
 use crate::secret::TokenSource;
-use crate::sinks::quarantine::{self, Quarantine};
+pub mod quarantine;
+
+use self::quarantine::Quarantine;
 use backon::BackoffBuilder;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -1067,7 +1069,7 @@ impl ConsulSink {
             self.last_read = Some(Instant::now());
             self.reads.send_replace(Some(view.index));
             self.known = Some(view);
-            crate::limits::release_free_memory();
+            crate::runtime::limits::release_free_memory();
         }
         let known = self.known.as_mut().expect("read above");
         let plan = reconcile::plan(

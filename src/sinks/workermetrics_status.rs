@@ -1,10 +1,10 @@
 //! Keeps each `WorkerMetrics` status current: observed generation, matched pods, live
 //! endpoints, and the `Ready` / `InvalidSpec` conditions. Written only when it changes.
 
-use super::crd::{WorkerMetrics, WorkerMetricsStatus};
-use super::watch::{ResourceReport, ResourceState};
 use crate::model::Catalog;
 use crate::pipeline::DesiredRx;
+use crate::sources::kubernetes::crd::{WorkerMetrics, WorkerMetricsStatus};
+use crate::sources::kubernetes::watch::{ResourceReport, ResourceState};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Client};
@@ -170,8 +170,8 @@ pub(crate) async fn patch(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::catalog::plan::desired_catalog;
     use crate::model::{PortRange, Scheme, Target, TargetId};
-    use crate::reconcile::desired_catalog;
     use std::collections::BTreeSet;
 
     fn state(pods: &[&str], errors: Option<Vec<String>>) -> ResourceState {

@@ -4,8 +4,8 @@
 //! The refused operations are isolated, the rest resent, and the refused ones held back with
 //! a jittered, growing delay until their content changes or the delay runs out.
 
+use crate::catalog::plan::Op;
 use crate::model::ServiceInstance;
-use crate::reconcile::Op;
 use backon::BackoffBuilder;
 use std::collections::HashMap;
 use std::sync::Arc;
