@@ -4,6 +4,8 @@
 
 pub mod catalog;
 pub mod cli;
+#[cfg(test)]
+mod fixtures;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;

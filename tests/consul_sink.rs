@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
-use workersd::catalog::plan::desired_catalog;
+use workersd::catalog::desired_catalog;
 use workersd::metrics::Metrics;
 use workersd::model::{PortRange, Scheme, Target, TargetId};
 use workersd::pipeline::DesiredState;

@@ -13,7 +13,7 @@ use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::rustls::server::WebPkiClientVerifier;
 use tokio_rustls::rustls::{RootCertStore, ServerConfig};
-use workersd::catalog::plan::desired_catalog;
+use workersd::catalog::desired_catalog;
 use workersd::metrics::Metrics;
 use workersd::model::Catalog;
 use workersd::pipeline::DesiredState;

@@ -1,19 +1,9 @@
-//! The pure reconcile core: live endpoints → desired catalog, and (desired, current) → the
-//! minimal operations. No I/O here, so every rule is testable in isolation.
+//! The plan: (desired, current) → the minimal operations, and the ownership rules that keep
+//! every entry workersd does not own untouched. Pure, so every rule is testable in isolation.
 
-use crate::model::{Catalog, EXTERNAL_SOURCE, ServiceInstance, Target, meta_keys};
+use crate::model::{Catalog, EXTERNAL_SOURCE, ServiceInstance, meta_keys};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
-
-/// Stable and unique per owner and endpoint, so two workersd instances sharing a node never
-/// collide and a restarted instance recognises its own entries. Lower case: Consul matches
-/// service IDs case-insensitively (its memdb ID indexes lower-case them), so two IDs that
-/// differ only in case would be one row there.
-pub fn instance_id(owner: &str, service: &str, address: &str, port: u16) -> String {
-    let mut id = format!("{owner}:{service}:{address}:{port}");
-    id.make_ascii_lowercase();
-    id
-}
 
 /// The key under which Consul stores a service ID or node name: IDs equal under it are the
 /// same row. Borrowed when already lower case, as workersd's own IDs are.
@@ -23,39 +13,6 @@ pub fn row_key(id: &str) -> std::borrow::Cow<'_, str> {
     } else {
         std::borrow::Cow::Borrowed(id)
     }
-}
-
-/// One instance per live port of each target.
-pub fn desired_catalog<'a>(
-    owner: &str,
-    live: impl IntoIterator<Item = (&'a Target, &'a BTreeSet<u16>)>,
-) -> Catalog {
-    let mut catalog = Catalog::new();
-    for (target, ports) in live {
-        let address = target.address.to_string();
-        let mut meta = target.meta.clone();
-        meta.insert(meta_keys::EXTERNAL_SOURCE.into(), EXTERNAL_SOURCE.into());
-        meta.insert(meta_keys::OWNER.into(), owner.into());
-        meta.insert(meta_keys::METRICS_PATH.into(), target.path.clone());
-        meta.insert(
-            meta_keys::METRICS_SCHEME.into(),
-            target.scheme.as_str().into(),
-        );
-        // `worker-port` is the instance's port, added when published.
-        let meta = Arc::new(meta);
-        for &port in ports.iter().filter(|p| target.ports.contains(**p)) {
-            let instance = ServiceInstance {
-                id: instance_id(owner, &target.service, &address, port).into(),
-                service: target.service.clone(),
-                address: address.clone(),
-                port,
-                tags: target.tags.clone(),
-                meta: meta.clone(),
-            };
-            catalog.insert(instance.id.clone(), Arc::new(instance));
-        }
-    }
-    catalog
 }
 
 /// Ours only when both our marker and our owner id are present: entries of other tools and
@@ -155,72 +112,11 @@ pub fn apply(current: &mut Catalog, ops: &[Op]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{PortRange, Scheme, TargetId};
+    use crate::catalog::instance_id;
+    use crate::fixtures::instance;
     use proptest::prelude::*;
-    use std::collections::BTreeMap;
 
     const OWNER: &str = "me";
-
-    fn target(address: &str, ports: &str) -> Target {
-        Target {
-            id: TargetId::new(format!("{address}/{ports}")),
-            service: "clever".into(),
-            address: address.parse().unwrap(),
-            ports: ports.parse::<PortRange>().unwrap(),
-            path: "/metrics".into(),
-            scheme: Scheme::Http,
-            tags: vec!["gunicorn".into()],
-            meta: BTreeMap::from([("team".into(), "web".into())]),
-            revision: 0,
-            probe_interval: None,
-        }
-    }
-
-    fn instance(owner: Option<&str>, service: &str, port: u16) -> ServiceInstance {
-        let mut meta = BTreeMap::new();
-        if let Some(owner) = owner {
-            meta.insert(
-                meta_keys::EXTERNAL_SOURCE.to_string(),
-                EXTERNAL_SOURCE.to_string(),
-            );
-            meta.insert(meta_keys::OWNER.to_string(), owner.to_string());
-        }
-        ServiceInstance {
-            id: instance_id(owner.unwrap_or("other-tool"), service, "10.0.0.1", port).into(),
-            service: service.into(),
-            address: "10.0.0.1".into(),
-            port,
-            tags: vec![],
-            meta: Arc::new(meta),
-        }
-    }
-
-    #[test]
-    fn desired_catalog_has_one_instance_per_live_port_with_our_meta() {
-        let t = target("127.0.0.2", "9011-9020");
-        let live = BTreeSet::from([9011, 9013, 9999]);
-        let catalog = desired_catalog(OWNER, [(&t, &live)]);
-        assert_eq!(
-            catalog.len(),
-            2,
-            "a port outside the range is never published"
-        );
-        let inst = &catalog["me:clever:127.0.0.2:9013"];
-        assert_eq!(inst.address, "127.0.0.2");
-        assert_eq!(inst.port, 9013);
-        assert_eq!(inst.meta["external-source"], "workersd");
-        assert_eq!(inst.meta["workersd-owner"], "me");
-        assert_eq!(inst.meta["metrics-path"], "/metrics");
-        assert_eq!(inst.meta["metrics-scheme"], "http");
-        assert_eq!(inst.published_meta()["worker-port"], "9013");
-        assert_eq!(inst.meta["team"], "web");
-        // Every port of a target shares one meta map.
-        let other = &catalog["me:clever:127.0.0.2:9011"];
-        assert!(Arc::ptr_eq(&inst.meta, &other.meta));
-        assert_eq!(other.published_meta()["worker-port"], "9011");
-        assert!(is_owned_by(inst, OWNER));
-        assert!(!is_owned_by(inst, "someone-else"));
-    }
 
     #[test]
     fn deregistration_waits_until_allowed() {
@@ -251,11 +147,7 @@ mod tests {
     }
 
     #[test]
-    fn ids_cannot_differ_only_in_case() {
-        assert_eq!(
-            instance_id("Cluster-A", "Clever", "fe80::1", 9011),
-            instance_id("cluster-a", "clever", "FE80::1", 9011)
-        );
+    fn row_keys_are_lower_case_and_borrowed_when_already_so() {
         assert_eq!(row_key("Me:Web"), "me:web");
         assert!(matches!(row_key("me:web"), std::borrow::Cow::Borrowed(_)));
     }

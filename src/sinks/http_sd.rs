@@ -145,7 +145,7 @@ pub fn router(desired: DesiredRx, readiness: Arc<Readiness>) -> axum::Router {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::catalog::plan::desired_catalog;
+    use crate::catalog::desired_catalog;
     use crate::model::{PortRange, Scheme, Target, TargetId};
     use std::collections::BTreeSet;
 

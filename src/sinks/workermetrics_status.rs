@@ -170,7 +170,7 @@ pub(crate) async fn patch(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::catalog::plan::desired_catalog;
+    use crate::catalog::desired_catalog;
     use crate::model::{PortRange, Scheme, Target, TargetId};
     use std::collections::BTreeSet;
 

@@ -31,21 +31,10 @@ pub fn share_unchanged(targets: Vec<Target>, previous: &[Arc<Target>]) -> Target
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{PortRange, Scheme, TargetId};
+    use crate::fixtures;
 
     fn target(id: &str, path: &str) -> Target {
-        Target {
-            id: TargetId::new(id),
-            service: "web".into(),
-            address: "10.0.0.1".parse().unwrap(),
-            ports: PortRange::new(9011, 9020).unwrap(),
-            path: path.into(),
-            scheme: Scheme::Http,
-            tags: Vec::new(),
-            meta: Default::default(),
-            revision: 0,
-            probe_interval: None,
-        }
+        fixtures::target(id).address("10.0.0.1").path(path).build()
     }
 
     #[test]

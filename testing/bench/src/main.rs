@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
-use workersd::catalog::plan::{desired_catalog, instance_id};
+use workersd::catalog::{desired_catalog, instance_id};
 use workersd::metrics::Metrics;
 use workersd::model::{PortRange, Scheme, Target, TargetId};
 use workersd::pipeline::{self, DesiredState};
