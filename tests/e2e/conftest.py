@@ -1,4 +1,4 @@
-"""pytest wiring for the e2e harness (see harness.py).
+"""pytest wiring for the e2e harness (see harness/__init__.py).
 
 Fixtures:
   procs   a ProcessManager rooted in the test's tmp dir; every process started
