@@ -111,20 +111,23 @@ def ports_annotations(g: Gunicorn, container: str | None = "web", **extra) -> di
 
 
 def kube_workersd(
-    procs, fk, consul, *extra, identity="wd-1", leader_election=True, lease_duration="15s"
+    procs, fk, consul, identity="wd-1", leader_election=True, lease_duration="15s", **flags
 ) -> Workersd:
-    """`workersd kubernetes` with KUBECONFIG pointing at the fake API server."""
-    args = ["--cluster-name", CLUSTER, "--identity", identity]
+    """`workersd kubernetes` with KUBECONFIG pointing at the fake API server; `flags` are
+    more workersd flags (Workersd's keyword form)."""
     if leader_election:
-        args += ["--lease-namespace", "default", "--lease-duration", lease_duration]
+        lease = {"lease_namespace": "default", "lease_duration": lease_duration}
     else:
-        args += ["--leader-election", "false"]
+        lease = {"leader_election": "false"}
     return Workersd(
         procs,
         mode="kubernetes",
         consul_addr=consul.url,
         env={"KUBECONFIG": fk.kubeconfig},
-        extra_args=args + list(extra),
+        cluster_name=CLUSTER,
+        identity=identity,
+        **lease,
+        **flags,
     )
 
 

@@ -30,7 +30,7 @@ def test_kubernetes_warning_events_outlive_the_event_ttl(procs, cluster):
     ttl = 4.0
     fk.config(eventTTLSeconds=ttl)  # kube-apiserver's --event-ttl, 1 h by default
     kube.add_pod("bad", "127.0.0.4", annotations=BAD)
-    kube_workersd(procs, fk, consul, "--event-refresh-interval", "1500ms", leader_election=False).start()
+    kube_workersd(procs, fk, consul, leader_election=False, event_refresh_interval="1500ms").start()
     (first,) = wait_until(lambda: warnings(kube, "bad"), timeout=15, message="Warning Event on pod bad")
 
     # For three TTLs the problem's Event never vanishes: its series is renewed before it expires.

@@ -37,10 +37,10 @@ def start_stack(procs, workers=4):
     write_atomic(targets, targets_yaml([entry]))
     wd = Workersd(
         procs,
-        targets_file=targets,
+        targets=targets,
         consul_addr=consul.url,
         consul_node=NODE,
-        consul_resync=f"{RESYNC:g}s",
+        consul_resync_interval=f"{RESYNC:g}s",
     ).start()
     return g, consul, wd
 

@@ -42,8 +42,8 @@ def start_stack(
     workers,
     gunicorn_args=(),
     work_seconds=None,
-    workersd_args=(),
     probe_interval=PROBE_INTERVAL,
+    **workersd_flags,
 ):
     first, last = free_port_range("127.0.0.2", 10, preferred_first=19011)
     g = Gunicorn(
@@ -60,11 +60,12 @@ def start_stack(
     write_atomic(targets, targets_yaml([entry]))
     wd = Workersd(
         procs,
-        targets_file=targets,
+        targets=targets,
         consul_addr=consul.url,
         probe_interval=f"{probe_interval:g}s",
         consul_node=NODE,
-        extra_args=list(workersd_args),
+        consul_resync_interval="1s",
+        **workersd_flags,
     ).start()
     return g, consul, wd
 
@@ -104,14 +105,14 @@ def measure_follow(g, consul, change, expected_count, what):
 
 
 @pytest.mark.parametrize(
-    "regime,extra_args,interval",
+    "regime,workersd_flags,interval",
     [
-        pytest.param("steady", ["--fast-period", "100ms"], PROBE_INTERVAL, id="steady"),
-        pytest.param("fast", [], FAST_INTERVAL, id="fast"),
+        pytest.param("steady", {"fast_period": "100ms"}, PROBE_INTERVAL, id="steady"),
+        pytest.param("fast", {}, FAST_INTERVAL, id="fast"),
     ],
 )
-def test_scale_down_and_up_follow_within_two_probe_intervals(procs, regime, extra_args, interval):
-    g, consul, wd = start_stack(procs, workers=4, workersd_args=extra_args)
+def test_scale_down_and_up_follow_within_two_probe_intervals(procs, regime, workersd_flags, interval):
+    g, consul, wd = start_stack(procs, workers=4, **workersd_flags)
     start_ports = g.wait_for_metrics_ports(lambda p: len(p) == 4, what="4 ports")
     wait_until(
         lambda: consul_ports(consul) == start_ports,
@@ -152,7 +153,7 @@ def test_scale_down_and_up_follow_within_two_probe_intervals(procs, regime, extr
 
 def test_held_workers_exit_is_followed_at_once_at_a_30s_interval(procs):
     g, consul, wd = start_stack(
-        procs, workers=3, workersd_args=["--fast-period", "100ms"], probe_interval=30
+        procs, workers=3, fast_period="100ms", probe_interval=30
     )
     start_ports = g.wait_for_metrics_ports(lambda p: len(p) == 3, what="3 ports")
     wait_until(

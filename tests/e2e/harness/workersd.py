@@ -6,7 +6,7 @@ import os
 import signal
 import subprocess
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from .files import REPO_ROOT
 from .net import free_port, http_get, http_ok, parse_metric
@@ -19,19 +19,38 @@ def workersd_bin() -> Path:
 
 
 
+def cli_flags(flags: Mapping[str, Any]) -> list[str]:
+    """Keyword arguments as workersd's command-line flags, so a new flag needs no harness edit:
+    probe_interval="1s" -> --probe-interval 1s; True -> the bare flag; None or False ->
+    omitted (a flag that takes a boolean value is given as a string: leader_election="false");
+    a list or tuple -> the flag once per item; anything else -> str(value)."""
+    argv: list[str] = []
+    for key, value in flags.items():
+        flag = "--" + key.replace("_", "-")
+        if value is None or value is False:
+            continue
+        if value is True:
+            argv.append(flag)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                argv += [flag, str(item)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
 class Workersd(Runner):
     """The workersd binary.
 
-    Workersd(procs, mode="standalone", targets_file=None, consul_addr=None,
-             extra_args=(), probe_interval="1s", env=None, binary=None,
-             consul_token=None, consul_node=None, consul_resync="1s")
+    Workersd(procs, mode="standalone", *, env=None, binary=None, consul_token=None,
+             extra_args=(), **flags)
 
-    Runs `workersd MODE --targets FILE --http-sd-listen 127.0.0.1:P
-    --listen 127.0.0.1:P2 [--consul-addr URL] [--consul-token-file F]
-    [--consul-node NODE --consul-resync-interval 1s] --probe-interval 1s
-    EXTRA...` (consul_token is written to F) and waits for GET /readyz == 200
-    on --listen. http_sd_url
-    (http://127.0.0.1:P/targets), metrics_url, listen_url, readyz_url.
+    Runs `workersd MODE --http-sd-listen 127.0.0.1:P --listen 127.0.0.1:P2 FLAGS... EXTRA...`
+    and (start()) waits for GET /readyz == 200 on --listen. Every keyword in **flags is a
+    command-line flag (see cli_flags), e.g. targets=path, consul_addr=consul.url,
+    consul_node="n", probe_interval="1s" (the default here; None leaves workersd's own).
+    consul_token (a secret) is written to a file passed as --consul-token-file.
+    http_sd_url (http://127.0.0.1:P/targets), metrics_url, listen_url, readyz_url.
     Inherited WORKERSD_*/CONSUL_HTTP_*/CONSUL_DATACENTER env vars are not
     passed on (pass env= to set them). metric(name, labels) reads one value
     of its /metrics; Workersd.check(file) runs `workersd check --targets`.
@@ -39,34 +58,34 @@ class Workersd(Runner):
 
     name = "workersd"
     env_remove_prefixes = ("WORKERSD_", "CONSUL_HTTP_", "CONSUL_DATACENTER")
+    # Flags the harness sets unless a test passes its own value (or None).
+    DEFAULT_FLAGS: Mapping[str, Any] = {"probe_interval": "1s"}
+    # Listen addresses the harness allocates (its URLs point there).
+    _OWN_FLAGS = ("http_sd_listen", "listen")
 
     def __init__(
         self,
         procs: ProcessManager,
         mode: str = "standalone",
-        targets_file: Path | str | None = None,
-        consul_addr: str | None = None,
-        extra_args: Sequence[str] = (),
-        probe_interval: str | None = "1s",
+        *,
         env: Mapping[str, str] | None = None,
         binary: Path | str | None = None,
         consul_token: str | None = None,
-        consul_node: str | None = None,
-        consul_resync: str = "1s",
+        extra_args: Sequence[str] = (),
+        **flags: Any,
     ):
         super().__init__(procs)
+        taken = [f for f in self._OWN_FLAGS if f in flags]
+        if taken:
+            raise TypeError(f"Workersd allocates {taken} itself (see listen_url, http_sd_url)")
         self.binary = Path(binary) if binary else workersd_bin()
         self.mode = mode
-        self.targets_file = Path(targets_file) if targets_file else None
-        self.consul_addr = consul_addr
-        self.consul_token_file: Path | None = None
+        self.flags = {**self.DEFAULT_FLAGS, **flags}
         if consul_token is not None:
-            self.consul_token_file = procs.path(procs.unique_name("workersd-token"), "consul-token")
-            self.consul_token_file.write_text(consul_token + "\n")
+            token_file = procs.path(procs.unique_name("workersd-token"), "consul-token")
+            token_file.write_text(consul_token + "\n")
+            self.flags["consul_token_file"] = token_file
         self.extra_args = list(extra_args)
-        self.probe_interval = probe_interval
-        self.consul_node = consul_node
-        self.consul_resync = consul_resync
         self.env = dict(env or {})
         self.http_sd_port = free_port("127.0.0.1")
         self.listen_port = free_port("127.0.0.1")
@@ -77,24 +96,11 @@ class Workersd(Runner):
         self.readyz_url = f"{self.listen_url}/readyz"
 
     def argv(self) -> list[str]:
-        argv = [str(self.binary), self.mode]
-        if self.targets_file is not None:
-            argv += ["--targets", str(self.targets_file)]
-        argv += [
-            "--http-sd-listen",
-            f"127.0.0.1:{self.http_sd_port}",
-            "--listen",
-            f"127.0.0.1:{self.listen_port}",
-        ]
-        if self.consul_addr:
-            argv += ["--consul-addr", self.consul_addr]
-        if self.consul_token_file:
-            argv += ["--consul-token-file", str(self.consul_token_file)]
-        if self.consul_node:
-            argv += ["--consul-node", self.consul_node, "--consul-resync-interval", self.consul_resync]
-        if self.probe_interval:
-            argv += ["--probe-interval", self.probe_interval]
-        return argv + self.extra_args
+        own = {
+            "http_sd_listen": f"127.0.0.1:{self.http_sd_port}",
+            "listen": f"127.0.0.1:{self.listen_port}",
+        }
+        return [str(self.binary), self.mode, *cli_flags({**own, **self.flags}), *self.extra_args]
 
     def start(self, timeout: float = START_TIMEOUT, wait_ready: bool = True) -> "Workersd":
         require_binary(self.binary, "workersd (WORKERSD_BIN)")
