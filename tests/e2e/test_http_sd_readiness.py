@@ -15,7 +15,6 @@ from harness import (
     free_port_range,
     http_get,
     targets_yaml,
-    wait_until,
     write_atomic,
 )
 

@@ -16,6 +16,9 @@ in time and in iterations. One module per concern:
   consul      ConsulDouble: testing/consul-double and its control endpoints
   workersd    Workersd: the binary under test
   kube        FakeKube (tests/support/fake_kube), kubectl_bin
+  stack       start_consul_stack (gunicorn + Consul double + workersd), start_cluster
+              (fake API server + Consul double + Kube, a namespace's pods and WorkerMetrics);
+              the conftest fixtures `consul_stack` and `cluster` call them
 
 Runners take the ProcessManager first; construct, then .start().
 """
@@ -36,11 +39,12 @@ from .net import (
 )
 from .processes import ManagedProcess, ProcessManager, Runner, require_binary
 from .prometheus import PROMETHEUS_BIN, VICTORIA_METRICS_BIN, Prometheus, VictoriaMetrics
+from .stack import ConsulStack, Kube, start_cluster, start_consul_stack
 from .waits import START_TIMEOUT, STOP_TIMEOUT, WAIT_TIMEOUT, Sampler, WaitTimeout, wait_until
 from .workersd import Workersd, workersd_bin
 
 __all__ = [
-    "ConsulDouble", "EXAMPLE_DIR", "FakeKube", "Gunicorn", "ManagedProcess", "PROMETHEUS_BIN",
+    "ConsulDouble", "ConsulStack", "Kube", "start_cluster", "start_consul_stack", "EXAMPLE_DIR", "FakeKube", "Gunicorn", "ManagedProcess", "PROMETHEUS_BIN",
     "ProcessManager", "Prometheus", "REPO_ROOT", "Runner", "START_TIMEOUT", "STOP_TIMEOUT",
     "SUPPORT_DIR", "Sampler", "VICTORIA_METRICS_BIN", "VictoriaMetrics", "WAIT_TIMEOUT",
     "WaitTimeout", "Workersd", "consul_double_bin", "free_port", "free_port_range", "http_get",
