@@ -26,29 +26,35 @@ What the library does not offer, and how this module makes up for it:
   `lint(chart, values)` lints a temporary copy of the chart whose values.yaml holds the merged
   values; on failure the tests render the same values to get Helm's error text.
 - there is no template/render function and install has no dry-run option, so `render()`
-  installs the chart against tests/chart/fake_apiserver.py on 127.0.0.1 and returns the
-  release's manifest and NOTES exactly as Helm rendered them.
+  installs the chart against a fresh tests/support/fake_kube (in this process, on 127.0.0.1)
+  and returns the release's manifest and NOTES exactly as Helm rendered them, plus the
+  objects the install created there.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import copy
 import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 from cffi import FFI
 
-from fake_apiserver import FakeApiServer
-
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "support"))
+
+from fake_kube import server as fake_kube  # noqa: E402
+
 FETCH_SCRIPT = HERE / "fetch_helm_lib.sh"
 VERSION = "0.1.32"
 
@@ -119,7 +125,7 @@ class LintResult:
 class Rendered:
     manifest: str
     notes: str
-    # Objects the fake API server received, in Helm's install order (CRDs first).
+    # Objects the install created on the fake API server, in write order (CRDs first).
     sent: list[dict] = field(default_factory=list)
 
     @property
@@ -212,7 +218,7 @@ class Helm:
                 merged = merge_values(defaults, values)
                 (target / "values.yaml").write_text(yaml.safe_dump(merged, sort_keys=False))
             # Lint never talks to a cluster; the kubeconfig only has to parse.
-            handle = self._config("default", FakeApiServer.offline_kubeconfig())
+            handle = self._config("default", OFFLINE_KUBECONFIG)
             try:
                 out = self._ffi.new("char **")
                 rc = self._lib.helm_sdkpy_lint(handle, str(target).encode(), out)
@@ -237,10 +243,11 @@ class Helm:
         namespace: str = "monitoring",
     ) -> Rendered:
         """`helm install --dry-run` equivalent: Helm renders and validates `chart` with
-        `values` (schema included) and sends the objects to a loopback fake API server.
+        `values` (schema included) and sends the objects to a fresh fake API server.
         Raises HelmError with Helm's message when rendering or validation fails."""
-        with FakeApiServer() as api:
-            handle = self._config(namespace, api.kubeconfig(namespace))
+        with fake_cluster() as (url, state):
+            before = state.rv
+            handle = self._config(namespace, fake_kube.kubeconfig_text(url, namespace))
             try:
                 out = self._ffi.new("char **")
                 rc = self._lib.helm_sdkpy_install(
@@ -256,7 +263,7 @@ class Helm:
                 result = json.loads(self._take_string(out))
             finally:
                 self._lib.helm_sdkpy_config_destroy(handle)
-            sent = list(api.created)
+            sent = created_since(state, before)
         status = (result.get("info") or {}).get("status")
         if status != "deployed":
             raise HelmError(f"render {chart}: release status {status!r}, expected 'deployed'")
@@ -265,6 +272,67 @@ class Helm:
             notes=(result.get("info") or {}).get("notes") or "",
             sent=sent,
         )
+
+
+# Lint never talks to a cluster; the kubeconfig only has to parse (port 9 on loopback).
+OFFLINE_KUBECONFIG = fake_kube.kubeconfig_text("http://127.0.0.1:9")
+
+# prometheus-operator's ServiceMonitor, as a cluster running it serves it: a CRD (schema
+# left open here; the chart's objects are checked by the tests, not by this schema).
+SERVICE_MONITOR_CRD = {
+    "apiVersion": "apiextensions.k8s.io/v1",
+    "kind": "CustomResourceDefinition",
+    "metadata": {"name": "servicemonitors.monitoring.coreos.com"},
+    "spec": {
+        "group": "monitoring.coreos.com",
+        "scope": "Namespaced",
+        "names": {"plural": "servicemonitors", "singular": "servicemonitor",
+                  "kind": "ServiceMonitor", "listKind": "ServiceMonitorList"},
+        "versions": [{
+            "name": "v1", "served": True, "storage": True,
+            "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}},
+        }],
+    },
+}
+
+
+@contextlib.contextmanager
+def fake_cluster() -> Iterator[tuple[str, Any]]:
+    """A fresh fake_kube API server in a thread: (url, its State). Like a new cluster: no
+    WorkerMetrics CRD yet (the chart installs it), ServiceMonitor served, and namespaces
+    exist when used (Helm's install does not create them)."""
+    state = fake_kube.State(workermetrics_crd=False, auto_create_namespaces=True)
+    crds = state.rd("apiextensions.k8s.io", "v1", "customresourcedefinitions")
+    state.create(crds, None, SERVICE_MONITOR_CRD, bypass=True)
+    server = fake_kube.FakeKubeServer(("127.0.0.1", 0), state)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+    thread.start()
+    try:
+        yield server.url, state
+    finally:
+        with state.cond:
+            state.closing = True
+            state.cond.notify_all()
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def created_since(state, rv: int) -> list[dict]:
+    """Objects written after resourceVersion `rv` (an install writes each once), in write
+    order, without Helm's release records (Secrets labelled owner=helm) and the namespaces
+    fake_kube created on first use."""
+    with state.cond:
+        objs = [entry.copy() for st in state.stores.values() for entry in st.objects.values()]
+    out = []
+    for obj in objs:
+        meta = obj["metadata"]
+        if int(meta["resourceVersion"]) <= rv or obj["kind"] == "Namespace":
+            continue
+        if obj["kind"] == "Secret" and (meta.get("labels") or {}).get("owner") == "helm":
+            continue
+        out.append(obj)
+    return sorted(out, key=lambda o: int(o["metadata"]["resourceVersion"]))
 
 
 def merge_values(base: dict, override: dict) -> dict:

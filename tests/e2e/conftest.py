@@ -1,11 +1,15 @@
-"""pytest wiring for the e2e harness (see harness.py).
+"""pytest wiring for the e2e harness (see harness/__init__.py).
 
 Fixtures:
-  procs   a ProcessManager rooted in the test's tmp dir; every process started
-          through it (directly or by a runner) is killed at teardown, and a
-          failing test's report gets each process's log tail attached.
+  procs         a ProcessManager rooted in the test's tmp dir; every process started
+                through it (directly or by a runner) is killed at teardown, and a
+                failing test's report gets each process's log tail attached.
+  consul_stack  start_consul_stack bound to `procs`: consul_stack(service, node, workers=4,
+                gunicorn={...}, **workersd_flags) -> (gunicorn, consul, workersd), started
+  cluster       (fake API server, Consul double, Kube helper for namespace "shop"), started
 """
 
+import functools
 import sys
 from pathlib import Path
 
@@ -13,7 +17,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import ProcessManager, loopback_works  # noqa: E402
+from harness import ProcessManager, loopback_works, start_cluster, start_consul_stack  # noqa: E402
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -35,6 +39,16 @@ def procs(tmp_path):
         yield manager
     finally:
         manager.stop_all()
+
+
+@pytest.fixture
+def consul_stack(procs):
+    return functools.partial(start_consul_stack, procs)
+
+
+@pytest.fixture
+def cluster(procs):
+    return start_cluster(procs)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -11,10 +11,14 @@ def _service(consul, name):
 
 
 def _start(procs, consul, targets, flag, owner):
-    extra = ["--consul-node", "workersd-sidecars", "--owner-id", owner]
-    if flag:
-        extra.append("--deregister-on-exit")
-    return Workersd(procs, targets_file=targets, consul_addr=consul.url, extra_args=extra).start()
+    return Workersd(
+        procs,
+        targets=targets,
+        consul_addr=consul.url,
+        consul_node="workersd-sidecars",
+        owner_id=owner,
+        deregister_on_exit=flag,
+    ).start()
 
 
 def test_sigterm_deregisters_only_with_the_flag_and_only_its_own(procs):

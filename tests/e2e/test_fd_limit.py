@@ -22,7 +22,7 @@ def proc_soft_limit(pid):
 def workersd(procs, concurrency):
     targets = procs.path("targets.yaml")
     targets.write_text(targets_yaml([{"service": "web", "address": "127.0.0.2", "ports": 9011}]))
-    return Workersd(procs, targets_file=targets, extra_args=["--probe-concurrency", str(concurrency)])
+    return Workersd(procs, targets=targets, probe_concurrency=concurrency)
 
 
 def test_refuses_a_concurrency_the_hard_limit_cannot_hold(procs):

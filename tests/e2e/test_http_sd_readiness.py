@@ -15,7 +15,6 @@ from harness import (
     free_port_range,
     http_get,
     targets_yaml,
-    wait_until,
     write_atomic,
 )
 
@@ -41,9 +40,10 @@ def test_targets_answers_503_until_the_first_complete_probe(procs):
         )
         wd = Workersd(
             procs,
-            targets_file=targets,
+            targets=targets,
             probe_interval="10s",
-            extra_args=["--probe-timeout", f"{PROBE_TIMEOUT_S}s", "--full-sweep-interval", "0s"],
+            probe_timeout=f"{PROBE_TIMEOUT_S}s",
+            full_sweep_interval="0s",
         )
         started = time.monotonic()
         wd.start(wait_ready=False)

@@ -33,7 +33,7 @@ def test_workersd_http_sd_follows_workers_and_vm_counts_all(procs):
 
     targets = procs.path("targets.yaml")
     targets.write_text(_targets_yaml("smoke", "127.0.0.2", first, last))
-    wd = Workersd(procs, targets_file=targets).start()
+    wd = Workersd(procs, targets=targets).start()
     assert wd.readyz() == 200
 
     expected = [f"127.0.0.2:{p}" for p in ports]

@@ -24,6 +24,7 @@ from harness import (
     ConsulDouble,
     FakeKube,
     Gunicorn,
+    Kube,
     VictoriaMetrics,
     Workersd,
     http_get,
@@ -36,7 +37,7 @@ from harness import (
 SERVICE = "clever"  # README's example service (its consul_sd_configs select it)
 CLUSTER = "e2e"
 OWNER = f"workersd-{CLUSTER}"  # node name and owner id follow --cluster-name
-NS = "shop"
+NS = "shop"  # the `cluster` fixture's namespace
 COUNT = "request_processing_seconds_count"
 WM_PATH = "/apis/workersd.io/v1alpha1/namespaces/{ns}/workermetrics"
 LEASE_PATH = "/apis/coordination.k8s.io/v1/namespaces/default/leases/workersd"
@@ -47,84 +48,29 @@ LEASE_PATH = "/apis/coordination.k8s.io/v1/namespaces/default/leases/workersd"
 # --------------------------------------------------------------------------
 
 
-class Kube:
-    """Pods and WorkerMetrics of one namespace on the fake API server."""
-
-    def __init__(self, fk: FakeKube, ns: str = NS):
-        self.fk = fk
-        self.ns = ns
-        fk.ok("POST", "/api/v1/namespaces", {"metadata": {"name": ns}})
-
-    def add_pod(self, name, ip, *, labels=None, annotations=None, node="node-1", containers=("web",)):
-        """A pod; with `ip` it is Running on that podIP, every container running (like a kubelet)."""
-        meta = {"name": name, "namespace": self.ns, "labels": labels or {}}
-        if annotations:
-            meta["annotations"] = annotations
-        body = {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": meta,
-            "spec": {"nodeName": node, "containers": [{"name": c, "image": "clever:1"} for c in containers]},
-        }
-        self.fk.ok("POST", f"/api/v1/namespaces/{self.ns}/pods", body)
-        if ip:
-            self.fk.set_pod_status(self.ns, name, podIP=ip, phase="Running", running=True, ready=True)
-
-    def delete_pod(self, name):
-        return self.fk.ok("DELETE", f"/api/v1/namespaces/{self.ns}/pods/{name}")
-
-    def pods(self):
-        return self.fk.ok("GET", f"/api/v1/namespaces/{self.ns}/pods")["items"]
-
-    def add_wm(self, name, spec):
-        body = {
-            "apiVersion": "workersd.io/v1alpha1",
-            "kind": "WorkerMetrics",
-            "metadata": {"name": name, "namespace": self.ns},
-            "spec": spec,
-        }
-        return self.fk.ok("POST", WM_PATH.format(ns=self.ns), body)
-
-    def patch_wm(self, name, patch):
-        return self.fk.ok(
-            "PATCH",
-            f"{WM_PATH.format(ns=self.ns)}/{name}",
-            patch,
-            content_type="application/merge-patch+json",
-        )
-
-    def wm(self, name):
-        return self.fk.ok("GET", f"{WM_PATH.format(ns=self.ns)}/{name}")
-
-    def events(self, name):
-        """core/v1 Events about object `name` (how kubectl lists them)."""
-        return self.fk.ok(
-            "GET",
-            f"/api/v1/namespaces/{self.ns}/events",
-            query={"fieldSelector": f"involvedObject.name={name}"},
-        )["items"]
-
-
 def ports_annotations(g: Gunicorn, container: str | None = "web", **extra) -> dict:
     key = f"workersd.io/ports.{container}" if container else "workersd.io/ports"
     return {"workersd.io/service": SERVICE, key: f"{g.metrics_first}-{g.metrics_last}", **extra}
 
 
 def kube_workersd(
-    procs, fk, consul, *extra, identity="wd-1", leader_election=True, lease_duration="15s"
+    procs, fk, consul, identity="wd-1", leader_election=True, lease_duration="15s", **flags
 ) -> Workersd:
-    """`workersd kubernetes` with KUBECONFIG pointing at the fake API server."""
-    args = ["--cluster-name", CLUSTER, "--identity", identity]
+    """`workersd kubernetes` with KUBECONFIG pointing at the fake API server; `flags` are
+    more workersd flags (Workersd's keyword form)."""
     if leader_election:
-        args += ["--lease-namespace", "default", "--lease-duration", lease_duration]
+        lease = {"lease_namespace": "default", "lease_duration": lease_duration}
     else:
-        args += ["--leader-election", "false"]
+        lease = {"leader_election": "false"}
     return Workersd(
         procs,
         mode="kubernetes",
         consul_addr=consul.url,
         env={"KUBECONFIG": fk.kubeconfig},
-        extra_args=args + list(extra),
+        cluster_name=CLUSTER,
+        identity=identity,
+        **lease,
+        **flags,
     )
 
 
@@ -262,14 +208,6 @@ def condition(wm: dict, type_: str) -> dict | None:
         if c.get("type") == type_:
             return c
     return None
-
-
-@pytest.fixture
-def cluster(procs):
-    """(fake API server, Consul double, Kube helper for namespace `shop`)."""
-    fk = FakeKube(procs).start()
-    consul = ConsulDouble(procs).start()
-    return fk, consul, Kube(fk)
 
 
 # --------------------------------------------------------------------------
@@ -590,7 +528,7 @@ def test_kubernetes_relist_after_410_gone_applies_missed_deletion(procs):
     # compaction horizon, so its re-watch gets 410 Gone and it must re-list.
     fk = FakeKube(procs, bookmark_interval=3600).start()
     consul = ConsulDouble(procs).start()
-    kube = Kube(fk)
+    kube = Kube(fk, NS)
     a = Gunicorn(procs, address="127.0.0.2", workers=2).start()
     b = Gunicorn(procs, address="127.0.0.3", workers=2).start()
     kube.add_pod("stays", a.address, annotations=ports_annotations(a))
@@ -881,7 +819,7 @@ def test_kubernetes_without_crd_publishes_annotated_pods_and_picks_up_the_crd_la
     the CRD later makes WorkerMetrics work without a restart."""
     fk = FakeKube(procs, extra_args=["--no-workermetrics-crd"]).start()
     consul = ConsulDouble(procs).start()
-    kube = Kube(fk)
+    kube = Kube(fk, NS)
     a = Gunicorn(procs, address="127.0.0.2", workers=2).start()
     b = Gunicorn(procs, address="127.0.0.3", workers=2).start()
     kube.add_pod("web-a", a.address, annotations=ports_annotations(a))
@@ -1037,7 +975,7 @@ def test_kubernetes_works_with_the_watchlist_gate_off_and_on(procs, watch_list):
     fk = FakeKube(procs, extra_args=["--watch-list"] if watch_list else []).start()
     assert fk.ok("GET", "/_control/config")["watchList"] is watch_list
     consul = ConsulDouble(procs).start()
-    kube = Kube(fk)
+    kube = Kube(fk, NS)
     a = Gunicorn(procs, address="127.0.0.2", workers=2).start()
     kube.add_pod("web-a", a.address, annotations=ports_annotations(a))
     w = kube_workersd(procs, fk, consul).start()

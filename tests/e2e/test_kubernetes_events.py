@@ -1,7 +1,7 @@
 """Warning Events of `workersd kubernetes` against the fake API server: they outlive the API
 server's Event TTL while the problem lasts, and writing them never delays the catalog.
 
-Helpers (cluster fixture, Kube, kube_workersd, ...) are those of test_kubernetes_e2e.py.
+Helpers (kube_workersd, ...) are those of test_kubernetes_e2e.py; `cluster` is a conftest fixture.
 """
 
 from __future__ import annotations
@@ -9,9 +9,8 @@ from __future__ import annotations
 import time
 
 from harness import Gunicorn, wait_until
-from test_kubernetes_e2e import (  # noqa: F401 - `cluster` is a fixture
+from test_kubernetes_e2e import (
     SERVICE,
-    cluster,
     expected,
     kube_workersd,
     ports_annotations,
@@ -30,7 +29,7 @@ def test_kubernetes_warning_events_outlive_the_event_ttl(procs, cluster):
     ttl = 4.0
     fk.config(eventTTLSeconds=ttl)  # kube-apiserver's --event-ttl, 1 h by default
     kube.add_pod("bad", "127.0.0.4", annotations=BAD)
-    kube_workersd(procs, fk, consul, "--event-refresh-interval", "1500ms", leader_election=False).start()
+    kube_workersd(procs, fk, consul, leader_election=False, event_refresh_interval="1500ms").start()
     (first,) = wait_until(lambda: warnings(kube, "bad"), timeout=15, message="Warning Event on pod bad")
 
     # For three TTLs the problem's Event never vanishes: its series is renewed before it expires.

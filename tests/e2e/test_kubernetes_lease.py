@@ -1,7 +1,7 @@
 """Leader election of `workersd kubernetes` against the fake API server, when the API server
 is slow: the lease must be renewed on its own, whatever else the process waits for.
 
-Helpers (cluster fixture, Kube, kube_workersd, ...) are those of test_kubernetes_e2e.py.
+Helpers (kube_workersd, ...) are those of test_kubernetes_e2e.py; `cluster` is a conftest fixture.
 """
 
 from __future__ import annotations
@@ -9,9 +9,8 @@ from __future__ import annotations
 import time
 
 from harness import Gunicorn, wait_until
-from test_kubernetes_e2e import (  # noqa: F401 - `cluster` is a fixture
+from test_kubernetes_e2e import (
     LEASE_PATH,
-    cluster,
     expected,
     kube_workersd,
     ports_annotations,

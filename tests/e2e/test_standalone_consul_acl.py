@@ -76,10 +76,11 @@ def test_acl_tokens_as_a_real_consul_enforces_them(procs):
         env = {"WORKERSD_LOG": "debug", **kwargs.pop("env", {})}
         return Workersd(
             procs,
-            targets_file=targets,
+            targets=targets,
             consul_addr=consul.url,
             env=env,
-            extra_args=["--consul-node", node, "--consul-resync-interval", "1s"],
+            consul_node=node,
+            consul_resync_interval="1s",
             **kwargs,
         )
 

@@ -13,36 +13,11 @@
 import time
 
 import pytest
-from harness import (
-    ConsulDouble,
-    Gunicorn,
-    Workersd,
-    free_port_range,
-    targets_yaml,
-    wait_until,
-    write_atomic,
-)
+from harness import wait_until
 
 SERVICE = "outage"
 NODE = "workersd-e2e-outage"
 RESYNC = 1.0
-
-
-def start_stack(procs, workers=4):
-    first, last = free_port_range("127.0.0.2", 10, preferred_first=19011)
-    g = Gunicorn(procs, address="127.0.0.2", metrics_ports=(first, last), workers=workers).start()
-    consul = ConsulDouble(procs).start()
-    targets = procs.path("targets.yaml")
-    entry = {"service": SERVICE, "address": "127.0.0.2", "ports": (first, last)}
-    write_atomic(targets, targets_yaml([entry]))
-    wd = Workersd(
-        procs,
-        targets_file=targets,
-        consul_addr=consul.url,
-        consul_node=NODE,
-        consul_resync=f"{RESYNC:g}s",
-    ).start()
-    return g, consul, wd
 
 
 def exact(consul, ports):
@@ -63,8 +38,8 @@ def consul_errors(wd):
 
 
 @pytest.mark.parametrize("comes_back", ["empty", "with-old-catalog"])
-def test_outage_with_changes_then_consul_returns_converges_exactly(procs, comes_back):
-    g, consul, wd = start_stack(procs)
+def test_outage_with_changes_then_consul_returns_converges_exactly(consul_stack, comes_back):
+    g, consul, wd = consul_stack(SERVICE, NODE, consul_resync_interval=f"{RESYNC:g}s")
     ports = g.wait_for_metrics_ports(lambda p: len(p) == 4, what="4 ports")
     wait_until(lambda: exact(consul, ports), message=lambda: f"entries for {ports}")
     assert consul_errors(wd) == 0
@@ -119,8 +94,8 @@ def test_outage_with_changes_then_consul_returns_converges_exactly(procs, comes_
     assert wd.readyz() == 200
 
 
-def test_wipe_while_up_is_refilled_within_one_resync_interval(procs):
-    g, consul, wd = start_stack(procs, workers=3)
+def test_wipe_while_up_is_refilled_within_one_resync_interval(consul_stack):
+    g, consul, wd = consul_stack(SERVICE, NODE, workers=3, consul_resync_interval=f"{RESYNC:g}s")
     ports = g.wait_for_metrics_ports(lambda p: len(p) == 3, what="3 ports")
     wait_until(lambda: exact(consul, ports), message=lambda: f"entries for {ports}")
     refill = []

@@ -135,9 +135,10 @@ def test_foreign_entries_survive_registration_scale_down_and_target_removal(proc
     )
     wd = Workersd(
         procs,
-        targets_file=targets,
+        targets=targets,
         consul_addr=consul.url,
         consul_node=NODE,
+        consul_resync_interval="1s",
     ).start()
 
     # 1. Registration: every live port but the one whose ID is squatted.
@@ -183,16 +184,11 @@ def test_foreign_entries_survive_registration_scale_down_and_target_removal(proc
 def start_workersd(procs, consul, targets, node, owner):
     return Workersd(
         procs,
-        targets_file=targets,
+        targets=targets,
         consul_addr=consul.url,
-        extra_args=[
-            "--consul-node",
-            node,
-            "--owner-id",
-            owner,
-            "--consul-resync-interval",
-            "1s",
-        ],
+        consul_node=node,
+        owner_id=owner,
+        consul_resync_interval="1s",
     ).start()
 
 
@@ -280,9 +276,10 @@ def test_refuses_to_write_under_a_node_it_did_not_create(procs):
     write_atomic(targets, targets_yaml([entry]))
     wd = Workersd(
         procs,
-        targets_file=targets,
+        targets=targets,
         consul_addr=consul.url,
         consul_node=NODE,
+        consul_resync_interval="1s",
     ).start(wait_ready=False)
     labels = {"sink": "consul", "kind": "node_not_owned"}
     wait_until(

@@ -20,15 +20,7 @@ import time
 import urllib.request
 
 import pytest
-from harness import (
-    ConsulDouble,
-    Gunicorn,
-    Workersd,
-    free_port_range,
-    targets_yaml,
-    wait_until,
-    write_atomic,
-)
+from harness import wait_until
 
 SERVICE = "scaling"
 NODE = "workersd-e2e-scaling"
@@ -38,35 +30,21 @@ SLACK = 1.0  # sweep + Consul write + the test's own polling, on a slow 2-core m
 
 
 def start_stack(
-    procs,
+    consul_stack,
     workers,
     gunicorn_args=(),
     work_seconds=None,
-    workersd_args=(),
     probe_interval=PROBE_INTERVAL,
+    **workersd_flags,
 ):
-    first, last = free_port_range("127.0.0.2", 10, preferred_first=19011)
-    g = Gunicorn(
-        procs,
-        address="127.0.0.2",
-        metrics_ports=(first, last),
+    return consul_stack(
+        SERVICE,
+        NODE,
         workers=workers,
-        extra_args=list(gunicorn_args),
-        work_seconds=work_seconds,
-    ).start()
-    consul = ConsulDouble(procs).start()
-    targets = procs.path("targets.yaml")
-    entry = {"service": SERVICE, "address": "127.0.0.2", "ports": (first, last)}
-    write_atomic(targets, targets_yaml([entry]))
-    wd = Workersd(
-        procs,
-        targets_file=targets,
-        consul_addr=consul.url,
+        gunicorn={"extra_args": list(gunicorn_args), "work_seconds": work_seconds},
         probe_interval=f"{probe_interval:g}s",
-        consul_node=NODE,
-        extra_args=list(workersd_args),
-    ).start()
-    return g, consul, wd
+        **workersd_flags,
+    )
 
 
 def consul_ports(consul):
@@ -104,14 +82,14 @@ def measure_follow(g, consul, change, expected_count, what):
 
 
 @pytest.mark.parametrize(
-    "regime,extra_args,interval",
+    "regime,workersd_flags,interval",
     [
-        pytest.param("steady", ["--fast-period", "100ms"], PROBE_INTERVAL, id="steady"),
-        pytest.param("fast", [], FAST_INTERVAL, id="fast"),
+        pytest.param("steady", {"fast_period": "100ms"}, PROBE_INTERVAL, id="steady"),
+        pytest.param("fast", {}, FAST_INTERVAL, id="fast"),
     ],
 )
-def test_scale_down_and_up_follow_within_two_probe_intervals(procs, regime, extra_args, interval):
-    g, consul, wd = start_stack(procs, workers=4, workersd_args=extra_args)
+def test_scale_down_and_up_follow_within_two_probe_intervals(consul_stack, regime, workersd_flags, interval):
+    g, consul, wd = start_stack(consul_stack, workers=4, **workersd_flags)
     start_ports = g.wait_for_metrics_ports(lambda p: len(p) == 4, what="4 ports")
     wait_until(
         lambda: consul_ports(consul) == start_ports,
@@ -150,9 +128,9 @@ def test_scale_down_and_up_follow_within_two_probe_intervals(procs, regime, extr
     assert wd.metric("workersd_sink_errors_total", {"sink": "consul"}) in (None, 0)
 
 
-def test_held_workers_exit_is_followed_at_once_at_a_30s_interval(procs):
+def test_held_workers_exit_is_followed_at_once_at_a_30s_interval(consul_stack):
     g, consul, wd = start_stack(
-        procs, workers=3, workersd_args=["--fast-period", "100ms"], probe_interval=30
+        consul_stack, workers=3, fast_period="100ms", probe_interval=30
     )
     start_ports = g.wait_for_metrics_ports(lambda p: len(p) == 3, what="3 ports")
     wait_until(
@@ -176,9 +154,9 @@ def test_held_workers_exit_is_followed_at_once_at_a_30s_interval(procs):
     assert wd.http_sd_targets() == [f"127.0.0.2:{p}" for p in ports]
 
 
-def test_max_requests_recycling_converges_to_listening_ports(procs):
+def test_max_requests_recycling_converges_to_listening_ports(consul_stack):
     g, consul, wd = start_stack(
-        procs,
+        consul_stack,
         workers=3,
         gunicorn_args=["--max-requests", "10", "--max-requests-jitter", "0"],
         work_seconds=0.005,

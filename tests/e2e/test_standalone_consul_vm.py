@@ -82,9 +82,10 @@ def test_seed_scenario(procs):
     )
     wd = Workersd(
         procs,
-        targets_file=targets,
+        targets=targets,
         consul_addr=consul.url,
         consul_node=NODE,
+        consul_resync_interval="1s",
     ).start()
 
     # -- the Consul entries' shape ------------------------------------------------

@@ -61,7 +61,7 @@ def test_prometheus_http_sd(procs):
             ]
         ),
     )
-    wd = Workersd(procs, targets_file=targets).start()  # no --consul-addr: HTTP SD only
+    wd = Workersd(procs, targets=targets).start()  # no --consul-addr: HTTP SD only
     expected = [f"127.0.0.2:{p}" for p in ports]
     wait_until(
         lambda: wd.http_sd_targets() == sorted(expected + [f"127.0.0.3:{other_port}"]),

@@ -72,9 +72,10 @@ def entry_ids(gunicorn, ports):
 def start_workersd(procs, consul, targets):
     return Workersd(
         procs,
-        targets_file=targets,
+        targets=targets,
         consul_addr=consul.url,
         consul_node=NODE,
+        consul_resync_interval="1s",
     ).start()
 
 

@@ -86,7 +86,7 @@ def test_check_names_every_bad_field_and_accepts_a_valid_file(procs):
     assert "cannot read" in missing.stdout
 
     # standalone refuses the broken file at start-up, naming the fields.
-    wd = Workersd(procs, targets_file=broken)
+    wd = Workersd(procs, targets=broken)
     wd.start(wait_ready=False)
     wait_until(lambda: not wd.alive(), timeout=20, message="workersd exits on a broken file")
     assert wd.proc.returncode == 1
@@ -116,9 +116,10 @@ def test_hot_reload_add_broken_edit_and_fix(procs):
     write_atomic(targets, targets_yaml([entry_a]))
     wd = Workersd(
         procs,
-        targets_file=targets,
+        targets=targets,
         consul_addr=consul.url,
         consul_node=NODE,
+        consul_resync_interval="1s",
     ).start()
 
     def consul_targets():
@@ -222,9 +223,10 @@ def test_port_range_edit_keeps_live_entries_in_place(procs):
     write_range(first, first + 2)  # the 4th worker is outside the declared range
     wd = Workersd(
         procs,
-        targets_file=targets,
+        targets=targets,
         consul_addr=consul.url,
         consul_node=NODE,
+        consul_resync_interval="1s",
     ).start()
     wait_until(lambda: catalog_ids() == ids(ports[:3]), message="3 entries in the first range")
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -1010,3 +1009,41 @@ def test_seed_file_and_crd_printer_columns(kubectl_bin, tmp_path):
         # printer columns replace the default Age column (serveDefaultColumnsIfEmpty)
         assert out == ["NAME", "SERVICE", "web", "web"], out
         assert "seedns" in [n["metadata"]["name"] for n in k.json("get", "ns")["items"]]
+
+
+def _pb(num: int, value) -> bytes:
+    """One protobuf field: bytes/str length-delimited, int a varint."""
+    def varint(n):
+        out = bytearray()
+        while True:
+            b, n = n & 0x7F, n >> 7
+            out.append(b | (0x80 if n else 0))
+            if not n:
+                return bytes(out)
+    if isinstance(value, int):
+        return varint(num << 3) + varint(value)
+    value = value.encode() if isinstance(value, str) else value
+    return varint(num << 3 | 2) + varint(len(value)) + value
+
+
+def test_secrets_accept_protobuf_bodies_and_merge_string_data(fk):
+    """client-go sends Secrets as protobuf when asked to (Helm's release records do)."""
+    ensure_ns(fk, "pb")
+    meta = _pb(1, "rel") + _pb(11, _pb(1, "owner") + _pb(2, "helm"))
+    secret = (_pb(1, meta) + _pb(2, _pb(1, "release") + _pb(2, b"\x00\xffbin")) + _pb(3, "helm.sh/release.v1")
+              + _pb(4, _pb(1, "note") + _pb(2, "hi")) + _pb(5, 1))
+    body = b"k8s\x00" + _pb(1, _pb(1, "v1") + _pb(2, "Secret")) + _pb(2, secret)
+    r = http(fk, "POST", "/api/v1/namespaces/pb/secrets", body, ctype="application/vnd.kubernetes.protobuf")
+    assert r.status_code == 201, r.text
+    got = http(fk, "GET", "/api/v1/namespaces/pb/secrets/rel").json()
+    assert got["metadata"]["labels"] == {"owner": "helm"}
+    assert got["type"] == "helm.sh/release.v1" and got["immutable"] is True
+    assert got["data"] == {"release": "AP9iaW4=", "note": "aGk="} and "stringData" not in got
+    # A JSON Secret without a type is Opaque.
+    r = http(fk, "POST", "/api/v1/namespaces/pb/secrets", {"metadata": {"name": "plain"}})
+    assert r.status_code == 201 and r.json()["type"] == "Opaque", r.text
+    # Not a protobuf message; and protobuf for a kind this server cannot decode: 415.
+    r = http(fk, "POST", "/api/v1/namespaces/pb/secrets", b"{}", ctype="application/vnd.kubernetes.protobuf")
+    assert r.status_code == 400 and "expected prefix" in r.json()["message"], r.text
+    r = http(fk, "POST", "/api/v1/namespaces/pb/configmaps", body, ctype="application/vnd.kubernetes.protobuf")
+    assert r.status_code == 415 and r.json()["reason"] == "UnsupportedMediaType", r.text

@@ -590,6 +590,19 @@ def builtin_defs() -> list:
         ResourceDef("coordination.k8s.io", "v1", "leases", "Lease", True),
         ResourceDef("apiextensions.k8s.io", "v1", "customresourcedefinitions", "CustomResourceDefinition", False,
                     short_names=["crd", "crds"], categories=["api-extensions"], status=True, generation=True),
+        # What a Helm chart installs (tests/chart): stored as sent, no defaulting, no controllers.
+        ResourceDef("", "v1", "secrets", "Secret", True),
+        ResourceDef("", "v1", "configmaps", "ConfigMap", True, short_names=["cm"]),
+        ResourceDef("", "v1", "services", "Service", True, short_names=["svc"], categories=["all"], status=True),
+        ResourceDef("", "v1", "serviceaccounts", "ServiceAccount", True, short_names=["sa"]),
+        ResourceDef("apps", "v1", "deployments", "Deployment", True, short_names=["deploy"], categories=["all"],
+                    status=True, generation=True),
+        ResourceDef("rbac.authorization.k8s.io", "v1", "roles", "Role", True),
+        ResourceDef("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding", True),
+        ResourceDef("rbac.authorization.k8s.io", "v1", "clusterroles", "ClusterRole", False),
+        ResourceDef("rbac.authorization.k8s.io", "v1", "clusterrolebindings", "ClusterRoleBinding", False),
+        ResourceDef("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget", True, short_names=["pdb"],
+                    status=True, generation=True),
     ]
 
 
@@ -1394,6 +1407,7 @@ class State:
         if not rd.view:
             self._check_kind(rd, body)
             obj["apiVersion"], obj["kind"] = rd.api_version, rd.kind
+        _secret_on_write(rd, obj)
         meta = obj.get("metadata")
         if not isinstance(meta, dict):
             meta = obj["metadata"] = {}
@@ -1481,6 +1495,7 @@ class State:
         if not rd.view:
             self._check_kind(rd, body)
             new["apiVersion"], new["kind"] = rd.api_version, rd.kind
+        _secret_on_write(rd, new)
         meta = new.get("metadata")
         if not isinstance(meta, dict):
             meta = new["metadata"] = {}
@@ -1912,6 +1927,135 @@ def _truthy(v):
     return v is not None and v.lower() in ("1", "true", "yes", "")
 
 
+# -- core/v1 Secret writes ---------------------------------------------------
+
+
+def _secret_on_write(rd, obj):
+    """stringData is merged into data and dropped (pkg/apis/core/v1/conversion.go
+    Convert_v1_Secret_To_core_Secret); type defaults to Opaque (pkg/apis/core/v1/defaults.go
+    SetDefaults_Secret)."""
+    if (rd.group, rd.plural) != ("", "secrets"):
+        return
+    string_data = obj.pop("stringData", None)
+    if isinstance(string_data, dict) and string_data:
+        data = obj.get("data") if isinstance(obj.get("data"), dict) else {}
+        for k, v in string_data.items():
+            data[k] = base64.b64encode(str(v).encode()).decode()
+        obj["data"] = data
+    if not obj.get("type"):
+        obj["type"] = "Opaque"
+
+
+# -- protobuf request bodies (Secrets only) -----------------------------------
+# client-go sends core kinds as protobuf when a client asks for it (Helm's release Secrets).
+# Envelope: staging/src/k8s.io/apimachinery/pkg/runtime/serializer/protobuf/protobuf.go
+# (the "k8s\x00" prefix, then runtime.Unknown {typeMeta=1 {apiVersion=1, kind=2}, raw=2});
+# field numbers: staging/src/k8s.io/api/core/v1/generated.proto (Secret) and
+# staging/src/k8s.io/apimachinery/pkg/apis/meta/v1/generated.proto (ObjectMeta).
+
+PROTOBUF_CT = "application/vnd.kubernetes.protobuf"
+_PB_PREFIX = b"k8s\x00"
+
+
+def _pb_fields(buf: bytes):
+    """(field number, wire type, value) of one message: int for varints, bytes otherwise."""
+    i, n = 0, len(buf)
+
+    def varint():
+        nonlocal i
+        shift = value = 0
+        while True:
+            if i >= n:
+                raise ValueError("truncated varint")
+            b = buf[i]
+            i += 1
+            value |= (b & 0x7F) << shift
+            if not b & 0x80:
+                return value
+            shift += 7
+            if shift > 63:
+                raise ValueError("varint too long")
+
+    while i < n:
+        key = varint()
+        num, wire = key >> 3, key & 7
+        if wire == 0:
+            value = varint()
+        elif wire == 2:
+            size = varint()
+            if i + size > n:
+                raise ValueError("truncated field")
+            value, i = buf[i:i + size], i + size
+        elif wire in (1, 5):
+            size = 8 if wire == 1 else 4
+            value, i = buf[i:i + size], i + size
+        else:
+            raise ValueError(f"unsupported wire type {wire}")
+        yield num, wire, value
+
+
+def _pb_map_entry(buf: bytes):
+    key = value = b""
+    for num, _wire, v in _pb_fields(buf):
+        if num == 1:
+            key = v
+        elif num == 2:
+            value = v
+    return key, value
+
+
+def _pb_object_meta(buf: bytes) -> dict:
+    """The client-settable ObjectMeta fields; server-set ones (timestamps, generation,
+    managedFields) and ownerReferences are not decoded."""
+    strings = {1: "name", 2: "generateName", 3: "namespace", 5: "uid", 6: "resourceVersion"}
+    maps = {11: "labels", 12: "annotations"}
+    meta: dict = {}
+    for num, wire, v in _pb_fields(buf):
+        if wire != 2:
+            continue
+        if num in strings:
+            meta[strings[num]] = v.decode()
+        elif num in maps:
+            k, val = _pb_map_entry(v)
+            meta.setdefault(maps[num], {})[k.decode()] = val.decode()
+        elif num == 14:
+            meta.setdefault("finalizers", []).append(v.decode())
+    return meta
+
+
+def decode_protobuf_secret(body: bytes) -> dict:
+    """A core/v1 Secret in the Kubernetes protobuf encoding, as its JSON object."""
+    if not body.startswith(_PB_PREFIX) or len(body) == len(_PB_PREFIX):
+        raise ValueError(f"provided data does not appear to be a protobuf message, expected prefix {list(_PB_PREFIX)}")
+    type_meta: dict = {}
+    raw = b""
+    for num, wire, v in _pb_fields(body[len(_PB_PREFIX):]):
+        if num == 1 and wire == 2:
+            type_meta = {n: tv.decode() for n, _w, tv in _pb_fields(v)}
+        elif num == 2 and wire == 2:
+            raw = v
+    obj: dict = {}
+    if type_meta.get(1):
+        obj["apiVersion"] = type_meta[1]
+    if type_meta.get(2):
+        obj["kind"] = type_meta[2]
+    obj["metadata"] = {}
+    for num, wire, v in _pb_fields(raw):
+        if num == 1 and wire == 2:
+            obj["metadata"] = _pb_object_meta(v)
+        elif num in (2, 4) and wire == 2:
+            k, val = _pb_map_entry(v)
+            if num == 2:
+                obj.setdefault("data", {})[k.decode()] = base64.b64encode(val).decode()
+            else:
+                obj.setdefault("stringData", {})[k.decode()] = val.decode()
+        elif num == 3 and wire == 2:
+            obj["type"] = v.decode()
+        elif num == 5 and wire == 0:
+            obj["immutable"] = bool(v)
+    return obj
+
+
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "fake-kube"
@@ -1988,6 +2132,20 @@ class Handler(BaseHTTPRequestHandler):
                 return yaml.safe_load(body.decode())
             return json.loads(body)
         except Exception as e:
+            raise err_bad_request(f"error decoding the request body: {e}")
+
+    def _object_body(self, rd, body: bytes):
+        """A create/update body: JSON or YAML, or protobuf for a Secret (see CONTRACT.md)."""
+        ct = (self.headers.get("Content-Type") or JSON_CT).split(";")[0].strip().lower()
+        if ct != PROTOBUF_CT:
+            return self._json_body(body)
+        if (rd.group, rd.plural) != ("", "secrets"):
+            raise ApiError(415, "UnsupportedMediaType",
+                           "the body of the request was in an unknown format - accepted media types include: "
+                           "application/json, application/yaml")
+        try:
+            return decode_protobuf_secret(body)
+        except (ValueError, UnicodeDecodeError) as e:
             raise err_bad_request(f"error decoding the request body: {e}")
 
     def _dispatch(self, method):
@@ -2172,10 +2330,10 @@ class Handler(BaseHTTPRequestHandler):
                 return self._send_json(200, self._table(rd, [e], {"resourceVersion": e.obj["metadata"]["resourceVersion"]}))
             return self._send_entry(200, rd, e)
         if verb == "create":
-            e = st.create(rd, ns, self._json_body(body), dry_run=dry_run)
+            e = st.create(rd, ns, self._object_body(rd, body), dry_run=dry_run)
             return self._send_entry(201, rd, e)
         if verb == "update":
-            e, created = st.update(rd, ns, name, self._json_body(body), subresource=sub, dry_run=dry_run)
+            e, created = st.update(rd, ns, name, self._object_body(rd, body), subresource=sub, dry_run=dry_run)
             return self._send_entry(201 if created else 200, rd, e)
         if verb == "patch":
             e, created = st.patch(rd, ns, name, self.headers.get("Content-Type"), body, subresource=sub,
