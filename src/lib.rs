@@ -12,5 +12,6 @@ pub mod runtime;
 pub mod secret;
 pub mod sinks;
 pub mod sources;
+pub mod telemetry;
 pub mod tls;
 pub mod validate;
