@@ -4,6 +4,8 @@
 
 pub mod catalog;
 pub mod cli;
+#[cfg(test)]
+mod kube_mock;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;

@@ -327,6 +327,9 @@ pub async fn run(
 }
 
 #[cfg(test)]
+mod api_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -168,6 +168,9 @@ pub(crate) async fn patch(
 }
 
 #[cfg(test)]
+mod api_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::catalog::plan::desired_catalog;
