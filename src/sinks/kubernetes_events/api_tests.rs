@@ -77,7 +77,7 @@ async fn warning_events_are_published_renewed_and_retried_off_the_watch_path() {
     let (method, ..) = answer(&mut handle, StatusCode::CREATED, json!({})).await;
     assert_eq!(method, Method::POST);
 
-    // A different problem: a new Event naming it; rejected, it is retried after 1 s, 2 s, ...
+    // A different problem: a new Event naming it; rejected, it is retried after 1-2 s, 2-4 s, ...
     // and not on every resolution.
     tx.send_replace(invalid_pod("metadata.annotations[workersd.io/service]"));
     let rejected = api_status(500, "InternalError", "etcd");
@@ -95,7 +95,9 @@ async fn warning_events_are_published_renewed_and_retried_off_the_watch_path() {
             .contains("workersd.io/service"),
         "{event}"
     );
+    // Each retry comes after its delay plus up to as much again of jitter.
     for backoff in [1, 2, 4] {
+        let failed = tokio::time::Instant::now();
         tx.send_replace(invalid_pod("metadata.annotations[workersd.io/service]"));
         no_request_for(&mut handle, Duration::from_millis(backoff * 1000 - 10)).await;
         let (method, ..) = answer(
@@ -105,6 +107,11 @@ async fn warning_events_are_published_renewed_and_retried_off_the_watch_path() {
         )
         .await;
         assert_eq!(method, Method::POST);
+        let waited = failed.elapsed();
+        assert!(
+            waited <= Duration::from_secs(2 * backoff),
+            "retry {backoff}: after {waited:?}"
+        );
     }
     // Fixed: no more Events.
     tx.send_replace(Arc::new(Problems::new()));
