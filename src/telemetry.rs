@@ -24,6 +24,22 @@ pub fn init(format: LogFormat) {
         .init();
 }
 
+/// Shows an error with its sources, `outer: inner: root`, as anyhow's `{:#}` does; for log
+/// fields and for messages that must carry the whole chain.
+pub struct Chain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(error) = source {
+            write!(f, ": {error}")?;
+            source = error.source();
+        }
+        Ok(())
+    }
+}
+
 /// The formatting layer for `format`, writing to `writer`.
 pub fn layer<S, W>(format: LogFormat, writer: W, ansi: bool) -> Box<dyn Layer<S> + Send + Sync>
 where

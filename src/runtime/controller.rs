@@ -34,8 +34,8 @@ impl Controller {
         default_node: String,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Self> {
-        run.validate().map_err(anyhow::Error::msg)?;
-        let fds = limits::raise_for(run.probe_concurrency).map_err(anyhow::Error::msg)?;
+        run.validate()?;
+        let fds = limits::raise_for(run.probe_concurrency)?;
         tracing::debug!(soft = fds.soft, hard = fds.hard, "file-descriptor limit");
         let node = run.consul_node.clone().unwrap_or(default_node);
         let owner = run.owner_id.clone().unwrap_or_else(|| node.clone());

@@ -15,11 +15,7 @@ pub(super) fn consul_settings(
         .map_err(anyhow::Error::msg)
         .context("--consul-addr")?;
     let token = match &run.consul_token_file {
-        Some(path) => TokenSource::File(
-            FileSecret::open(path)
-                .map_err(anyhow::Error::msg)
-                .context("--consul-token-file")?,
-        ),
+        Some(path) => TokenSource::File(FileSecret::open(path).context("--consul-token-file")?),
         None => match std::env::var("CONSUL_HTTP_TOKEN") {
             Ok(token) if !token.trim().is_empty() => TokenSource::Fixed(Secret::new(token.trim())),
             _ => TokenSource::None,
