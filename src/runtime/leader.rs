@@ -199,6 +199,7 @@ pub async fn try_acquire_or_renew(
 
 /// Waits until this instance leads; returns when the successful attempt started,
 /// which is no later than the renewTime recorded in the lease.
+#[tracing::instrument(name = "lease", skip_all, fields(namespace = %settings.namespace, lease = %settings.name, identity = %settings.identity))]
 pub async fn acquire(api: &Api<Lease>, settings: &LeaseSettings) -> Instant {
     let mut observed = Observed::default();
     let mut logged_holder = None;
@@ -211,20 +212,20 @@ pub async fn acquire(api: &Api<Lease>, settings: &LeaseSettings) -> Instant {
         .await
         {
             Ok(Ok(true)) => {
-                tracing::info!(lease = %settings.name, identity = %settings.identity, "became leader");
+                tracing::info!("became leader");
                 return attempt;
             }
             Ok(Ok(false)) => {
                 let holder = observed.holder().map(str::to_string);
                 if holder != logged_holder {
-                    tracing::info!(lease = %settings.name, holder = ?holder, "standing by; another instance leads");
+                    tracing::info!(holder = ?holder, "standing by; another instance leads");
                     logged_holder = holder;
                 }
             }
             Ok(Err(e)) => {
-                tracing::warn!(lease = %settings.name, error = %e, "lease request failed; retrying")
+                tracing::warn!(error = %e, "lease request failed; retrying")
             }
-            Err(_) => tracing::warn!(lease = %settings.name, "lease request timed out; retrying"),
+            Err(_) => tracing::warn!("lease request timed out; retrying"),
         }
         tokio::time::sleep(settings.retry_every()).await;
     }
@@ -234,6 +235,7 @@ pub async fn acquire(api: &Api<Lease>, settings: &LeaseSettings) -> Instant {
 /// renewal succeeded within the renew deadline. Every attempt is bounded by what is left of
 /// that deadline, so a hung request cannot keep a leader writing past its lease (the standby
 /// takes over only after the full lease duration).
+#[tracing::instrument(name = "lease", skip_all, fields(namespace = %settings.namespace, lease = %settings.name, identity = %settings.identity))]
 pub async fn renew_while_leading(api: &Api<Lease>, settings: &LeaseSettings, acquired: Instant) {
     let mut observed = Observed::default();
     // The start of the last successful attempt: never later than the renewTime it wrote.
@@ -253,16 +255,16 @@ pub async fn renew_while_leading(api: &Api<Lease>, settings: &LeaseSettings, acq
                 next = attempt + settings.renew_every();
             }
             Ok(Ok(false)) => {
-                tracing::error!(lease = %settings.name, "lost the lease to another instance");
+                tracing::error!("lost the lease to another instance");
                 return;
             }
             Ok(Err(e)) => {
-                tracing::warn!(lease = %settings.name, error = %e, "lease renewal failed")
+                tracing::warn!(error = %e, "lease renewal failed")
             }
-            Err(_) => tracing::warn!(lease = %settings.name, "lease renewal timed out"),
+            Err(_) => tracing::warn!("lease renewal timed out"),
         }
         if last_renewed.elapsed() >= settings.renew_deadline() {
-            tracing::error!(lease = %settings.name, "could not renew the lease before its renew deadline");
+            tracing::error!("could not renew the lease before its renew deadline");
             return;
         }
         if next <= Instant::now() {

@@ -24,6 +24,7 @@ use futures::FutureExt;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use tokio::sync::watch;
+use tracing::Instrument;
 
 pub async fn run_standalone(args: StandaloneArgs) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&args.targets)
@@ -54,9 +55,9 @@ pub async fn run_standalone(args: StandaloneArgs) -> anyhow::Result<()> {
         targets_tx,
         controller.metrics.clone(),
     ));
-    let running = controller.start(targets_rx);
+    let started = controller.start(targets_rx);
     shutdown::signal().await;
-    running.stop().await;
+    started.stop().await;
     Ok(())
 }
 
@@ -124,15 +125,16 @@ pub async fn run_kubernetes(args: KubernetesArgs) -> anyhow::Result<()> {
     let metrics = controller.metrics.clone();
     let refused = controller.refused();
     let outputs = tokio::select! {
-        outputs = kube_watch::start(client.clone(), watch_settings, metrics, refused) => outputs,
+        outputs = kube_watch::start(client.clone(), watch_settings, metrics, refused)
+            .instrument(tracing::info_span!("kubernetes_watch", namespaces = ?args.namespaces)) => outputs,
         lease = &mut lost => bail!("lost leadership of lease {lease} during the initial sync; exiting so a standby takes over"),
         _ = shutdown::signal() => return Ok(()),
     };
-    let running = controller.start(outputs.targets);
+    let started = controller.start(outputs.targets);
     tokio::spawn(status::run(
         client,
         outputs.resources,
-        running.desired.clone(),
+        started.desired.clone(),
     ));
     tokio::select! {
         lease = &mut lost => {
@@ -140,6 +142,6 @@ pub async fn run_kubernetes(args: KubernetesArgs) -> anyhow::Result<()> {
         }
         _ = shutdown::signal() => {}
     }
-    running.stop().await;
+    started.stop().await;
     Ok(())
 }

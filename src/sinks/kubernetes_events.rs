@@ -297,6 +297,7 @@ async fn perform(client: &Client, action: &Action) -> Result<Outcome, kube::Erro
 }
 
 /// Publishes Events for the problems on `problems` until its sender is dropped.
+#[tracing::instrument(name = "kubernetes_events", skip_all, fields(identity = %identity))]
 pub async fn run(
     client: Client,
     identity: String,
