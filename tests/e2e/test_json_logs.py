@@ -1,11 +1,13 @@
 """`--log-format json`: every stderr line is one JSON object whose keys are unique at every
 level (a collector keeps one of two equal keys and loses the other), and a fatal error is
-reported once, as a JSON line like the rest. Loopback only, bounded waits."""
+reported once, as a JSON line like the rest. Loopback only (the Kubernetes case uses the fake
+API server of test_kubernetes_e2e.py), bounded waits."""
 import json
 import signal
 import subprocess
 
 from harness import Workersd, targets_yaml, wait_until
+from test_kubernetes_e2e import cluster, kube_workersd  # noqa: F401 - `cluster` is a fixture
 
 
 def _unique_keys(pairs):
@@ -62,3 +64,18 @@ def test_a_fatal_error_is_reported_once_as_json(procs):
     assert len(naming) == 1, result.stderr
     assert naming[0]["level"] == "ERROR", naming[0]
     assert "cannot read targets file" in json.dumps(naming[0]), naming[0]
+
+
+def test_kubernetes_mode_lines_carry_the_lease_span(procs, cluster):
+    """Kubernetes mode (leader election against the fake API server): the lease's events
+    carry its namespace, name and identity once, in their span, not as repeated fields."""
+    fk, consul, _ = cluster
+    wd = kube_workersd(procs, fk, consul, "--log-format", "json", identity="wd-json").start()
+    assert wd.proc.stop() == 0
+    records = parse_json_lines(wd.proc.stderr())
+    leader = [r for r in records if r["message"] == "became leader"]
+    assert len(leader) == 1, [r["message"] for r in records]
+    span = leader[0]["span"]
+    assert span["name"] == "lease", leader[0]
+    assert span["fields"] == {"namespace": "default", "lease": "workersd", "identity": "wd-json"}
+    assert "fields" not in leader[0], leader[0]
