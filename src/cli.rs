@@ -191,44 +191,82 @@ pub struct RunArgs {
     pub log_format: LogFormat,
 }
 
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(text)
-        .map_err(|e| format!("{text:?} is not a duration like 500ms or 10s: {e}"))?;
+/// A flag value clap cannot take; clap prints it after the flag and the value.
+#[derive(Debug, thiserror::Error)]
+pub enum ValueError {
+    #[error("{text:?} is not a duration like {example}: {reason}")]
+    Duration {
+        text: String,
+        example: &'static str,
+        reason: humantime::DurationError,
+    },
+    #[error("must be greater than zero")]
+    Zero,
+    #[error("{text:?} is not host:port or \"off\": {reason}")]
+    Listen {
+        text: String,
+        reason: std::net::AddrParseError,
+    },
+}
+
+fn parse_duration(text: &str) -> Result<Duration, ValueError> {
+    let d = humantime::parse_duration(text).map_err(|reason| ValueError::Duration {
+        text: text.into(),
+        example: "500ms or 10s",
+        reason,
+    })?;
     if d.is_zero() {
-        return Err("must be greater than zero".into());
+        return Err(ValueError::Zero);
     }
     Ok(d)
 }
 
-fn parse_duration_or_zero(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text)
-        .map_err(|e| format!("{text:?} is not a duration like 0s or 60s: {e}"))
+fn parse_duration_or_zero(text: &str) -> Result<Duration, ValueError> {
+    humantime::parse_duration(text).map_err(|reason| ValueError::Duration {
+        text: text.into(),
+        example: "0s or 60s",
+        reason,
+    })
 }
 
 /// A listen address that can be switched off with "off".
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OptionalListen(pub Option<SocketAddr>);
 
-fn parse_optional_addr(text: &str) -> Result<OptionalListen, String> {
+fn parse_optional_addr(text: &str) -> Result<OptionalListen, ValueError> {
     if text.eq_ignore_ascii_case("off") || text.is_empty() {
         return Ok(OptionalListen(None));
     }
     text.parse()
         .map(|addr| OptionalListen(Some(addr)))
-        .map_err(|e| format!("{text:?} is not host:port or \"off\": {e}"))
+        .map_err(|reason| ValueError::Listen {
+            text: text.into(),
+            reason,
+        })
+}
+
+/// Flags that do not fit together, or a value out of range, found after parsing.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FlagsError {
+    #[error("--fast-interval must not exceed --probe-interval")]
+    FastIntervalAboveProbeInterval,
+    #[error("--probe-concurrency must be between 1 and 65536")]
+    ProbeConcurrencyOutOfRange,
+    #[error("--probe-timeout must not exceed --probe-interval")]
+    ProbeTimeoutAboveProbeInterval,
 }
 
 impl RunArgs {
     /// Checks relations between flags that clap cannot express.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), FlagsError> {
         if self.fast_interval > self.probe_interval {
-            return Err("--fast-interval must not exceed --probe-interval".into());
+            return Err(FlagsError::FastIntervalAboveProbeInterval);
         }
         if !(1..=65_536).contains(&self.probe_concurrency) {
-            return Err("--probe-concurrency must be between 1 and 65536".into());
+            return Err(FlagsError::ProbeConcurrencyOutOfRange);
         }
         if self.probe_timeout > self.probe_interval {
-            return Err("--probe-timeout must not exceed --probe-interval".into());
+            return Err(FlagsError::ProbeTimeoutAboveProbeInterval);
         }
         Ok(())
     }
@@ -301,6 +339,8 @@ mod tests {
         let Command::Standalone(args) = cli.command else {
             panic!("wrong subcommand")
         };
-        assert!(args.run.validate().unwrap_err().contains("--fast-interval"));
+        let err = args.run.validate().unwrap_err();
+        assert_eq!(err, FlagsError::FastIntervalAboveProbeInterval);
+        assert!(err.to_string().contains("--fast-interval"), "{err}");
     }
 }

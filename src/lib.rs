@@ -6,6 +6,8 @@ pub mod catalog;
 pub mod cli;
 #[cfg(test)]
 mod fixtures;
+#[cfg(test)]
+mod kube_mock;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;
@@ -14,5 +16,6 @@ pub mod runtime;
 pub mod secret;
 pub mod sinks;
 pub mod sources;
+pub mod telemetry;
 pub mod tls;
 pub mod validate;

@@ -1,21 +1,8 @@
 use clap::Parser;
-use std::io::IsTerminal;
 use std::process::ExitCode;
-use tracing_subscriber::EnvFilter;
-use workersd::cli::{Cli, Command, LogFormat};
+use workersd::cli::{Cli, Command};
 use workersd::sources::file;
-
-fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_env("WORKERSD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
-}
+use workersd::telemetry;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -38,11 +25,11 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Kubernetes(args) => {
-            init_logging(args.run.log_format);
+            telemetry::init(args.run.log_format);
             run_async(workersd::runtime::run_kubernetes(*args))
         }
         Command::Standalone(args) => {
-            init_logging(args.run.log_format);
+            telemetry::init(args.run.log_format);
             run_async(workersd::runtime::run_standalone(*args))
         }
     }
@@ -54,17 +41,21 @@ fn run_async(work: impl std::future::Future<Output = anyhow::Result<()>>) -> Exi
         .build()
     {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("workersd: cannot start the async runtime: {e}");
-            return ExitCode::from(1);
-        }
+        Err(e) => return fatal(&anyhow::Error::new(e).context("cannot start the async runtime")),
     };
     match runtime.block_on(work) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("workersd: {e:#}");
-            ExitCode::from(1)
-        }
+        Err(e) => fatal(&e),
     }
+}
+
+/// Reports the error that ends the process, once: as a log line (JSON lines stay parseable),
+/// or on plain stderr when `WORKERSD_LOG` filters errors out.
+fn fatal(error: &anyhow::Error) -> ExitCode {
+    if tracing::enabled!(tracing::Level::ERROR) {
+        tracing::error!("{error:#}");
+    } else {
+        eprintln!("workersd: {error:#}");
+    }
+    ExitCode::from(1)
 }

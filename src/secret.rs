@@ -1,9 +1,22 @@
 //! Secrets (Consul ACL tokens) that can never reach a log line, metric or error message.
 
+use crate::telemetry::Chain;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::SystemTime;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    #[error("cannot read token file {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("token file {} is empty", path.display())]
+    Empty { path: PathBuf },
+}
 
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
@@ -14,12 +27,16 @@ impl Secret {
     }
 
     /// Reads a token file, trimming the trailing newline editors and Secrets mounts add.
-    pub fn from_file(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read token file {}: {e}", path.display()))?;
+    pub fn from_file(path: &Path) -> Result<Self, SecretError> {
+        let text = std::fs::read_to_string(path).map_err(|source| SecretError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let token = text.trim();
         if token.is_empty() {
-            return Err(format!("token file {} is empty", path.display()));
+            return Err(SecretError::Empty {
+                path: path.to_path_buf(),
+            });
         }
         Ok(Self(token.to_string()))
     }
@@ -92,7 +109,7 @@ fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
 
 impl FileSecret {
     /// The first read must succeed: a missing or empty token file is a start-up error.
-    pub fn open(path: &Path) -> Result<Self, String> {
+    pub fn open(path: &Path) -> Result<Self, SecretError> {
         let stamp = stamp(path);
         let secret = Secret::from_file(path)?;
         Ok(Self {
@@ -119,7 +136,7 @@ impl FileSecret {
                     state.stamp = now;
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot re-read token file; keeping the previous token")
+                    tracing::warn!(error = %Chain(&e), "cannot re-read token file; keeping the previous token")
                 }
             }
         }
@@ -146,8 +163,13 @@ mod tests {
         std::fs::write(&file, "abc\n").unwrap();
         assert_eq!(Secret::from_file(&file).unwrap().expose(), "abc");
         std::fs::write(&file, "\n").unwrap();
-        assert!(Secret::from_file(&file).unwrap_err().contains("empty"));
-        assert!(Secret::from_file(&dir.join("missing")).is_err());
+        assert!(matches!(
+            Secret::from_file(&file),
+            Err(SecretError::Empty { .. })
+        ));
+        let missing = Secret::from_file(&dir.join("missing")).unwrap_err();
+        assert!(matches!(missing, SecretError::Read { .. }), "{missing}");
+        assert!(missing.to_string().contains("missing"), "{missing}");
         std::fs::remove_dir_all(dir).unwrap();
     }
 

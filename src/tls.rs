@@ -9,6 +9,45 @@ use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+/// Why the Consul client's TLS configuration cannot be built; names the flag at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{flag} {}", path.display())]
+    Pem {
+        flag: &'static str,
+        path: PathBuf,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("{flag} {} holds no PEM certificate", path.display())]
+    NoCertificate { flag: &'static str, path: PathBuf },
+    #[error("--consul-ca-file {}", path.display())]
+    BadCa {
+        path: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("--consul-tls-server-name {name:?}")]
+    ServerName {
+        name: String,
+        #[source]
+        source: rustls::pki_types::InvalidDnsNameError,
+    },
+    #[error("TLS verifier")]
+    Verifier(#[source] rustls::client::VerifierBuilderError),
+    #[error("client certificate")]
+    ClientCertificate(#[source] rustls::Error),
+    #[error("--consul-client-cert and --consul-client-key go together")]
+    HalfClientCertificate,
+}
+
+/// For callers that still report errors as text; the whole chain, so no cause is lost.
+impl From<TlsError> for String {
+    fn from(error: TlsError) -> Self {
+        crate::telemetry::Chain(&error).to_string()
+    }
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct TlsSettings {
     /// PEM CA bundle; the system roots when unset.
@@ -26,30 +65,36 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-fn read_certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+fn read_certs(path: &Path, flag: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = |source| TlsError::Pem {
+        flag,
+        path: path.to_path_buf(),
+        source,
+    };
     let certs: Vec<_> = CertificateDer::pem_file_iter(path)
-        .map_err(|e| format!("{what} {}: {e}", path.display()))?
+        .map_err(pem)?
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("{what} {}: {e}", path.display()))?;
+        .map_err(pem)?;
     if certs.is_empty() {
-        return Err(format!(
-            "{what} {} holds no PEM certificate",
-            path.display()
-        ));
+        return Err(TlsError::NoCertificate {
+            flag,
+            path: path.to_path_buf(),
+        });
     }
     Ok(certs)
 }
 
 /// Builds the client configuration, naming the file and flag at fault on any error.
-pub fn client_config(settings: &TlsSettings) -> Result<ClientConfig, String> {
+pub fn client_config(settings: &TlsSettings) -> Result<ClientConfig, TlsError> {
     install_crypto_provider();
     let mut roots = RootCertStore::empty();
     match &settings.ca_file {
         Some(path) => {
             for cert in read_certs(path, "--consul-ca-file")? {
-                roots
-                    .add(cert)
-                    .map_err(|e| format!("--consul-ca-file {}: {e}", path.display()))?;
+                roots.add(cert).map_err(|source| TlsError::BadCa {
+                    path: path.clone(),
+                    source,
+                })?;
             }
         }
         None => {
@@ -63,11 +108,14 @@ pub fn client_config(settings: &TlsSettings) -> Result<ClientConfig, String> {
     let roots = Arc::new(roots);
     let builder = match &settings.server_name {
         Some(name) => {
-            let name = ServerName::try_from(name.clone())
-                .map_err(|e| format!("--consul-tls-server-name {name:?}: {e}"))?;
+            let name =
+                ServerName::try_from(name.clone()).map_err(|source| TlsError::ServerName {
+                    name: name.clone(),
+                    source,
+                })?;
             let inner = WebPkiServerVerifier::builder(roots)
                 .build()
-                .map_err(|e| format!("TLS verifier: {e}"))?;
+                .map_err(TlsError::Verifier)?;
             ClientConfig::builder()
                 .dangerous()
                 .with_custom_certificate_verifier(Arc::new(NamedVerifier { inner, name }))
@@ -77,14 +125,17 @@ pub fn client_config(settings: &TlsSettings) -> Result<ClientConfig, String> {
     match (&settings.client_cert, &settings.client_key) {
         (Some(cert), Some(key)) => {
             let chain = read_certs(cert, "--consul-client-cert")?;
-            let key = PrivateKeyDer::from_pem_file(key)
-                .map_err(|e| format!("--consul-client-key {}: {e}", key.display()))?;
+            let key = PrivateKeyDer::from_pem_file(key).map_err(|source| TlsError::Pem {
+                flag: "--consul-client-key",
+                path: key.clone(),
+                source,
+            })?;
             builder
                 .with_client_auth_cert(chain, key)
-                .map_err(|e| format!("client certificate: {e}"))
+                .map_err(TlsError::ClientCertificate)
         }
         (None, None) => Ok(builder.with_no_client_auth()),
-        _ => Err("--consul-client-cert and --consul-client-key go together".into()),
+        _ => Err(TlsError::HalfClientCertificate),
     }
 }
 
@@ -208,10 +259,10 @@ mod tests {
             ca_file: Some("/nonexistent/ca.pem".into()),
             ..TlsSettings::default()
         };
+        let err = String::from(client_config(&missing).unwrap_err());
         assert!(
-            client_config(&missing)
-                .unwrap_err()
-                .contains("--consul-ca-file /nonexistent/ca.pem")
+            err.starts_with("--consul-ca-file /nonexistent/ca.pem: "),
+            "the flag, the file, then why: {err}"
         );
         let dir = std::env::temp_dir().join(format!("workersd-tls-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -222,12 +273,15 @@ mod tests {
             ..TlsSettings::default()
         })
         .unwrap_err();
-        assert!(err.contains("no PEM certificate"), "{err}");
+        assert!(err.to_string().contains("no PEM certificate"), "{err}");
         let half = TlsSettings {
             client_cert: Some(empty),
             ..TlsSettings::default()
         };
-        assert!(client_config(&half).unwrap_err().contains("go together"));
+        assert!(matches!(
+            client_config(&half),
+            Err(TlsError::HalfClientCertificate)
+        ));
         std::fs::remove_dir_all(dir).unwrap();
         assert!(
             client_config(&TlsSettings::default()).is_ok(),

@@ -39,13 +39,13 @@ impl LeaseSettings {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Decision {
-    /// No lease yet: create it, holding it.
+    /// No lease yet: create it, with us as its holder.
     Create,
-    /// We hold it: refresh renewTime.
+    /// We lead: refresh renewTime.
     Renew,
     /// The holder stopped renewing: take it over.
     Takeover,
-    /// Someone else holds a live lease.
+    /// Someone else leads and its lease is live.
     Wait { holder: String },
 }
 
@@ -118,7 +118,7 @@ pub fn decide(
     Decision::Wait { holder }
 }
 
-fn held_spec(
+fn leader_spec(
     settings: &LeaseSettings,
     previous: Option<&LeaseSpec>,
     now: Timestamp,
@@ -143,9 +143,9 @@ fn held_spec(
     }
 }
 
-/// One attempt to become or stay leader. `Ok(true)`: we hold the lease now. Conflicts (a
+/// One attempt to become or stay leader. `Ok(true)`: we lead now. Conflicts (a
 /// concurrent writer) are a plain `Ok(false)`.
-pub async fn try_hold(
+pub async fn try_acquire_or_renew(
     api: &Api<Lease>,
     settings: &LeaseSettings,
     observed: &mut Observed,
@@ -171,13 +171,13 @@ pub async fn try_hold(
                     namespace: Some(settings.namespace.clone()),
                     ..ObjectMeta::default()
                 },
-                spec: Some(held_spec(settings, None, now, false)),
+                spec: Some(leader_spec(settings, None, now, false)),
             };
             api.create(&PostParams::default(), &lease).await.map(|_| ())
         }
         decision @ (Decision::Renew | Decision::Takeover) => {
             let mut lease = current.expect("decided on an existing lease");
-            let spec = held_spec(
+            let spec = leader_spec(
                 settings,
                 lease.spec.as_ref(),
                 now,
@@ -197,8 +197,9 @@ pub async fn try_hold(
     }
 }
 
-/// Waits until this instance holds the lease; returns when the successful attempt started,
+/// Waits until this instance leads; returns when the successful attempt started,
 /// which is no later than the renewTime recorded in the lease.
+#[tracing::instrument(name = "lease", skip_all, fields(namespace = %settings.namespace, lease = %settings.name, identity = %settings.identity))]
 pub async fn acquire(api: &Api<Lease>, settings: &LeaseSettings) -> Instant {
     let mut observed = Observed::default();
     let mut logged_holder = None;
@@ -206,25 +207,25 @@ pub async fn acquire(api: &Api<Lease>, settings: &LeaseSettings) -> Instant {
         let attempt = Instant::now();
         match tokio::time::timeout(
             settings.renew_deadline(),
-            try_hold(api, settings, &mut observed),
+            try_acquire_or_renew(api, settings, &mut observed),
         )
         .await
         {
             Ok(Ok(true)) => {
-                tracing::info!(lease = %settings.name, identity = %settings.identity, "became leader");
+                tracing::info!("became leader");
                 return attempt;
             }
             Ok(Ok(false)) => {
                 let holder = observed.holder().map(str::to_string);
                 if holder != logged_holder {
-                    tracing::info!(lease = %settings.name, holder = ?holder, "standing by; another instance leads");
+                    tracing::info!(holder = ?holder, "standing by; another instance leads");
                     logged_holder = holder;
                 }
             }
             Ok(Err(e)) => {
-                tracing::warn!(lease = %settings.name, error = %e, "lease request failed; retrying")
+                tracing::warn!(error = %e, "lease request failed; retrying")
             }
-            Err(_) => tracing::warn!(lease = %settings.name, "lease request timed out; retrying"),
+            Err(_) => tracing::warn!("lease request timed out; retrying"),
         }
         tokio::time::sleep(settings.retry_every()).await;
     }
@@ -234,7 +235,8 @@ pub async fn acquire(api: &Api<Lease>, settings: &LeaseSettings) -> Instant {
 /// renewal succeeded within the renew deadline. Every attempt is bounded by what is left of
 /// that deadline, so a hung request cannot keep a leader writing past its lease (the standby
 /// takes over only after the full lease duration).
-pub async fn hold(api: &Api<Lease>, settings: &LeaseSettings, acquired: Instant) {
+#[tracing::instrument(name = "lease", skip_all, fields(namespace = %settings.namespace, lease = %settings.name, identity = %settings.identity))]
+pub async fn renew_while_leading(api: &Api<Lease>, settings: &LeaseSettings, acquired: Instant) {
     let mut observed = Observed::default();
     // The start of the last successful attempt: never later than the renewTime it wrote.
     let mut last_renewed = acquired;
@@ -247,22 +249,22 @@ pub async fn hold(api: &Api<Lease>, settings: &LeaseSettings, acquired: Instant)
         let left = settings
             .renew_deadline()
             .saturating_sub(attempt - last_renewed);
-        match tokio::time::timeout(left, try_hold(api, settings, &mut observed)).await {
+        match tokio::time::timeout(left, try_acquire_or_renew(api, settings, &mut observed)).await {
             Ok(Ok(true)) => {
                 last_renewed = attempt;
                 next = attempt + settings.renew_every();
             }
             Ok(Ok(false)) => {
-                tracing::error!(lease = %settings.name, "lost the lease to another instance");
+                tracing::error!("lost the lease to another instance");
                 return;
             }
             Ok(Err(e)) => {
-                tracing::warn!(lease = %settings.name, error = %e, "lease renewal failed")
+                tracing::warn!(error = %e, "lease renewal failed")
             }
-            Err(_) => tracing::warn!(lease = %settings.name, "lease renewal timed out"),
+            Err(_) => tracing::warn!("lease renewal timed out"),
         }
         if last_renewed.elapsed() >= settings.renew_deadline() {
-            tracing::error!(lease = %settings.name, "could not renew the lease before its renew deadline");
+            tracing::error!("could not renew the lease before its renew deadline");
             return;
         }
         if next <= Instant::now() {
@@ -271,6 +273,9 @@ pub async fn hold(api: &Api<Lease>, settings: &LeaseSettings, acquired: Instant)
         }
     }
 }
+
+#[cfg(test)]
+mod api_tests;
 
 #[cfg(test)]
 mod tests {
@@ -418,19 +423,19 @@ mod tests {
         };
         let now = Timestamp::now();
         let previous = lease("other", 30, 15).spec.unwrap();
-        let taken = held_spec(&settings, Some(&previous), now, true);
+        let taken = leader_spec(&settings, Some(&previous), now, true);
         assert_eq!(
             taken.acquire_time,
             Some(MicroTime(now)),
             "a takeover acquires anew"
         );
         assert_eq!(taken.lease_transitions, Some(1));
-        let created = held_spec(&settings, None, now, false);
+        let created = leader_spec(&settings, None, now, false);
         assert_eq!(created.acquire_time, Some(MicroTime(now)));
         assert_eq!(created.lease_transitions, Some(0));
         assert_eq!(taken.holder_identity.as_deref(), Some("me"));
         let later = now + SignedDuration::from_secs(5);
-        let renewed = held_spec(&settings, Some(&taken), later, false);
+        let renewed = leader_spec(&settings, Some(&taken), later, false);
         assert_eq!(renewed.acquire_time, taken.acquire_time);
         assert_eq!(renewed.renew_time, Some(MicroTime(later)));
         assert_eq!(renewed.lease_transitions, Some(1));

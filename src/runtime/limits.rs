@@ -14,6 +14,25 @@ pub const HEADROOM: u64 = 256;
 /// hard limit is unlimited.
 const MOST_WANTED: u64 = 1 << 20;
 
+#[derive(Debug, thiserror::Error)]
+pub enum LimitError {
+    #[error(
+        "--probe-concurrency {concurrency} needs at least {needed} file descriptors \
+         ({concurrency} probe sockets + {HEADROOM}), but the limit is {} (hard {}): lower \
+         --probe-concurrency or raise the limit (ulimit -n, systemd LimitNOFILE, the container \
+         runtime's nofile)",
+        limit.soft,
+        limit.hard
+    )]
+    TooLow {
+        concurrency: usize,
+        needed: u64,
+        limit: FdLimit,
+    },
+    #[error("cannot read the file-descriptor limit")]
+    Read(#[source] std::io::Error),
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FdLimit {
     pub soft: u64,
@@ -37,31 +56,26 @@ pub fn target_soft(limit: FdLimit) -> u64 {
 }
 
 /// Whether `limit` fits `concurrency`, with an error naming the flag and the fix.
-pub fn check(limit: FdLimit, concurrency: usize) -> Result<(), String> {
+pub fn check(limit: FdLimit, concurrency: usize) -> Result<(), LimitError> {
     let needed = required(concurrency);
     if limit.soft >= needed {
         return Ok(());
     }
-    Err(format!(
-        "--probe-concurrency {concurrency} needs at least {needed} file descriptors \
-         ({concurrency} probe sockets + {HEADROOM}), but the limit is {} (hard {}): lower \
-         --probe-concurrency or raise the limit (ulimit -n, systemd LimitNOFILE, the container \
-         runtime's nofile)",
-        limit.soft, limit.hard
-    ))
+    Err(LimitError::TooLow {
+        concurrency,
+        needed,
+        limit,
+    })
 }
 
-fn current() -> Result<FdLimit, String> {
+fn current() -> Result<FdLimit, LimitError> {
     let mut raw = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: getrlimit writes one rlimit through a valid pointer.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut raw) } != 0 {
-        return Err(format!(
-            "cannot read the file-descriptor limit: {}",
-            std::io::Error::last_os_error()
-        ));
+        return Err(LimitError::Read(std::io::Error::last_os_error()));
     }
     Ok(FdLimit {
         soft: raw.rlim_cur,
@@ -70,7 +84,7 @@ fn current() -> Result<FdLimit, String> {
 }
 
 /// Raises the soft limit as far as allowed, then checks it fits `concurrency`.
-pub fn raise_for(concurrency: usize) -> Result<FdLimit, String> {
+pub fn raise_for(concurrency: usize) -> Result<FdLimit, LimitError> {
     let before = current()?;
     let wanted = target_soft(before);
     if wanted > before.soft {
@@ -88,9 +102,8 @@ pub fn raise_for(concurrency: usize) -> Result<FdLimit, String> {
 }
 
 /// Hands freed heap pages back to the kernel. glibc keeps freed memory in its arenas, so
-/// the transient peak of a large Consul read (40,000 decoded entries every resync at 10,000
-/// pods) otherwise stays in RSS for good; measured: 280 MB instead of 145 MB. A few
-/// milliseconds per call.
+/// the transient peak of a large Consul read (every decoded entry, every resync) otherwise
+/// stays in RSS for good (BENCHMARKS.md, kube-memory). Costs a few milliseconds per call.
 pub fn release_free_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only walks glibc's own arenas.
@@ -121,7 +134,7 @@ mod tests {
         };
         assert!(check(tight, 512).is_ok());
         assert!(check(tight, 768).is_ok());
-        let error = check(tight, 769).unwrap_err();
+        let error = check(tight, 769).unwrap_err().to_string();
         assert!(error.contains("--probe-concurrency 769"), "{error}");
         assert!(error.contains("1025 file descriptors"), "{error}");
         assert!(error.contains("the limit is 1024 (hard 1024)"), "{error}");

@@ -7,8 +7,9 @@
 //! (1 h by default) after their last write, so, like client-go's events broadcaster
 //! (tools/events/event_broadcaster.go, `refreshTime`), it patches the Event's series well
 //! before that, and creates a new Event if the old one is gone. A rejected write is retried
-//! with exponential backoff, not on every resolution.
+//! with jittered exponential backoff, not on every resolution.
 
+use backon::BackoffBuilder;
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::events::v1::{Event, EventSeries};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
@@ -25,9 +26,9 @@ use tokio::time::Instant;
 pub const REPORTER: &str = "workersd";
 /// Events carry at most 1 kB of note (kube-apiserver's NoteLengthLimit is 1024).
 const NOTE_LIMIT: usize = 1000;
-/// First retry delay after a failed write; doubles per failure.
-const BACKOFF_BASE: Duration = Duration::from_secs(1);
-/// Longest retry delay (also capped by the refresh interval).
+/// First retry delay after a failed write; it doubles per failure, with jitter.
+const BACKOFF_FIRST: Duration = Duration::from_secs(1);
+/// Longest retry delay, jitter included (also capped by the refresh interval).
 const BACKOFF_MAX: Duration = Duration::from_secs(300);
 /// One Event write may take this long before it counts as failed.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -87,12 +88,24 @@ struct Published {
     count: i32,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 struct Entry {
     problem: Problem,
     published: Option<Published>,
     due: Instant,
-    failures: u32,
+    /// Retry delays after failed writes; restarted by a successful write.
+    retries: backon::ExponentialBackoff,
+}
+
+/// Delays in [1 s, 2 s), [2 s, 4 s), ... up to [150 s, 300 s): the jitter (up to as much
+/// again) keeps Events that failed together from being retried together.
+fn retry_delays() -> backon::ExponentialBackoff {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(BACKOFF_FIRST)
+        .with_max_delay(BACKOFF_MAX / 2)
+        .with_jitter()
+        .without_max_times()
+        .build()
 }
 
 /// A write to make now.
@@ -152,7 +165,7 @@ impl Plan {
                     problem: problem.clone(),
                     published: None,
                     due: now,
-                    failures: 0,
+                    retries: retry_delays(),
                 },
             );
         }
@@ -221,7 +234,7 @@ impl Plan {
         match outcome {
             Outcome::Created { name } => {
                 entry.published = Some(Published { name, count: 1 });
-                entry.failures = 0;
+                entry.retries = retry_delays();
                 entry.due = now + refresh;
             }
             Outcome::Refreshed => {
@@ -230,7 +243,7 @@ impl Plan {
                 {
                     published.count = series.count;
                 }
-                entry.failures = 0;
+                entry.retries = retry_delays();
                 entry.due = now + refresh;
             }
             Outcome::Gone => {
@@ -238,9 +251,10 @@ impl Plan {
                 entry.due = now;
             }
             Outcome::Failed => {
-                entry.failures = entry.failures.saturating_add(1);
-                let backoff = BACKOFF_BASE
-                    .saturating_mul(1 << (entry.failures - 1).min(16))
+                let backoff = entry
+                    .retries
+                    .next()
+                    .unwrap_or(BACKOFF_MAX)
                     .min(BACKOFF_MAX)
                     .min(refresh);
                 entry.due = now + backoff;
@@ -283,6 +297,7 @@ async fn perform(client: &Client, action: &Action) -> Result<Outcome, kube::Erro
 }
 
 /// Publishes Events for the problems on `problems` until its sender is dropped.
+#[tracing::instrument(name = "kubernetes_events", skip_all, fields(identity = %identity))]
 pub async fn run(
     client: Client,
     identity: String,
@@ -325,6 +340,9 @@ pub async fn run(
         }
     }
 }
+
+#[cfg(test)]
+mod api_tests;
 
 #[cfg(test)]
 mod tests {
@@ -440,17 +458,31 @@ mod tests {
         plan.update(&problems("bad ports"), t0);
         let action = plan.action("u1", "wd-1", Timestamp::now()).unwrap();
         let mut at = t0;
-        let mut delays = Vec::new();
-        for _ in 0..12 {
+        let fail = |plan: &mut Plan, at: Instant| {
             plan.done("u1", &action, Outcome::Failed, at);
             let next = plan.next_due().unwrap();
-            delays.push((next - at).as_secs());
             // Re-resolving the same problem does not bring the retry forward.
             plan.update(&problems("bad ports"), at);
             assert_eq!(plan.next_due(), Some(next));
-            at = next;
+            next - at
+        };
+        // Doubling from 1 s, each with up to as much again of jitter, never above 5 min.
+        let mut jittered = 0;
+        for failure in 0..12 {
+            let delay = fail(&mut plan, at);
+            let floor = BACKOFF_FIRST
+                .saturating_mul(1 << failure)
+                .min(BACKOFF_MAX / 2);
+            assert!(
+                floor <= delay && delay <= (floor * 2).min(BACKOFF_MAX),
+                "failure {failure}: {delay:?} not in [{floor:?}, {:?}]",
+                floor * 2
+            );
+            jittered += usize::from(delay != floor);
+            at += delay;
         }
-        assert_eq!(delays, [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300]);
+        assert!(jittered > 0, "no delay was jittered");
+        // A write that succeeds restarts the delays from 1 s.
         plan.done(
             "u1",
             &action,
@@ -460,5 +492,15 @@ mod tests {
             at,
         );
         assert_eq!(plan.next_due(), Some(at + Duration::from_secs(1800)));
+        let delay = fail(&mut plan, at);
+        assert!(delay < 2 * BACKOFF_FIRST, "{delay:?}");
+        // A short refresh interval caps the delay too.
+        let mut plan = Plan::new(Duration::from_secs(3));
+        plan.update(&problems("bad ports"), t0);
+        let action = plan.action("u1", "wd-1", Timestamp::now()).unwrap();
+        for _ in 0..4 {
+            plan.done("u1", &action, Outcome::Failed, t0);
+        }
+        assert_eq!(plan.next_due(), Some(t0 + Duration::from_secs(3)));
     }
 }

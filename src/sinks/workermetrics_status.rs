@@ -108,6 +108,7 @@ pub fn status_for(
 }
 
 /// Patches statuses whenever coverage or the desired catalog changes (coalesced).
+#[tracing::instrument(name = "workermetrics_status", skip_all)]
 pub async fn run(
     client: Client,
     mut resources: watch::Receiver<Arc<ResourceReport>>,
@@ -166,6 +167,9 @@ pub(crate) async fn patch(
         .await
         .map(|_| ())
 }
+
+#[cfg(test)]
+mod api_tests;
 
 #[cfg(test)]
 mod tests {

@@ -4,6 +4,3 @@ pub mod crd;
 pub mod resolve;
 pub mod spec;
 pub mod watch;
-
-#[cfg(test)]
-mod api_tests;

@@ -1,0 +1,176 @@
+//! A controller: validated and bound (`Controller`), then probing and publishing (`Started`).
+
+use super::admin_server::{self as server, Readiness};
+use super::settings::consul_settings;
+use super::{limits, shutdown};
+use crate::cli::{Liveness, RunArgs};
+use crate::metrics::Metrics;
+use crate::pipeline::{self, DesiredRx, desired_channel};
+use crate::probe::ProbeSettings;
+use crate::sinks::{consul, http_sd};
+use crate::sources::TargetSnapshot;
+use crate::validate;
+use anyhow::Context;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use tokio::sync::watch;
+
+/// A validated, bound controller whose health endpoints already answer; `start` begins the work.
+pub struct Controller {
+    run: RunArgs,
+    owner: String,
+    /// Descriptors left for held worker connections once probes and the rest have theirs.
+    hold_capacity: usize,
+    sink: Option<consul::ConsulSink>,
+    desired_tx: watch::Sender<Arc<pipeline::DesiredState>>,
+    desired_rx: DesiredRx,
+    pub metrics: Arc<Metrics>,
+    pub readiness: Arc<Readiness>,
+}
+
+impl Controller {
+    pub async fn prepare(
+        run: RunArgs,
+        default_node: String,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Self> {
+        run.validate()?;
+        let fds = limits::raise_for(run.probe_concurrency)?;
+        tracing::debug!(soft = fds.soft, hard = fds.hard, "file-descriptor limit");
+        let node = run.consul_node.clone().unwrap_or(default_node);
+        let owner = run.owner_id.clone().unwrap_or_else(|| node.clone());
+        validate::owner_id(&owner)
+            .map_err(anyhow::Error::msg)
+            .context("--owner-id")?;
+        validate::owner_id(&node)
+            .map_err(anyhow::Error::msg)
+            .context("--consul-node")?;
+
+        let mut readiness = Readiness::default();
+        let sink = match &run.consul_addr {
+            Some(addr) => {
+                let settings = consul_settings(&run, addr, node.clone(), owner.clone())?;
+                tracing::info!(
+                    consul = %settings.address,
+                    node = %settings.node,
+                    owner = %settings.owner,
+                    token = settings.token.is_some(),
+                    "consul sink enabled"
+                );
+                let client = consul::ConsulClient::new(settings).map_err(anyhow::Error::msg)?;
+                let sink = consul::ConsulSink::new(client, metrics.clone());
+                readiness.consul_synced = Some(sink.synced.clone());
+                Some(sink)
+            }
+            None => {
+                tracing::info!("consul sink disabled (no --consul-addr)");
+                None
+            }
+        };
+        let readiness = Arc::new(readiness);
+        // Bind before any work so a taken port is a clear start-up error.
+        let own = server::bind(run.listen, "--listen").await?;
+        let sd_listener = match run.http_sd_listen.0 {
+            Some(addr) => Some(server::bind(addr, "--http-sd-listen").await?),
+            None => None,
+        };
+        tracing::info!(listen = %run.listen, "serving /metrics, /healthz and /readyz");
+        tokio::spawn(server::serve(
+            own,
+            server::router(metrics.clone(), readiness.clone()),
+        ));
+        // HTTP SD answers from the start: a standby says so (503) rather than leaving
+        // Prometheus hanging.
+        let (desired_tx, desired_rx) = desired_channel();
+        if let Some(listener) = sd_listener {
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(listen = %addr, "serving Prometheus HTTP SD at /targets");
+            }
+            let router = http_sd::router(desired_rx.clone(), readiness.clone());
+            tokio::spawn(server::serve(listener, router));
+        }
+        Ok(Self {
+            hold_capacity: limits::hold_capacity(fds, run.probe_concurrency),
+            run,
+            owner,
+            sink,
+            desired_tx,
+            desired_rx,
+            metrics,
+            readiness,
+        })
+    }
+
+    /// The catalog entries Consul refused and the sink holds back; `None` without a Consul sink.
+    pub fn refused(
+        &self,
+    ) -> Option<watch::Receiver<crate::sinks::consul::quarantine::RefusedEntries>> {
+        self.sink.as_ref().map(consul::ConsulSink::refused)
+    }
+
+    /// Starts probing, publishing and serving HTTP SD for the targets on `targets`.
+    pub fn start(self, targets: watch::Receiver<TargetSnapshot>) -> Started {
+        let (desired_tx, desired_rx) = (self.desired_tx, self.desired_rx);
+        let settings = ProbeSettings {
+            interval: self.run.probe_interval,
+            timeout: self.run.probe_timeout,
+            concurrency: self.run.probe_concurrency,
+            fast_interval: self.run.fast_interval,
+            fast_period: self.run.fast_period,
+            full_sweep_interval: self.run.full_sweep_interval,
+            holds: match self.run.liveness {
+                Liveness::Hold => self.hold_capacity,
+                Liveness::Connect => 0,
+            },
+        };
+        tokio::spawn(pipeline::run(
+            self.owner,
+            targets,
+            settings,
+            self.metrics.clone(),
+            desired_tx,
+        ));
+        let (stop_sink, sink_stopped) = tokio::sync::oneshot::channel::<()>();
+        let sink_task = self.sink.map(|sink| {
+            let stop = async {
+                let _ = sink_stopped.await;
+            };
+            tokio::spawn(sink.run_until(desired_rx.clone(), stop))
+        });
+        tokio::spawn(mark_probed(desired_rx.clone(), self.readiness.clone()));
+        Started {
+            desired: desired_rx,
+            sink_task,
+            stop_sink,
+            deregister_on_exit: self.run.deregister_on_exit,
+        }
+    }
+}
+
+/// A started controller.
+pub struct Started {
+    pub desired: DesiredRx,
+    sink_task: Option<tokio::task::JoinHandle<consul::ConsulSink>>,
+    stop_sink: tokio::sync::oneshot::Sender<()>,
+    deregister_on_exit: bool,
+}
+
+impl Started {
+    /// Stops writing. Entries stay in place for the next instance, unless
+    /// `--deregister-on-exit` asked for this owner's entries to be removed.
+    pub async fn stop(self) {
+        shutdown::stop_sink(self.sink_task, self.stop_sink, self.deregister_on_exit).await;
+    }
+}
+
+async fn mark_probed(mut desired: DesiredRx, readiness: Arc<Readiness>) {
+    loop {
+        if desired.borrow_and_update().complete {
+            readiness.probed.store(true, Ordering::Relaxed);
+            return;
+        }
+        if desired.changed().await.is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,61 @@
+//! Settings derived from flags and the host: the Consul client's settings and default names.
+
+use crate::cli::RunArgs;
+use crate::secret::{FileSecret, Secret, TokenSource};
+use crate::sinks::consul;
+use anyhow::Context;
+
+pub(super) fn consul_settings(
+    run: &RunArgs,
+    addr: &str,
+    node: String,
+    owner: String,
+) -> anyhow::Result<consul::ConsulSettings> {
+    let address = consul::normalize_address(addr)
+        .map_err(anyhow::Error::msg)
+        .context("--consul-addr")?;
+    let token = match &run.consul_token_file {
+        Some(path) => TokenSource::File(FileSecret::open(path).context("--consul-token-file")?),
+        None => match std::env::var("CONSUL_HTTP_TOKEN") {
+            Ok(token) if !token.trim().is_empty() => TokenSource::Fixed(Secret::new(token.trim())),
+            _ => TokenSource::None,
+        },
+    };
+    Ok(consul::ConsulSettings {
+        address,
+        token,
+        datacenter: run.consul_datacenter.clone(),
+        node,
+        node_address: run.consul_node_address.clone(),
+        owner,
+        resync_interval: run.consul_resync_interval,
+        request_timeout: run.consul_timeout,
+        tls: crate::tls::TlsSettings {
+            ca_file: run.consul_ca_file.clone(),
+            client_cert: run.consul_client_cert.clone(),
+            client_key: run.consul_client_key.clone(),
+            server_name: run.consul_tls_server_name.clone(),
+        },
+    })
+}
+
+pub(super) fn hostname_or_localhost() -> String {
+    hostname::get()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+pub(super) fn default_node_name() -> String {
+    let host: String = hostname_or_localhost()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    format!("workersd-{host}")
+}
