@@ -4,6 +4,7 @@
 
 pub mod catalog;
 pub mod cli;
+pub mod declaration;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;
@@ -13,4 +14,3 @@ pub mod secret;
 pub mod sinks;
 pub mod sources;
 pub mod tls;
-pub mod validate;

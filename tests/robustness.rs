@@ -276,7 +276,7 @@ fn worker_metrics_spec(valid: bool) -> impl Strategy<Value = serde_json::Value> 
 /// Fields that per-field rules alone make invalid; compile() must report each of them.
 fn fields_known_bad(spec: &WorkerMetricsSpec) -> Vec<String> {
     let mut bad = Vec::new();
-    if workersd::validate::service_name(&spec.service).is_err() {
+    if workersd::declaration::rules::service_name(&spec.service).is_err() {
         bad.push("spec.service".to_string());
     }
     if spec.containers.is_empty() {
@@ -344,7 +344,7 @@ proptest! {
     fn arbitrary_yaml_structures_never_panic(value in arb_json()) {
         let yaml = serde_norway::to_string(&serde_json::json!({"targets": [value]})).unwrap();
         if let Err(errors) = parse_targets(&yaml) {
-            prop_assert!(errors.iter().all(|e| !e.message.is_empty()));
+            prop_assert!(errors.iter().all(|e| !e.to_string().is_empty()));
         }
     }
 
@@ -365,7 +365,7 @@ proptest! {
         )
     ) {
         if let Err(errors) = parse_annotations(&pairs) {
-            prop_assert!(errors.iter().all(|e| e.field.starts_with("metadata.annotations[")));
+            prop_assert!(errors.iter().all(|e| e.field.as_str().starts_with("metadata.annotations[")));
         }
     }
 
@@ -403,10 +403,10 @@ proptest! {
             Err(errors) => {
                 prop_assert!(!errors.is_empty());
                 for e in &errors {
-                    prop_assert!(e.field.starts_with("spec.") && !e.message.is_empty(), "{e}");
+                    prop_assert!(e.field.as_str().starts_with("spec.") && !e.kind.to_string().is_empty(), "{e}");
                 }
                 for field in &expected {
-                    prop_assert!(errors.iter().any(|e| &e.field == field), "{field} not reported: {errors:?}");
+                    prop_assert!(errors.iter().any(|e| e.field.as_str() == field), "{field} not reported: {errors:?}");
                 }
             }
         }

@@ -8,6 +8,7 @@ pub mod limits;
 
 use self::admin_server::{self as server, Readiness};
 use self::leader::LeaseSettings;
+use crate::declaration;
 use crate::metrics::Metrics;
 use crate::pipeline::{self, DesiredRx, desired_channel};
 use crate::probe::ProbeSettings;
@@ -18,7 +19,6 @@ use crate::sources::kubernetes::resolve::ResolveSettings;
 use crate::sources::kubernetes::spec::NamePolicy;
 use crate::sources::kubernetes::watch as kube_watch;
 use crate::sources::{self, TargetSnapshot, file};
-use crate::validate;
 use anyhow::{Context, bail};
 use futures::FutureExt;
 use std::sync::Arc;
@@ -61,7 +61,7 @@ pub async fn run_standalone(args: StandaloneArgs) -> anyhow::Result<()> {
 }
 
 pub async fn run_kubernetes(args: KubernetesArgs) -> anyhow::Result<()> {
-    validate::owner_id(&args.cluster_name)
+    declaration::owner_id(&args.cluster_name)
         .map_err(anyhow::Error::msg)
         .context("--cluster-name")?;
     let names = NamePolicy::new(&args.service_name_template)
@@ -203,10 +203,10 @@ impl Controller {
         tracing::debug!(soft = fds.soft, hard = fds.hard, "file-descriptor limit");
         let node = run.consul_node.clone().unwrap_or(default_node);
         let owner = run.owner_id.clone().unwrap_or_else(|| node.clone());
-        validate::owner_id(&owner)
+        declaration::owner_id(&owner)
             .map_err(anyhow::Error::msg)
             .context("--owner-id")?;
-        validate::owner_id(&node)
+        declaration::owner_id(&node)
             .map_err(anyhow::Error::msg)
             .context("--consul-node")?;
 

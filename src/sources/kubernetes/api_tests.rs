@@ -3,8 +3,8 @@
 //! Event TTL, retried with backoff), and Lease acquisition. Every call is bounded in time.
 
 use super::crd::WorkerMetricsStatus;
-use super::spec::field_error;
 use super::watch;
+use crate::declaration::{DeclarationError, ErrorKind, FieldPath};
 use crate::runtime::leader::{LeaseSettings, Observed, try_hold};
 use crate::sinks::kubernetes_events::{self as events, Problems};
 use crate::sinks::workermetrics_status as status;
@@ -87,7 +87,13 @@ fn invalid_pod(note: &str) -> Arc<Problems> {
     let problems = watch::problems(
         &BTreeMap::from([(
             ("shop".to_string(), "web-1".to_string()),
-            ("uid-1".to_string(), vec![field_error(note, "is wrong")]),
+            (
+                "uid-1".to_string(),
+                vec![DeclarationError::new(
+                    FieldPath::new(note),
+                    ErrorKind::HostNetwork,
+                )],
+            ),
         )]),
         &Default::default(),
         &Default::default(),

@@ -3,9 +3,9 @@
 
 use super::crd::{CompiledWorkerMetrics, WorkerMetricsStatus};
 use super::spec::{
-    FieldError, NamePolicy, PodInfo, WorkerSpec, field_error, parse_annotations, pod_targets,
-    ports_annotation, unknown_containers,
+    NamePolicy, PodInfo, parse_annotations, pod_targets, ports_annotation, unknown_containers,
 };
+use crate::declaration::{Declaration, DeclarationError, ErrorKind, FieldPath};
 use crate::model::Target;
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -19,7 +19,7 @@ pub struct CustomResourceEntry {
     pub generation: Option<i64>,
     /// Orders competing resources: the oldest wins, then the name.
     pub created: String,
-    pub compiled: Result<CompiledWorkerMetrics, Vec<FieldError>>,
+    pub compiled: Result<CompiledWorkerMetrics, Vec<DeclarationError>>,
     /// The status the object carries now (written by an earlier leader or run).
     pub status: Option<WorkerMetricsStatus>,
 }
@@ -39,12 +39,12 @@ pub struct CoveredPods {
 pub struct Resolution {
     pub targets: Vec<Target>,
     /// Pods whose declaration is refused, with every reason (for Events).
-    pub invalid_pods: BTreeMap<ObjectKey, (String, Vec<FieldError>)>,
+    pub invalid_pods: BTreeMap<ObjectKey, (String, Vec<DeclarationError>)>,
     /// Pods each valid custom resource covers (for its status).
     pub covered: BTreeMap<ObjectKey, CoveredPods>,
     /// Published pods whose declaration names a container they do not have (for Events);
     /// the other ranges are published.
-    pub unknown_containers: BTreeMap<ObjectKey, (String, Vec<FieldError>)>,
+    pub unknown_containers: BTreeMap<ObjectKey, (String, Vec<DeclarationError>)>,
 }
 
 #[derive(Clone, Debug)]
@@ -82,7 +82,7 @@ pub fn resolve(view: &ClusterView, settings: &ResolveSettings) -> Resolution {
                 .find(|(_, _, compiled)| compiled.matches(&pod.labels))
         });
         // Where each range was declared, for errors: (resource name, or None for annotations).
-        let (spec, interval, declared_by): (WorkerSpec, _, Option<&str>) = match from_resource {
+        let (spec, interval, declared_by): (Declaration, _, Option<&str>) = match from_resource {
             Some((cr_key, _, compiled)) => {
                 if let Some(covered) = out.covered.get_mut(*cr_key) {
                     covered.pods.insert(pod.name.clone());
@@ -104,21 +104,15 @@ pub fn resolve(view: &ClusterView, settings: &ResolveSettings) -> Resolution {
             },
         };
         if pod.host_network && !settings.allow_host_network {
-            let error = field_error(
-                "spec.hostNetwork",
-                "hostNetwork pods share the node's IP and are refused (start workersd with --allow-host-network to permit)",
-            );
+            let error =
+                DeclarationError::new(FieldPath::new("spec.hostNetwork"), ErrorKind::HostNetwork);
             out.invalid_pods
                 .insert(key.clone(), (pod.uid.clone(), vec![error]));
             continue;
         }
         let service = match settings.names.service_name(&pod.namespace, &spec.service) {
             Ok(name) => name,
-            Err(e) => {
-                let error = field_error(
-                    "service",
-                    format!("service-name policy {:?}: {e}", settings.names.template),
-                );
+            Err(error) => {
                 out.invalid_pods
                     .insert(key.clone(), (pod.uid.clone(), vec![error]));
                 continue;
@@ -128,12 +122,13 @@ pub fn resolve(view: &ClusterView, settings: &ResolveSettings) -> Resolution {
         let ports: usize = targets.iter().map(|t| t.ports.len()).sum();
         let used = ports_used.entry(pod.namespace.as_str()).or_default();
         if *used + ports > settings.max_ports_per_namespace {
-            let error = field_error(
-                "metadata.namespace",
-                format!(
-                    "namespace {:?} would probe more than {} ports (--max-ports-per-namespace); this pod's {ports} are refused",
-                    pod.namespace, settings.max_ports_per_namespace
-                ),
+            let error = DeclarationError::new(
+                FieldPath::new("metadata.namespace"),
+                ErrorKind::NamespaceQuota {
+                    namespace: pod.namespace.clone(),
+                    max: settings.max_ports_per_namespace,
+                    ports,
+                },
             );
             out.invalid_pods
                 .insert(key.clone(), (pod.uid.clone(), vec![error]));
@@ -142,7 +137,9 @@ pub fn resolve(view: &ClusterView, settings: &ResolveSettings) -> Resolution {
         *used += ports;
         // Ranges of a resource are in the order of its `spec.containers`.
         let unknown = unknown_containers(pod, &spec, |i, name| match declared_by {
-            Some(resource) => format!("WorkerMetrics {resource} spec.containers[{i}].name"),
+            Some(resource) => FieldPath::new(format!(
+                "WorkerMetrics {resource} spec.containers[{i}].name"
+            )),
             None => ports_annotation(name),
         });
         if !unknown.is_empty() {
@@ -433,7 +430,7 @@ mod tests {
             r.unknown_containers[&("shop".into(), pod.into())]
                 .1
                 .iter()
-                .map(|e| e.field.clone())
+                .map(|e| e.field.to_string())
                 .collect()
         };
         assert_eq!(

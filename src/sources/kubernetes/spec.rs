@@ -1,10 +1,12 @@
 //! What a pod declares about its workers, from annotations or from a `WorkerMetrics` custom
 //! resource, and how a declaration plus a pod becomes targets. Pure: no API calls here.
 
-use crate::model::{PortRange, Scheme, Target, TargetId};
-use crate::validate;
+use crate::declaration::{
+    self, Declaration, DeclarationError, ErrorKind, FieldPath, Input, Located, RawDeclaration,
+    RawMeta, RawRange, SourceKind, rules,
+};
+use crate::model::{Target, TargetId};
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
 use std::net::IpAddr;
 
 pub const PREFIX: &str = "workersd.io/";
@@ -16,95 +18,13 @@ pub const SCHEME: &str = "workersd.io/scheme";
 pub const TAGS: &str = "workersd.io/tags";
 pub const META_PREFIX: &str = "workersd.io/meta.";
 
-/// Most port ranges one pod may declare, and most ports over all of them: one tenant must not
-/// be able to exhaust the prober.
-pub const MAX_RANGES_PER_POD: usize = 16;
-pub const MAX_PORTS_PER_POD: usize = 1024;
 /// Longest annotation value read; anything longer is an error, not parsed.
 pub const MAX_ANNOTATION_VALUE: usize = 4096;
-
-/// A problem located by the field that holds it (annotation key or CR path).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct FieldError {
-    pub field: String,
-    pub message: String,
-}
-
-impl fmt::Display for FieldError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.field, self.message)
-    }
-}
-
-pub fn field_error(field: impl Into<String>, message: impl Into<String>) -> FieldError {
-    FieldError {
-        field: field.into(),
-        message: message.into(),
-    }
-}
-
-/// One declared range; `container: None` means "the pod" (any running container).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DeclaredRange {
-    pub container: Option<String>,
-    pub ports: PortRange,
-}
-
-/// A validated declaration, ready to apply to matching pods.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct WorkerSpec {
-    pub service: String,
-    pub ranges: Vec<DeclaredRange>,
-    pub path: String,
-    pub scheme: Scheme,
-    pub tags: Vec<String>,
-    pub meta: BTreeMap<String, String>,
-}
-
-/// Checks limits and overlaps common to annotations and custom resources.
-pub fn check_ranges(
-    ranges: &[DeclaredRange],
-    field_of: impl Fn(&DeclaredRange) -> String,
-) -> Vec<FieldError> {
-    let mut errors = Vec::new();
-    if ranges.len() > MAX_RANGES_PER_POD {
-        errors.push(field_error(
-            field_of(&ranges[0]),
-            format!(
-                "{} ranges; at most {MAX_RANGES_PER_POD} per pod",
-                ranges.len()
-            ),
-        ));
-    }
-    let total: usize = ranges.iter().map(|r| r.ports.len()).sum();
-    if total > MAX_PORTS_PER_POD {
-        errors.push(field_error(
-            field_of(&ranges[0]),
-            format!("{total} ports in all; at most {MAX_PORTS_PER_POD} per pod"),
-        ));
-    }
-    for (i, a) in ranges.iter().enumerate() {
-        for b in &ranges[..i] {
-            if a.ports.overlaps(&b.ports) {
-                errors.push(field_error(
-                    field_of(a),
-                    format!(
-                        "{} overlaps {} declared by {}; one port belongs to one range",
-                        a.ports,
-                        b.ports,
-                        field_of(b)
-                    ),
-                ));
-            }
-        }
-    }
-    errors
-}
 
 /// Parses a pod's `workersd.io/*` annotations. `Ok(None)`: the pod did not opt in.
 pub fn parse_annotations(
     annotations: &BTreeMap<String, String>,
-) -> Result<Option<WorkerSpec>, Vec<FieldError>> {
+) -> Result<Option<Declaration>, Vec<DeclarationError>> {
     let ours: Vec<(&String, &String)> = annotations
         .iter()
         .filter(|(k, _)| k.starts_with(PREFIX))
@@ -113,119 +33,84 @@ pub fn parse_annotations(
         return Ok(None);
     }
     let mut errors = Vec::new();
-    let mut ranges = Vec::new();
-    let mut meta = BTreeMap::new();
-    for (key, value) in &ours {
-        if value.len() > MAX_ANNOTATION_VALUE {
-            errors.push(field_error(
-                annotation(key),
-                format!("{} bytes; at most {MAX_ANNOTATION_VALUE}", value.len()),
-            ));
-            continue;
-        }
-        let key = key.as_str();
-        if key == PORTS || key.starts_with(PORTS_PREFIX) {
-            let container = key.strip_prefix(PORTS_PREFIX).map(str::to_string);
-            if container.as_deref() == Some("") {
-                errors.push(field_error(
-                    annotation(key),
-                    "container name missing after \"ports.\"",
-                ));
-                continue;
-            }
-            match value.parse::<PortRange>() {
-                Ok(ports) => ranges.push(DeclaredRange { container, ports }),
-                Err(e) => errors.push(field_error(annotation(key), e.to_string())),
-            }
-        } else if let Some(meta_key) = key.strip_prefix(META_PREFIX) {
-            match validate::meta_key(meta_key).and_then(|_| validate::meta_value(meta_key, value)) {
-                Ok(()) => {
-                    meta.insert(meta_key.to_string(), value.to_string());
-                }
-                Err(e) => errors.push(field_error(annotation(key), e)),
-            }
-        } else if ![SERVICE, PATH, SCHEME, TAGS].contains(&key) {
-            errors.push(field_error(
-                annotation(key),
-                "unknown workersd.io annotation (expected service, ports, ports.<container>, path, scheme, tags, meta.<key>)",
-            ));
-        }
-    }
-    let service = match annotations.get(SERVICE) {
-        None => {
-            errors.push(field_error(
-                annotation(SERVICE),
-                "required when other workersd.io annotations are set",
-            ));
-            None
-        }
-        Some(name) => match validate::service_name(name) {
-            Ok(()) => Some(name.clone()),
-            Err(e) => {
-                errors.push(field_error(annotation(SERVICE), e));
-                None
-            }
-        },
-    };
-    if ranges.is_empty() && !errors.iter().any(|e| e.field.contains("ports")) {
-        errors.push(field_error(
-            annotation(PORTS),
-            "no port range declared (workersd.io/ports or workersd.io/ports.<container>)",
-        ));
-    }
-    errors.extend(check_ranges(&ranges, |r| match &r.container {
-        Some(c) => annotation(&format!("{PORTS_PREFIX}{c}")),
-        None => annotation(PORTS),
-    }));
-    let path = annotations
-        .get(PATH)
-        .cloned()
-        .unwrap_or_else(|| "/metrics".into());
-    if let Err(e) = validate::metrics_path(&path) {
-        errors.push(field_error(annotation(PATH), e));
-    }
-    let scheme = match annotations.get(SCHEME).map(|s| s.parse::<Scheme>()) {
-        None => Scheme::Http,
-        Some(Ok(s)) => s,
-        Some(Err(e)) => {
-            errors.push(field_error(annotation(SCHEME), e));
-            Scheme::Http
-        }
-    };
-    let tags: Vec<String> = annotations
-        .get(TAGS)
-        .map(|t| {
-            t.split(',')
-                .map(str::trim)
-                .filter(|t| !t.is_empty())
-                .map(str::to_string)
-                .collect()
+    let mut raw = RawDeclaration {
+        meta_field: annotation(&format!("{META_PREFIX}*")),
+        ..RawDeclaration::empty(SourceKind::Annotations, |name| {
+            annotation(&format!("{PREFIX}{name}"))
         })
-        .unwrap_or_default();
-    if let Err(e) = validate::tags(&tags) {
-        errors.push(field_error(annotation(TAGS), e));
+    };
+    for (key, value) in ours {
+        let field = annotation(key);
+        let too_long = value.len() > MAX_ANNOTATION_VALUE;
+        if too_long {
+            errors.push(DeclarationError::new(
+                field.clone(),
+                ErrorKind::AnnotationTooLong {
+                    bytes: value.len(),
+                    max: MAX_ANNOTATION_VALUE,
+                },
+            ));
+        }
+        let given = |value: &String| {
+            if too_long {
+                Input::Refused
+            } else {
+                Input::given(field.clone(), value.clone())
+            }
+        };
+        match key.as_str() {
+            SERVICE => raw.service = given(value),
+            PATH => raw.path = given(value),
+            SCHEME => raw.scheme = given(value),
+            TAGS => {
+                raw.tags = match given(value) {
+                    Input::Given(Located { field, value }) => {
+                        let tags = value
+                            .split(',')
+                            .map(str::trim)
+                            .filter(|t| !t.is_empty())
+                            .map(str::to_string)
+                            .collect();
+                        Input::given(field, tags)
+                    }
+                    _ => Input::Refused,
+                }
+            }
+            key if key == PORTS || key.starts_with(PORTS_PREFIX) => {
+                if too_long {
+                    raw.ranges_refused = true;
+                    continue;
+                }
+                let container = key
+                    .strip_prefix(PORTS_PREFIX)
+                    .map(|name| Located::new(field.clone(), name.to_string()));
+                raw.ranges.push(RawRange {
+                    container,
+                    ports: Located::new(field, value.clone()),
+                });
+            }
+            key => match key.strip_prefix(META_PREFIX) {
+                Some(_) if too_long => {}
+                Some(meta_key) => raw.meta.push(RawMeta {
+                    field,
+                    key: meta_key.to_string(),
+                    value: value.clone(),
+                }),
+                None => errors.push(DeclarationError::new(field, ErrorKind::UnknownAnnotation)),
+            },
+        }
     }
-    if meta.len() > validate::MAX_USER_META {
-        errors.push(field_error(
-            annotation(&format!("{META_PREFIX}*")),
-            format!("{} pairs; at most {}", meta.len(), validate::MAX_USER_META),
-        ));
+    match declaration::validate(raw) {
+        Ok(declared) if errors.is_empty() => Ok(Some(declared)),
+        result => {
+            errors.extend(result.err().unwrap_or_default());
+            Err(errors)
+        }
     }
-    if !errors.is_empty() {
-        return Err(errors);
-    }
-    Ok(Some(WorkerSpec {
-        service: service.expect("checked above"),
-        ranges,
-        path,
-        scheme,
-        tags,
-        meta,
-    }))
 }
 
-fn annotation(key: &str) -> String {
-    format!("metadata.annotations[{key}]")
+fn annotation(key: &str) -> FieldPath {
+    FieldPath::new(format!("metadata.annotations[{key}]"))
 }
 
 /// The parts of a pod workersd needs; everything else is dropped on arrival to keep memory low.
@@ -254,9 +139,9 @@ pub struct PodInfo {
 /// range can never be probed; the others still are.
 pub fn unknown_containers(
     pod: &PodInfo,
-    spec: &WorkerSpec,
-    field_of: impl Fn(usize, &str) -> String,
-) -> Vec<FieldError> {
+    spec: &Declaration,
+    field_of: impl Fn(usize, &str) -> FieldPath,
+) -> Vec<DeclarationError> {
     if pod.containers.is_empty() {
         return Vec::new(); // no spec seen: nothing to compare with
     }
@@ -275,22 +160,21 @@ pub fn unknown_containers(
             if pod.containers.contains(name) || pod.sidecars.contains(name) {
                 return None;
             }
-            Some(field_error(
+            Some(DeclarationError::new(
                 field_of(i, name),
-                format!(
-                    "container {name:?} is neither a container nor a native sidecar of pod {}/{} (containers: {}; sidecars: {}); its ports are not probed",
-                    pod.namespace,
-                    pod.name,
-                    list(&pod.containers),
-                    list(&pod.sidecars)
-                ),
+                ErrorKind::UnknownContainer {
+                    name: name.to_string(),
+                    pod: format!("{}/{}", pod.namespace, pod.name),
+                    containers: list(&pod.containers),
+                    sidecars: list(&pod.sidecars),
+                },
             ))
         })
         .collect()
 }
 
 /// The annotation that declares a container's ports, for error locations.
-pub fn ports_annotation(container: &str) -> String {
+pub fn ports_annotation(container: &str) -> FieldPath {
     annotation(&format!("{PORTS_PREFIX}{container}"))
 }
 
@@ -309,38 +193,51 @@ impl Default for NamePolicy {
     }
 }
 
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NamePolicyError {
+    #[error("service name template {0:?} must contain {{service}}")]
+    NoService(String),
+    #[error("service name template {0:?} may only use {{namespace}} and {{service}}")]
+    UnknownPlaceholder(String),
+}
+
 impl NamePolicy {
-    pub fn new(template: &str) -> Result<Self, String> {
+    pub fn new(template: &str) -> Result<Self, NamePolicyError> {
         if !template.contains("{service}") {
-            return Err(format!(
-                "service name template {template:?} must contain {{service}}"
-            ));
+            return Err(NamePolicyError::NoService(template.to_string()));
         }
         let probe = template
             .replace("{namespace}", "ns")
             .replace("{service}", "svc");
         if probe.contains('{') || probe.contains('}') {
-            return Err(format!(
-                "service name template {template:?} may only use {{namespace}} and {{service}}"
-            ));
+            return Err(NamePolicyError::UnknownPlaceholder(template.to_string()));
         }
         Ok(Self {
             template: template.to_string(),
         })
     }
 
-    pub fn service_name(&self, namespace: &str, service: &str) -> Result<String, String> {
+    /// The published name, or why the policy refuses it.
+    pub fn service_name(&self, namespace: &str, service: &str) -> Result<String, DeclarationError> {
         let name = self
             .template
             .replace("{namespace}", namespace)
             .replace("{service}", service);
-        validate::service_name(&name).map(|_| name)
+        rules::service_name(&name).map(|()| name).map_err(|source| {
+            DeclarationError::new(
+                FieldPath::new("service"),
+                ErrorKind::NamePolicy {
+                    template: self.template.clone(),
+                    source,
+                },
+            )
+        })
     }
 }
 
 /// Targets of one pod under one declaration: one per declared range whose container runs.
 /// The restart counts are part of the target, so a container restart re-probes at once.
-pub fn pod_targets(pod: &PodInfo, spec: &WorkerSpec, service: &str) -> Vec<Target> {
+pub fn pod_targets(pod: &PodInfo, spec: &Declaration, service: &str) -> Vec<Target> {
     let (Some(ip), false) = (pod.ip, pod.terminating) else {
         return Vec::new();
     };
@@ -386,6 +283,7 @@ pub fn pod_targets(pod: &PodInfo, spec: &WorkerSpec, service: &str) -> Vec<Targe
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Scheme;
 
     fn annotations(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs
@@ -394,13 +292,16 @@ mod tests {
             .collect()
     }
 
-    fn fields(errors: Vec<FieldError>) -> Vec<String> {
+    fn fields(errors: Vec<DeclarationError>) -> Vec<String> {
         errors.into_iter().map(|e| e.to_string()).collect()
     }
 
     #[test]
     fn pods_without_our_annotations_are_ignored() {
-        assert_eq!(parse_annotations(&annotations(&[("app", "x")])), Ok(None));
+        assert!(matches!(
+            parse_annotations(&annotations(&[("app", "x")])),
+            Ok(None)
+        ));
     }
 
     #[test]
@@ -569,21 +470,21 @@ mod tests {
         let unknown = unknown_containers(&p, &spec, |_, name| ports_annotation(name));
         assert_eq!(unknown.len(), 1, "{unknown:?}");
         assert_eq!(
-            unknown[0].field,
+            unknown[0].field.as_str(),
             "metadata.annotations[workersd.io/ports.nope]"
         );
         assert!(
             unknown[0]
-                .message
+                .to_string()
                 .contains("containers: web; sidecars: exporter"),
             "{}",
-            unknown[0].message
+            unknown[0]
         );
         // A pod-wide range names no container: never unknown.
         let pod_wide = parse_annotations(&annotations(&[(SERVICE, "c"), (PORTS, "9011")]))
             .unwrap()
             .unwrap();
-        assert!(unknown_containers(&p, &pod_wide, |_, n| n.to_string()).is_empty());
+        assert!(unknown_containers(&p, &pod_wide, |_, n| FieldPath::new(n)).is_empty());
     }
 
     #[test]

@@ -4,7 +4,8 @@
 
 use super::crd::{WorkerMetrics, WorkerMetricsStatus, compile};
 use super::resolve::{ClusterView, CustomResourceEntry, ObjectKey, ResolveSettings, resolve};
-use super::spec::{FieldError, PREFIX, PodInfo};
+use super::spec::{PREFIX, PodInfo};
+use crate::declaration::DeclarationError;
 use crate::metrics::Metrics;
 use crate::sinks::consul::quarantine::{Refused, RefusedEntries};
 use crate::sinks::kubernetes_events::{self as events, Problem, Problems};
@@ -563,7 +564,7 @@ async fn run(
     }
 }
 
-fn describe(errors: &[FieldError]) -> String {
+fn describe(errors: &[DeclarationError]) -> String {
     events::note(
         errors
             .iter()
@@ -575,8 +576,8 @@ fn describe(errors: &[FieldError]) -> String {
 
 /// The current problems of pods and `WorkerMetrics`, for Events.
 pub(crate) fn problems(
-    invalid_pods: &BTreeMap<ObjectKey, (String, Vec<FieldError>)>,
-    unknown_containers: &BTreeMap<ObjectKey, (String, Vec<FieldError>)>,
+    invalid_pods: &BTreeMap<ObjectKey, (String, Vec<DeclarationError>)>,
+    unknown_containers: &BTreeMap<ObjectKey, (String, Vec<DeclarationError>)>,
     view: &ClusterView,
 ) -> Problems {
     let pods = invalid_pods.iter().map(|(key, (uid, errors))| {
@@ -689,7 +690,10 @@ mod tests {
         let errors = |field: &str| {
             (
                 "u1".to_string(),
-                vec![super::super::spec::field_error(field, "x")],
+                vec![DeclarationError::new(
+                    crate::declaration::FieldPath::new(field),
+                    crate::declaration::ErrorKind::HostNetwork,
+                )],
             )
         };
         let invalid = BTreeMap::from([(
