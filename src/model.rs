@@ -213,7 +213,7 @@ impl ServiceInstance {
 
 /// Desired or current catalog content, keyed by service instance ID. Instances are shared, not
 /// copied, between the pipeline's desired state, the published state, plans and the sinks'
-/// memory of Consul: a copy of every instance per holder adds up at tens of thousands of
+/// memory of Consul: a copy of every instance for each of them adds up at tens of thousands of
 /// endpoints.
 pub type Catalog = BTreeMap<Arc<str>, Arc<ServiceInstance>>;
 

@@ -11,9 +11,9 @@ use workersd::model::{PortRange, PortRangeError};
 use workersd::probe::classify_head;
 use workersd::sinks::consul::decode_node_services;
 use workersd::sources::file::parse_targets;
+use workersd::sources::kubernetes::annotations::parse_annotations;
 use workersd::sources::kubernetes::crd::{WorkerMetricsSpec, compile};
-use workersd::sources::kubernetes::spec::parse_annotations;
-use workersd::sources::kubernetes::watch::pod_info;
+use workersd::sources::kubernetes::pod::pod_info;
 
 fn corpus(kind: &str) -> Vec<(String, String, String)> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -67,7 +67,7 @@ impl<T> Located<T> {
     }
 }
 
-/// One problem of a declaration, located by the field that holds it.
+/// One problem of a declaration, located by the field that carries it.
 #[derive(Clone, Debug, thiserror::Error)]
 #[error("{}{}", .field.prefix(), .kind)]
 pub struct DeclarationError {

@@ -2,8 +2,8 @@ use super::rules::{MetaError, TagsError};
 use super::*;
 use crate::model::PortRangeError;
 use crate::sources::file::parse_targets;
+use crate::sources::kubernetes::annotations::parse_annotations;
 use crate::sources::kubernetes::crd::{WorkerMetricsSpec, compile};
-use crate::sources::kubernetes::spec::parse_annotations;
 
 fn raw(ports: &[&str]) -> RawDeclaration {
     let mut raw = RawDeclaration::empty(SourceKind::Annotations, |name| {

@@ -3,7 +3,7 @@
 //! Event TTL, retried with backoff), and Lease acquisition. Every call is bounded in time.
 
 use super::crd::WorkerMetricsStatus;
-use super::watch;
+use super::{problems, watch};
 use crate::declaration::{DeclarationError, ErrorKind, FieldPath};
 use crate::runtime::leader::{LeaseSettings, Observed, try_hold};
 use crate::sinks::kubernetes_events::{self as events, Problems};
@@ -84,7 +84,7 @@ async fn status_patch_is_a_merge_patch_on_the_status_subresource() {
 }
 
 fn invalid_pod(note: &str) -> Arc<Problems> {
-    let problems = watch::problems(
+    let problems = problems::problems(
         &BTreeMap::from([(
             ("shop".to_string(), "web-1".to_string()),
             (

@@ -191,7 +191,7 @@ pub fn compile(spec: &WorkerMetricsSpec) -> Result<CompiledWorkerMetrics, Vec<De
     }
 }
 
-/// The CustomResourceDefinition as YAML (what `workersd crd` prints and `crds/` holds).
+/// The CustomResourceDefinition as YAML (what `workersd crd` prints and `crds/` contains).
 pub fn crd_yaml() -> String {
     use kube::CustomResourceExt;
     let crd = WorkerMetrics::crd();

@@ -1,10 +1,9 @@
-//! Turns the cluster view (slim pods and compiled `WorkerMetrics`) into targets, plus what
+//! Turns the cluster index (slim pods and compiled `WorkerMetrics`) into targets, plus what
 //! must be reported back: invalid objects and which pods each custom resource covers. Pure.
 
+use super::annotations::{parse_annotations, ports_annotation};
 use super::crd::{CompiledWorkerMetrics, WorkerMetricsStatus};
-use super::spec::{
-    NamePolicy, PodInfo, parse_annotations, pod_targets, ports_annotation, unknown_containers,
-};
+use super::pod::{NamePolicy, PodInfo, pod_targets, unknown_containers};
 use crate::declaration::{Declaration, DeclarationError, ErrorKind, FieldPath};
 use crate::model::Target;
 use std::collections::{BTreeMap, BTreeSet};
@@ -25,7 +24,7 @@ pub struct CustomResourceEntry {
 }
 
 #[derive(Clone, Debug, Default)]
-pub struct ClusterView {
+pub struct ClusterIndex {
     pub pods: BTreeMap<ObjectKey, PodInfo>,
     pub resources: BTreeMap<ObjectKey, CustomResourceEntry>,
 }
@@ -57,13 +56,13 @@ pub struct ResolveSettings {
 
 /// Which declaration applies to a pod. A `WorkerMetrics` wins over annotations: it is an
 /// explicit, RBAC-controlled object, while annotations travel with any pod template.
-pub fn resolve(view: &ClusterView, settings: &ResolveSettings) -> Resolution {
+pub fn resolve(index: &ClusterIndex, settings: &ResolveSettings) -> Resolution {
     let mut out = Resolution::default();
     let mut by_namespace: BTreeMap<
         &str,
         Vec<(&ObjectKey, &CustomResourceEntry, &CompiledWorkerMetrics)>,
     > = BTreeMap::new();
-    for (key, entry) in &view.resources {
+    for (key, entry) in &index.resources {
         if let Ok(compiled) = &entry.compiled {
             by_namespace
                 .entry(key.0.as_str())
@@ -76,7 +75,7 @@ pub fn resolve(view: &ClusterView, settings: &ResolveSettings) -> Resolution {
         list.sort_by(|a, b| (&a.1.created, &a.0.1).cmp(&(&b.1.created, &b.0.1)));
     }
     let mut ports_used: BTreeMap<&str, usize> = BTreeMap::new();
-    for (key, pod) in &view.pods {
+    for (key, pod) in &index.pods {
         let from_resource = by_namespace.get(pod.namespace.as_str()).and_then(|list| {
             list.iter()
                 .find(|(_, _, compiled)| compiled.matches(&pod.labels))
@@ -160,10 +159,10 @@ mod tests {
 
     #[test]
     fn a_namespace_cannot_exceed_its_port_quota() {
-        let mut view = ClusterView::default();
+        let mut index = ClusterIndex::default();
         for name in ["a", "b", "c"] {
             add(
-                &mut view,
+                &mut index,
                 pod(
                     "greedy",
                     name,
@@ -173,7 +172,7 @@ mod tests {
             );
         }
         add(
-            &mut view,
+            &mut index,
             pod(
                 "modest",
                 "m",
@@ -185,7 +184,7 @@ mod tests {
             max_ports_per_namespace: 250,
             ..settings("{service}")
         };
-        let r = resolve(&view, &settings);
+        let r = resolve(&index, &settings);
         let pods: BTreeSet<&str> = r
             .targets
             .iter()
@@ -203,8 +202,8 @@ mod tests {
             "{refusal}"
         );
     }
+    use crate::sources::kubernetes::annotations::SERVICE;
     use crate::sources::kubernetes::crd::{ContainerPorts, WorkerMetricsSpec, compile};
-    use crate::sources::kubernetes::spec::SERVICE;
     use std::time::Duration;
 
     fn pod(ns: &str, name: &str, labels: &[(&str, &str)], annotations: &[(&str, &str)]) -> PodInfo {
@@ -262,15 +261,15 @@ mod tests {
         }
     }
 
-    fn add(view: &mut ClusterView, p: PodInfo) {
-        view.pods.insert((p.namespace.clone(), p.name.clone()), p);
+    fn add(index: &mut ClusterIndex, p: PodInfo) {
+        index.pods.insert((p.namespace.clone(), p.name.clone()), p);
     }
 
     #[test]
     fn custom_resource_wins_over_annotations_and_oldest_resource_wins() {
-        let mut view = ClusterView::default();
+        let mut index = ClusterIndex::default();
         add(
-            &mut view,
+            &mut index,
             pod(
                 "shop",
                 "web-1",
@@ -279,7 +278,7 @@ mod tests {
             ),
         );
         add(
-            &mut view,
+            &mut index,
             pod(
                 "shop",
                 "other",
@@ -287,16 +286,19 @@ mod tests {
                 &[(SERVICE, "annotated"), ("workersd.io/ports", "9011-9020")],
             ),
         );
-        add(&mut view, pod("elsewhere", "web-2", &[("app", "web")], &[]));
-        view.resources.insert(
+        add(
+            &mut index,
+            pod("elsewhere", "web-2", &[("app", "web")], &[]),
+        );
+        index.resources.insert(
             ("shop".into(), "newer".into()),
             resource("newer", "web", "2026-02-01T00:00:00Z"),
         );
-        view.resources.insert(
+        index.resources.insert(
             ("shop".into(), "older".into()),
             resource("older", "web", "2026-01-01T00:00:00Z"),
         );
-        let r = resolve(&view, &settings("{service}"));
+        let r = resolve(&index, &settings("{service}"));
         let services: BTreeSet<(&str, &str)> = r
             .targets
             .iter()
@@ -322,9 +324,9 @@ mod tests {
 
     #[test]
     fn invalid_pods_are_reported_without_affecting_others() {
-        let mut view = ClusterView::default();
+        let mut index = ClusterIndex::default();
         add(
-            &mut view,
+            &mut index,
             pod(
                 "a",
                 "bad",
@@ -333,7 +335,7 @@ mod tests {
             ),
         );
         add(
-            &mut view,
+            &mut index,
             pod(
                 "a",
                 "good",
@@ -348,8 +350,8 @@ mod tests {
             &[(SERVICE, "x"), ("workersd.io/ports", "9011-9020")],
         );
         host.host_network = true;
-        add(&mut view, host);
-        let r = resolve(&view, &settings("{service}"));
+        add(&mut index, host);
+        let r = resolve(&index, &settings("{service}"));
         assert_eq!(r.targets.len(), 1);
         assert_eq!(r.targets[0].meta["k8s-pod"], "good");
         assert!(
@@ -363,7 +365,7 @@ mod tests {
                 .starts_with("spec.hostNetwork")
         );
         let allowed = resolve(
-            &view,
+            &index,
             &ResolveSettings {
                 allow_host_network: true,
                 ..settings("{service}")
@@ -374,12 +376,12 @@ mod tests {
 
     #[test]
     fn resources_and_annotations_naming_unknown_containers_are_reported() {
-        let mut view = ClusterView::default();
+        let mut index = ClusterIndex::default();
         let mut sidecar_pod = pod("shop", "web-1", &[("app", "web")], &[]);
         sidecar_pod.running.insert("exporter".into(), 2);
-        add(&mut view, sidecar_pod);
+        add(&mut index, sidecar_pod);
         add(
-            &mut view,
+            &mut index,
             pod(
                 "shop",
                 "annotated",
@@ -414,8 +416,8 @@ mod tests {
             probe_interval: None,
         };
         wm.compiled = compile(&spec);
-        view.resources.insert(("shop".into(), "cr".into()), wm);
-        let r = resolve(&view, &settings("{service}"));
+        index.resources.insert(("shop".into(), "cr".into()), wm);
+        let r = resolve(&index, &settings("{service}"));
         let published: BTreeSet<(&str, &str)> = r
             .targets
             .iter()
@@ -446,9 +448,9 @@ mod tests {
 
     #[test]
     fn a_hostile_namespace_cannot_publish_into_another_teams_service() {
-        let mut view = ClusterView::default();
+        let mut index = ClusterIndex::default();
         add(
-            &mut view,
+            &mut index,
             pod(
                 "mallory",
                 "evil",
@@ -457,7 +459,7 @@ mod tests {
             ),
         );
         add(
-            &mut view,
+            &mut index,
             pod(
                 "payments",
                 "api",
@@ -465,7 +467,7 @@ mod tests {
                 &[(SERVICE, "api"), ("workersd.io/ports", "9011")],
             ),
         );
-        let r = resolve(&view, &settings("{namespace}-{service}"));
+        let r = resolve(&index, &settings("{namespace}-{service}"));
         let names: BTreeSet<&str> = r.targets.iter().map(|t| t.service.as_str()).collect();
         assert_eq!(names, BTreeSet::from(["mallory-payments", "payments-api"]));
         assert!(

@@ -1,117 +1,13 @@
-//! What a pod declares about its workers, from annotations or from a `WorkerMetrics` custom
-//! resource, and how a declaration plus a pod becomes targets. Pure: no API calls here.
+//! The pod as workersd keeps it (slimmed on arrival), and how a declaration plus a pod becomes
+//! targets: running containers, unknown container names, the service-name policy. Pure.
 
-use crate::declaration::{
-    self, Declaration, DeclarationError, ErrorKind, FieldPath, Input, Located, RawDeclaration,
-    RawMeta, RawRange, SourceKind, rules,
-};
+use super::annotations::PREFIX;
+use crate::declaration::{Declaration, DeclarationError, ErrorKind, FieldPath, rules};
 use crate::model::{Target, TargetId};
+use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
+use kube::runtime::watcher::Event;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
-
-pub const PREFIX: &str = "workersd.io/";
-pub const SERVICE: &str = "workersd.io/service";
-pub const PORTS: &str = "workersd.io/ports";
-pub const PORTS_PREFIX: &str = "workersd.io/ports.";
-pub const PATH: &str = "workersd.io/path";
-pub const SCHEME: &str = "workersd.io/scheme";
-pub const TAGS: &str = "workersd.io/tags";
-pub const META_PREFIX: &str = "workersd.io/meta.";
-
-/// Longest annotation value read; anything longer is an error, not parsed.
-pub const MAX_ANNOTATION_VALUE: usize = 4096;
-
-/// Parses a pod's `workersd.io/*` annotations. `Ok(None)`: the pod did not opt in.
-pub fn parse_annotations(
-    annotations: &BTreeMap<String, String>,
-) -> Result<Option<Declaration>, Vec<DeclarationError>> {
-    let ours: Vec<(&String, &String)> = annotations
-        .iter()
-        .filter(|(k, _)| k.starts_with(PREFIX))
-        .collect();
-    if ours.is_empty() {
-        return Ok(None);
-    }
-    let mut errors = Vec::new();
-    let mut raw = RawDeclaration {
-        meta_field: annotation(&format!("{META_PREFIX}*")),
-        ..RawDeclaration::empty(SourceKind::Annotations, |name| {
-            annotation(&format!("{PREFIX}{name}"))
-        })
-    };
-    for (key, value) in ours {
-        let field = annotation(key);
-        let too_long = value.len() > MAX_ANNOTATION_VALUE;
-        if too_long {
-            errors.push(DeclarationError::new(
-                field.clone(),
-                ErrorKind::AnnotationTooLong {
-                    bytes: value.len(),
-                    max: MAX_ANNOTATION_VALUE,
-                },
-            ));
-        }
-        let given = |value: &String| {
-            if too_long {
-                Input::Refused
-            } else {
-                Input::given(field.clone(), value.clone())
-            }
-        };
-        match key.as_str() {
-            SERVICE => raw.service = given(value),
-            PATH => raw.path = given(value),
-            SCHEME => raw.scheme = given(value),
-            TAGS => {
-                raw.tags = match given(value) {
-                    Input::Given(Located { field, value }) => {
-                        let tags = value
-                            .split(',')
-                            .map(str::trim)
-                            .filter(|t| !t.is_empty())
-                            .map(str::to_string)
-                            .collect();
-                        Input::given(field, tags)
-                    }
-                    _ => Input::Refused,
-                }
-            }
-            key if key == PORTS || key.starts_with(PORTS_PREFIX) => {
-                if too_long {
-                    raw.ranges_refused = true;
-                    continue;
-                }
-                let container = key
-                    .strip_prefix(PORTS_PREFIX)
-                    .map(|name| Located::new(field.clone(), name.to_string()));
-                raw.ranges.push(RawRange {
-                    container,
-                    ports: Located::new(field, value.clone()),
-                });
-            }
-            key => match key.strip_prefix(META_PREFIX) {
-                Some(_) if too_long => {}
-                Some(meta_key) => raw.meta.push(RawMeta {
-                    field,
-                    key: meta_key.to_string(),
-                    value: value.clone(),
-                }),
-                None => errors.push(DeclarationError::new(field, ErrorKind::UnknownAnnotation)),
-            },
-        }
-    }
-    match declaration::validate(raw) {
-        Ok(declared) if errors.is_empty() => Ok(Some(declared)),
-        result => {
-            errors.extend(result.err().unwrap_or_default());
-            Err(errors)
-        }
-    }
-}
-
-fn annotation(key: &str) -> FieldPath {
-    FieldPath::new(format!("metadata.annotations[{key}]"))
-}
 
 /// The parts of a pod workersd needs; everything else is dropped on arrival to keep memory low.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -171,11 +67,6 @@ pub fn unknown_containers(
             ))
         })
         .collect()
-}
-
-/// The annotation that declares a container's ports, for error locations.
-pub fn ports_annotation(container: &str) -> FieldPath {
-    annotation(&format!("{PORTS_PREFIX}{container}"))
 }
 
 /// How published service names are derived; a namespace can only publish into names the
@@ -280,114 +171,119 @@ pub fn pod_targets(pod: &PodInfo, spec: &Declaration, service: &str) -> Vec<Targ
         .collect()
 }
 
+/// Keeps only what workersd needs of a pod.
+pub fn pod_info(pod: &Pod) -> Option<PodInfo> {
+    let meta = &pod.metadata;
+    let spec = pod.spec.as_ref();
+    let status = pod.status.as_ref();
+    let phase_done = status
+        .and_then(|s| s.phase.as_deref())
+        .is_some_and(|p| p == "Succeeded" || p == "Failed");
+    let containers: BTreeSet<String> = spec
+        .map(|s| s.containers.iter().map(|c| c.name.clone()).collect())
+        .unwrap_or_default();
+    // Native sidecars (KEP-753): init containers with `restartPolicy: Always`; they keep
+    // running beside the regular containers and report in `initContainerStatuses`.
+    let sidecars: BTreeSet<String> = spec
+        .and_then(|s| s.init_containers.as_ref())
+        .map(|inits| {
+            inits
+                .iter()
+                .filter(|c| c.restart_policy.as_deref() == Some("Always"))
+                .map(|c| c.name.clone())
+                .collect()
+        })
+        .unwrap_or_default();
+    let running_in = |statuses: Option<&Vec<ContainerStatus>>, names: &BTreeSet<String>| {
+        statuses
+            .into_iter()
+            .flatten()
+            .filter(|c| names.contains(&c.name))
+            .filter(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()))
+            .map(|c| (c.name.clone(), c.restart_count))
+            .collect::<Vec<_>>()
+    };
+    let mut running: BTreeMap<String, i32> = BTreeMap::new();
+    if let Some(status) = status {
+        // A status for a name the spec lacks is ignored (cannot happen on a real server).
+        let all_regular = status
+            .container_statuses
+            .iter()
+            .flatten()
+            .map(|c| c.name.clone())
+            .collect::<BTreeSet<_>>();
+        let regular = if containers.is_empty() {
+            &all_regular // no spec seen: trust the statuses
+        } else {
+            &containers
+        };
+        running.extend(running_in(status.container_statuses.as_ref(), regular));
+        // Only sidecars: a regular init container running means the pod is still initializing.
+        running.extend(running_in(
+            status.init_container_statuses.as_ref(),
+            &sidecars,
+        ));
+    }
+    Some(PodInfo {
+        namespace: meta.namespace.clone()?,
+        name: meta.name.clone()?,
+        uid: meta.uid.clone().unwrap_or_default(),
+        node: spec.and_then(|s| s.node_name.clone()),
+        ip: status
+            .and_then(|s| s.pod_ip.as_deref())
+            .and_then(|ip| ip.parse().ok()),
+        host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+        terminating: meta.deletion_timestamp.is_some() || phase_done,
+        labels: meta.labels.clone().unwrap_or_default(),
+        // Only our annotations: the rest can be large (last-applied-configuration) and unused.
+        annotations: meta
+            .annotations
+            .as_ref()
+            .map(|a| {
+                a.iter()
+                    .filter(|(k, _)| k.starts_with(PREFIX))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        running,
+        containers,
+        sidecars,
+    })
+}
+
+/// The same event about the slim pod; pods without namespace or name are dropped.
+pub(crate) fn slim(event: Event<Pod>) -> Option<Event<PodInfo>> {
+    Some(match event {
+        Event::Init => Event::Init,
+        Event::InitDone => Event::InitDone,
+        Event::InitApply(pod) => Event::InitApply(pod_info(&pod)?),
+        Event::Apply(pod) => Event::Apply(pod_info(&pod)?),
+        Event::Delete(pod) => Event::Delete(pod_info(&pod)?),
+    })
+}
+
+/// A slim pod with only a namespace and a name, for tests.
+#[cfg(test)]
+pub(crate) fn pod_named(name: &str, ns: &str) -> PodInfo {
+    let pod: Pod =
+        serde_json::from_value(serde_json::json!({"metadata": {"namespace": ns, "name": name}}))
+            .expect("a valid pod");
+    pod_info(&pod).expect("namespace and name are set")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Scheme;
+    use crate::sources::kubernetes::annotations::{
+        PORTS, SERVICE, parse_annotations, ports_annotation,
+    };
 
     fn annotations(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
-    }
-
-    fn fields(errors: Vec<DeclarationError>) -> Vec<String> {
-        errors.into_iter().map(|e| e.to_string()).collect()
-    }
-
-    #[test]
-    fn pods_without_our_annotations_are_ignored() {
-        assert!(matches!(
-            parse_annotations(&annotations(&[("app", "x")])),
-            Ok(None)
-        ));
-    }
-
-    #[test]
-    fn parses_a_full_declaration() {
-        let spec = parse_annotations(&annotations(&[
-            (SERVICE, "clever"),
-            ("workersd.io/ports.web", "9011-9020"),
-            ("workersd.io/ports.sidecar", "9100"),
-            (PATH, "/m"),
-            (SCHEME, "https"),
-            (TAGS, "gunicorn, python,"),
-            ("workersd.io/meta.team", "web"),
-        ]))
-        .unwrap()
-        .unwrap();
-        assert_eq!(spec.service, "clever");
-        assert_eq!(spec.ranges.len(), 2);
-        assert_eq!(spec.tags, vec!["gunicorn", "python"]);
-        assert_eq!(spec.scheme, Scheme::Https);
-        assert_eq!(spec.meta["team"], "web");
-    }
-
-    #[test]
-    fn names_every_bad_annotation() {
-        let errors = fields(
-            parse_annotations(&annotations(&[
-                (SERVICE, "Bad_Name"),
-                (PORTS, "9020-9011"),
-                ("workersd.io/ports.web", "1-65535"),
-                ("workersd.io/ports.", "1"),
-                (SCHEME, "ftp"),
-                (PATH, "metrics"),
-                ("workersd.io/meta.consul-x", "y"),
-                ("workersd.io/prots", "1"),
-            ]))
-            .unwrap_err(),
-        );
-        for want in [
-            "metadata.annotations[workersd.io/service]:",
-            "metadata.annotations[workersd.io/ports]: range 9020-9011 is reversed",
-            "metadata.annotations[workersd.io/ports.web]: range 1-65535 spans",
-            "metadata.annotations[workersd.io/ports.]:",
-            "metadata.annotations[workersd.io/scheme]:",
-            "metadata.annotations[workersd.io/path]:",
-            "metadata.annotations[workersd.io/meta.consul-x]:",
-            "metadata.annotations[workersd.io/prots]: unknown",
-        ] {
-            assert!(
-                errors.iter().any(|e| e.starts_with(want)),
-                "missing {want:?} in {errors:#?}"
-            );
-        }
-    }
-
-    #[test]
-    fn overlapping_ranges_and_missing_fields_are_errors() {
-        let errors = fields(
-            parse_annotations(&annotations(&[
-                (SERVICE, "a"),
-                (PORTS, "9011-9020"),
-                ("workersd.io/ports.web", "9020-9030"),
-            ]))
-            .unwrap_err(),
-        );
-        assert_eq!(errors.len(), 1);
-        assert!(errors[0].contains("overlaps"), "{errors:?}");
-        let errors = fields(parse_annotations(&annotations(&[(PORTS, "9011")])).unwrap_err());
-        assert!(errors[0].contains("workersd.io/service]: required"));
-        let errors = fields(parse_annotations(&annotations(&[(SERVICE, "a")])).unwrap_err());
-        assert!(errors[0].contains("no port range"));
-    }
-
-    #[test]
-    fn oversized_declarations_are_rejected() {
-        let mut many: Vec<(String, String)> = (0..20)
-            .map(|i| (format!("workersd.io/ports.c{i}"), format!("{}", 9000 + i)))
-            .collect();
-        many.push((SERVICE.into(), "a".into()));
-        let map: BTreeMap<String, String> = many.into_iter().collect();
-        assert!(
-            fields(parse_annotations(&map).unwrap_err())
-                .iter()
-                .any(|e| e.contains("at most 16"))
-        );
-        let huge = "1".repeat(MAX_ANNOTATION_VALUE + 1);
-        assert!(parse_annotations(&annotations(&[(SERVICE, "a"), (PORTS, &huge)])).is_err());
     }
 
     fn pod() -> PodInfo {
@@ -497,6 +393,92 @@ mod tests {
         assert_eq!(
             NamePolicy::default().service_name("any", "web").unwrap(),
             "web"
+        );
+    }
+
+    #[test]
+    fn pod_info_keeps_only_what_is_needed() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "namespace": "shop", "name": "web-1", "uid": "u1",
+                "labels": {"app": "web"},
+                "annotations": {
+                    "workersd.io/service": "clever",
+                    "kubectl.kubernetes.io/last-applied-configuration": "{...huge...}"
+                },
+                "managedFields": [{"manager": "kubectl"}]
+            },
+            "spec": {"nodeName": "node-a", "containers": [{"name": "web"}, {"name": "sidecar"}]},
+            "status": {
+                "podIP": "10.0.0.7", "phase": "Running",
+                "containerStatuses": [
+                    {"name": "web", "restartCount": 2, "ready": true, "image": "x", "imageID": "y",
+                     "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}}},
+                    {"name": "sidecar", "restartCount": 0, "ready": false, "image": "x", "imageID": "y",
+                     "state": {"waiting": {"reason": "CrashLoopBackOff"}}}
+                ]
+            }
+        }))
+        .unwrap();
+        let info = pod_info(&pod).unwrap();
+        assert_eq!(info.ip.unwrap().to_string(), "10.0.0.7");
+        assert_eq!(info.node.as_deref(), Some("node-a"));
+        assert_eq!(info.running, BTreeMap::from([("web".to_string(), 2)]));
+        assert_eq!(info.annotations.len(), 1, "foreign annotations are dropped");
+        assert!(!info.terminating && !info.host_network);
+
+        let mut deleting = pod.clone();
+        deleting.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::now(),
+            ));
+        assert!(pod_info(&deleting).unwrap().terminating);
+    }
+
+    #[test]
+    fn native_sidecars_run_from_init_container_statuses() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"namespace": "shop", "name": "web-1", "uid": "u1"},
+            "spec": {
+                "containers": [{"name": "web"}],
+                "initContainers": [
+                    {"name": "setup"},
+                    {"name": "exporter", "restartPolicy": "Always"}
+                ]
+            },
+            "status": {
+                "podIP": "10.0.0.7", "phase": "Running",
+                "initContainerStatuses": [
+                    {"name": "setup", "restartCount": 0, "ready": true, "image": "x", "imageID": "y",
+                     "state": {"terminated": {"exitCode": 0, "reason": "Completed"}}},
+                    {"name": "exporter", "restartCount": 3, "ready": true, "image": "x", "imageID": "y",
+                     "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}}}
+                ],
+                "containerStatuses": [
+                    {"name": "web", "restartCount": 0, "ready": true, "image": "x", "imageID": "y",
+                     "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}}}
+                ]
+            }
+        }))
+        .unwrap();
+        let info = pod_info(&pod).unwrap();
+        assert_eq!(
+            info.running,
+            BTreeMap::from([("web".to_string(), 0), ("exporter".to_string(), 3)])
+        );
+        assert_eq!(info.containers, BTreeSet::from(["web".to_string()]));
+        assert_eq!(info.sidecars, BTreeSet::from(["exporter".to_string()]));
+
+        // A regular init container that is running means "initializing": never a target.
+        let mut initializing = pod.clone();
+        let status = initializing.status.as_mut().unwrap();
+        status.init_container_statuses.as_mut().unwrap()[0].state =
+            serde_json::from_value(serde_json::json!({"running": {}})).unwrap();
+        assert!(
+            !pod_info(&initializing)
+                .unwrap()
+                .running
+                .contains_key("setup")
         );
     }
 }
