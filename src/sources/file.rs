@@ -312,6 +312,7 @@ pub fn load_targets(path: &Path) -> Result<Vec<Target>, Vec<DeclarationError>> {
 /// Polls the file (content, not mtime: ConfigMap symlink swaps keep odd mtimes) and publishes
 /// each new valid snapshot. Invalid edits are logged entry by entry and counted; the last good
 /// snapshot stays in force.
+#[tracing::instrument(name = "targets_file", skip_all, fields(file = %path.display()))]
 pub async fn watch_targets_file(
     path: PathBuf,
     poll_interval: Duration,
@@ -328,7 +329,7 @@ pub async fn watch_targets_file(
         tokio::select! {
             _ = ticker.tick() => {}
             Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
-                tracing::info!(file = %path.display(), "SIGHUP: re-reading the targets file");
+                tracing::info!("SIGHUP: re-reading the targets file");
                 // A re-read of unchanged content is reported too, so the operator sees it worked.
                 last_text.clear();
             }
@@ -339,7 +340,7 @@ pub async fn watch_targets_file(
                 if last_text.is_empty() {
                     continue;
                 }
-                tracing::warn!(file = %path.display(), error = %e, "cannot read targets file; keeping the last good configuration");
+                tracing::warn!(error = %e, "cannot read targets file; keeping the last good configuration");
                 metrics.config_reload("error");
                 last_text = String::new();
                 continue;
@@ -351,7 +352,7 @@ pub async fn watch_targets_file(
         last_text = text;
         match parse_targets(&last_text) {
             Ok(targets) => {
-                tracing::info!(file = %path.display(), targets = targets.len(), "targets file reloaded");
+                tracing::info!(targets = targets.len(), "targets file reloaded");
                 metrics.config_reload("ok");
                 let snapshot = super::share_unchanged(targets, &tx.borrow());
                 tx.send_replace(snapshot);
@@ -359,7 +360,7 @@ pub async fn watch_targets_file(
             Err(errors) => {
                 metrics.config_reload("error");
                 for error in &errors {
-                    tracing::error!(file = %path.display(), error = %error, "invalid targets file; keeping the last good configuration");
+                    tracing::error!(error = %error, "invalid targets file; keeping the last good configuration");
                 }
             }
         }

@@ -78,7 +78,7 @@ enum Change {
     Resource(usize, Box<Event<WorkerMetrics>>),
     /// The WorkerMetrics paths of this scope answer 404: the CRD is not installed.
     ResourcesAbsent(usize),
-    Failed(&'static str, String),
+    Failed(&'static str, Box<watcher::Error>),
 }
 
 /// A 404 while listing or starting a watch: the resource type is not served. (A 404 can
@@ -229,7 +229,7 @@ fn resource_changes(
                 .map(move |r| match r {
                     Ok(event) => Change::Resource(i, Box::new(event)),
                     Err(e) if is_absent_type(&e) => Change::ResourcesAbsent(i),
-                    Err(e) => Change::Failed("workermetrics", e.to_string()),
+                    Err(e) => Change::Failed("workermetrics", Box::new(e)),
                 })
                 .boxed();
             // Up to and including the first absence report, without polling (and so
@@ -272,7 +272,7 @@ fn streams(
                 .filter_map(move |r| {
                     futures::future::ready(match r {
                         Ok(event) => slim(event).map(|event| Change::Pod(i, Box::new(event))),
-                        Err(e) => Some(Change::Failed("pods", e.to_string())),
+                        Err(e) => Some(Change::Failed("pods", Box::new(e))),
                     })
                 })
                 .boxed(),
@@ -325,6 +325,8 @@ pub async fn start(
     }
 }
 
+/// One span for the watch loop and what it logs (empty `namespaces`: the whole cluster).
+#[tracing::instrument(name = "kubernetes_watch", skip_all, fields(namespaces = ?settings.namespaces))]
 async fn run(
     client: Client,
     settings: WatchSettings,
