@@ -1,7 +1,7 @@
 //! What goes wrong with the cluster's objects, as problems for Warning Events: refused
 //! declarations, unknown container names, and entries Consul refused. Pure.
 
-use super::resolve::{ClusterIndex, ObjectKey};
+use super::index::{ClusterIndex, ObjectKey};
 use crate::declaration::DeclarationError;
 use crate::sinks::consul::quarantine::Refused;
 use crate::sinks::kubernetes_events::{self as events, Problem, Problems};

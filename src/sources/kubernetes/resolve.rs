@@ -2,32 +2,12 @@
 //! must be reported back: invalid objects and which pods each custom resource covers. Pure.
 
 use super::annotations::{parse_annotations, ports_annotation};
-use super::crd::{CompiledWorkerMetrics, WorkerMetricsStatus};
-use super::pod::{NamePolicy, PodInfo, pod_targets, unknown_containers};
+use super::crd::CompiledWorkerMetrics;
+use super::index::{ClusterIndex, CustomResourceEntry, ObjectKey};
+use super::pod::{NamePolicy, pod_targets, unknown_containers};
 use crate::declaration::{Declaration, DeclarationError, ErrorKind, FieldPath};
 use crate::model::Target;
 use std::collections::{BTreeMap, BTreeSet};
-
-/// Namespace and name.
-pub type ObjectKey = (String, String);
-
-/// A `WorkerMetrics` as the controller sees it.
-#[derive(Clone, Debug)]
-pub struct CustomResourceEntry {
-    pub uid: String,
-    pub generation: Option<i64>,
-    /// Orders competing resources: the oldest wins, then the name.
-    pub created: String,
-    pub compiled: Result<CompiledWorkerMetrics, Vec<DeclarationError>>,
-    /// The status the object carries now (written by an earlier leader or run).
-    pub status: Option<WorkerMetricsStatus>,
-}
-
-#[derive(Clone, Debug, Default)]
-pub struct ClusterIndex {
-    pub pods: BTreeMap<ObjectKey, PodInfo>,
-    pub resources: BTreeMap<ObjectKey, CustomResourceEntry>,
-}
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CoveredPods {
@@ -156,6 +136,7 @@ pub fn resolve(index: &ClusterIndex, settings: &ResolveSettings) -> Resolution {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sources::kubernetes::pod::PodInfo;
 
     #[test]
     fn a_namespace_cannot_exceed_its_port_quota() {

@@ -2,10 +2,11 @@
 //! and publishes target snapshots. A re-list after a dropped watch (410 Gone) replaces the index
 //! of that scope atomically, so deletions missed meanwhile are never lost.
 
-use super::crd::{WorkerMetrics, WorkerMetricsStatus, compile};
-use super::pod::{PodInfo, slim};
+use super::crd::{WorkerMetrics, WorkerMetricsStatus};
+use super::index::{Change, ClusterIndex, Indexer, ObjectKey, Scope};
+use super::pod::slim;
 use super::problems::{problems, refused_problems};
-use super::resolve::{ClusterIndex, CustomResourceEntry, ObjectKey, ResolveSettings, resolve};
+use super::resolve::{ResolveSettings, resolve};
 use crate::metrics::Metrics;
 use crate::sinks::consul::quarantine::{Refused, RefusedEntries};
 use crate::sinks::kubernetes_events::{self as events, Problems};
@@ -14,8 +15,8 @@ use futures::stream::{BoxStream, SelectAll};
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::WatchStreamExt;
-use kube::runtime::watcher::{self, Event};
-use kube::{Api, Client, Resource, ResourceExt};
+use kube::runtime::watcher;
+use kube::{Api, Client};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -57,30 +58,6 @@ pub struct WatchSettings {
     pub event_refresh: std::time::Duration,
 }
 
-fn resource_entry(resource: &WorkerMetrics) -> CustomResourceEntry {
-    CustomResourceEntry {
-        uid: resource.uid().unwrap_or_default(),
-        generation: resource.metadata.generation,
-        created: resource
-            .metadata
-            .creation_timestamp
-            .as_ref()
-            .map(|t| t.0.to_string())
-            .unwrap_or_default(),
-        compiled: compile(&resource.spec),
-        status: resource.status.clone(),
-    }
-}
-
-enum Change {
-    /// Pods are slimmed as they arrive, so full objects never queue up.
-    Pod(usize, Box<Event<PodInfo>>),
-    Resource(usize, Box<Event<WorkerMetrics>>),
-    /// The WorkerMetrics paths of this scope answer 404: the CRD is not installed.
-    ResourcesAbsent(usize),
-    Failed(&'static str, Box<watcher::Error>),
-}
-
 /// A 404 while listing or starting a watch: the resource type is not served. (A 404 can
 /// only mean that here: lists and watches of a served type never answer it.)
 fn is_absent_type(error: &watcher::Error) -> bool {
@@ -88,116 +65,6 @@ fn is_absent_type(error: &watcher::Error) -> bool {
         watcher::Error::InitialListFailed(kube::Error::Api(status))
         | watcher::Error::WatchStartFailed(kube::Error::Api(status)) => status.code == 404,
         _ => false,
-    }
-}
-
-/// One namespace (or the whole cluster) as watched by one pod stream and one WorkerMetrics
-/// stream, and the buffers of a re-list in progress.
-struct Scope {
-    namespace: Option<String>,
-    pod_buffer: Option<BTreeMap<ObjectKey, PodInfo>>,
-    resource_buffer: Option<BTreeMap<ObjectKey, CustomResourceEntry>>,
-}
-
-impl Scope {
-    fn includes(&self, key: &ObjectKey) -> bool {
-        self.namespace.as_ref().is_none_or(|ns| *ns == key.0)
-    }
-}
-
-fn key_of<K: Resource>(object: &K) -> Option<ObjectKey> {
-    Some((
-        object.meta().namespace.clone()?,
-        object.meta().name.clone()?,
-    ))
-}
-
-struct Source {
-    index: ClusterIndex,
-    scopes: Vec<Scope>,
-    /// Streams (pods and resources of every scope) that finished their first list.
-    synced: BTreeSet<(bool, usize)>,
-    /// Scopes whose WorkerMetrics type is not served (CRD absent); they count as synced
-    /// with no resources, so annotated pods are published meanwhile.
-    resources_absent: BTreeSet<usize>,
-}
-
-impl Source {
-    fn apply(&mut self, change: Change) {
-        match change {
-            Change::Pod(i, event) => match *event {
-                Event::Init => self.scopes[i].pod_buffer = Some(BTreeMap::new()),
-                Event::InitApply(info) => {
-                    if let Some(buffer) = self.scopes[i].pod_buffer.as_mut() {
-                        buffer.insert((info.namespace.clone(), info.name.clone()), info);
-                    }
-                }
-                Event::InitDone => {
-                    let buffer = self.scopes[i].pod_buffer.take().unwrap_or_default();
-                    let scope = &self.scopes[i];
-                    self.index.pods.retain(|k, _| !scope.includes(k));
-                    self.index.pods.extend(buffer);
-                    self.synced.insert((true, i));
-                }
-                Event::Apply(info) => {
-                    self.index
-                        .pods
-                        .insert((info.namespace.clone(), info.name.clone()), info);
-                }
-                Event::Delete(info) => {
-                    self.index.pods.remove(&(info.namespace, info.name));
-                }
-            },
-            Change::Resource(i, event) => match *event {
-                Event::Init => self.scopes[i].resource_buffer = Some(BTreeMap::new()),
-                Event::InitApply(resource) => {
-                    if let (Some(key), Some(buffer)) =
-                        (key_of(&resource), self.scopes[i].resource_buffer.as_mut())
-                    {
-                        buffer.insert(key, resource_entry(&resource));
-                    }
-                }
-                Event::InitDone => {
-                    let buffer = self.scopes[i].resource_buffer.take().unwrap_or_default();
-                    let scope = &self.scopes[i];
-                    self.index.resources.retain(|k, _| !scope.includes(k));
-                    self.index.resources.extend(buffer);
-                    self.synced.insert((false, i));
-                    self.resources_absent.remove(&i);
-                }
-                Event::Apply(resource) => {
-                    if let Some(key) = key_of(&resource) {
-                        self.index.resources.insert(key, resource_entry(&resource));
-                    }
-                }
-                Event::Delete(resource) => {
-                    if let Some(key) = key_of(&resource) {
-                        self.index.resources.remove(&key);
-                    }
-                }
-            },
-            Change::ResourcesAbsent(i) => {
-                // Deleting a CRD deletes its objects first; drop whatever is left all the same.
-                let scope = &mut self.scopes[i];
-                scope.resource_buffer = None;
-                let scope = &self.scopes[i];
-                self.index.resources.retain(|k, _| !scope.includes(k));
-                self.synced.insert((false, i));
-                self.resources_absent.insert(i);
-            }
-            Change::Failed(what, error) => {
-                tracing::warn!(watch = what, error = %error, "watch failed; retrying with backoff");
-            }
-        }
-    }
-
-    fn all_synced(&self) -> bool {
-        self.synced.len() == self.scopes.len() * 2
-    }
-
-    /// Whether the CRD is absent (any scope's WorkerMetrics paths answer 404).
-    fn crd_missing(&self) -> bool {
-        !self.resources_absent.is_empty()
     }
 }
 
@@ -279,14 +146,7 @@ fn streams(
         );
         all.push(resource_changes(resources, config, i));
     }
-    let scopes = scopes
-        .into_iter()
-        .map(|namespace| Scope {
-            namespace,
-            pod_buffer: None,
-            resource_buffer: None,
-        })
-        .collect();
+    let scopes = scopes.into_iter().map(Scope::new).collect();
     (scopes, all)
 }
 
@@ -337,12 +197,7 @@ async fn run(
     refused: Option<watch::Receiver<RefusedEntries>>,
 ) {
     let (scopes, mut changes) = streams(&client, &settings.namespaces);
-    let mut source = Source {
-        index: ClusterIndex::default(),
-        scopes,
-        synced: BTreeSet::new(),
-        resources_absent: BTreeSet::new(),
-    };
+    let mut indexer = Indexer::new(scopes);
     let mut crd_missing = false;
     // Events are written by their own task: a slow or failing API server never delays the
     // snapshots below.
@@ -376,15 +231,15 @@ async fn run(
         tokio::select! {
             change = changes.next() => {
                 let Some(change) = change else { break };
-                source.apply(change);
+                indexer.apply(change);
             }
             // The sink's refusals change: only the Events follow, no snapshot.
             seen = refused.changed(), if refused_open => {
                 if seen.is_err() {
                     refused_open = false;
-                } else if source.all_synced() {
+                } else if indexer.all_synced() {
                     let entries = refused.borrow_and_update().clone();
-                    send_problems(&cluster_problems, &entries, &source.index);
+                    send_problems(&cluster_problems, &entries, &indexer.index);
                 }
                 continue;
             }
@@ -392,15 +247,15 @@ async fn run(
         // Coalesce what is already queued into one resolution.
         for _ in 0..10_000 {
             match changes.next().now_or_never() {
-                Some(Some(change)) => source.apply(change),
+                Some(Some(change)) => indexer.apply(change),
                 _ => break,
             }
         }
-        if !source.all_synced() {
+        if !indexer.all_synced() {
             continue;
         }
-        if source.crd_missing() != crd_missing {
-            crd_missing = source.crd_missing();
+        if indexer.crd_missing() != crd_missing {
+            crd_missing = indexer.crd_missing();
             // Logged on each change, not on every poll.
             if crd_missing {
                 tracing::warn!(
@@ -416,9 +271,9 @@ async fn run(
         }
         settings.crd_missing.store(crd_missing, Ordering::Relaxed);
         metrics.crd_installed(CRD_NAME, !crd_missing);
-        let resolution = resolve(&source.index, &settings.resolve);
+        let resolution = resolve(&indexer.index, &settings.resolve);
         metrics.invalid_objects("pod", resolution.invalid_pods.len());
-        let invalid_resources = source
+        let invalid_resources = indexer
             .index
             .resources
             .values()
@@ -428,11 +283,11 @@ async fn run(
         cluster_problems = problems(
             &resolution.invalid_pods,
             &resolution.unknown_containers,
-            &source.index,
+            &indexer.index,
         );
         let entries = refused.borrow_and_update().clone();
-        send_problems(&cluster_problems, &entries, &source.index);
-        let report: ResourceReport = source
+        send_problems(&cluster_problems, &entries, &indexer.index);
+        let report: ResourceReport = indexer
             .index
             .resources
             .iter()
@@ -466,8 +321,8 @@ async fn run(
         targets.send_replace(snapshot);
         if let Some(ready) = ready.take() {
             tracing::info!(
-                pods = source.index.pods.len(),
-                workermetrics = source.index.resources.len(),
+                pods = indexer.index.pods.len(),
+                workermetrics = indexer.index.resources.len(),
                 "initial Kubernetes sync complete"
             );
             let _ = ready.send(());
@@ -478,7 +333,6 @@ async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sources::kubernetes::pod::pod_named;
 
     #[test]
     fn watches_use_paged_lists_not_streaming_lists() {
@@ -486,115 +340,5 @@ mod tests {
             watcher_config().initial_list_strategy,
             watcher::InitialListStrategy::ListWatch
         ));
-    }
-
-    #[test]
-    fn a_relist_replaces_its_scope_and_drops_missed_deletions() {
-        let mut source = Source {
-            index: ClusterIndex::default(),
-            scopes: vec![
-                Scope {
-                    namespace: Some("a".into()),
-                    pod_buffer: None,
-                    resource_buffer: None,
-                },
-                Scope {
-                    namespace: Some("b".into()),
-                    pod_buffer: None,
-                    resource_buffer: None,
-                },
-            ],
-            synced: BTreeSet::new(),
-            resources_absent: BTreeSet::new(),
-        };
-        for (i, ns) in [(0, "a"), (1, "b")] {
-            source.apply(Change::Pod(i, Box::new(Event::Init)));
-            source.apply(Change::Pod(
-                i,
-                Box::new(Event::InitApply(pod_named("p1", ns))),
-            ));
-            source.apply(Change::Pod(
-                i,
-                Box::new(Event::InitApply(pod_named("p2", ns))),
-            ));
-            source.apply(Change::Pod(i, Box::new(Event::InitDone)));
-            source.apply(Change::Resource(i, Box::new(Event::Init)));
-            source.apply(Change::Resource(i, Box::new(Event::InitDone)));
-        }
-        assert!(source.all_synced());
-        assert_eq!(source.index.pods.len(), 4);
-        // Scope "a" re-lists after 410 Gone: p2 was deleted while the watch was down.
-        source.apply(Change::Pod(0, Box::new(Event::Init)));
-        source.apply(Change::Pod(
-            0,
-            Box::new(Event::InitApply(pod_named("p1", "a"))),
-        ));
-        assert_eq!(
-            source.index.pods.len(),
-            4,
-            "the old index stays until the re-list completes"
-        );
-        source.apply(Change::Pod(0, Box::new(Event::InitDone)));
-        let keys: Vec<_> = source.index.pods.keys().cloned().collect();
-        assert_eq!(
-            keys,
-            vec![
-                ("a".into(), "p1".into()),
-                ("b".into(), "p1".into()),
-                ("b".into(), "p2".into())
-            ]
-        );
-        source.apply(Change::Pod(
-            1,
-            Box::new(Event::Delete(pod_named("p1", "b"))),
-        ));
-        assert_eq!(source.index.pods.len(), 2);
-    }
-
-    #[test]
-    fn an_absent_crd_counts_as_synced_without_resources_until_it_is_listed() {
-        let mut source = Source {
-            index: ClusterIndex::default(),
-            scopes: vec![Scope {
-                namespace: None,
-                pod_buffer: None,
-                resource_buffer: None,
-            }],
-            synced: BTreeSet::new(),
-            resources_absent: BTreeSet::new(),
-        };
-        source.apply(Change::Pod(0, Box::new(Event::Init)));
-        source.apply(Change::Pod(
-            0,
-            Box::new(Event::InitApply(pod_named("p1", "a"))),
-        ));
-        source.apply(Change::Pod(0, Box::new(Event::InitDone)));
-        assert!(
-            !source.all_synced(),
-            "the WorkerMetrics list is still pending"
-        );
-        source.apply(Change::Resource(0, Box::new(Event::Init)));
-        source.apply(Change::ResourcesAbsent(0));
-        assert!(source.all_synced() && source.crd_missing());
-        assert_eq!(source.index.pods.len(), 1);
-
-        // The CRD appears: a full list replaces the absence.
-        let wm: WorkerMetrics = serde_json::from_value(serde_json::json!({
-            "apiVersion": "workersd.io/v1alpha1", "kind": "WorkerMetrics",
-            "metadata": {"namespace": "a", "name": "w", "uid": "u"},
-            "spec": {"selector": {}, "service": "s", "containers": []}
-        }))
-        .unwrap();
-        source.apply(Change::Resource(0, Box::new(Event::Init)));
-        source.apply(Change::Resource(0, Box::new(Event::InitApply(wm))));
-        assert!(source.crd_missing(), "absent until the list completes");
-        source.apply(Change::Resource(0, Box::new(Event::InitDone)));
-        assert!(!source.crd_missing());
-        assert_eq!(source.index.resources.len(), 1);
-
-        // Deleted again: whatever is left of its resources goes.
-        source.apply(Change::ResourcesAbsent(0));
-        assert!(source.crd_missing() && source.index.resources.is_empty());
-        assert_eq!(source.index.pods.len(), 1, "pods are untouched");
     }
 }
