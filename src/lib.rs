@@ -4,6 +4,7 @@
 
 pub mod catalog;
 pub mod cli;
+pub mod declaration;
 #[cfg(test)]
 mod fixtures;
 #[cfg(test)]
@@ -18,4 +19,3 @@ pub mod sinks;
 pub mod sources;
 pub mod telemetry;
 pub mod tls;
-pub mod validate;

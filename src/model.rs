@@ -131,15 +131,17 @@ impl Scheme {
     }
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("scheme must be \"http\" or \"https\", got {0:?}")]
+pub struct SchemeError(pub String);
+
 impl FromStr for Scheme {
-    type Err = String;
+    type Err = SchemeError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "http" => Ok(Scheme::Http),
             "https" => Ok(Scheme::Https),
-            other => Err(format!(
-                "scheme must be \"http\" or \"https\", got {other:?}"
-            )),
+            other => Err(SchemeError(other.to_string())),
         }
     }
 }
@@ -175,7 +177,8 @@ pub struct Target {
     pub path: String,
     pub scheme: Scheme,
     pub tags: Vec<String>,
-    /// User meta plus source meta (e.g. Kubernetes namespace and pod), validated by the source.
+    /// User meta plus source meta (e.g. Kubernetes namespace and pod), checked by
+    /// [`crate::declaration::validate`].
     pub meta: BTreeMap<String, String>,
     /// Bumped by the source when the workers behind the target restarted (e.g. a container
     /// restart): the target is then probed at once, as if new.
@@ -195,7 +198,7 @@ pub struct ServiceInstance {
     pub tags: Vec<String>,
     /// Published meta minus `worker-port`, which is `port` and added by [`Self::published_meta`]:
     /// the rest is the same for every port of a target, so its instances share one map
-    /// (~1 KB per instance otherwise; 40 MB at 40,000 endpoints).
+    /// instead of a copy each.
     pub meta: Arc<BTreeMap<String, String>>,
 }
 
@@ -209,8 +212,9 @@ impl ServiceInstance {
 }
 
 /// Desired or current catalog content, keyed by service instance ID. Instances are shared, not
-/// copied, between the pipeline's view, the published state, plans and the sinks' memory of
-/// Consul: at 40,000 endpoints each copy of every instance cost ~20 MB.
+/// copied, between the pipeline's desired state, the published state, plans and the sinks'
+/// memory of Consul: a copy of every instance for each of them adds up at tens of thousands of
+/// endpoints.
 pub type Catalog = BTreeMap<Arc<str>, Arc<ServiceInstance>>;
 
 /// Meta keys workersd writes on every instance it owns. Users may not set them.

@@ -7,13 +7,14 @@
 use proptest::prelude::*;
 use std::collections::BTreeMap;
 use std::path::Path;
+use workersd::declaration::DeclarationError;
 use workersd::model::{PortRange, PortRangeError};
 use workersd::probe::classify_head;
 use workersd::sinks::consul::decode_node_services;
 use workersd::sources::file::parse_targets;
+use workersd::sources::kubernetes::annotations::parse_annotations;
 use workersd::sources::kubernetes::crd::{WorkerMetricsSpec, compile};
-use workersd::sources::kubernetes::spec::parse_annotations;
-use workersd::sources::kubernetes::watch::pod_info;
+use workersd::sources::kubernetes::pod::pod_info;
 
 fn corpus(kind: &str) -> Vec<(String, String, String)> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -276,7 +277,7 @@ fn worker_metrics_spec(valid: bool) -> impl Strategy<Value = serde_json::Value> 
 /// Fields that per-field rules alone make invalid; compile() must report each of them.
 fn fields_known_bad(spec: &WorkerMetricsSpec) -> Vec<String> {
     let mut bad = Vec::new();
-    if workersd::validate::service_name(&spec.service).is_err() {
+    if workersd::declaration::rules::service_name(&spec.service).is_err() {
         bad.push("spec.service".to_string());
     }
     if spec.containers.is_empty() {
@@ -298,6 +299,39 @@ fn fields_known_bad(spec: &WorkerMetricsSpec) -> Vec<String> {
         bad.push("spec.scheme".to_string());
     }
     bad
+}
+
+/// The same ports, path and meta key written in each of the three ways; the errors of each
+/// (none when valid).
+fn declare_everywhere(
+    ports: &str,
+    path: &str,
+    key: &str,
+) -> (
+    Vec<DeclarationError>,
+    Vec<DeclarationError>,
+    Vec<DeclarationError>,
+) {
+    let yaml = serde_norway::to_string(&serde_json::json!({"targets": [{
+        "service": "web", "address": "127.0.0.1", "ports": ports, "path": path, "meta": {key: "v"},
+    }]}))
+    .unwrap();
+    let file = parse_targets(&yaml).err().unwrap_or_default();
+    let annotations = parse_annotations(&BTreeMap::from([
+        ("workersd.io/service".to_string(), "web".to_string()),
+        ("workersd.io/ports.web".to_string(), ports.to_string()),
+        ("workersd.io/path".to_string(), path.to_string()),
+        (format!("workersd.io/meta.{key}"), "v".to_string()),
+    ]))
+    .err()
+    .unwrap_or_default();
+    let spec: WorkerMetricsSpec = serde_json::from_value(serde_json::json!({
+        "selector": {}, "service": "web", "containers": [{"name": "web", "ports": ports}],
+        "path": path, "meta": {key: "v"},
+    }))
+    .unwrap();
+    let resource = compile(&spec).err().unwrap_or_default();
+    (file, annotations, resource)
 }
 
 proptest! {
@@ -344,7 +378,7 @@ proptest! {
     fn arbitrary_yaml_structures_never_panic(value in arb_json()) {
         let yaml = serde_norway::to_string(&serde_json::json!({"targets": [value]})).unwrap();
         if let Err(errors) = parse_targets(&yaml) {
-            prop_assert!(errors.iter().all(|e| !e.message.is_empty()));
+            prop_assert!(errors.iter().all(|e| !e.to_string().is_empty()));
         }
     }
 
@@ -365,7 +399,7 @@ proptest! {
         )
     ) {
         if let Err(errors) = parse_annotations(&pairs) {
-            prop_assert!(errors.iter().all(|e| e.field.starts_with("metadata.annotations[")));
+            prop_assert!(errors.iter().all(|e| e.field.as_str().starts_with("metadata.annotations[")));
         }
     }
 
@@ -403,10 +437,10 @@ proptest! {
             Err(errors) => {
                 prop_assert!(!errors.is_empty());
                 for e in &errors {
-                    prop_assert!(e.field.starts_with("spec.") && !e.message.is_empty(), "{e}");
+                    prop_assert!(e.field.as_str().starts_with("spec.") && !e.kind.to_string().is_empty(), "{e}");
                 }
                 for field in &expected {
-                    prop_assert!(errors.iter().any(|e| &e.field == field), "{field} not reported: {errors:?}");
+                    prop_assert!(errors.iter().any(|e| e.field.as_str() == field), "{field} not reported: {errors:?}");
                 }
             }
         }
@@ -418,6 +452,43 @@ proptest! {
             .map_err(|e| TestCaseError::fail(format!("{e}: {value}")))?;
         let compiled = compile(&spec);
         prop_assert!(compiled.is_ok(), "{value}: {compiled:?}");
+    }
+
+    /// The targets file, annotations and a WorkerMetrics go through one validator: the same
+    /// value is accepted by all three or refused by all three with the same error, each at
+    /// its own field.
+    #[test]
+    fn the_three_sources_judge_a_value_alike(
+        ports in port_text(),
+        path in prop_oneof!["/[a-z/ ]{0,8}", ".{0,8}"],
+        key in prop_oneof!["[a-z_-]{0,10}", Just("workersd-owner".to_string()), ".{0,6}"],
+    ) {
+        let (file, annotations, resource) = declare_everywhere(&ports, &path, &key);
+        let fields = [
+            ["targets[0].ports", "targets[0].path", "targets[0].meta"],
+            [
+                "metadata.annotations[workersd.io/ports.web]",
+                "metadata.annotations[workersd.io/path]",
+                &format!("metadata.annotations[workersd.io/meta.{key}]"),
+            ],
+            ["spec.containers[0].ports", "spec.path", "spec.meta"],
+        ];
+        let kinds = |errors: &[DeclarationError], fields: &[&str; 3]| -> Vec<Vec<String>> {
+            fields
+                .iter()
+                .map(|field| {
+                    errors
+                        .iter()
+                        .filter(|e| e.field.as_str() == *field)
+                        .map(|e| format!("{:?}", e.kind))
+                        .collect()
+                })
+                .collect()
+        };
+        let file = kinds(&file, &fields[0]);
+        prop_assert_eq!(file[0].is_empty(), documented_range(&ports).is_some(), "{:?}", file);
+        prop_assert_eq!(&file, &kinds(&annotations, &fields[1]), "file vs annotations");
+        prop_assert_eq!(&file, &kinds(&resource, &fields[2]), "file vs WorkerMetrics");
     }
 
     #[test]

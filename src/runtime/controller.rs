@@ -4,12 +4,12 @@ use super::admin_server::{self as server, Readiness};
 use super::settings::consul_settings;
 use super::{limits, shutdown};
 use crate::cli::{Liveness, RunArgs};
+use crate::declaration;
 use crate::metrics::Metrics;
 use crate::pipeline::{self, DesiredRx, desired_channel};
 use crate::probe::ProbeSettings;
 use crate::sinks::{consul, http_sd};
 use crate::sources::TargetSnapshot;
-use crate::validate;
 use anyhow::Context;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -39,10 +39,10 @@ impl Controller {
         tracing::debug!(soft = fds.soft, hard = fds.hard, "file-descriptor limit");
         let node = run.consul_node.clone().unwrap_or(default_node);
         let owner = run.owner_id.clone().unwrap_or_else(|| node.clone());
-        validate::owner_id(&owner)
+        declaration::owner_id(&owner)
             .map_err(anyhow::Error::msg)
             .context("--owner-id")?;
-        validate::owner_id(&node)
+        declaration::owner_id(&node)
             .map_err(anyhow::Error::msg)
             .context("--consul-node")?;
 

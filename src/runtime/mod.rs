@@ -12,13 +12,13 @@ pub use self::controller::{Controller, Started};
 use self::leader::LeaseSettings;
 use self::settings::{default_node_name, hostname_or_localhost};
 use crate::cli::{KubernetesArgs, StandaloneArgs};
+use crate::declaration;
 use crate::metrics::Metrics;
 use crate::sinks::workermetrics_status as status;
+use crate::sources::kubernetes::pod::NamePolicy;
 use crate::sources::kubernetes::resolve::ResolveSettings;
-use crate::sources::kubernetes::spec::NamePolicy;
 use crate::sources::kubernetes::watch as kube_watch;
 use crate::sources::{self, TargetSnapshot, file};
-use crate::validate;
 use anyhow::{Context, bail};
 use futures::FutureExt;
 use std::sync::Arc;
@@ -62,7 +62,7 @@ pub async fn run_standalone(args: StandaloneArgs) -> anyhow::Result<()> {
 }
 
 pub async fn run_kubernetes(args: KubernetesArgs) -> anyhow::Result<()> {
-    validate::owner_id(&args.cluster_name)
+    declaration::owner_id(&args.cluster_name)
         .map_err(anyhow::Error::msg)
         .context("--cluster-name")?;
     let names = NamePolicy::new(&args.service_name_template)

@@ -2,12 +2,14 @@
 //! hot-reloaded. A broken edit keeps the last good snapshot running.
 
 use super::TargetSnapshot;
+use crate::declaration::{
+    self, DeclarationError, ErrorKind, FieldPath, Input, RawDeclaration, RawMeta, RawRange,
+    SourceKind,
+};
 use crate::metrics::Metrics;
-use crate::model::{PortRange, Scheme, Target, TargetId};
-use crate::validate;
+use crate::model::{Target, TargetId};
+use serde::Deserialize;
 use serde_norway::{Mapping, Value};
-use std::collections::BTreeMap;
-use std::fmt;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,116 +21,93 @@ pub const MAX_FILE_BYTES: usize = 4 * 1024 * 1024;
 /// Largest number of entries one file may declare.
 pub const MAX_TARGETS: usize = 20_000;
 
-const FIELDS: [&str; 7] = [
-    "service", "address", "ports", "path", "scheme", "tags", "meta",
-];
+const FIELDS: &str = "service, address, ports, path, scheme, tags, meta";
 
-/// One problem in a targets file, located by entry index and field.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct FileError {
-    pub entry: Option<usize>,
-    pub field: Option<String>,
-    pub message: String,
+/// One entry as written. Fields stay YAML values so that a wrong type is reported by name
+/// beside every other problem of the entry: a struct of typed fields (or
+/// `deny_unknown_fields`) would stop at the first one.
+#[derive(Deserialize)]
+struct Entry {
+    service: Option<Value>,
+    address: Option<Value>,
+    ports: Option<Value>,
+    path: Option<Value>,
+    scheme: Option<Value>,
+    tags: Option<Value>,
+    meta: Option<Value>,
+    #[serde(flatten)]
+    unknown: Mapping,
 }
 
-impl fmt::Display for FileError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match (&self.entry, &self.field) {
-            (Some(i), Some(field)) => write!(f, "targets[{i}].{field}: {}", self.message),
-            (Some(i), None) => write!(f, "targets[{i}]: {}", self.message),
-            (None, Some(field)) => write!(f, "{field}: {}", self.message),
-            (None, None) => f.write_str(&self.message),
-        }
-    }
-}
-
-fn top(message: impl Into<String>) -> FileError {
-    FileError {
-        entry: None,
-        field: None,
-        message: message.into(),
-    }
-}
-
-fn at(entry: usize, field: &str, message: impl Into<String>) -> FileError {
-    FileError {
-        entry: Some(entry),
-        field: Some(field.into()),
-        message: message.into(),
-    }
+fn whole(kind: ErrorKind) -> DeclarationError {
+    DeclarationError::new(FieldPath::whole(), kind)
 }
 
 /// Parses and validates the whole file, returning every error found, not just the first.
-pub fn parse_targets(text: &str) -> Result<Vec<Target>, Vec<FileError>> {
+pub fn parse_targets(text: &str) -> Result<Vec<Target>, Vec<DeclarationError>> {
     if text.len() > MAX_FILE_BYTES {
-        return Err(vec![top(format!(
-            "file is {} bytes; at most {MAX_FILE_BYTES} allowed",
-            text.len()
-        ))]);
+        return Err(vec![whole(ErrorKind::FileTooLarge {
+            bytes: text.len(),
+            max: MAX_FILE_BYTES,
+        })]);
     }
     let root: Value =
-        serde_norway::from_str(text).map_err(|e| vec![top(format!("not valid YAML: {e}"))])?;
+        serde_norway::from_str(text).map_err(|e| vec![whole(ErrorKind::Yaml(Arc::new(e)))])?;
     let root = match root {
         Value::Mapping(m) => m,
-        Value::Null => {
-            return Err(vec![top(
-                "file is empty; expected a mapping with a `targets` list",
-            )]);
-        }
-        _ => {
-            return Err(vec![top(
-                "expected a mapping with a `targets` list at the top level",
-            )]);
-        }
+        Value::Null => return Err(vec![whole(ErrorKind::EmptyFile)]),
+        _ => return Err(vec![whole(ErrorKind::NoTargetsMapping)]),
     };
     let mut errors = Vec::new();
     for key in root.keys() {
         if key.as_str() != Some("targets") {
-            errors.push(FileError {
-                entry: None,
-                field: Some(describe_key(key)),
-                message: "unknown top-level key (expected only `targets`)".into(),
-            });
+            errors.push(DeclarationError::new(
+                FieldPath::new(describe_key(key)),
+                ErrorKind::UnknownTopLevelKey,
+            ));
         }
     }
+    let list = FieldPath::new("targets");
     let entries = match root.get("targets") {
         Some(Value::Sequence(s)) => s.as_slice(),
         Some(Value::Null) | None => &[],
         Some(_) => {
-            errors.push(FileError {
-                entry: None,
-                field: Some("targets".into()),
-                message: "must be a list".into(),
-            });
+            errors.push(DeclarationError::new(list, ErrorKind::WrongType("a list")));
             &[]
         }
     };
     if entries.len() > MAX_TARGETS {
-        errors.push(FileError {
-            entry: None,
-            field: Some("targets".into()),
-            message: format!("{} entries; at most {MAX_TARGETS} allowed", entries.len()),
-        });
+        errors.push(DeclarationError::new(
+            FieldPath::new("targets"),
+            ErrorKind::TooManyEntries {
+                entries: entries.len(),
+                max: MAX_TARGETS,
+            },
+        ));
         return Err(errors);
     }
     let mut targets: Vec<(usize, Target)> = Vec::new();
     for (index, entry) in entries.iter().enumerate() {
-        if let Some(target) = parse_entry(index, entry, &mut errors) {
-            if let Some((other, _)) = targets
-                .iter()
-                .find(|(_, t)| t.address == target.address && t.ports.overlaps(&target.ports))
-            {
-                errors.push(at(
-                    index,
-                    "ports",
-                    format!(
-                        "{} on {} overlaps targets[{other}]; one port belongs to one target",
-                        target.ports, target.address
-                    ),
-                ));
-                continue;
+        let at = FieldPath::new(format!("targets[{index}]"));
+        match parse_entry(&at, entry) {
+            Ok(target) => {
+                if let Some((other, _)) = targets
+                    .iter()
+                    .find(|(_, t)| t.address == target.address && t.ports.overlaps(&target.ports))
+                {
+                    errors.push(DeclarationError::new(
+                        at.field("ports"),
+                        ErrorKind::EntriesOverlap {
+                            ports: target.ports,
+                            address: target.address,
+                            other: *other,
+                        },
+                    ));
+                    continue;
+                }
+                targets.push((index, target));
             }
-            targets.push((index, target));
+            Err(entry_errors) => errors.extend(entry_errors),
         }
     }
     if errors.is_empty() {
@@ -145,214 +124,195 @@ fn describe_key(key: &Value) -> String {
     }
 }
 
-fn parse_entry(index: usize, entry: &Value, errors: &mut Vec<FileError>) -> Option<Target> {
+/// One entry: its address here (only the file declares one), the rest through the declaration
+/// validator.
+fn parse_entry(at: &FieldPath, entry: &Value) -> Result<Target, Vec<DeclarationError>> {
+    let wrong = |field: &str, expected| {
+        DeclarationError::new(at.field(field), ErrorKind::WrongType(expected))
+    };
     let Value::Mapping(map) = entry else {
-        errors.push(FileError {
-            entry: Some(index),
-            field: None,
-            message: "must be a mapping".into(),
-        });
-        return None;
+        return Err(vec![DeclarationError::new(
+            at.clone(),
+            ErrorKind::WrongType("a mapping"),
+        )]);
     };
-    let before = errors.len();
-    for key in map.keys() {
-        let name = describe_key(key);
-        if !FIELDS.contains(&name.as_str()) {
-            errors.push(at(
-                index,
-                &name,
-                format!("unknown field (expected one of {})", FIELDS.join(", ")),
+    // Only string keys can name a field; the others are unknown fields (and `flatten` would
+    // refuse them).
+    let (fields, odd): (Mapping, Mapping) = map
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .partition(|(k, _)| matches!(k, Value::String(_)));
+    let mut errors: Vec<DeclarationError> = odd
+        .keys()
+        .map(|key| {
+            DeclarationError::new(
+                at.field(&describe_key(key)),
+                ErrorKind::UnknownField(FIELDS),
+            )
+        })
+        .collect();
+    let entry = match Entry::deserialize(Value::Mapping(fields)) {
+        Ok(entry) => entry,
+        Err(e) => {
+            errors.push(DeclarationError::new(
+                at.clone(),
+                ErrorKind::Yaml(Arc::new(e)),
             ));
+            return Err(errors);
         }
-    }
-    let service = required_str(map, index, "service", errors).and_then(|s| {
-        check(validate::service_name(s), index, "service", errors).map(|_| s.to_string())
-    });
-    let address =
-        required_str(map, index, "address", errors).and_then(|s| match s.parse::<IpAddr>() {
-            Ok(ip) if ip.is_unspecified() || ip.is_multicast() => {
-                errors.push(at(
-                    index,
-                    "address",
-                    format!("{s} cannot be probed; give the worker host's own IP"),
-                ));
-                None
-            }
-            Ok(ip) => Some(ip),
-            Err(_) => {
-                errors.push(at(
-                    index,
-                    "address",
-                    format!("{s:?} is not an IP address (host names are not resolved)"),
-                ));
-                None
-            }
-        });
-    let ports = match map.get("ports") {
-        None => {
-            errors.push(at(index, "ports", "required (e.g. \"9011-9020\")"));
-            None
-        }
-        Some(Value::Number(n)) => match n.as_u64().and_then(|p| u16::try_from(p).ok()) {
-            Some(p) => check(PortRange::new(p, p), index, "ports", errors),
-            None => {
-                errors.push(at(
-                    index,
-                    "ports",
-                    format!("port {n} is not a number from 1 to 65535"),
-                ));
-                None
-            }
-        },
-        Some(Value::String(s)) => check(s.parse::<PortRange>(), index, "ports", errors),
+    };
+    errors.extend(entry.unknown.keys().map(|key| {
+        DeclarationError::new(
+            at.field(&describe_key(key)),
+            ErrorKind::UnknownField(FIELDS),
+        )
+    }));
+    let mut string = |name: &str, value: Option<Value>| match value {
+        None => Input::Absent(at.field(name)),
+        Some(Value::String(s)) => Input::given(at.field(name), s),
         Some(_) => {
-            errors.push(at(
-                index,
+            errors.push(wrong(name, "a string"));
+            Input::Refused
+        }
+    };
+    let service = string("service", entry.service);
+    let address = string("address", entry.address);
+    let path = string("path", entry.path);
+    let scheme = string("scheme", entry.scheme);
+    let mut raw = RawDeclaration {
+        service,
+        path,
+        scheme,
+        ..RawDeclaration::empty(SourceKind::TargetsFile, |name| at.field(name))
+    };
+    // A port number is the range of one port.
+    let ports = match entry.ports {
+        None => None,
+        Some(Value::Number(n)) => Some(n.to_string()),
+        Some(Value::String(s)) => Some(s),
+        Some(_) => {
+            errors.push(wrong(
                 "ports",
-                "must be a string like \"9011-9020\" or a port number",
+                "a string like \"9011-9020\" or a port number",
             ));
+            raw.ranges_refused = true;
             None
         }
     };
-    let path = optional_str(map, index, "path", errors)
-        .map(|p| check(validate::metrics_path(p), index, "path", errors).map(|_| p.to_string()))
-        .unwrap_or(Some("/metrics".into()));
-    let scheme = optional_str(map, index, "scheme", errors)
-        .map(|s| check(s.parse::<Scheme>(), index, "scheme", errors))
-        .unwrap_or(Some(Scheme::Http));
-    let tags = match map.get("tags") {
-        None | Some(Value::Null) => Some(Vec::new()),
+    raw.ranges.extend(ports.map(|ports| RawRange {
+        container: None,
+        ports: declaration::Located::new(at.field("ports"), ports),
+    }));
+    raw.tags = match entry.tags {
+        None => Input::Absent(at.field("tags")),
         Some(Value::Sequence(items)) => {
-            let tags: Option<Vec<String>> = items
+            let tags: Vec<String> = items
                 .iter()
-                .map(|v| v.as_str().map(str::to_string))
+                .enumerate()
+                .filter_map(|(i, v)| match v {
+                    Value::String(s) => Some(s.clone()),
+                    _ => {
+                        errors.push(wrong(&format!("tags[{i}]"), "a string"));
+                        None
+                    }
+                })
                 .collect();
-            match tags {
-                Some(tags) => check(validate::tags(&tags), index, "tags", errors).map(|_| tags),
-                None => {
-                    errors.push(at(index, "tags", "every tag must be a string"));
-                    None
-                }
+            if tags.len() == items.len() {
+                Input::given(at.field("tags"), tags)
+            } else {
+                Input::Refused
             }
         }
         Some(_) => {
-            errors.push(at(index, "tags", "must be a list of strings"));
-            None
+            errors.push(wrong("tags", "a list of strings"));
+            Input::Refused
         }
     };
-    let meta = match map.get("meta") {
-        None | Some(Value::Null) => Some(BTreeMap::new()),
+    match entry.meta {
+        None => {}
         Some(Value::Mapping(m)) => {
-            let mut meta = BTreeMap::new();
-            let mut ok = true;
             for (k, v) in m {
-                let key = describe_key(k);
+                let key = describe_key(&k);
                 let value = match v {
-                    Value::String(s) => Some(s.clone()),
+                    Value::String(s) => Some(s),
                     Value::Number(n) => Some(n.to_string()),
                     Value::Bool(b) => Some(b.to_string()),
                     _ => None,
                 };
-                match (k.as_str(), value) {
-                    (Some(_), Some(value)) => {
-                        meta.insert(key, value);
-                    }
-                    _ => {
-                        errors.push(at(
-                            index,
-                            &format!("meta.{key}"),
-                            "keys and values must be strings",
-                        ));
-                        ok = false;
-                    }
+                match (k.is_string(), value) {
+                    (true, Some(value)) => raw.meta.push(RawMeta {
+                        field: at.field("meta"),
+                        key,
+                        value,
+                    }),
+                    _ => errors.push(DeclarationError::new(
+                        at.field(&format!("meta.{key}")),
+                        ErrorKind::MetaNotStrings,
+                    )),
                 }
             }
-            if ok {
-                check(validate::meta(&meta), index, "meta", errors).map(|_| meta)
-            } else {
-                None
-            }
         }
-        Some(_) => {
-            errors.push(at(index, "meta", "must be a mapping of strings"));
+        Some(_) => errors.push(wrong("meta", "a mapping of strings")),
+    }
+    let address = match address {
+        Input::Absent(field) => {
+            errors.push(DeclarationError::new(
+                field,
+                ErrorKind::Required(SourceKind::TargetsFile),
+            ));
             None
         }
+        Input::Given(declaration::Located { field, value }) => match value.parse::<IpAddr>() {
+            Ok(ip) if ip.is_unspecified() || ip.is_multicast() => {
+                errors.push(DeclarationError::new(field, ErrorKind::Unprobeable(ip)));
+                None
+            }
+            Ok(ip) => Some(ip),
+            Err(_) => {
+                errors.push(DeclarationError::new(field, ErrorKind::NotAnIp(value)));
+                None
+            }
+        },
+        Input::Refused => None,
     };
-    if errors.len() != before {
-        return None;
-    }
-    let (service, address, ports) = (service?, address?, ports?);
-    Some(Target {
+    let declared = declaration::validate(raw);
+    let (declared, address) = match (declared, address) {
+        (Ok(declared), Some(address)) if errors.is_empty() => (declared, address),
+        (result, _) => {
+            errors.extend(result.err().unwrap_or_default());
+            return Err(errors);
+        }
+    };
+    let ports = declared.ranges[0].ports;
+    Ok(Target {
         id: TargetId::new(format!("file:{address}:{ports}")),
-        service,
+        service: declared.service,
         address,
         ports,
-        path: path?,
-        scheme: scheme?,
-        tags: tags?,
-        meta: meta?,
+        path: declared.path,
+        scheme: declared.scheme,
+        tags: declared.tags,
+        meta: declared.meta,
         revision: 0,
         probe_interval: None,
     })
 }
 
-fn check<T, E: fmt::Display>(
-    result: Result<T, E>,
-    index: usize,
-    field: &str,
-    errors: &mut Vec<FileError>,
-) -> Option<T> {
-    result
-        .map_err(|e| errors.push(at(index, field, e.to_string())))
-        .ok()
-}
-
-fn required_str<'a>(
-    map: &'a Mapping,
-    index: usize,
-    field: &str,
-    errors: &mut Vec<FileError>,
-) -> Option<&'a str> {
-    match map.get(field) {
-        None | Some(Value::Null) => {
-            errors.push(at(index, field, "required"));
-            None
-        }
-        Some(Value::String(s)) => Some(s.as_str()),
-        Some(_) => {
-            errors.push(at(index, field, "must be a string"));
-            None
-        }
-    }
-}
-
-fn optional_str<'a>(
-    map: &'a Mapping,
-    index: usize,
-    field: &str,
-    errors: &mut Vec<FileError>,
-) -> Option<&'a str> {
-    match map.get(field) {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(s.as_str()),
-        Some(_) => {
-            errors.push(at(index, field, "must be a string"));
-            // A wrong type is reported once; the entry is rejected by the error count.
-            Some("")
-        }
-    }
-}
-
 /// Reads and validates a targets file.
-pub fn load_targets(path: &Path) -> Result<Vec<Target>, Vec<FileError>> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| vec![top(format!("cannot read {}: {e}", path.display()))])?;
+pub fn load_targets(path: &Path) -> Result<Vec<Target>, Vec<DeclarationError>> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        vec![whole(ErrorKind::Unreadable {
+            path: path.to_path_buf(),
+            source: Arc::new(e),
+        })]
+    })?;
     parse_targets(&text)
 }
 
 /// Polls the file (content, not mtime: ConfigMap symlink swaps keep odd mtimes) and publishes
 /// each new valid snapshot. Invalid edits are logged entry by entry and counted; the last good
 /// snapshot stays in force.
+#[tracing::instrument(name = "targets_file", skip_all, fields(file = %path.display()))]
 pub async fn watch_targets_file(
     path: PathBuf,
     poll_interval: Duration,
@@ -369,7 +329,7 @@ pub async fn watch_targets_file(
         tokio::select! {
             _ = ticker.tick() => {}
             Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
-                tracing::info!(file = %path.display(), "SIGHUP: re-reading the targets file");
+                tracing::info!("SIGHUP: re-reading the targets file");
                 // A re-read of unchanged content is reported too, so the operator sees it worked.
                 last_text.clear();
             }
@@ -380,7 +340,7 @@ pub async fn watch_targets_file(
                 if last_text.is_empty() {
                     continue;
                 }
-                tracing::warn!(file = %path.display(), error = %e, "cannot read targets file; keeping the last good configuration");
+                tracing::warn!(error = %e, "cannot read targets file; keeping the last good configuration");
                 metrics.config_reload("error");
                 last_text = String::new();
                 continue;
@@ -392,7 +352,7 @@ pub async fn watch_targets_file(
         last_text = text;
         match parse_targets(&last_text) {
             Ok(targets) => {
-                tracing::info!(file = %path.display(), targets = targets.len(), "targets file reloaded");
+                tracing::info!(targets = targets.len(), "targets file reloaded");
                 metrics.config_reload("ok");
                 let snapshot = super::share_unchanged(targets, &tx.borrow());
                 tx.send_replace(snapshot);
@@ -400,7 +360,7 @@ pub async fn watch_targets_file(
             Err(errors) => {
                 metrics.config_reload("error");
                 for error in &errors {
-                    tracing::error!(file = %path.display(), error = %error, "invalid targets file; keeping the last good configuration");
+                    tracing::error!(error = %error, "invalid targets file; keeping the last good configuration");
                 }
             }
         }
@@ -410,6 +370,7 @@ pub async fn watch_targets_file(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{PortRange, Scheme};
 
     fn errors_of(text: &str) -> Vec<String> {
         parse_targets(text)
@@ -482,7 +443,7 @@ targets:
             "targets[1].meta:",
             "targets[1].colour: unknown field",
             "targets[2].service: required",
-            "targets[2].ports: required",
+            "targets[2].ports: no port range declared",
             "targets[3]: must be a mapping",
         ];
         for want in expected {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 /// A complete set of targets from one source at one moment. Targets are shared: the
 /// pipeline and the prober keep the same ones, and an unchanged target keeps its allocation
-/// from snapshot to snapshot (10,000 pods' targets are ~8 MB; a copy per holder added up).
+/// from snapshot to snapshot (a copy for each user added up).
 pub type TargetSnapshot = Arc<Vec<Arc<Target>>>;
 
 /// A snapshot of `targets` in which each target equal to one in `previous` (same id) is that

@@ -2,9 +2,9 @@
 //! Event TTL, re-created when gone, retried with backoff when rejected.
 
 use super::{self as events, Problems};
+use crate::declaration::{DeclarationError, ErrorKind, FieldPath};
 use crate::kube_mock::{answer, api_status, client, no_request_for};
-use crate::sources::kubernetes::spec::field_error;
-use crate::sources::kubernetes::watch;
+use crate::sources::kubernetes::problems;
 use http::{Method, StatusCode};
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -12,10 +12,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 fn invalid_pod(note: &str) -> Arc<Problems> {
-    let problems = watch::problems(
+    let problems = problems::problems(
         &BTreeMap::from([(
             ("shop".to_string(), "web-1".to_string()),
-            ("uid-1".to_string(), vec![field_error(note, "is wrong")]),
+            (
+                "uid-1".to_string(),
+                vec![DeclarationError::new(
+                    FieldPath::new(note),
+                    ErrorKind::HostNetwork,
+                )],
+            ),
         )]),
         &Default::default(),
         &Default::default(),

@@ -1,15 +1,17 @@
 //! The `WorkerMetrics` custom resource: a selector over pods of its namespace plus the port
 //! ranges of their containers. `workersd crd` prints its CustomResourceDefinition.
 
-use super::spec::{DeclaredRange, FieldError, WorkerSpec, check_ranges, field_error};
-use crate::model::{PortRange, Scheme};
-use crate::validate;
+use crate::declaration::{
+    self, Declaration, DeclarationError, ErrorKind, FieldPath, Input, Located, RawDeclaration,
+    RawMeta, RawRange, SourceKind,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use kube::CustomResource;
 use kube::core::{Selector, SelectorExt};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Declares where the workers of a set of pods expose their metrics.
@@ -86,7 +88,7 @@ pub struct WorkerMetricsStatus {
 #[derive(Clone, Debug)]
 pub struct CompiledWorkerMetrics {
     pub selector: Selector,
-    pub spec: WorkerSpec,
+    pub spec: Declaration,
     pub probe_interval: Option<Duration>,
 }
 
@@ -96,113 +98,100 @@ impl CompiledWorkerMetrics {
     }
 }
 
+/// Shortest and longest `probeInterval` accepted.
+const PROBE_INTERVALS: std::ops::RangeInclusive<Duration> =
+    Duration::from_secs(1)..=Duration::from_secs(3600);
+
 /// Validates a spec, naming each bad field by its path.
-pub fn compile(spec: &WorkerMetricsSpec) -> Result<CompiledWorkerMetrics, Vec<FieldError>> {
+pub fn compile(spec: &WorkerMetricsSpec) -> Result<CompiledWorkerMetrics, Vec<DeclarationError>> {
     let mut errors = Vec::new();
+    let field = |name: &str| FieldPath::new(format!("spec.{name}"));
     let selector = match Selector::try_from(spec.selector.clone()) {
         Ok(s) => Some(s),
         Err(e) => {
-            errors.push(field_error("spec.selector", e.to_string()));
+            errors.push(DeclarationError::new(
+                field("selector"),
+                ErrorKind::Selector(Arc::new(e)),
+            ));
             None
         }
     };
-    if let Err(e) = validate::service_name(&spec.service) {
-        errors.push(field_error("spec.service", e));
-    }
-    if spec.containers.is_empty() {
-        errors.push(field_error(
-            "spec.containers",
-            "at least one container with a port range is required",
-        ));
-    }
-    let mut ranges = Vec::new();
-    let mut range_fields = Vec::new();
-    for (i, c) in spec.containers.iter().enumerate() {
-        if c.name.is_empty() {
-            errors.push(field_error(
-                format!("spec.containers[{i}].name"),
-                "must not be empty",
-            ));
-        }
-        match c.ports.parse::<PortRange>() {
-            Ok(ports) => {
-                ranges.push(DeclaredRange {
-                    container: Some(c.name.clone()),
-                    ports,
-                });
-                range_fields.push((ports, format!("spec.containers[{i}].ports")));
-            }
-            Err(e) => errors.push(field_error(
-                format!("spec.containers[{i}].ports"),
-                e.to_string(),
-            )),
-        }
-    }
-    errors.extend(check_ranges(&ranges, |r| {
-        range_fields
-            .iter()
-            .find(|(p, _)| *p == r.ports)
-            .map(|(_, f)| f.clone())
-            .unwrap_or_default()
-    }));
-    let path = spec.path.clone().unwrap_or_else(|| "/metrics".into());
-    if let Err(e) = validate::metrics_path(&path) {
-        errors.push(field_error("spec.path", e));
-    }
-    let scheme = match spec.scheme.as_deref().map(str::parse::<Scheme>) {
-        None => Scheme::Http,
-        Some(Ok(s)) => s,
-        Some(Err(e)) => {
-            errors.push(field_error("spec.scheme", e));
-            Scheme::Http
-        }
+    let selector_bad = selector.is_none();
+    let optional = |name: &str, value: &Option<String>| match value {
+        None => Input::Absent(field(name)),
+        Some(value) => Input::given(field(name), value.clone()),
     };
-    if let Err(e) = validate::tags(&spec.tags) {
-        errors.push(field_error("spec.tags", e));
-    }
-    if let Err(e) = validate::meta(&spec.meta) {
-        errors.push(field_error("spec.meta", e));
-    }
+    let raw = RawDeclaration {
+        source: SourceKind::WorkerMetrics,
+        service: Input::given(field("service"), spec.service.clone()),
+        ranges_field: field("containers"),
+        ranges: spec
+            .containers
+            .iter()
+            .enumerate()
+            .map(|(i, c)| RawRange {
+                container: Some(Located::new(
+                    field(&format!("containers[{i}].name")),
+                    c.name.clone(),
+                )),
+                ports: Located::new(field(&format!("containers[{i}].ports")), c.ports.clone()),
+            })
+            .collect(),
+        ranges_refused: false,
+        path: optional("path", &spec.path),
+        scheme: optional("scheme", &spec.scheme),
+        tags: Input::given(field("tags"), spec.tags.clone()),
+        meta_field: field("meta"),
+        meta: spec
+            .meta
+            .iter()
+            .map(|(key, value)| RawMeta {
+                field: field("meta"),
+                key: key.clone(),
+                value: value.clone(),
+            })
+            .collect(),
+    };
+    let declared = declaration::validate(raw);
     let probe_interval = match spec
         .probe_interval
         .as_deref()
         .map(humantime::parse_duration)
     {
         None => None,
-        Some(Ok(d)) if d >= Duration::from_secs(1) && d <= Duration::from_secs(3600) => Some(d),
+        Some(Ok(d)) if PROBE_INTERVALS.contains(&d) => Some(d),
         Some(Ok(_)) => {
-            errors.push(field_error(
-                "spec.probeInterval",
-                "must be between 1s and 1h",
+            errors.push(DeclarationError::new(
+                field("probeInterval"),
+                ErrorKind::ProbeIntervalRange,
             ));
             None
         }
         Some(Err(e)) => {
-            errors.push(field_error(
-                "spec.probeInterval",
-                format!("not a duration like \"10s\": {e}"),
+            errors.push(DeclarationError::new(
+                field("probeInterval"),
+                ErrorKind::NotADuration(e),
             ));
             None
         }
     };
-    if !errors.is_empty() {
-        return Err(errors);
+    match (declared, selector) {
+        (Ok(declared), Some(selector)) if errors.is_empty() => Ok(CompiledWorkerMetrics {
+            selector,
+            spec: declared,
+            probe_interval,
+        }),
+        (declared, _) => {
+            // In the order of the spec's fields: the selector first, the probe interval last.
+            let probe_errors = errors.split_off(usize::from(selector_bad));
+            errors.extend(declared.err().unwrap_or_default());
+            errors.extend(probe_errors);
+            Err(errors)
+        }
     }
-    Ok(CompiledWorkerMetrics {
-        selector: selector.expect("no errors"),
-        spec: WorkerSpec {
-            service: spec.service.clone(),
-            ranges,
-            path,
-            scheme,
-            tags: spec.tags.clone(),
-            meta: spec.meta.clone(),
-        },
-        probe_interval,
-    })
 }
 
-/// The CustomResourceDefinition as YAML (what `workersd crd` prints and `crds/` holds).
+/// The CustomResourceDefinition as YAML (what `workersd crd` prints and `crds/` contains).
 pub fn crd_yaml() -> String {
     use kube::CustomResourceExt;
     let crd = WorkerMetrics::crd();

@@ -1,34 +1,13 @@
-//! Turns the cluster view (slim pods and compiled `WorkerMetrics`) into targets, plus what
+//! Turns the cluster index (slim pods and compiled `WorkerMetrics`) into targets, plus what
 //! must be reported back: invalid objects and which pods each custom resource covers. Pure.
 
-use super::crd::{CompiledWorkerMetrics, WorkerMetricsStatus};
-use super::spec::{
-    FieldError, NamePolicy, PodInfo, WorkerSpec, field_error, parse_annotations, pod_targets,
-    ports_annotation, unknown_containers,
-};
+use super::annotations::{parse_annotations, ports_annotation};
+use super::crd::CompiledWorkerMetrics;
+use super::index::{ClusterIndex, CustomResourceEntry, ObjectKey};
+use super::pod::{NamePolicy, pod_targets, unknown_containers};
+use crate::declaration::{Declaration, DeclarationError, ErrorKind, FieldPath};
 use crate::model::Target;
 use std::collections::{BTreeMap, BTreeSet};
-
-/// Namespace and name.
-pub type ObjectKey = (String, String);
-
-/// A `WorkerMetrics` as the controller sees it.
-#[derive(Clone, Debug)]
-pub struct CustomResourceEntry {
-    pub uid: String,
-    pub generation: Option<i64>,
-    /// Orders competing resources: the oldest wins, then the name.
-    pub created: String,
-    pub compiled: Result<CompiledWorkerMetrics, Vec<FieldError>>,
-    /// The status the object carries now (written by an earlier leader or run).
-    pub status: Option<WorkerMetricsStatus>,
-}
-
-#[derive(Clone, Debug, Default)]
-pub struct ClusterView {
-    pub pods: BTreeMap<ObjectKey, PodInfo>,
-    pub resources: BTreeMap<ObjectKey, CustomResourceEntry>,
-}
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CoveredPods {
@@ -39,12 +18,12 @@ pub struct CoveredPods {
 pub struct Resolution {
     pub targets: Vec<Target>,
     /// Pods whose declaration is refused, with every reason (for Events).
-    pub invalid_pods: BTreeMap<ObjectKey, (String, Vec<FieldError>)>,
+    pub invalid_pods: BTreeMap<ObjectKey, (String, Vec<DeclarationError>)>,
     /// Pods each valid custom resource covers (for its status).
     pub covered: BTreeMap<ObjectKey, CoveredPods>,
     /// Published pods whose declaration names a container they do not have (for Events);
     /// the other ranges are published.
-    pub unknown_containers: BTreeMap<ObjectKey, (String, Vec<FieldError>)>,
+    pub unknown_containers: BTreeMap<ObjectKey, (String, Vec<DeclarationError>)>,
 }
 
 #[derive(Clone, Debug)]
@@ -57,13 +36,13 @@ pub struct ResolveSettings {
 
 /// Which declaration applies to a pod. A `WorkerMetrics` wins over annotations: it is an
 /// explicit, RBAC-controlled object, while annotations travel with any pod template.
-pub fn resolve(view: &ClusterView, settings: &ResolveSettings) -> Resolution {
+pub fn resolve(index: &ClusterIndex, settings: &ResolveSettings) -> Resolution {
     let mut out = Resolution::default();
     let mut by_namespace: BTreeMap<
         &str,
         Vec<(&ObjectKey, &CustomResourceEntry, &CompiledWorkerMetrics)>,
     > = BTreeMap::new();
-    for (key, entry) in &view.resources {
+    for (key, entry) in &index.resources {
         if let Ok(compiled) = &entry.compiled {
             by_namespace
                 .entry(key.0.as_str())
@@ -76,13 +55,13 @@ pub fn resolve(view: &ClusterView, settings: &ResolveSettings) -> Resolution {
         list.sort_by(|a, b| (&a.1.created, &a.0.1).cmp(&(&b.1.created, &b.0.1)));
     }
     let mut ports_used: BTreeMap<&str, usize> = BTreeMap::new();
-    for (key, pod) in &view.pods {
+    for (key, pod) in &index.pods {
         let from_resource = by_namespace.get(pod.namespace.as_str()).and_then(|list| {
             list.iter()
                 .find(|(_, _, compiled)| compiled.matches(&pod.labels))
         });
         // Where each range was declared, for errors: (resource name, or None for annotations).
-        let (spec, interval, declared_by): (WorkerSpec, _, Option<&str>) = match from_resource {
+        let (spec, interval, declared_by): (Declaration, _, Option<&str>) = match from_resource {
             Some((cr_key, _, compiled)) => {
                 if let Some(covered) = out.covered.get_mut(*cr_key) {
                     covered.pods.insert(pod.name.clone());
@@ -104,21 +83,15 @@ pub fn resolve(view: &ClusterView, settings: &ResolveSettings) -> Resolution {
             },
         };
         if pod.host_network && !settings.allow_host_network {
-            let error = field_error(
-                "spec.hostNetwork",
-                "hostNetwork pods share the node's IP and are refused (start workersd with --allow-host-network to permit)",
-            );
+            let error =
+                DeclarationError::new(FieldPath::new("spec.hostNetwork"), ErrorKind::HostNetwork);
             out.invalid_pods
                 .insert(key.clone(), (pod.uid.clone(), vec![error]));
             continue;
         }
         let service = match settings.names.service_name(&pod.namespace, &spec.service) {
             Ok(name) => name,
-            Err(e) => {
-                let error = field_error(
-                    "service",
-                    format!("service-name policy {:?}: {e}", settings.names.template),
-                );
+            Err(error) => {
                 out.invalid_pods
                     .insert(key.clone(), (pod.uid.clone(), vec![error]));
                 continue;
@@ -128,12 +101,13 @@ pub fn resolve(view: &ClusterView, settings: &ResolveSettings) -> Resolution {
         let ports: usize = targets.iter().map(|t| t.ports.len()).sum();
         let used = ports_used.entry(pod.namespace.as_str()).or_default();
         if *used + ports > settings.max_ports_per_namespace {
-            let error = field_error(
-                "metadata.namespace",
-                format!(
-                    "namespace {:?} would probe more than {} ports (--max-ports-per-namespace); this pod's {ports} are refused",
-                    pod.namespace, settings.max_ports_per_namespace
-                ),
+            let error = DeclarationError::new(
+                FieldPath::new("metadata.namespace"),
+                ErrorKind::NamespaceQuota {
+                    namespace: pod.namespace.clone(),
+                    max: settings.max_ports_per_namespace,
+                    ports,
+                },
             );
             out.invalid_pods
                 .insert(key.clone(), (pod.uid.clone(), vec![error]));
@@ -142,7 +116,9 @@ pub fn resolve(view: &ClusterView, settings: &ResolveSettings) -> Resolution {
         *used += ports;
         // Ranges of a resource are in the order of its `spec.containers`.
         let unknown = unknown_containers(pod, &spec, |i, name| match declared_by {
-            Some(resource) => format!("WorkerMetrics {resource} spec.containers[{i}].name"),
+            Some(resource) => FieldPath::new(format!(
+                "WorkerMetrics {resource} spec.containers[{i}].name"
+            )),
             None => ports_annotation(name),
         });
         if !unknown.is_empty() {
@@ -160,13 +136,14 @@ pub fn resolve(view: &ClusterView, settings: &ResolveSettings) -> Resolution {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sources::kubernetes::pod::PodInfo;
 
     #[test]
     fn a_namespace_cannot_exceed_its_port_quota() {
-        let mut view = ClusterView::default();
+        let mut index = ClusterIndex::default();
         for name in ["a", "b", "c"] {
             add(
-                &mut view,
+                &mut index,
                 pod(
                     "greedy",
                     name,
@@ -176,7 +153,7 @@ mod tests {
             );
         }
         add(
-            &mut view,
+            &mut index,
             pod(
                 "modest",
                 "m",
@@ -188,7 +165,7 @@ mod tests {
             max_ports_per_namespace: 250,
             ..settings("{service}")
         };
-        let r = resolve(&view, &settings);
+        let r = resolve(&index, &settings);
         let pods: BTreeSet<&str> = r
             .targets
             .iter()
@@ -206,8 +183,8 @@ mod tests {
             "{refusal}"
         );
     }
+    use crate::sources::kubernetes::annotations::SERVICE;
     use crate::sources::kubernetes::crd::{ContainerPorts, WorkerMetricsSpec, compile};
-    use crate::sources::kubernetes::spec::SERVICE;
     use std::time::Duration;
 
     fn pod(ns: &str, name: &str, labels: &[(&str, &str)], annotations: &[(&str, &str)]) -> PodInfo {
@@ -265,15 +242,15 @@ mod tests {
         }
     }
 
-    fn add(view: &mut ClusterView, p: PodInfo) {
-        view.pods.insert((p.namespace.clone(), p.name.clone()), p);
+    fn add(index: &mut ClusterIndex, p: PodInfo) {
+        index.pods.insert((p.namespace.clone(), p.name.clone()), p);
     }
 
     #[test]
     fn custom_resource_wins_over_annotations_and_oldest_resource_wins() {
-        let mut view = ClusterView::default();
+        let mut index = ClusterIndex::default();
         add(
-            &mut view,
+            &mut index,
             pod(
                 "shop",
                 "web-1",
@@ -282,7 +259,7 @@ mod tests {
             ),
         );
         add(
-            &mut view,
+            &mut index,
             pod(
                 "shop",
                 "other",
@@ -290,16 +267,19 @@ mod tests {
                 &[(SERVICE, "annotated"), ("workersd.io/ports", "9011-9020")],
             ),
         );
-        add(&mut view, pod("elsewhere", "web-2", &[("app", "web")], &[]));
-        view.resources.insert(
+        add(
+            &mut index,
+            pod("elsewhere", "web-2", &[("app", "web")], &[]),
+        );
+        index.resources.insert(
             ("shop".into(), "newer".into()),
             resource("newer", "web", "2026-02-01T00:00:00Z"),
         );
-        view.resources.insert(
+        index.resources.insert(
             ("shop".into(), "older".into()),
             resource("older", "web", "2026-01-01T00:00:00Z"),
         );
-        let r = resolve(&view, &settings("{service}"));
+        let r = resolve(&index, &settings("{service}"));
         let services: BTreeSet<(&str, &str)> = r
             .targets
             .iter()
@@ -325,9 +305,9 @@ mod tests {
 
     #[test]
     fn invalid_pods_are_reported_without_affecting_others() {
-        let mut view = ClusterView::default();
+        let mut index = ClusterIndex::default();
         add(
-            &mut view,
+            &mut index,
             pod(
                 "a",
                 "bad",
@@ -336,7 +316,7 @@ mod tests {
             ),
         );
         add(
-            &mut view,
+            &mut index,
             pod(
                 "a",
                 "good",
@@ -351,8 +331,8 @@ mod tests {
             &[(SERVICE, "x"), ("workersd.io/ports", "9011-9020")],
         );
         host.host_network = true;
-        add(&mut view, host);
-        let r = resolve(&view, &settings("{service}"));
+        add(&mut index, host);
+        let r = resolve(&index, &settings("{service}"));
         assert_eq!(r.targets.len(), 1);
         assert_eq!(r.targets[0].meta["k8s-pod"], "good");
         assert!(
@@ -366,7 +346,7 @@ mod tests {
                 .starts_with("spec.hostNetwork")
         );
         let allowed = resolve(
-            &view,
+            &index,
             &ResolveSettings {
                 allow_host_network: true,
                 ..settings("{service}")
@@ -377,12 +357,12 @@ mod tests {
 
     #[test]
     fn resources_and_annotations_naming_unknown_containers_are_reported() {
-        let mut view = ClusterView::default();
+        let mut index = ClusterIndex::default();
         let mut sidecar_pod = pod("shop", "web-1", &[("app", "web")], &[]);
         sidecar_pod.running.insert("exporter".into(), 2);
-        add(&mut view, sidecar_pod);
+        add(&mut index, sidecar_pod);
         add(
-            &mut view,
+            &mut index,
             pod(
                 "shop",
                 "annotated",
@@ -417,8 +397,8 @@ mod tests {
             probe_interval: None,
         };
         wm.compiled = compile(&spec);
-        view.resources.insert(("shop".into(), "cr".into()), wm);
-        let r = resolve(&view, &settings("{service}"));
+        index.resources.insert(("shop".into(), "cr".into()), wm);
+        let r = resolve(&index, &settings("{service}"));
         let published: BTreeSet<(&str, &str)> = r
             .targets
             .iter()
@@ -433,7 +413,7 @@ mod tests {
             r.unknown_containers[&("shop".into(), pod.into())]
                 .1
                 .iter()
-                .map(|e| e.field.clone())
+                .map(|e| e.field.to_string())
                 .collect()
         };
         assert_eq!(
@@ -449,9 +429,9 @@ mod tests {
 
     #[test]
     fn a_hostile_namespace_cannot_publish_into_another_teams_service() {
-        let mut view = ClusterView::default();
+        let mut index = ClusterIndex::default();
         add(
-            &mut view,
+            &mut index,
             pod(
                 "mallory",
                 "evil",
@@ -460,7 +440,7 @@ mod tests {
             ),
         );
         add(
-            &mut view,
+            &mut index,
             pod(
                 "payments",
                 "api",
@@ -468,7 +448,7 @@ mod tests {
                 &[(SERVICE, "api"), ("workersd.io/ports", "9011")],
             ),
         );
-        let r = resolve(&view, &settings("{namespace}-{service}"));
+        let r = resolve(&index, &settings("{namespace}-{service}"));
         let names: BTreeSet<&str> = r.targets.iter().map(|t| t.service.as_str()).collect();
         assert_eq!(names, BTreeSet::from(["mallory-payments", "payments-api"]));
         assert!(
