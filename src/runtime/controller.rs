@@ -40,10 +40,8 @@ impl Controller {
         let node = run.consul_node.clone().unwrap_or(default_node);
         let owner = run.owner_id.clone().unwrap_or_else(|| node.clone());
         declaration::owner_id(&owner)
-            .map_err(anyhow::Error::msg)
             .context("--owner-id")?;
         declaration::owner_id(&node)
-            .map_err(anyhow::Error::msg)
             .context("--consul-node")?;
 
         let mut readiness = Readiness::default();
