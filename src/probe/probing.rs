@@ -2,6 +2,7 @@
 
 use super::connect::{connect_only, connected_socket};
 use super::http::verify;
+use super::sweep::SweepPlan;
 use super::{Ended, HoldId, Holds, PortStatus, RangeState, SweepKind};
 use crate::metrics::Metrics;
 use crate::model::Target;
@@ -51,37 +52,25 @@ pub async fn sweep_target(
     limit: Duration,
     metrics: &Metrics,
 ) -> Swept {
-    let held = |port: &u16| holding.is_some_and(|h| h.held.contains_key(port));
-    let frontier = previous.closed.first().copied();
-    let (now, skipped): (Vec<u16>, Vec<u16>) = target
-        .ports
-        .ports()
-        .filter(|port| !held(port))
-        .partition(|port| {
-            kind == SweepKind::Full || !previous.closed.contains(port) || Some(*port) == frontier
-        });
+    let held = |port: u16| holding.is_some_and(|h| h.held.contains_key(&port));
+    let mut plan = SweepPlan::new(target.ports.ports(), previous, kind, held);
     let probe = |ports| probe_ports(target, previous, holding, ports, limiter, limit, metrics);
-    let mut results = probe(now).await;
+    let mut results = probe(std::mem::take(&mut plan.probe)).await;
     let frontier_opened = results
         .iter()
-        .any(|p| Some(p.port) == frontier && p.status != PortStatus::Refused);
+        .any(|p| plan.opens_frontier(p.port, p.status));
     let mut swept = Swept::default();
     if frontier_opened {
-        // Several workers may have started since: look at the whole range now.
-        results.extend(probe(skipped).await);
+        results.extend(probe(plan.skipped).await);
     } else {
-        swept.state.closed.extend(skipped);
+        swept.state.closed.extend(plan.skipped);
     }
     swept
         .state
         .live
-        .extend(target.ports.ports().filter(|port| held(port)));
+        .extend(target.ports.ports().filter(|port| held(*port)));
     for probed in results {
-        match probed.status {
-            PortStatus::Live => swept.state.live.insert(probed.port),
-            PortStatus::Refused => swept.state.closed.insert(probed.port),
-            _ => false,
-        };
+        swept.state.record(probed.port, probed.status);
         swept.held.extend(probed.hold.map(|id| (probed.port, id)));
         swept.blocked_by_hold |= probed.blocked_by_hold;
     }

@@ -1,7 +1,9 @@
 //! One target's sweep loop: sweeps, reports changes, picks the cadence and waits.
 
 use super::probing::{Holding, Swept, sweep_target};
-use super::sweep::{FullSweeps, on_wake_grid, phase_offset};
+use super::sweep::{
+    Cadence, FullSweeps, hold_pause, on_wake_grid, overran, overrun_warning_due, phase_offset,
+};
 use super::{Ended, HoldId, Holds, ProbeReport, ProbeSettings, RangeState, SweepKind};
 use crate::metrics::Metrics;
 use crate::model::{Target, TargetId};
@@ -24,10 +26,15 @@ pub(super) struct Sweeper {
 impl Sweeper {
     pub(super) async fn run(self) {
         let mut state: Option<RangeState> = None;
-        let mut fast_until = Instant::now() + self.settings.fast_period;
-        let mut slow_phase_applied = false;
-        let mut full_sweeps = FullSweeps::new(self.settings.full_sweep_interval, Instant::now());
         let interval = self.target.probe_interval.unwrap_or(self.settings.interval);
+        let mut cadence = Cadence::new(
+            self.settings.fast_interval,
+            self.settings.fast_period,
+            interval,
+            phase_offset(&self.target.id, interval),
+            Instant::now(),
+        );
+        let mut full_sweeps = FullSweeps::new(self.settings.full_sweep_interval, Instant::now());
         let mut holds = self.holds.clone().map(TargetHolds::new);
         loop {
             let started = Instant::now();
@@ -51,7 +58,7 @@ impl Sweeper {
                 None => swept.state,
             };
             let took = started.elapsed();
-            if took > interval {
+            if overran(took, interval) {
                 self.metrics.sweep_overruns.inc();
                 warn_overrun(&self.target.id, took, interval);
             }
@@ -59,8 +66,7 @@ impl Sweeper {
             full_sweeps.swept(kind, changed, started);
             if changed {
                 if previous.is_some() {
-                    // Workers are ramping or recycling: watch closely for a while.
-                    fast_until = Instant::now() + self.settings.fast_period;
+                    cadence.changed(Instant::now());
                 }
                 let report = ProbeReport {
                     target: self.target.id.clone(),
@@ -72,16 +78,8 @@ impl Sweeper {
                 }
             }
             state = Some(now);
-            let delay = if Instant::now() < fast_until {
-                self.settings.fast_interval
-            } else if !slow_phase_applied {
-                // Spread slow sweeps of targets created together over the interval.
-                slow_phase_applied = true;
-                interval + phase_offset(&self.target.id, interval)
-            } else {
-                interval
-            };
-            let wake_at = on_wake_grid(Instant::now() + delay);
+            let delay = cadence.delay(Instant::now());
+            let wake_at = on_wake_grid(Instant::now() + delay, wake_grid_epoch());
             match &holds {
                 // A worker closed its held connection: find out why now, not next interval.
                 Some(holds) => tokio::select! {
@@ -123,9 +121,7 @@ pub(super) struct TargetHolds {
     /// Times a worker answered only once its held connection was let go (a server that
     /// handles one connection at a time, or a timeout under load).
     pub(super) strikes: u32,
-    /// Full sweeps left before holding is tried again: 1, 2, 4 … 64 after each strike, so a
-    /// timeout under load costs one full-sweep interval and a one-at-a-time server a
-    /// probe timeout's wait at growing intervals.
+    /// Full sweeps left before holding is tried again (see [`hold_pause`]).
     pub(super) paused_sweeps: u32,
 }
 
@@ -179,7 +175,7 @@ impl TargetHolds {
         }
         if swept.blocked_by_hold {
             self.strikes += 1;
-            self.paused_sweeps = 1 << (self.strikes - 1).min(6);
+            self.paused_sweeps = hold_pause(self.strikes);
             tracing::info!(target = %target, full_sweeps = self.paused_sweeps,
                 "a worker answered only once its idle connection was closed (a metrics server \
                  that handles one connection at a time, or a slow one); reconnecting to this \
@@ -212,9 +208,16 @@ impl Drop for TargetHolds {
 fn warn_overrun(target: &TargetId, took: Duration, interval: Duration) {
     static LAST: std::sync::Mutex<Option<Instant>> = std::sync::Mutex::new(None);
     let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
-    if last.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
-        *last = Some(Instant::now());
+    let now = Instant::now();
+    if overrun_warning_due(*last, now) {
+        *last = Some(now);
         tracing::warn!(target = %target, took = ?took, interval = ?interval,
             "sweeps take longer than their interval (workersd_sweep_overruns_total); raise --probe-concurrency or the interval");
     }
+}
+
+/// The start of the process's wake grid: the first time a sweeper asks.
+fn wake_grid_epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
 }
