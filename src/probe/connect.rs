@@ -170,7 +170,7 @@ mod tests {
             .unwrap();
         listener.listen(0).unwrap();
         let addr = listener.local_addr().unwrap().as_socket().unwrap();
-        // Backlog 0 holds one connection; the queue is now full.
+        // Backlog 0 queues one connection; the queue is now full.
         let _queued = std::net::TcpStream::connect(addr).unwrap();
         assert_eq!(
             connect_only(addr, Duration::from_millis(300)).await,

@@ -121,7 +121,8 @@ impl PortStatus {
     }
 }
 
-struct Running {
+/// A running sweeper: the target it sweeps, its generation, and how to stop it.
+struct SweeperHandle {
     target: Arc<Target>,
     generation: u64,
     task: AbortHandle,
@@ -134,7 +135,7 @@ pub struct Prober {
     metrics: Arc<Metrics>,
     reports: mpsc::Sender<ProbeReport>,
     holds: Option<Arc<Holds>>,
-    running: HashMap<TargetId, Running>,
+    sweepers: HashMap<TargetId, SweeperHandle>,
     next_generation: u64,
 }
 
@@ -161,7 +162,7 @@ impl Prober {
             metrics,
             reports,
             holds,
-            running: HashMap::new(),
+            sweepers: HashMap::new(),
             next_generation: 1,
         }
     }
@@ -171,15 +172,15 @@ impl Prober {
     pub fn sync<'a>(&mut self, targets: impl IntoIterator<Item = &'a Arc<Target>>) {
         let wanted: HashMap<&TargetId, &Arc<Target>> =
             targets.into_iter().map(|t| (&t.id, t)).collect();
-        self.running.retain(|id, running| {
-            let keep = wanted.get(id).is_some_and(|t| **t == running.target);
+        self.sweepers.retain(|id, sweeper| {
+            let keep = wanted.get(id).is_some_and(|t| **t == sweeper.target);
             if !keep {
-                running.task.abort();
+                sweeper.task.abort();
             }
             keep
         });
         for (id, target) in wanted {
-            if self.running.contains_key(id) {
+            if self.sweepers.contains_key(id) {
                 continue;
             }
             let generation = self.next_generation;
@@ -194,9 +195,9 @@ impl Prober {
                 holds: self.holds.clone(),
             };
             let task = tokio::spawn(sweeper.run()).abort_handle();
-            self.running.insert(
+            self.sweepers.insert(
                 id.clone(),
-                Running {
+                SweeperHandle {
                     target: target.clone(),
                     generation,
                     task,
@@ -207,14 +208,14 @@ impl Prober {
 
     /// The generation whose reports are current for `id`; older ones are stale.
     pub fn generation(&self, id: &TargetId) -> Option<u64> {
-        self.running.get(id).map(|r| r.generation)
+        self.sweepers.get(id).map(|s| s.generation)
     }
 }
 
 impl Drop for Prober {
     fn drop(&mut self) {
-        for running in self.running.values() {
-            running.task.abort();
+        for sweeper in self.sweepers.values() {
+            sweeper.task.abort();
         }
     }
 }

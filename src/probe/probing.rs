@@ -100,7 +100,7 @@ impl Probed {
 /// `limiter` while earlier probes run. A sweep waiting for its turn is one small waiter, not
 /// one per port (10,000 targets × 10 ports once queued ~50 MB of waiting futures), and waiting
 /// sweeps interleave fairly. A probe's own state (~6 KB: read buffer, TLS) exists only while
-/// it holds a permit.
+/// it has a permit.
 async fn probe_ports(
     target: &Target,
     previous: &RangeState,

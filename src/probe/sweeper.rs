@@ -46,7 +46,7 @@ impl Sweeper {
             let previous = state.take();
             let fresh = RangeState::default();
             let holding = holds.as_ref().and_then(TargetHolds::holding);
-            // No bound on the whole sweep: each probe is bounded once it holds a permit, and
+            // No bound on the whole sweep: each probe is bounded once it has a permit, and
             // the permit queue is FIFO. Discarding a slow sweep would throw away fresh results
             // and, when every sweep is slow (many timeouts), never report at all.
             // Boxed: inline, the sweep's state would size every sleeping loop (10,000 of them).
