@@ -40,12 +40,19 @@ use sweeper::Sweeper;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::AbortHandle;
 
-#[derive(Clone, Debug)]
+/// How the prober sweeps. [`ProbeSettings::default`] is what the command line gives without
+/// flags, except `holds`: the CLI's hold capacity depends on the file-descriptor limit.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProbeSettings {
+    /// Probe interval once a target is steady.
     pub interval: Duration,
+    /// Timeout of one port probe (connect plus response head).
     pub timeout: Duration,
+    /// Most port probes in flight at once, over all targets.
     pub concurrency: usize,
+    /// Probe interval while a target is new or changing.
     pub fast_interval: Duration,
+    /// How long a target stays at the fast interval after it appears or changes.
     pub fast_period: Duration,
     /// How often every port is probed; in between, closed ports above the lowest closed one
     /// are skipped. Zero: every sweep is full.
@@ -55,15 +62,29 @@ pub struct ProbeSettings {
     pub holds: usize,
 }
 
+/// The defaults of [`ProbeSettings`], written once: the CLI shows and parses these texts,
+/// [`ProbeSettings::default`] parses the same ones.
+pub mod defaults {
+    pub const INTERVAL: &str = "10s";
+    pub const TIMEOUT: &str = "1s";
+    pub const CONCURRENCY: usize = 512;
+    pub const FAST_INTERVAL: &str = "500ms";
+    pub const FAST_PERIOD: &str = "30s";
+    pub const FULL_SWEEP_INTERVAL: &str = "60s";
+}
+
 impl Default for ProbeSettings {
     fn default() -> Self {
+        let duration = |text: &str| {
+            humantime::parse_duration(text).expect("the defaults are valid durations (tested)")
+        };
         Self {
-            interval: Duration::from_secs(10),
-            timeout: Duration::from_secs(1),
-            concurrency: 512,
-            fast_interval: Duration::from_millis(500),
-            fast_period: Duration::from_secs(30),
-            full_sweep_interval: Duration::from_secs(60),
+            interval: duration(defaults::INTERVAL),
+            timeout: duration(defaults::TIMEOUT),
+            concurrency: defaults::CONCURRENCY,
+            fast_interval: duration(defaults::FAST_INTERVAL),
+            fast_period: duration(defaults::FAST_PERIOD),
+            full_sweep_interval: duration(defaults::FULL_SWEEP_INTERVAL),
             holds: 0,
         }
     }

@@ -1,7 +1,7 @@
 //! Assembles a running controller. Every mode (standalone, Kubernetes) feeds the same
 //! pipeline and sinks through a `TargetSnapshot` channel.
 
-use crate::cli::{KubernetesArgs, Liveness, RunArgs, StandaloneArgs};
+use crate::cli::{KubernetesArgs, RunArgs, StandaloneArgs};
 pub mod admin_server;
 pub mod leader;
 pub mod limits;
@@ -10,7 +10,6 @@ use self::admin_server::{self as server, Readiness};
 use self::leader::LeaseSettings;
 use crate::metrics::Metrics;
 use crate::pipeline::{self, DesiredRx, desired_channel};
-use crate::probe::ProbeSettings;
 use crate::secret::{FileSecret, Secret, TokenSource};
 use crate::sinks::workermetrics_status as status;
 use crate::sinks::{consul, http_sd};
@@ -275,18 +274,7 @@ impl Controller {
     /// Starts probing, publishing and serving HTTP SD for the targets on `targets`.
     pub fn start(self, targets: watch::Receiver<TargetSnapshot>) -> Running {
         let (desired_tx, desired_rx) = (self.desired_tx, self.desired_rx);
-        let settings = ProbeSettings {
-            interval: self.run.probe_interval,
-            timeout: self.run.probe_timeout,
-            concurrency: self.run.probe_concurrency,
-            fast_interval: self.run.fast_interval,
-            fast_period: self.run.fast_period,
-            full_sweep_interval: self.run.full_sweep_interval,
-            holds: match self.run.liveness {
-                Liveness::Hold => self.hold_capacity,
-                Liveness::Connect => 0,
-            },
-        };
+        let settings = self.run.probe_settings(self.hold_capacity);
         tokio::spawn(pipeline::run(
             self.owner,
             targets,
