@@ -45,9 +45,9 @@ enum Connect {
 
 /// A nonblocking `connect(2)`. To a local address (loopback, the host's own workers in
 /// standalone mode) the handshake, or the refusal, is over before it returns; asking the
-/// socket then saves the reactor round trip (epoll registration, wake-up, deregistration),
-/// about a fifth of a steady sweep's CPU. Otherwise the connect is `Pending`; the check costs
-/// two cheap syscalls.
+/// socket then saves the reactor round trip (epoll registration, wake-up, deregistration), a
+/// large part of a steady sweep's CPU. Otherwise the connect is `Pending`; the check costs two
+/// cheap syscalls.
 fn start_connect(addr: SocketAddr) -> io::Result<Connect> {
     let socket = spare_sockets::take(addr)?;
     match socket.connect(&addr.into()) {
@@ -66,9 +66,9 @@ fn start_connect(addr: SocketAddr) -> io::Result<Connect> {
 }
 
 /// Sockets whose connect was refused, kept for the next connect. A steady sweep is mostly
-/// one refused connect per target (its lowest closed port); creating and closing a socket
-/// for it cost about as much as the connect itself. Linux lets a socket connect again once
-/// it is disconnected (`connect` to `AF_UNSPEC`), at about half the cost. Per thread, so no
+/// one refused connect per target (its lowest closed port), and creating and closing a socket
+/// for it costs about as much as the connect itself. Linux lets a socket connect again once
+/// it is disconnected (`connect` to `AF_UNSPEC`), which is cheaper. Per thread, so no
 /// lock. A refused connect takes and returns its socket within one call, so one spare per
 /// thread covers it; two at most keep them inside the 256 descriptors `limits` leaves free
 /// besides probes, even with a runtime thread per core on large hosts.

@@ -39,6 +39,7 @@ use std::time::Duration;
 use sweeper::Sweeper;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::AbortHandle;
+use tracing::Instrument;
 
 /// How the prober sweeps. [`ProbeSettings::default`] is what the command line gives without
 /// flags, except `holds`: the CLI's hold capacity depends on the file-descriptor limit.
@@ -215,7 +216,9 @@ impl Prober {
                 reports: self.reports.clone(),
                 holds: self.holds.clone(),
             };
-            let task = tokio::spawn(sweeper.run()).abort_handle();
+            // Events of the sweep carry its target from the span.
+            let span = tracing::info_span!("sweeper", target_id = %id, generation);
+            let task = tokio::spawn(sweeper.run().instrument(span)).abort_handle();
             self.sweepers.insert(
                 id.clone(),
                 SweeperHandle {

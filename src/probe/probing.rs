@@ -98,9 +98,8 @@ impl Probed {
 
 /// Probes `ports` of `target`, taking permits one at a time from the shared first-come
 /// `limiter` while earlier probes run. A sweep waiting for its turn is one small waiter, not
-/// one per port (10,000 targets × 10 ports once queued ~50 MB of waiting futures), and waiting
-/// sweeps interleave fairly. A probe's own state (~6 KB: read buffer, TLS) exists only while
-/// it has a permit.
+/// one per port, and waiting sweeps interleave fairly. A probe's own state (read buffer, TLS)
+/// exists only while it has a permit.
 async fn probe_ports(
     target: &Target,
     previous: &RangeState,

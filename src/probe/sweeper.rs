@@ -6,7 +6,7 @@ use super::sweep::{
 };
 use super::{Ended, HoldId, Holds, ProbeReport, ProbeSettings, RangeState, SweepKind};
 use crate::metrics::Metrics;
-use crate::model::{Target, TargetId};
+use crate::model::Target;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,18 +49,18 @@ impl Sweeper {
             // No bound on the whole sweep: each probe is bounded once it has a permit, and
             // the permit queue is FIFO. Discarding a slow sweep would throw away fresh results
             // and, when every sweep is slow (many timeouts), never report at all.
-            // Boxed: inline, the sweep's state would size every sleeping loop (10,000 of them).
+            // Boxed: inline, the sweep's state would size every sleeping loop, one per target.
             let swept =
                 Box::pin(self.sweep(previous.as_ref().unwrap_or(&fresh), kind, holding.as_ref()))
                     .await;
             let now = match holds.as_mut() {
-                Some(holds) => holds.adopt(swept, &self.target.id, &self.metrics),
+                Some(holds) => holds.adopt(swept, &self.metrics),
                 None => swept.state,
             };
             let took = started.elapsed();
             if overran(took, interval) {
                 self.metrics.sweep_overruns.inc();
-                warn_overrun(&self.target.id, took, interval);
+                warn_overrun(took, interval);
             }
             let changed = previous.as_ref().is_none_or(|s| s.live != now.live);
             full_sweeps.swept(kind, changed, started);
@@ -162,12 +162,7 @@ impl TargetHolds {
     }
 
     /// Keeps the sweep's new holds and lets go of any port that is no longer live.
-    pub(super) fn adopt(
-        &mut self,
-        swept: Swept,
-        target: &TargetId,
-        metrics: &Metrics,
-    ) -> RangeState {
+    pub(super) fn adopt(&mut self, swept: Swept, metrics: &Metrics) -> RangeState {
         for (port, id) in swept.held {
             if let Some(old) = self.held.insert(port, id) {
                 self.holds.release(old);
@@ -176,10 +171,12 @@ impl TargetHolds {
         if swept.blocked_by_hold {
             self.strikes += 1;
             self.paused_sweeps = hold_pause(self.strikes);
-            tracing::info!(target = %target, full_sweeps = self.paused_sweeps,
+            tracing::info!(
+                full_sweeps = self.paused_sweeps,
                 "a worker answered only once its idle connection was closed (a metrics server \
                  that handles one connection at a time, or a slow one); reconnecting to this \
-                 target's workers instead of holding them for a while");
+                 target's workers instead of holding them for a while"
+            );
         }
         let holds = &self.holds;
         let paused = self.paused_sweeps > 0;
@@ -203,15 +200,15 @@ impl Drop for TargetHolds {
     }
 }
 
-/// Logs a slow sweep at most once a minute for the whole process: at scale every target
-/// overruns together, and one line (plus the counter) says it all.
-fn warn_overrun(target: &TargetId, took: Duration, interval: Duration) {
+/// Logs a slow sweep (in its sweeper's span) at most once per
+/// [`OVERRUN_WARNING_EVERY`](super::sweep::OVERRUN_WARNING_EVERY) for the whole process.
+fn warn_overrun(took: Duration, interval: Duration) {
     static LAST: std::sync::Mutex<Option<Instant>> = std::sync::Mutex::new(None);
     let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
     let now = Instant::now();
     if overrun_warning_due(*last, now) {
         *last = Some(now);
-        tracing::warn!(target = %target, took = ?took, interval = ?interval,
+        tracing::warn!(took = ?took, interval = ?interval,
             "sweeps take longer than their interval (workersd_sweep_overruns_total); raise --probe-concurrency or the interval");
     }
 }

@@ -207,6 +207,55 @@ async fn a_server_that_handles_one_connection_at_a_time_is_not_held() {
     );
 }
 
+/// Log lines as the JSON format writes them, for a test to read.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn events_of_a_sweep_carry_the_target_id_from_the_sweepers_span() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .json()
+        .flatten_event(true)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _default = tracing::subscriber::set_default(subscriber);
+    let target = six_ports(10);
+    let _worker = serve_worker(SocketAddr::new(target.address, 9011), one_at_a_time()).await;
+    let (tx, mut rx) = mpsc::channel(16);
+    let mut prober = Prober::new(
+        holding_settings(Duration::from_secs(5)),
+        Arc::new(Metrics::new()),
+        tx,
+    );
+    prober.sync(&[Arc::new(target.clone())]);
+    next_report(&mut rx, Duration::from_secs(5)).await;
+    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let line = logs
+        .lines()
+        .find(|line| line.contains("answered only once"))
+        .unwrap_or_else(|| panic!("no hold pause logged in {logs}"));
+    let event: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert_eq!(event["span"]["name"], "sweeper", "{line}");
+    assert_eq!(event["span"]["target_id"], "t", "{line}");
+    assert_eq!(
+        event["target"], "workersd::probe::sweeper",
+        "tracing's own key: {line}"
+    );
+}
+
 #[tokio::test]
 async fn a_port_whose_hold_ended_is_reconnected_until_the_next_full_sweep() {
     let target = six_ports(7);
@@ -315,7 +364,7 @@ async fn sweep_holding(
         &metrics,
     )
     .await;
-    let state = holding.adopt(swept, &target.id, &metrics);
+    let state = holding.adopt(swept, &metrics);
     (state, holding.held.len())
 }
 
