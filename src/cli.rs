@@ -192,31 +192,69 @@ pub struct RunArgs {
     pub log_format: LogFormat,
 }
 
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(text)
-        .map_err(|e| format!("{text:?} is not a duration like 500ms or 10s: {e}"))?;
+/// A flag value clap could not take; clap shows it after the flag's name.
+#[derive(Debug, thiserror::Error)]
+pub enum FlagValueError {
+    #[error("{text:?} is not a duration like {examples}: {source}")]
+    Duration {
+        text: String,
+        examples: &'static str,
+        source: humantime::DurationError,
+    },
+    #[error("must be greater than zero")]
+    ZeroDuration,
+    #[error("{text:?} is not host:port or \"off\": {source}")]
+    ListenAddress {
+        text: String,
+        source: std::net::AddrParseError,
+    },
+}
+
+fn parse_duration(text: &str) -> Result<Duration, FlagValueError> {
+    let d = humantime::parse_duration(text).map_err(|source| FlagValueError::Duration {
+        text: text.into(),
+        examples: "500ms or 10s",
+        source,
+    })?;
     if d.is_zero() {
-        return Err("must be greater than zero".into());
+        return Err(FlagValueError::ZeroDuration);
     }
     Ok(d)
 }
 
-fn parse_duration_or_zero(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text)
-        .map_err(|e| format!("{text:?} is not a duration like 0s or 60s: {e}"))
+fn parse_duration_or_zero(text: &str) -> Result<Duration, FlagValueError> {
+    humantime::parse_duration(text).map_err(|source| FlagValueError::Duration {
+        text: text.into(),
+        examples: "0s or 60s",
+        source,
+    })
 }
 
 /// A listen address that can be switched off with "off".
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OptionalListen(pub Option<SocketAddr>);
 
-fn parse_optional_addr(text: &str) -> Result<OptionalListen, String> {
+fn parse_optional_addr(text: &str) -> Result<OptionalListen, FlagValueError> {
     if text.eq_ignore_ascii_case("off") || text.is_empty() {
         return Ok(OptionalListen(None));
     }
     text.parse()
         .map(|addr| OptionalListen(Some(addr)))
-        .map_err(|e| format!("{text:?} is not host:port or \"off\": {e}"))
+        .map_err(|source| FlagValueError::ListenAddress {
+            text: text.into(),
+            source,
+        })
+}
+
+/// Flags that clap accepted one by one but that do not go together.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidFlags {
+    #[error("--fast-interval must not exceed --probe-interval")]
+    FastIntervalAboveProbeInterval,
+    #[error("--probe-concurrency must be between 1 and 65536")]
+    ProbeConcurrencyOutOfRange,
+    #[error("--probe-timeout must not exceed --probe-interval")]
+    ProbeTimeoutAboveProbeInterval,
 }
 
 impl RunArgs {
@@ -238,15 +276,15 @@ impl RunArgs {
     }
 
     /// Checks relations between flags that clap cannot express.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), InvalidFlags> {
         if self.fast_interval > self.probe_interval {
-            return Err("--fast-interval must not exceed --probe-interval".into());
+            return Err(InvalidFlags::FastIntervalAboveProbeInterval);
         }
         if !(1..=65_536).contains(&self.probe_concurrency) {
-            return Err("--probe-concurrency must be between 1 and 65536".into());
+            return Err(InvalidFlags::ProbeConcurrencyOutOfRange);
         }
         if self.probe_timeout > self.probe_interval {
-            return Err("--probe-timeout must not exceed --probe-interval".into());
+            return Err(InvalidFlags::ProbeTimeoutAboveProbeInterval);
         }
         Ok(())
     }
@@ -331,6 +369,8 @@ mod tests {
         let Command::Standalone(args) = cli.command else {
             panic!("wrong subcommand")
         };
-        assert!(args.run.validate().unwrap_err().contains("--fast-interval"));
+        let err = args.run.validate().unwrap_err();
+        assert_eq!(err, InvalidFlags::FastIntervalAboveProbeInterval);
+        assert!(err.to_string().contains("--fast-interval"));
     }
 }
