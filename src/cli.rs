@@ -1,6 +1,7 @@
 //! Command line. Every flag has an environment fallback so containers and Nomad tasks can be
 //! configured without rewriting arguments.
 
+use crate::probe::{ProbeSettings, defaults as probe_defaults};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -161,25 +162,25 @@ pub struct RunArgs {
     #[arg(long, env = "WORKERSD_LISTEN", default_value = "127.0.0.1:9463")]
     pub listen: SocketAddr,
     /// Probe interval once a target is steady.
-    #[arg(long, env = "WORKERSD_PROBE_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "WORKERSD_PROBE_INTERVAL", default_value = probe_defaults::INTERVAL, value_parser = parse_duration)]
     pub probe_interval: Duration,
     /// Timeout of one port probe (connect plus response head).
-    #[arg(long, env = "WORKERSD_PROBE_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, env = "WORKERSD_PROBE_TIMEOUT", default_value = probe_defaults::TIMEOUT, value_parser = parse_duration)]
     pub probe_timeout: Duration,
     /// Most port probes in flight at once, over all targets.
-    #[arg(long, env = "WORKERSD_PROBE_CONCURRENCY", default_value_t = 512)]
+    #[arg(long, env = "WORKERSD_PROBE_CONCURRENCY", default_value_t = probe_defaults::CONCURRENCY)]
     pub probe_concurrency: usize,
     /// Probe interval while a target is new or changing.
-    #[arg(long, env = "WORKERSD_FAST_INTERVAL", default_value = "500ms", value_parser = parse_duration)]
+    #[arg(long, env = "WORKERSD_FAST_INTERVAL", default_value = probe_defaults::FAST_INTERVAL, value_parser = parse_duration)]
     pub fast_interval: Duration,
     /// How long a target stays at the fast interval after it appears or changes.
-    #[arg(long, env = "WORKERSD_FAST_PERIOD", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "WORKERSD_FAST_PERIOD", default_value = probe_defaults::FAST_PERIOD, value_parser = parse_duration)]
     pub fast_period: Duration,
     /// Every port of a range is probed this long after a change of its live ports, then at
     /// doubling gaps up to 8x this while nothing new is found. In between, sweeps skip the
     /// closed ports above the lowest closed one (workers take the first free port); 0s:
     /// always every port.
-    #[arg(long, env = "WORKERSD_FULL_SWEEP_INTERVAL", default_value = "60s", value_parser = parse_duration_or_zero)]
+    #[arg(long, env = "WORKERSD_FULL_SWEEP_INTERVAL", default_value = probe_defaults::FULL_SWEEP_INTERVAL, value_parser = parse_duration_or_zero)]
     pub full_sweep_interval: Duration,
     /// How live workers are watched between full sweeps. hold: one idle TCP connection per
     /// live worker, whose close (worker exit) is noticed at once, at no cost while it lives;
@@ -191,41 +192,41 @@ pub struct RunArgs {
     pub log_format: LogFormat,
 }
 
-/// A flag value clap cannot take; clap prints it after the flag and the value.
+/// A flag value clap could not take; clap shows it after the flag's name.
 #[derive(Debug, thiserror::Error)]
-pub enum ValueError {
-    #[error("{text:?} is not a duration like {example}: {reason}")]
+pub enum FlagValueError {
+    #[error("{text:?} is not a duration like {examples}: {source}")]
     Duration {
         text: String,
-        example: &'static str,
-        reason: humantime::DurationError,
+        examples: &'static str,
+        source: humantime::DurationError,
     },
     #[error("must be greater than zero")]
-    Zero,
-    #[error("{text:?} is not host:port or \"off\": {reason}")]
-    Listen {
+    ZeroDuration,
+    #[error("{text:?} is not host:port or \"off\": {source}")]
+    ListenAddress {
         text: String,
-        reason: std::net::AddrParseError,
+        source: std::net::AddrParseError,
     },
 }
 
-fn parse_duration(text: &str) -> Result<Duration, ValueError> {
-    let d = humantime::parse_duration(text).map_err(|reason| ValueError::Duration {
+fn parse_duration(text: &str) -> Result<Duration, FlagValueError> {
+    let d = humantime::parse_duration(text).map_err(|source| FlagValueError::Duration {
         text: text.into(),
-        example: "500ms or 10s",
-        reason,
+        examples: "500ms or 10s",
+        source,
     })?;
     if d.is_zero() {
-        return Err(ValueError::Zero);
+        return Err(FlagValueError::ZeroDuration);
     }
     Ok(d)
 }
 
-fn parse_duration_or_zero(text: &str) -> Result<Duration, ValueError> {
-    humantime::parse_duration(text).map_err(|reason| ValueError::Duration {
+fn parse_duration_or_zero(text: &str) -> Result<Duration, FlagValueError> {
+    humantime::parse_duration(text).map_err(|source| FlagValueError::Duration {
         text: text.into(),
-        example: "0s or 60s",
-        reason,
+        examples: "0s or 60s",
+        source,
     })
 }
 
@@ -233,21 +234,21 @@ fn parse_duration_or_zero(text: &str) -> Result<Duration, ValueError> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OptionalListen(pub Option<SocketAddr>);
 
-fn parse_optional_addr(text: &str) -> Result<OptionalListen, ValueError> {
+fn parse_optional_addr(text: &str) -> Result<OptionalListen, FlagValueError> {
     if text.eq_ignore_ascii_case("off") || text.is_empty() {
         return Ok(OptionalListen(None));
     }
     text.parse()
         .map(|addr| OptionalListen(Some(addr)))
-        .map_err(|reason| ValueError::Listen {
+        .map_err(|source| FlagValueError::ListenAddress {
             text: text.into(),
-            reason,
+            source,
         })
 }
 
-/// Flags that do not fit together, or a value out of range, found after parsing.
+/// Flags that clap accepted one by one but that do not go together.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
-pub enum FlagsError {
+pub enum InvalidFlags {
     #[error("--fast-interval must not exceed --probe-interval")]
     FastIntervalAboveProbeInterval,
     #[error("--probe-concurrency must be between 1 and 65536")]
@@ -257,16 +258,33 @@ pub enum FlagsError {
 }
 
 impl RunArgs {
+    /// The prober's settings from these flags; `hold_capacity` is how many worker connections
+    /// the file-descriptor limit leaves for holds.
+    pub fn probe_settings(&self, hold_capacity: usize) -> ProbeSettings {
+        ProbeSettings {
+            interval: self.probe_interval,
+            timeout: self.probe_timeout,
+            concurrency: self.probe_concurrency,
+            fast_interval: self.fast_interval,
+            fast_period: self.fast_period,
+            full_sweep_interval: self.full_sweep_interval,
+            holds: match self.liveness {
+                Liveness::Hold => hold_capacity,
+                Liveness::Connect => 0,
+            },
+        }
+    }
+
     /// Checks relations between flags that clap cannot express.
-    pub fn validate(&self) -> Result<(), FlagsError> {
+    pub fn validate(&self) -> Result<(), InvalidFlags> {
         if self.fast_interval > self.probe_interval {
-            return Err(FlagsError::FastIntervalAboveProbeInterval);
+            return Err(InvalidFlags::FastIntervalAboveProbeInterval);
         }
         if !(1..=65_536).contains(&self.probe_concurrency) {
-            return Err(FlagsError::ProbeConcurrencyOutOfRange);
+            return Err(InvalidFlags::ProbeConcurrencyOutOfRange);
         }
         if self.probe_timeout > self.probe_interval {
-            return Err(FlagsError::ProbeTimeoutAboveProbeInterval);
+            return Err(InvalidFlags::ProbeTimeoutAboveProbeInterval);
         }
         Ok(())
     }
@@ -306,6 +324,18 @@ mod tests {
     }
 
     #[test]
+    fn probe_defaults_are_the_probe_settings_defaults() {
+        let cli = Cli::try_parse_from(["workersd", "standalone", "--targets", "t"]).unwrap();
+        let Command::Standalone(args) = cli.command else {
+            panic!("wrong subcommand")
+        };
+        assert_eq!(args.run.probe_settings(0), ProbeSettings::default());
+        assert_eq!(args.run.liveness, Liveness::Hold);
+        assert_eq!(args.run.probe_settings(100).holds, 100);
+        assert!(args.run.validate().is_ok());
+    }
+
+    #[test]
     fn rejects_bad_flags_with_reasons() {
         let err = Cli::try_parse_from([
             "workersd",
@@ -340,7 +370,7 @@ mod tests {
             panic!("wrong subcommand")
         };
         let err = args.run.validate().unwrap_err();
-        assert_eq!(err, FlagsError::FastIntervalAboveProbeInterval);
-        assert!(err.to_string().contains("--fast-interval"), "{err}");
+        assert_eq!(err, InvalidFlags::FastIntervalAboveProbeInterval);
+        assert!(err.to_string().contains("--fast-interval"));
     }
 }

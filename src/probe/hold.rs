@@ -1,8 +1,8 @@
 //! Held connections: one idle TCP connection to each live worker, so the kernel says when the
 //! worker goes instead of workersd asking every sweep.
 //!
-//! Reconnecting to every live port each interval is a full handshake and teardown per worker
-//! (at 10,000 pods × 4 workers, ~30 % of a core, almost all of it in the kernel). A held
+//! Reconnecting to every live port each interval is a full handshake and teardown per worker,
+//! almost all of it in the kernel (BENCHMARKS.md, "Held connections"). A held
 //! connection costs nothing while the worker lives: when its process exits the kernel closes
 //! the connection (FIN or RST), epoll reports it here at once and the target's sweeper probes
 //! that port right away. TCP keepalive covers a host that vanishes without a word.

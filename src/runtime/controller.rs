@@ -3,11 +3,10 @@
 use super::admin_server::{self as server, Readiness};
 use super::settings::consul_settings;
 use super::{limits, shutdown};
-use crate::cli::{Liveness, RunArgs};
+use crate::cli::RunArgs;
 use crate::declaration;
 use crate::metrics::Metrics;
 use crate::pipeline::{self, DesiredRx, desired_channel};
-use crate::probe::ProbeSettings;
 use crate::sinks::{consul, http_sd};
 use crate::sources::TargetSnapshot;
 use anyhow::Context;
@@ -39,10 +38,8 @@ impl Controller {
         tracing::debug!(soft = fds.soft, hard = fds.hard, "file-descriptor limit");
         let node = run.consul_node.clone().unwrap_or(default_node);
         let owner = run.owner_id.clone().unwrap_or_else(|| node.clone());
-        declaration::owner_id(&owner)
-            .context("--owner-id")?;
-        declaration::owner_id(&node)
-            .context("--consul-node")?;
+        declaration::owner_id(&owner).context("--owner-id")?;
+        declaration::owner_id(&node).context("--consul-node")?;
 
         let mut readiness = Readiness::default();
         let sink = match &run.consul_addr {
@@ -109,18 +106,7 @@ impl Controller {
     /// Starts probing, publishing and serving HTTP SD for the targets on `targets`.
     pub fn start(self, targets: watch::Receiver<TargetSnapshot>) -> Started {
         let (desired_tx, desired_rx) = (self.desired_tx, self.desired_rx);
-        let settings = ProbeSettings {
-            interval: self.run.probe_interval,
-            timeout: self.run.probe_timeout,
-            concurrency: self.run.probe_concurrency,
-            fast_interval: self.run.fast_interval,
-            fast_period: self.run.fast_period,
-            full_sweep_interval: self.run.full_sweep_interval,
-            holds: match self.run.liveness {
-                Liveness::Hold => self.hold_capacity,
-                Liveness::Connect => 0,
-            },
-        };
+        let settings = self.run.probe_settings(self.hold_capacity);
         tokio::spawn(pipeline::run(
             self.owner,
             targets,

@@ -62,10 +62,8 @@ pub async fn run_standalone(args: StandaloneArgs) -> anyhow::Result<()> {
 }
 
 pub async fn run_kubernetes(args: KubernetesArgs) -> anyhow::Result<()> {
-    declaration::owner_id(&args.cluster_name)
-        .context("--cluster-name")?;
-    let names = NamePolicy::new(&args.service_name_template)
-        .context("--service-name-template")?;
+    declaration::owner_id(&args.cluster_name).context("--cluster-name")?;
+    let names = NamePolicy::new(&args.service_name_template).context("--service-name-template")?;
     let client = kube::Client::try_default().await.context(
         "cannot configure the Kubernetes client (in-cluster service account or KUBECONFIG)",
     )?;
