@@ -1,0 +1,51 @@
+//! The sink's errors.
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConsulError {
+    #[error("Consul unreachable: {0}")]
+    Unreachable(String),
+    /// An unknown token (403 `ACL not found`), a write the token may not make (409 with
+    /// `Permission denied` per operation) or a read Consul filtered for the token.
+    #[error("Consul denied the request: check the ACL token's policy: {0}")]
+    Forbidden(String),
+    #[error("Consul rejected the transaction (HTTP {status}): {errors}")]
+    TxnRejected {
+        status: u16,
+        errors: String,
+        /// Consul's per-op errors (`OpIndex`, `What`); empty when the reply had none.
+        failed: Vec<(usize, String)>,
+    },
+    #[error("Consul answered HTTP {status} to {what}: {body}")]
+    Status {
+        what: &'static str,
+        status: u16,
+        body: String,
+    },
+    #[error("cannot decode Consul's reply to {what}: {error}")]
+    Decode { what: &'static str, error: String },
+    #[error(
+        "Consul node {node:?} exists but was not registered by workersd (NodeMeta external-source is {found:?}); choose another --consul-node"
+    )]
+    NodeNotOwned { node: String, found: Option<String> },
+}
+
+impl ConsulError {
+    pub(super) fn kind(&self) -> &'static str {
+        match self {
+            ConsulError::Unreachable(_) => "unreachable",
+            ConsulError::Forbidden(_) => "forbidden",
+            ConsulError::TxnRejected { .. } => "txn_rejected",
+            ConsulError::Status { .. } => "status",
+            ConsulError::Decode { .. } => "decode",
+            ConsulError::NodeNotOwned { .. } => "node_not_owned",
+        }
+    }
+}
+
+pub(super) fn truncate(body: &str) -> String {
+    let body = body.trim();
+    match body.char_indices().nth(300) {
+        Some((i, _)) => format!("{}…", &body[..i]),
+        None => body.to_string(),
+    }
+}
