@@ -1,30 +1,11 @@
 //! The HTTP client for the few Consul endpoints the sink needs.
 
 use super::ConsulSettings;
-use super::decode::{NodeView, TxnErrors, TxnReply, decode_owned_node_services};
+use super::decode::{NodeView, decode_owned_node_services, txn_errors, txn_written};
 use super::error::{ConsulError, truncate};
-use crate::catalog::plan::Op;
-use crate::model::{Catalog, EXTERNAL_SOURCE, meta_keys};
-use serde::Serialize;
-use serde_json::json;
+use crate::model::Catalog;
 use std::collections::BTreeMap;
 use std::time::Duration;
-
-#[derive(Serialize)]
-struct ServiceBody<'a> {
-    #[serde(rename = "ID")]
-    id: &'a str,
-    #[serde(rename = "Service")]
-    service: &'a str,
-    #[serde(rename = "Address")]
-    address: &'a str,
-    #[serde(rename = "Port")]
-    port: u16,
-    #[serde(rename = "Tags")]
-    tags: &'a [String],
-    #[serde(rename = "Meta")]
-    meta: BTreeMap<String, String>,
-}
 
 /// A thin client for the few Consul endpoints the sink needs.
 pub struct ConsulClient {
@@ -128,42 +109,6 @@ impl ConsulClient {
         }
     }
 
-    pub(super) fn node_op(&self) -> serde_json::Value {
-        // Sent only when the read found no node: `cas` at ModifyIndex 0 creates it only if
-        // still absent (Consul's ensureNodeCASTxn), so a node someone else registered since
-        // is refused ("index is stale") instead of taken over.
-        let mut node = json!({
-            "Node": self.settings.node,
-            "Address": self.settings.node_address,
-            "Meta": { meta_keys::EXTERNAL_SOURCE: EXTERNAL_SOURCE },
-            "ModifyIndex": 0,
-        });
-        if let Some(dc) = &self.settings.datacenter {
-            node["Datacenter"] = json!(dc);
-        }
-        json!({ "Node": { "Verb": "cas", "Node": node } })
-    }
-
-    /// `modify_index` is the entry's known ModifyIndex (used by deletes).
-    pub(super) fn service_op(&self, op: &Op, modify_index: u64) -> serde_json::Value {
-        match op {
-            Op::Register(i) => json!({ "Service": {
-                "Verb": "set",
-                "Node": self.settings.node,
-                "Service": ServiceBody {
-                    id: &i.id, service: &i.service, address: &i.address, port: i.port, tags: &i.tags, meta: i.published_meta(),
-                },
-            }}),
-            // Only if unchanged since read (Consul's deleteServiceCASTxn): an entry someone
-            // re-registered under that ID is refused ("index is stale"), then re-read.
-            Op::Deregister(i) => json!({ "Service": {
-                "Verb": "delete-cas",
-                "Node": self.settings.node,
-                "Service": { "ID": &*i.id, "Service": i.service, "ModifyIndex": modify_index },
-            }}),
-        }
-    }
-
     /// Sends one transaction: `body` is a JSON array of operations.
     /// Returns the ModifyIndex of each service the txn wrote, by ID.
     pub(super) async fn txn(&self, body: Vec<u8>) -> Result<BTreeMap<String, u64>, ConsulError> {
@@ -173,26 +118,13 @@ impl ConsulClient {
             .body(body);
         let (status, body) = send(request).await?;
         match status {
-            200 => Ok(serde_json::from_str::<TxnReply>(&body)
-                .ok()
-                .and_then(|r| r.results)
-                .unwrap_or_default()
-                .into_iter()
-                .filter_map(|r| r.service)
-                .map(|s| (s.id, s.modify_index))
-                .collect()),
+            200 => Ok(txn_written(&body)),
             403 => Err(ConsulError::Forbidden(format!(
                 "HTTP 403: {}",
                 truncate(&body)
             ))),
             409 => {
-                let failed: Vec<(usize, String)> = serde_json::from_str::<TxnErrors>(&body)
-                    .ok()
-                    .and_then(|e| e.errors)
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(|e| (e.op_index, e.what))
-                    .collect();
+                let failed = txn_errors(&body);
                 let errors = if failed.is_empty() {
                     truncate(&body)
                 } else {

@@ -293,39 +293,63 @@ impl ServiceReply {
     }
 }
 
+/// The ModifyIndex of each service a committed txn wrote, by ID, from its reply; an
+/// undecodable reply yields none (deletes then learn the index from a re-read).
+pub(super) fn txn_written(body: &str) -> BTreeMap<String, u64> {
+    serde_json::from_str::<TxnReply>(body)
+        .ok()
+        .and_then(|r| r.results)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|r| r.service)
+        .map(|s| (s.id, s.modify_index))
+        .collect()
+}
+
+/// Consul's per-op errors of a refused txn (`OpIndex`, `What`); none when the reply has none.
+pub(super) fn txn_errors(body: &str) -> Vec<(usize, String)> {
+    serde_json::from_str::<TxnErrors>(body)
+        .ok()
+        .and_then(|e| e.errors)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|e| (e.op_index, e.what))
+        .collect()
+}
+
 /// A committed txn's reply: only what the sink keeps of it.
 #[derive(Deserialize)]
-pub(super) struct TxnReply {
+struct TxnReply {
     #[serde(rename = "Results", default)]
-    pub(super) results: Option<Vec<TxnResultReply>>,
+    results: Option<Vec<TxnResultReply>>,
 }
 
 #[derive(Deserialize)]
-pub(super) struct TxnResultReply {
+struct TxnResultReply {
     #[serde(rename = "Service", default)]
-    pub(super) service: Option<ServiceIndexReply>,
+    service: Option<ServiceIndexReply>,
 }
 
 #[derive(Deserialize)]
-pub(super) struct ServiceIndexReply {
+struct ServiceIndexReply {
     #[serde(rename = "ID")]
-    pub(super) id: String,
+    id: String,
     #[serde(rename = "ModifyIndex", default)]
-    pub(super) modify_index: u64,
+    modify_index: u64,
 }
 
 #[derive(Deserialize)]
-pub(super) struct TxnErrors {
+struct TxnErrors {
     #[serde(rename = "Errors", default)]
-    pub(super) errors: Option<Vec<TxnError>>,
+    errors: Option<Vec<TxnError>>,
 }
 
 #[derive(Deserialize)]
-pub(super) struct TxnError {
+struct TxnError {
     #[serde(rename = "OpIndex", default)]
-    pub(super) op_index: usize,
+    op_index: usize,
     #[serde(rename = "What", default)]
-    pub(super) what: String,
+    what: String,
 }
 
 /// Decodes a `/v1/catalog/node-services/:node` reply. Real Consul answers `{"Node": null}` for

@@ -154,10 +154,7 @@ impl ConsulSink {
             last_read: None,
             deregister_allowed: false,
             reported_conflicts: Vec::new(),
-            txn_limits: TxnLimits {
-                ops: MAX_TXN_OPS,
-                bytes: MAX_TXN_BYTES,
-            },
+            txn_limits: TxnLimits::default(),
             quarantine: Quarantine::default(),
             refused: tokio::sync::watch::Sender::new(Arc::new(Vec::new())),
             denied: Vec::new(),
@@ -223,9 +220,18 @@ impl ConsulSink {
             self.count_quarantined(&mut outcome);
             return self.permission_held().map_or(Ok(outcome), Err);
         }
+        let client = self.client.clone();
+        let settings = &client.settings;
         let mut batch = Batch::default();
         if needs_node {
-            batch.push(encode(&self.client.node_op()), None);
+            batch.push(
+                encode(&txn::node_op(
+                    &settings.node,
+                    &settings.node_address,
+                    settings.datacenter.as_deref(),
+                )),
+                None,
+            );
         }
         for (ops, sendable) in [(&plan.first, first), (&plan.ops, rest)] {
             if sendable.is_empty() {
@@ -241,7 +247,7 @@ impl ConsulSink {
                         .unwrap_or(0),
                     Op::Register(_) => 0,
                 };
-                let encoded = encode(&self.client.service_op(op, modify_index));
+                let encoded = encode(&txn::service_op(&settings.node, op, modify_index));
                 if !batch.ops.is_empty() && !self.txn_limits.fit(&batch, encoded.len()) {
                     self.send(std::mem::take(&mut batch), &mut outcome).await?;
                 }
@@ -274,7 +280,7 @@ impl ConsulSink {
             outcome.requests += 1;
             match self.client.txn(part.body()).await {
                 Ok(written) => self.applied(part, &written, outcome),
-                Err(e) if part.ops.len() > 1 && self.txn_limits.shrink(&e, &part) => {
+                Err(e) if self.txn_limits.shrink(&e, &part) => {
                     for piece in part.split(&self.txn_limits).into_iter().rev() {
                         queue.push_front(piece);
                     }

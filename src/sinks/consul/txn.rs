@@ -1,9 +1,13 @@
-//! Transaction sizing, apart from any I/O: how many operations and bytes one `/v1/txn`
-//! request may carry, batches of encoded operations, and how to split them when Consul
-//! refuses one as too big.
+//! Transactions, apart from any I/O: how each operation is encoded, how many operations
+//! and bytes one `/v1/txn` request may carry, batches of encoded operations, and what to do
+//! when Consul refuses one as too big (413).
 
 use super::error::ConsulError;
 use crate::catalog::plan::Op;
+use crate::model::{EXTERNAL_SOURCE, meta_keys};
+use serde::Serialize;
+use serde_json::json;
+use std::collections::BTreeMap;
 
 /// Operations per transaction: Consul 1.14 and later accept 128.
 pub const MAX_TXN_OPS: usize = 128;
@@ -16,10 +20,20 @@ pub const LEGACY_MAX_TXN_OPS: usize = 64;
 pub const MAX_TXN_BYTES: usize = 512 * 1024;
 
 /// How big a transaction this Consul accepts, as far as the sink knows.
-#[derive(Debug)]
+#[derive(Debug, PartialEq, Eq)]
 pub(super) struct TxnLimits {
     pub(super) ops: usize,
     pub(super) bytes: usize,
+}
+
+impl Default for TxnLimits {
+    /// What current Consul accepts by default; lowered when it refuses a transaction.
+    fn default() -> Self {
+        Self {
+            ops: MAX_TXN_OPS,
+            bytes: MAX_TXN_BYTES,
+        }
+    }
 }
 
 impl TxnLimits {
@@ -29,8 +43,12 @@ impl TxnLimits {
     }
 
     /// Learns from Consul's refusal of `batch`: true when it should be split and resent
-    /// (also when it was cut under a limit since lowered), false when that cannot help.
+    /// (also when it was cut under a limit since lowered), false when that cannot help (a
+    /// single operation cannot be split; another refusal is not about size).
     pub(super) fn shrink(&mut self, error: &ConsulError, batch: &Batch) -> bool {
+        if batch.ops.len() <= 1 {
+            return false;
+        }
         let ConsulError::Status {
             status: 413, body, ..
         } = error
@@ -117,35 +135,57 @@ pub(super) fn encode(op: &serde_json::Value) -> Vec<u8> {
     serde_json::to_vec(op).expect("a JSON value always encodes")
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
+#[derive(Serialize)]
+struct ServiceBody<'a> {
+    #[serde(rename = "ID")]
+    id: &'a str,
+    #[serde(rename = "Service")]
+    service: &'a str,
+    #[serde(rename = "Address")]
+    address: &'a str,
+    #[serde(rename = "Port")]
+    port: u16,
+    #[serde(rename = "Tags")]
+    tags: &'a [String],
+    #[serde(rename = "Meta")]
+    meta: BTreeMap<String, String>,
+}
 
-    #[test]
-    fn batches_encode_as_arrays_and_split_within_limits() {
-        let mut batch = Batch::default();
-        for i in 0..10 {
-            batch.push(encode(&json!({ "op": "x".repeat(i * 10) })), None);
-        }
-        let body = batch.body();
-        assert_eq!(body.len(), batch.body_len());
-        let decoded: Vec<serde_json::Value> = serde_json::from_slice(&body).unwrap();
-        assert_eq!(decoded.len(), 10);
-        let limits = TxnLimits { ops: 4, bytes: 200 };
-        let pieces = batch.split(&limits);
-        assert!(pieces.len() >= 3);
-        assert_eq!(pieces.iter().map(|p| p.ops.len()).sum::<usize>(), 10);
-        for piece in &pieces {
-            assert!(piece.ops.len() <= 4);
-            // A piece over the byte limit holds a single operation that alone exceeds it.
-            assert!(piece.body_len() <= 200 || piece.ops.len() == 1);
-        }
-        // Order is kept.
-        let rejoined: Vec<serde_json::Value> = pieces
-            .iter()
-            .flat_map(|p| serde_json::from_slice::<Vec<serde_json::Value>>(&p.body()).unwrap())
-            .collect();
-        assert_eq!(rejoined, decoded);
+/// The operation that creates our node. Sent only when the read found no node: `cas` at
+/// ModifyIndex 0 creates it only if still absent (Consul's ensureNodeCASTxn), so a node
+/// someone else registered since is refused ("index is stale") instead of taken over.
+pub(super) fn node_op(node: &str, address: &str, datacenter: Option<&str>) -> serde_json::Value {
+    let mut body = json!({
+        "Node": node,
+        "Address": address,
+        "Meta": { meta_keys::EXTERNAL_SOURCE: EXTERNAL_SOURCE },
+        "ModifyIndex": 0,
+    });
+    if let Some(dc) = datacenter {
+        body["Datacenter"] = json!(dc);
+    }
+    json!({ "Node": { "Verb": "cas", "Node": body } })
+}
+
+/// The operation for `op` on `node`; `modify_index` is the entry's known ModifyIndex (used
+/// by deletes).
+pub(super) fn service_op(node: &str, op: &Op, modify_index: u64) -> serde_json::Value {
+    match op {
+        Op::Register(i) => json!({ "Service": {
+            "Verb": "set",
+            "Node": node,
+            "Service": ServiceBody {
+                id: &i.id, service: &i.service, address: &i.address, port: i.port, tags: &i.tags, meta: i.published_meta(),
+            },
+        }}),
+        // Only if unchanged since read (Consul's deleteServiceCASTxn): an entry someone
+        // re-registered under that ID is refused ("index is stale"), then re-read.
+        Op::Deregister(i) => json!({ "Service": {
+            "Verb": "delete-cas",
+            "Node": node,
+            "Service": { "ID": &*i.id, "Service": i.service, "ModifyIndex": modify_index },
+        }}),
     }
 }
+#[cfg(test)]
+mod tests;
