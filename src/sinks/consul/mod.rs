@@ -79,36 +79,22 @@ pub fn normalize_address(raw: &str) -> Result<String, String> {
     Ok(url)
 }
 
-/// Capped exponential backoff for retries while Consul is unhealthy, jittered so that many
-/// sidecars that lost the same Consul do not retry in lockstep when it comes back: each delay
-/// is the exponential step plus up to as much again at random, so within `[min, 2 * max)`.
-struct Backoff {
-    builder: backon::ExponentialBuilder,
-    delays: backon::ExponentialBackoff,
+/// Capped exponential delays, jittered so that many sidecars that lost the same Consul do not
+/// retry in lockstep when it comes back: each delay is the exponential step plus up to as
+/// much again at random, so within `[min, 2 * max)`. Never runs out.
+pub(super) fn jittered(min: Duration, max: Duration) -> backon::ExponentialBuilder {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(min)
+        .with_max_delay(max)
+        .with_jitter()
+        .without_max_times()
 }
 
-impl Backoff {
-    fn new(min: Duration, max: Duration) -> Self {
-        let builder = backon::ExponentialBuilder::default()
-            .with_min_delay(min)
-            .with_max_delay(max)
-            .with_jitter()
-            .without_max_times();
-        Self {
-            builder,
-            delays: builder.build(),
-        }
-    }
-    fn next(&mut self) -> Duration {
-        // Never runs out without a maximum of attempts; the cap is the fallback.
-        self.delays
-            .next()
-            .unwrap_or_else(|| self.builder.build().next().unwrap_or_default())
-    }
-    fn reset(&mut self) {
-        self.delays = self.builder.build();
-    }
-}
+/// Retries while Consul is unhealthy are capped low: a retry is one cheap read, and a long
+/// outage must not delay convergence. With jitter the delays are 100-200 ms at first and at
+/// most 5 s.
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_millis(2500);
 
 /// Result of one successful pass.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -450,15 +436,16 @@ impl ConsulSink {
         tokio::pin!(stop);
         let resync_interval = self.client.settings.resync_interval;
         let changes = Arc::new(tokio::sync::Notify::new());
-        let watcher = AbortOnDrop(tokio::spawn(watch_changes(
+        // Dropping the set aborts the watch, so it never outlives its sink.
+        let mut watcher = tokio::task::JoinSet::new();
+        watcher.spawn(watch_changes(
             self.client.clone(),
             self.reads.subscribe(),
             changes.clone(),
             self.metrics.clone(),
-        )));
-        // Capped low: a retry is one cheap read, and a long outage must not delay convergence.
-        // With jitter the delays are 100-200 ms at first and at most 5 s.
-        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_millis(2500));
+        ));
+        let retries = jittered(RETRY_MIN, RETRY_MAX);
+        let mut backoff = retries.build();
         let mut change_seen = false;
         loop {
             let state = desired.borrow_and_update().clone();
@@ -477,14 +464,14 @@ impl ConsulSink {
                     if state.complete {
                         self.synced.store(true, Ordering::Relaxed);
                     }
-                    backoff.reset();
+                    backoff = retries.build();
                     None
                 }
                 Err(e) => {
                     // Refusals isolated before the pass failed are held all the same.
                     self.publish_refused();
                     self.metrics.sink_error(SINK, e.kind());
-                    let delay = backoff.next();
+                    let delay = backoff.next().unwrap_or(RETRY_MAX);
                     tracing::warn!(error = %e, retry_in = ?delay, "consul sync failed; will re-read and retry");
                     self.invalidate();
                     Some(delay)
@@ -523,15 +510,6 @@ impl ConsulSink {
     }
 }
 
-/// Aborts the task when dropped, so a watch never outlives its sink.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 async fn sleep_until_some(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
@@ -563,13 +541,11 @@ mod tests {
     }
 
     #[test]
-    fn backoff_is_jittered_and_capped() {
+    fn retries_are_jittered_and_capped() {
         let (min, max) = (Duration::from_millis(100), Duration::from_millis(350));
-        let sequence = || {
-            let mut b = Backoff::new(min, max);
-            (0..12).map(|_| b.next()).collect::<Vec<_>>()
-        };
+        let sequence = || jittered(min, max).build().take(12).collect::<Vec<_>>();
         let (one, two) = (sequence(), sequence());
+        assert_eq!(one.len(), 12, "never runs out");
         // Two sidecars starting from the same state do not retry in lockstep.
         assert_ne!(one, two);
         for (i, delay) in one.iter().chain(&two).enumerate() {
@@ -578,11 +554,7 @@ mod tests {
             assert!(*delay >= step && *delay < step * 2, "{i}: {delay:?}");
             assert!(*delay < max * 2);
         }
-        let mut b = Backoff::new(min, max);
-        for _ in 0..5 {
-            b.next();
-        }
-        b.reset();
-        assert!(b.next() < min * 2, "back to the first step");
+        let first = jittered(RETRY_MIN, RETRY_MAX).build().next().unwrap();
+        assert!((RETRY_MIN..RETRY_MIN * 2).contains(&first), "{first:?}");
     }
 }

@@ -124,12 +124,7 @@ fn op_id(op: &Op) -> &Arc<str> {
 }
 
 fn delays() -> backon::ExponentialBackoff {
-    backon::ExponentialBuilder::default()
-        .with_min_delay(MIN_HOLD)
-        .with_max_delay(MAX_HOLD)
-        .with_jitter()
-        .without_max_times()
-        .build()
+    super::jittered(MIN_HOLD, MAX_HOLD).build()
 }
 
 impl Quarantine {
