@@ -147,9 +147,7 @@ fn consul_settings(
     node: String,
     owner: String,
 ) -> anyhow::Result<consul::ConsulSettings> {
-    let address = consul::normalize_address(addr)
-        .map_err(anyhow::Error::msg)
-        .context("--consul-addr")?;
+    let address = consul::normalize_address(addr).context("--consul-addr")?;
     let token = match &run.consul_token_file {
         Some(path) => TokenSource::File(
             FileSecret::open(path)
@@ -221,7 +219,7 @@ impl Controller {
                     token = settings.token.is_some(),
                     "consul sink enabled"
                 );
-                let client = consul::ConsulClient::new(settings).map_err(anyhow::Error::msg)?;
+                let client = consul::ConsulClient::new(settings)?;
                 let sink = consul::ConsulSink::new(client, metrics.clone());
                 readiness.consul_synced = Some(sink.synced.clone());
                 Some(sink)

@@ -1,8 +1,8 @@
 //! The HTTP client for the few Consul endpoints the sink needs.
 
 use super::ConsulSettings;
-use super::decode::{NodeView, decode_owned_node_services, txn_errors, txn_written};
-use super::error::{ConsulError, truncate};
+use super::decode::{NodeRead, decode_owned_node_services, txn_errors, txn_written};
+use super::error::{ClientError, ConsulError, truncate};
 use crate::model::Catalog;
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -14,7 +14,7 @@ pub struct ConsulClient {
 }
 
 impl ConsulClient {
-    pub fn new(settings: ConsulSettings) -> Result<Self, String> {
+    pub fn new(settings: ConsulSettings) -> Result<Self, ClientError> {
         // reqwest's rustls needs the process-wide provider even for plain http clients.
         crate::tls::install_crypto_provider();
         let mut builder = reqwest::Client::builder()
@@ -22,12 +22,12 @@ impl ConsulClient {
             .connect_timeout(settings.request_timeout);
         if settings.address.starts_with("https://") {
             builder = builder
-                .use_preconfigured_tls(crate::tls::client_config(&settings.tls)?)
+                .use_preconfigured_tls(
+                    crate::tls::client_config(&settings.tls).map_err(ClientError::Tls)?,
+                )
                 .https_only(true);
         }
-        let http = builder
-            .build()
-            .map_err(|e| format!("cannot build HTTP client: {e}"))?;
+        let http = builder.build().map_err(ClientError::Build)?;
         Ok(Self { http, settings })
     }
 
@@ -44,11 +44,11 @@ impl ConsulClient {
         builder
     }
 
-    /// Everything under our node; an absent node is an empty view. Entries equal to `desired`
+    /// Everything under our node; an absent node is an empty read. Entries equal to `desired`
     /// ones share them. Consul answers an unknown node with 200 and nulls
     /// (agent/catalog_endpoint.go `CatalogNodeServiceList`), never 404: a 404 comes from a
     /// proxy or a wrong path and is an error, or workersd would recreate what it cannot see.
-    pub async fn read_node(&self, desired: &Catalog) -> Result<NodeView, ConsulError> {
+    pub async fn read_node(&self, desired: &Catalog) -> Result<NodeRead, ConsulError> {
         let path = format!("/v1/catalog/node-services/{}", self.settings.node);
         let response = self
             .request(reqwest::Method::GET, &path)
@@ -69,8 +69,8 @@ impl ConsulClient {
                 )));
             }
             let owner = self.settings.owner.clone();
-            let view = decode_streamed(response, desired.clone(), owner).await?;
-            return Ok(NodeView { index, ..view });
+            let read = decode_streamed(response, desired.clone(), owner).await?;
+            return Ok(NodeRead { index, ..read });
         }
         let body = response.text().await.map_err(unreachable)?;
         match status {
@@ -158,7 +158,7 @@ async fn decode_streamed(
     mut response: reqwest::Response,
     desired: Catalog,
     owner: String,
-) -> Result<NodeView, ConsulError> {
+) -> Result<NodeRead, ConsulError> {
     let (chunks, received) = tokio::sync::mpsc::channel(4);
     let decoder = tokio::task::spawn_blocking(move || {
         let body = ChunkReader {
@@ -280,8 +280,8 @@ mod tests {
                 chunks: received,
                 current: bytes::Bytes::new(),
             };
-            let view = decode_node_services(std::io::BufReader::new(reader), &Catalog::new());
-            assert_eq!(view.unwrap(), whole, "chunks of {size} bytes");
+            let read = decode_node_services(std::io::BufReader::new(reader), &Catalog::new());
+            assert_eq!(read.unwrap(), whole, "chunks of {size} bytes");
         }
     }
 }

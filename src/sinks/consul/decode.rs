@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 /// The node and everything registered under it, as Consul reports it.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct NodeView {
+pub struct NodeRead {
     pub node_meta: Option<BTreeMap<String, String>>,
     pub services: Catalog,
     /// `X-Consul-Index` of the reply (0 when absent): where a change watch starts.
@@ -358,7 +358,7 @@ struct TxnError {
 pub fn decode_node_services(
     body: impl std::io::Read,
     desired: &Catalog,
-) -> Result<NodeView, ConsulError> {
+) -> Result<NodeRead, ConsulError> {
     decode_owned_node_services(body, desired, "")
 }
 
@@ -369,7 +369,7 @@ pub fn decode_owned_node_services(
     body: impl std::io::Read,
     desired: &Catalog,
     owner: &str,
-) -> Result<NodeView, ConsulError> {
+) -> Result<NodeRead, ConsulError> {
     use serde::de::DeserializeSeed;
     let mut decoder = serde_json::Deserializer::from_reader(body);
     let mut modify_index = ModifyIndexes::new();
@@ -381,9 +381,9 @@ pub fn decode_owned_node_services(
             error: e.to_string(),
         })?;
     let Some(node) = node else {
-        return Ok(NodeView::default());
+        return Ok(NodeRead::default());
     };
-    Ok(NodeView {
+    Ok(NodeRead {
         node_meta: Some(node.meta.unwrap_or_default()),
         services,
         index: 0,
@@ -436,15 +436,15 @@ mod tests {
         let body = r#"{"Node":{"Node":"n","Meta":{}},"Services":[
             {"ID":"o:s:x:9011","Service":"s","Port":9011,"Address":"x","Tags":["a\u003cb"],"Meta":{"team":"r\u0026d","worker-port":"9011"}},
             {"ID":"other","Service":"s","Port":1,"Address":"x","Tags":null,"Meta":null}]}"#;
-        let view = decode_node_services(body.as_bytes(), &desired).unwrap();
-        assert!(Arc::ptr_eq(&view.services["o:s:x:9011"], &want));
-        assert_eq!(view.services["other"].port, 1);
+        let read = decode_node_services(body.as_bytes(), &desired).unwrap();
+        assert!(Arc::ptr_eq(&read.services["o:s:x:9011"], &want));
+        assert_eq!(read.services["other"].port, 1);
         // Any difference (here the tag) gives a decoded copy that compares unequal.
         let changed = body.replace("a\\u003cb", "c");
-        let view = decode_node_services(changed.as_bytes(), &desired).unwrap();
-        assert!(!Arc::ptr_eq(&view.services["o:s:x:9011"], &want));
-        assert_ne!(view.services["o:s:x:9011"], want);
-        assert_eq!(view.services["o:s:x:9011"].tags, vec!["c".to_string()]);
+        let read = decode_node_services(changed.as_bytes(), &desired).unwrap();
+        assert!(!Arc::ptr_eq(&read.services["o:s:x:9011"], &want));
+        assert_ne!(read.services["o:s:x:9011"], want);
+        assert_eq!(read.services["o:s:x:9011"].tags, vec!["c".to_string()]);
     }
     #[test]
     fn an_odd_port_is_tolerated_on_foreign_entries_only() {
@@ -467,10 +467,10 @@ mod tests {
             entry("e", "[1]", "other"),
             entry("mine", "9011", "me"),
         ]);
-        let view = decode_owned_node_services(foreign.as_bytes(), &Catalog::new(), "me").unwrap();
-        assert_eq!(view.services.len(), 6);
-        assert_eq!(view.services["a"].port, 0);
-        assert_eq!(view.services["mine"].port, 9011);
+        let read = decode_owned_node_services(foreign.as_bytes(), &Catalog::new(), "me").unwrap();
+        assert_eq!(read.services.len(), 6);
+        assert_eq!(read.services["a"].port, 0);
+        assert_eq!(read.services["mine"].port, 9011);
         // Ours must be exact: an odd port on our own entry names the entry and the field.
         let ours = reply(&[entry("mine", "70000", "me")]);
         let err = decode_owned_node_services(ours.as_bytes(), &Catalog::new(), "me").unwrap_err();
@@ -478,28 +478,28 @@ mod tests {
         assert!(err.to_string().contains("Port 70000"), "{err}");
         // A missing port is 0 (Consul omits a zero port).
         let missing = r#"{"Node":{"Node":"n"},"Services":[{"ID":"z","Service":"s"}]}"#;
-        let view = decode_node_services(missing.as_bytes(), &Catalog::new()).unwrap();
-        assert_eq!(view.services["z"].port, 0);
+        let read = decode_node_services(missing.as_bytes(), &Catalog::new()).unwrap();
+        assert_eq!(read.services["z"].port, 0);
     }
     #[test]
     fn decodes_node_services_with_nulls() {
         let none = Catalog::new();
-        let view = decode_node_services(
+        let read = decode_node_services(
             r#"{"Node":{"Node":"n","Meta":null},"Services":[{"ID":"a","Service":"s","Tags":null,"Meta":null,"Port":1,"Address":"x","Weights":{"Passing":1}}]}"#
                 .as_bytes(),
             &none,
         )
         .unwrap();
-        assert_eq!(view.node_meta, Some(BTreeMap::new()));
-        assert!(view.services["a"].tags.is_empty());
-        // Services may come first, be null, or be missing; a missing node is an empty view.
-        let view =
+        assert_eq!(read.node_meta, Some(BTreeMap::new()));
+        assert!(read.services["a"].tags.is_empty());
+        // Services may come first, be null, or be missing; a missing node is an empty read.
+        let read =
             decode_node_services(r#"{"Services":null,"Node":{"Node":"n"}}"#.as_bytes(), &none)
                 .unwrap();
-        assert!(view.node_meta.is_some() && view.services.is_empty());
-        let view =
+        assert!(read.node_meta.is_some() && read.services.is_empty());
+        let read =
             decode_node_services(r#"{"Node":null,"Services":[]}"#.as_bytes(), &none).unwrap();
-        assert_eq!(view, NodeView::default());
+        assert_eq!(read, NodeRead::default());
         for bad in [
             "null",
             "[]",

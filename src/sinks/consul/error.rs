@@ -1,4 +1,31 @@
-//! The sink's errors.
+//! The sink's errors: of its settings, of building its client, and of talking to Consul.
+
+/// A `--consul-addr` that is no base URL of a Consul HTTP API.
+#[derive(Debug, thiserror::Error)]
+pub enum AddressError {
+    #[error("Consul address is empty")]
+    Empty,
+    #[error("Consul address {0:?} must use http:// or https://")]
+    Scheme(String),
+    #[error("Consul address {address:?} is not a valid URL")]
+    Invalid {
+        address: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("Consul address {0:?} has no host")]
+    NoHost(String),
+}
+
+/// The client could not be built from its settings.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The CA, client certificate or key of `--consul-*` TLS flags (the TLS module's text).
+    #[error("{0}")]
+    Tls(String),
+    #[error("cannot build HTTP client")]
+    Build(#[source] reqwest::Error),
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConsulError {

@@ -14,8 +14,8 @@ mod txn;
 mod watch;
 
 pub use self::client::{ConsulClient, Watched};
-pub use self::decode::{ModifyIndexes, NodeView, decode_node_services, decode_owned_node_services};
-pub use self::error::ConsulError;
+pub use self::decode::{ModifyIndexes, NodeRead, decode_node_services, decode_owned_node_services};
+pub use self::error::{AddressError, ClientError, ConsulError};
 pub use self::txn::{LEGACY_MAX_TXN_OPS, MAX_TXN_BYTES, MAX_TXN_OPS};
 
 use self::error::truncate;
@@ -53,28 +53,28 @@ pub struct ConsulSettings {
 }
 
 /// Normalises `CONSUL_HTTP_ADDR`-style values (`host:port` or a URL) to a base URL.
-pub fn normalize_address(raw: &str) -> Result<String, String> {
+pub fn normalize_address(raw: &str) -> Result<String, AddressError> {
     let raw = raw.trim();
     let raw = match raw.strip_suffix('/') {
         Some(stripped) if !stripped.ends_with(':') && !stripped.ends_with('/') => stripped,
         _ => raw,
     };
     if raw.is_empty() {
-        return Err("Consul address is empty".into());
+        return Err(AddressError::Empty);
     }
     let url = if raw.starts_with("http://") || raw.starts_with("https://") {
         raw.to_string()
     } else if raw.contains("://") {
-        return Err(format!(
-            "Consul address {raw:?} must use http:// or https://"
-        ));
+        return Err(AddressError::Scheme(raw.into()));
     } else {
         format!("http://{raw}")
     };
-    let parsed = reqwest::Url::parse(&url)
-        .map_err(|e| format!("Consul address {raw:?} is not a valid URL: {e}"))?;
+    let parsed = reqwest::Url::parse(&url).map_err(|e| AddressError::Invalid {
+        address: raw.into(),
+        source: e.into(),
+    })?;
     if parsed.host_str().is_none() {
-        return Err(format!("Consul address {raw:?} has no host"));
+        return Err(AddressError::NoHost(raw.into()));
     }
     Ok(url)
 }
@@ -104,7 +104,7 @@ pub struct SyncOutcome {
     pub deregistered: usize,
     pub conflicts: usize,
     pub deferred: usize,
-    /// Operations Consul refused, held back and retried later.
+    /// Operations Consul refused, withheld and retried later.
     pub quarantined: usize,
 }
 
@@ -112,16 +112,16 @@ pub struct SyncOutcome {
 pub struct ConsulSink {
     client: Arc<ConsulClient>,
     metrics: Arc<Metrics>,
-    known: Option<NodeView>,
+    known: Option<NodeRead>,
     /// The index of every successful read, for the change watch (sent even when equal).
     reads: tokio::sync::watch::Sender<Option<u64>>,
     last_read: Option<Instant>,
     deregister_allowed: bool,
     reported_conflicts: Vec<String>,
     txn_limits: TxnLimits,
-    /// Operations Consul refused, held back so they do not block the others.
+    /// Operations Consul refused, withheld so they do not block the others.
     quarantine: Quarantine,
-    /// The entries held back, published when the set changes (for Kubernetes Events).
+    /// The entries withheld, published when the set changes (for Kubernetes Events).
     refused: tokio::sync::watch::Sender<quarantine::RefusedEntries>,
     /// This pass's entries the token may not write: left out so the others are published,
     /// then the pass reports `Forbidden`. Not quarantined: they are resent on the sink's
@@ -159,8 +159,8 @@ impl ConsulSink {
         if self.known.is_none() {
             self.metrics.sink_request(SINK, "read");
             outcome.requests += 1;
-            let view = self.client.read_node(&desired.catalog).await?;
-            if let Some(meta) = &view.node_meta {
+            let read = self.client.read_node(&desired.catalog).await?;
+            if let Some(meta) = &read.node_meta {
                 let marker = meta.get(meta_keys::EXTERNAL_SOURCE);
                 if marker.map(String::as_str) != Some(EXTERNAL_SOURCE) {
                     return Err(ConsulError::NodeNotOwned {
@@ -170,8 +170,8 @@ impl ConsulSink {
                 }
             }
             self.last_read = Some(Instant::now());
-            self.reads.send_replace(Some(view.index));
-            self.known = Some(view);
+            self.reads.send_replace(Some(read.index));
+            self.known = Some(read);
             crate::runtime::limits::release_free_memory();
         }
         let known = self.known.as_mut().expect("read above");
@@ -186,7 +186,7 @@ impl ConsulSink {
         // Reported when the set changes, not on every pass.
         if plan.conflicts != self.reported_conflicts {
             if !plan.conflicts.is_empty() {
-                tracing::warn!(ids = ?plan.conflicts, "service IDs held by entries workersd does not own; left untouched");
+                tracing::warn!(ids = ?plan.conflicts, "service IDs taken by entries workersd does not own; left untouched");
             }
             self.reported_conflicts = plan.conflicts.clone();
         }
@@ -198,13 +198,13 @@ impl ConsulSink {
         let now = Instant::now();
         let sendable = |ops: &[Op]| -> Vec<usize> {
             (0..ops.len())
-                .filter(|&i| !self.quarantine.holds(&ops[i], now))
+                .filter(|&i| !self.quarantine.withholds(&ops[i], now))
                 .collect()
         };
         let (first, rest) = (sendable(&plan.first), sendable(&plan.ops));
         if first.is_empty() && rest.is_empty() {
             self.count_quarantined(&mut outcome);
-            return self.permission_held().map_or(Ok(outcome), Err);
+            return self.denied_error().map_or(Ok(outcome), Err);
         }
         let client = self.client.clone();
         let settings = &client.settings;
@@ -249,7 +249,7 @@ impl ConsulSink {
             .sink_operations(SINK, "register", outcome.registered as u64);
         self.metrics
             .sink_operations(SINK, "deregister", outcome.deregistered as u64);
-        self.permission_held().map_or(Ok(outcome), Err)
+        self.denied_error().map_or(Ok(outcome), Err)
     }
 
     /// Applies `batch` in one transaction, or in smaller ones when Consul refuses it as too
@@ -291,7 +291,7 @@ impl ConsulSink {
         Ok(())
     }
 
-    /// Holds back the operations of `batch` that Consul refused for themselves and returns
+    /// Withholds the operations of `batch` that Consul refused for themselves and returns
     /// the others, to resend; `None` when isolating cannot help (see [`quarantine::isolate`]).
     fn isolate<'p>(&mut self, error: &ConsulError, batch: Batch<'p>) -> Option<Batch<'p>> {
         let refusals = match error {
@@ -311,7 +311,7 @@ impl ConsulSink {
                 if is_permission_denied(what) {
                     self.denied.push((*i, what.clone()));
                 } else {
-                    self.hold(op, what, now);
+                    self.withhold(op, what, now);
                 }
             }
         }
@@ -322,7 +322,7 @@ impl ConsulSink {
         Some(rest)
     }
 
-    fn hold(&mut self, op: &Op, what: &str, now: Instant) {
+    fn withhold(&mut self, op: &Op, what: &str, now: Instant) {
         let (delay, refusals) = self.quarantine.refuse(op, what, now);
         let (verb, instance) = match op {
             Op::Register(i) => ("register", i),
@@ -339,7 +339,7 @@ impl ConsulSink {
             error = %truncate(what),
             retry_in = ?delay,
             refusals,
-            "Consul refused one catalog entry; it is held back and retried later, every other entry is published"
+            "Consul refused one catalog entry; it is withheld and retried later, every other entry is published"
         );
     }
 
@@ -382,7 +382,7 @@ impl ConsulSink {
     /// `Forbidden` when this pass left out entries the token may not write: the pass
     /// published what it could, and the policy gets fixed (readiness says so) rather than
     /// the refusal passing as a synced catalog.
-    fn permission_held(&self) -> Option<ConsulError> {
+    fn denied_error(&self) -> Option<ConsulError> {
         let summary = permission_summary(&self.denied, self.denied.len())?;
         Some(ConsulError::Forbidden(summary))
     }
@@ -393,7 +393,7 @@ impl ConsulSink {
         self.publish_refused();
     }
 
-    /// Sends the held entries when they differ from those sent last: an entry leaves once
+    /// Sends the withheld entries when they differ from those sent last: an entry leaves once
     /// accepted, no longer desired, or changed.
     fn publish_refused(&self) {
         let entries = self.quarantine.entries();
@@ -406,7 +406,7 @@ impl ConsulSink {
         });
     }
 
-    /// The entries Consul refused and the sink holds back, updated whenever that set changes.
+    /// The entries Consul refused and the sink withholds, updated whenever that set changes.
     pub fn refused(&self) -> tokio::sync::watch::Receiver<quarantine::RefusedEntries> {
         self.refused.subscribe()
     }
@@ -468,7 +468,7 @@ impl ConsulSink {
                     None
                 }
                 Err(e) => {
-                    // Refusals isolated before the pass failed are held all the same.
+                    // Refusals isolated before the pass failed are withheld all the same.
                     self.publish_refused();
                     self.metrics.sink_error(SINK, e.kind());
                     let delay = backoff.next().unwrap_or(RETRY_MAX);
@@ -531,8 +531,16 @@ mod tests {
             normalize_address("http://consul:8500/").unwrap(),
             "http://consul:8500"
         );
-        assert!(normalize_address("").is_err());
-        assert!(normalize_address("ftp://x").is_err());
+        assert!(matches!(normalize_address(" "), Err(AddressError::Empty)));
+        let ftp = normalize_address("ftp://x").unwrap_err();
+        assert_eq!(
+            ftp.to_string(),
+            r#"Consul address "ftp://x" must use http:// or https://"#
+        );
+        // The URL parser's reason is kept as the source.
+        let bad = normalize_address("consul:99999").unwrap_err();
+        assert!(matches!(bad, AddressError::Invalid { .. }), "{bad}");
+        assert!(std::error::Error::source(&bad).is_some());
         assert_eq!(
             normalize_address("https://consul:8501").unwrap(),
             "https://consul:8501"

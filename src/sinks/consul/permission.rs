@@ -9,7 +9,7 @@ use super::error::{ConsulError, truncate};
 /// A token that may not write the node can write nothing: one `Forbidden` that says which
 /// permissions it lacks. Entries refused for permission are left out of the pass, so the
 /// others are still published, and the pass then reports `Forbidden` (see
-/// [`ConsulSink::permission_held`]).
+/// [`ConsulSink::denied_error`]).
 pub(super) fn forbidden_txn(error: &ConsulError, node_op: Option<usize>) -> Option<String> {
     let ConsulError::TxnRejected { failed, .. } = error else {
         return None;
@@ -114,7 +114,7 @@ mod tests {
         // The node refused: nothing can be written.
         let node = rejected(vec![denied(0, "n"), denied(1, "a")]);
         assert!(forbidden_txn(&node, Some(0)).unwrap().contains("2 of 2"));
-        // Entries refused, the node allowed or absent: they are held back, the rest is sent.
+        // Entries refused, the node allowed or absent: they are withheld, the rest is sent.
         let entries = rejected(vec![denied(1, "a"), denied(2, "b")]);
         assert_eq!(forbidden_txn(&entries, Some(0)), None);
         assert_eq!(forbidden_txn(&entries, None), None);
