@@ -149,11 +149,11 @@ impl ConsulClient {
     }
 }
 
-/// Decodes a node-services reply while it arrives. At 10,000 pods the reply is ~18 MB of
-/// JSON; collecting it first (and reqwest's copy into a `String`) held twice that on top of
-/// the steady state at every resync. Chunks go to a blocking thread that decodes from a
-/// `Read`; the channel holds a few, so the memory in flight is a few chunks and one entry.
-/// `desired` is a clone of the catalog (its entries are shared, ~2 MB at 40,000 entries).
+/// Decodes a node-services reply while it arrives: a large node's reply collected first
+/// (and copied again into a `String` by reqwest) would be held twice on top of the steady
+/// state at every resync. Chunks go to a blocking thread that decodes from a `Read`; the
+/// channel holds a few, so the memory in flight is a few chunks and one entry. `desired` is
+/// a clone of the catalog, whose entries are shared, not copied.
 async fn decode_streamed(
     mut response: reqwest::Response,
     desired: Catalog,

@@ -23,7 +23,7 @@ pub struct NodeRead {
 pub type ModifyIndexes = std::collections::HashMap<Arc<str>, u64>;
 
 /// Decodes a node-services reply entry by entry into a catalog as it is read: a
-/// resync re-reads every entry (40,000 at 10,000 pods), and entries equal to the desired
+/// resync re-reads every entry, and entries equal to the desired
 /// ones are shared, never materialised or collected in between.
 /// The second field is our owner id: only entries carrying it must decode strictly.
 struct NodeServicesSeed<'c>(&'c Catalog, &'c str, &'c mut ModifyIndexes);

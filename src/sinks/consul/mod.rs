@@ -34,6 +34,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 const SINK: &str = "consul";
 
@@ -128,11 +129,15 @@ pub struct ConsulSink {
     /// own retry, so a fixed policy takes effect within seconds.
     denied: Vec<(usize, String)>,
     pub synced: Arc<AtomicBool>,
+    /// Every event of the sink and its watch is inside it, so none repeats the node.
+    span: tracing::Span,
 }
 
 impl ConsulSink {
     pub fn new(client: ConsulClient, metrics: Arc<Metrics>) -> Self {
+        let span = tracing::info_span!("consul_sink", node = %client.settings.node);
         Self {
+            span,
             client: Arc::new(client),
             metrics,
             known: None,
@@ -151,6 +156,11 @@ impl ConsulSink {
     /// Brings Consul to `desired` with the fewest writes; no request at all when the known
     /// state already matches.
     pub async fn sync(&mut self, desired: &DesiredState) -> Result<SyncOutcome, ConsulError> {
+        let span = self.span.clone();
+        self.pass(desired).instrument(span).await
+    }
+
+    async fn pass(&mut self, desired: &DesiredState) -> Result<SyncOutcome, ConsulError> {
         // Once every target was probed after start, absent entries really are gone.
         self.deregister_allowed |= desired.complete;
         let owner = self.client.settings.owner.clone();
@@ -426,9 +436,18 @@ impl ConsulSink {
     /// so a last pass (`--deregister-on-exit`) uses the same client and memory of Consul.
     ///
     /// Consul is re-read only when a blocking query on the node reports a change (our own
-    /// writes included), at most once per resync interval: re-reading 40,000 unchanged
-    /// entries every interval was a quarter of the steady-state CPU at 10,000 pods.
+    /// writes included), at most once per resync interval: re-reading unchanged entries
+    /// every interval was a large share of the steady-state CPU (BENCHMARKS.md).
     pub async fn run_until(
+        self,
+        desired: DesiredRx,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Self {
+        let span = self.span.clone();
+        self.follow(desired, stop).instrument(span).await
+    }
+
+    async fn follow(
         mut self,
         mut desired: DesiredRx,
         stop: impl std::future::Future<Output = ()>,
@@ -438,12 +457,15 @@ impl ConsulSink {
         let changes = Arc::new(tokio::sync::Notify::new());
         // Dropping the set aborts the watch, so it never outlives its sink.
         let mut watcher = tokio::task::JoinSet::new();
-        watcher.spawn(watch_changes(
-            self.client.clone(),
-            self.reads.subscribe(),
-            changes.clone(),
-            self.metrics.clone(),
-        ));
+        watcher.spawn(
+            watch_changes(
+                self.client.clone(),
+                self.reads.subscribe(),
+                changes.clone(),
+                self.metrics.clone(),
+            )
+            .instrument(tracing::info_span!("consul_watch")),
+        );
         let retries = jittered(RETRY_MIN, RETRY_MAX);
         let mut backoff = retries.build();
         let mut change_seen = false;
@@ -518,51 +540,4 @@ async fn sleep_until_some(at: Option<Instant>) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn normalizes_addresses_like_consul_http_addr() {
-        assert_eq!(
-            normalize_address("127.0.0.1:8500").unwrap(),
-            "http://127.0.0.1:8500"
-        );
-        assert_eq!(
-            normalize_address("http://consul:8500/").unwrap(),
-            "http://consul:8500"
-        );
-        assert!(matches!(normalize_address(" "), Err(AddressError::Empty)));
-        let ftp = normalize_address("ftp://x").unwrap_err();
-        assert_eq!(
-            ftp.to_string(),
-            r#"Consul address "ftp://x" must use http:// or https://"#
-        );
-        // The URL parser's reason is kept as the source.
-        let bad = normalize_address("consul:99999").unwrap_err();
-        assert!(matches!(bad, AddressError::Invalid { .. }), "{bad}");
-        assert!(std::error::Error::source(&bad).is_some());
-        assert_eq!(
-            normalize_address("https://consul:8501").unwrap(),
-            "https://consul:8501"
-        );
-        assert!(normalize_address("http://").is_err());
-    }
-
-    #[test]
-    fn retries_are_jittered_and_capped() {
-        let (min, max) = (Duration::from_millis(100), Duration::from_millis(350));
-        let sequence = || jittered(min, max).build().take(12).collect::<Vec<_>>();
-        let (one, two) = (sequence(), sequence());
-        assert_eq!(one.len(), 12, "never runs out");
-        // Two sidecars starting from the same state do not retry in lockstep.
-        assert_ne!(one, two);
-        for (i, delay) in one.iter().chain(&two).enumerate() {
-            let step = (min * 2u32.pow((i % 12) as u32)).min(max);
-            // The exponential step, plus up to as much again.
-            assert!(*delay >= step && *delay < step * 2, "{i}: {delay:?}");
-            assert!(*delay < max * 2);
-        }
-        let first = jittered(RETRY_MIN, RETRY_MAX).build().next().unwrap();
-        assert!((RETRY_MIN..RETRY_MIN * 2).contains(&first), "{first:?}");
-    }
-}
+mod tests;
