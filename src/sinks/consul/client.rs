@@ -54,7 +54,7 @@ impl ConsulClient {
             .request(reqwest::Method::GET, &path)
             .send()
             .await
-            .map_err(unreachable)?;
+            .map_err(ConsulError::Unreachable)?;
         let status = response.status().as_u16();
         let index = consul_index(&response);
         if status == 200 {
@@ -72,7 +72,7 @@ impl ConsulClient {
             let read = decode_streamed(response, desired.clone(), owner).await?;
             return Ok(NodeRead { index, ..read });
         }
-        let body = response.text().await.map_err(unreachable)?;
+        let body = response.text().await.map_err(ConsulError::Unreachable)?;
         match status {
             403 => Err(ConsulError::Forbidden(format!(
                 "HTTP 403: {}",
@@ -182,7 +182,7 @@ async fn decode_streamed(
             }
             Ok(None) => break,
             Err(e) => {
-                interrupted = Some(unreachable(e));
+                interrupted = Some(ConsulError::Unreachable(e));
                 break;
             }
         }
@@ -190,7 +190,7 @@ async fn decode_streamed(
     drop(chunks);
     let decoded = decoder.await.map_err(|e| ConsulError::Decode {
         what: "node-services",
-        error: e.to_string(),
+        source: e.into(),
     })?;
     // A reply cut off in transit fails to decode too; the cause is the connection.
     match interrupted {
@@ -245,15 +245,10 @@ pub enum Watched {
 
 /// Sends a request and reads the whole reply as text.
 async fn send(request: reqwest::RequestBuilder) -> Result<(u16, String), ConsulError> {
-    let response = request.send().await.map_err(unreachable)?;
+    let response = request.send().await.map_err(ConsulError::Unreachable)?;
     let status = response.status().as_u16();
-    let body = response.text().await.map_err(unreachable)?;
+    let body = response.text().await.map_err(ConsulError::Unreachable)?;
     Ok((status, body))
-}
-
-fn unreachable(e: reqwest::Error) -> ConsulError {
-    // reqwest errors name the URL, never headers, so the token cannot leak here.
-    ConsulError::Unreachable(e.to_string())
 }
 
 #[cfg(test)]

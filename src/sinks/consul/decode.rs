@@ -378,7 +378,7 @@ pub fn decode_owned_node_services(
         .and_then(|reply| decoder.end().map(|()| reply))
         .map_err(|e| ConsulError::Decode {
             what: "node-services",
-            error: e.to_string(),
+            source: e.into(),
         })?;
     let Some(node) = node else {
         return Ok(NodeRead::default());

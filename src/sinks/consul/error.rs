@@ -29,8 +29,10 @@ pub enum ClientError {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConsulError {
+    /// No HTTP reply (connect, TLS, timeout, a reply cut off). Says reqwest's top line (it
+    /// names the URL, never headers, so the token cannot leak); the cause stays the source.
     #[error("Consul unreachable: {0}")]
-    Unreachable(String),
+    Unreachable(#[source] reqwest::Error),
     /// An unknown token (403 `ACL not found`), a write the token may not make (409 with
     /// `Permission denied` per operation) or a read Consul filtered for the token.
     #[error("Consul denied the request: check the ACL token's policy: {0}")]
@@ -48,8 +50,12 @@ pub enum ConsulError {
         status: u16,
         body: String,
     },
-    #[error("cannot decode Consul's reply to {what}: {error}")]
-    Decode { what: &'static str, error: String },
+    #[error("cannot decode Consul's reply to {what}: {source}")]
+    Decode {
+        what: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error(
         "Consul node {node:?} exists but was not registered by workersd (NodeMeta external-source is {found:?}); choose another --consul-node"
     )]

@@ -63,8 +63,13 @@ impl Write for Lines {
     }
 }
 
+/// Tests that create sinks take turns: tracing caches whether a span is wanted per callsite,
+/// so a sink made on another test thread without a subscriber races the one that logs.
+static SINKS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test]
 async fn sink_events_carry_the_node_once_in_their_span() {
+    let _turn = SINKS.lock().await;
     let lines = Lines::default();
     let writer = lines.clone();
     // As `--log-format json` logs.
@@ -112,4 +117,30 @@ async fn sink_events_carry_the_node_once_in_their_span() {
         );
         assert!(event["target"].is_string(), "tracing's own target: {event}");
     }
+}
+
+#[tokio::test]
+async fn an_unreachable_consul_keeps_the_cause_as_the_source() {
+    let _turn = SINKS.lock().await;
+    let client = ConsulClient::new(ConsulSettings {
+        address: "http://127.0.0.1:1".into(),
+        token: TokenSource::None,
+        datacenter: None,
+        node: "n".into(),
+        node_address: "127.0.0.1".into(),
+        owner: "o".into(),
+        resync_interval: Duration::from_secs(60),
+        request_timeout: Duration::from_secs(2),
+        tls: Default::default(),
+    })
+    .unwrap();
+    let mut sink = ConsulSink::new(client, Arc::new(Metrics::new()));
+    let empty = DesiredState {
+        catalog: Default::default(),
+        complete: true,
+    };
+    let err = sink.sync(&empty).await.unwrap_err();
+    assert!(matches!(err, ConsulError::Unreachable(_)), "{err}");
+    assert!(err.to_string().starts_with("Consul unreachable: "), "{err}");
+    assert!(std::error::Error::source(&err).is_some());
 }
