@@ -4,6 +4,10 @@
 //! What Consul really holds is re-read at start, after any error and when a blocking query
 //! sees the node change (at most once per resync interval), and corrected: missing entries
 //! re-registered, stale owned entries garbage-collected, entries of anyone else never touched.
+//!
+//! Here: the sink loop and its settings. Pure policy: `txn` (encoding, sizing, splitting),
+//! `quarantine` (refused entries), `permission` (ACL refusals), `decode` (Consul's replies).
+//! I/O: `client` (HTTP) and `watch` (the blocking query that says when to re-read).
 
 mod client;
 mod decode;
@@ -83,7 +87,7 @@ pub fn normalize_address(raw: &str) -> Result<String, AddressError> {
 /// Capped exponential delays, jittered so that many sidecars that lost the same Consul do not
 /// retry in lockstep when it comes back: each delay is the exponential step plus up to as
 /// much again at random, so within `[min, 2 * max)`. Never runs out.
-pub(super) fn jittered(min: Duration, max: Duration) -> backon::ExponentialBuilder {
+fn jittered(min: Duration, max: Duration) -> backon::ExponentialBuilder {
     backon::ExponentialBuilder::default()
         .with_min_delay(min)
         .with_max_delay(max)
