@@ -41,13 +41,6 @@ pub enum TlsError {
     HalfClientCertificate,
 }
 
-/// For callers that still report errors as text; the whole chain, so no cause is lost.
-impl From<TlsError> for String {
-    fn from(error: TlsError) -> Self {
-        crate::telemetry::Chain(&error).to_string()
-    }
-}
-
 #[derive(Clone, Debug, Default)]
 pub struct TlsSettings {
     /// PEM CA bundle; the system roots when unset.
@@ -259,7 +252,7 @@ mod tests {
             ca_file: Some("/nonexistent/ca.pem".into()),
             ..TlsSettings::default()
         };
-        let err = String::from(client_config(&missing).unwrap_err());
+        let err = crate::telemetry::Chain(&client_config(&missing).unwrap_err()).to_string();
         assert!(
             err.starts_with("--consul-ca-file /nonexistent/ca.pem: "),
             "the flag, the file, then why: {err}"

@@ -52,7 +52,7 @@ impl Controller {
                     token = settings.token.is_some(),
                     "consul sink enabled"
                 );
-                let client = consul::ConsulClient::new(settings).map_err(anyhow::Error::msg)?;
+                let client = consul::ConsulClient::new(settings)?;
                 let sink = consul::ConsulSink::new(client, metrics.clone());
                 readiness.consul_synced = Some(sink.synced.clone());
                 Some(sink)

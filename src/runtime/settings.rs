@@ -11,9 +11,7 @@ pub(super) fn consul_settings(
     node: String,
     owner: String,
 ) -> anyhow::Result<consul::ConsulSettings> {
-    let address = consul::normalize_address(addr)
-        .map_err(anyhow::Error::msg)
-        .context("--consul-addr")?;
+    let address = consul::normalize_address(addr).context("--consul-addr")?;
     let token = match &run.consul_token_file {
         Some(path) => TokenSource::File(FileSecret::open(path).context("--consul-token-file")?),
         None => match std::env::var("CONSUL_HTTP_TOKEN") {

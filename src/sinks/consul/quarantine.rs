@@ -1,7 +1,7 @@
 //! What the Consul sink does when Consul refuses some operations of a transaction, apart from
 //! any I/O. A txn is atomic (Consul's `TxnRW` rolls everything back on any per-op error), so
-//! one bad entry would otherwise hold back every other entry of its batch, and the node.
-//! The refused operations are isolated, the rest resent, and the refused ones held back with
+//! one bad entry would otherwise block every other entry of its batch, and the node.
+//! The refused operations are isolated, the rest resent, and the refused ones withheld with
 //! a jittered, growing delay until their content changes or the delay runs out.
 
 use crate::catalog::plan::Op;
@@ -13,9 +13,9 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 /// First delay before a refused operation is tried again.
-pub const MIN_HOLD: Duration = Duration::from_secs(10);
+pub const MIN_RETRY_DELAY: Duration = Duration::from_secs(10);
 /// The delay stops growing here (jitter adds up to as much again).
-pub const MAX_HOLD: Duration = Duration::from_secs(300);
+pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(300);
 
 /// Why Consul refused an operation, as far as its text tells.
 #[derive(Debug, PartialEq, Eq)]
@@ -23,9 +23,9 @@ pub enum Cause {
     /// The entry itself (a meta pair over Consul's limits, a permission on its name, …):
     /// resending it cannot help until it changes.
     Entry,
-    /// The sink's view of Consul is out of date (the node is gone, a `cas` index moved):
+    /// The sink's last read of Consul is out of date (the node is gone, a `cas` index moved):
     /// every operation may fail for it; re-read Consul instead of blaming the entry.
-    StaleView,
+    StaleRead,
 }
 
 /// Texts from Consul's state store (`agent/consul/state/catalog.go`, `txn.go`) that say the
@@ -37,7 +37,7 @@ pub fn cause(what: &str) -> Cause {
         "doesn't exist",
     ];
     if STALE.iter().any(|s| what.contains(s)) {
-        Cause::StaleView
+        Cause::StaleRead
     } else {
         Cause::Entry
     }
@@ -54,7 +54,7 @@ pub struct Isolation {
 
 /// `None` when isolating cannot help: no usable per-op error, an index out of range, the
 /// node's own operation (`node_op`) refused (nothing can be registered without it), or a
-/// refusal caused by a stale view; the caller then fails the pass and re-reads Consul.
+/// refusal caused by a stale read; the caller then fails the pass and re-reads Consul.
 pub fn isolate(
     len: usize,
     errors: &[(usize, String)],
@@ -65,7 +65,7 @@ pub fn isolate(
     }
     if errors
         .iter()
-        .any(|(i, what)| Some(*i) == node_op || cause(what) == Cause::StaleView)
+        .any(|(i, what)| Some(*i) == node_op || cause(what) == Cause::StaleRead)
     {
         return None;
     }
@@ -90,7 +90,7 @@ pub fn refused_field(what: &str) -> Option<&str> {
     Some(&what[start..start + len])
 }
 
-/// One entry held back, as published to whoever reports it (Kubernetes Events).
+/// One entry withheld, as published to whoever reports it (Kubernetes Events).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Refused {
     /// The refused entry (its ID is the service ID).
@@ -99,10 +99,10 @@ pub struct Refused {
     pub error: String,
 }
 
-/// The entries held back now, sorted by service ID.
+/// The entries withheld now, sorted by service ID.
 pub type RefusedEntries = Arc<Vec<Refused>>;
 
-struct Held {
+struct Withheld {
     op: Op,
     /// Consul's reason for the last refusal.
     what: String,
@@ -111,10 +111,10 @@ struct Held {
     delays: backon::ExponentialBackoff,
 }
 
-/// Refused operations held back, by service ID.
+/// Refused operations withheld, by service ID.
 #[derive(Default)]
 pub struct Quarantine {
-    held: HashMap<Arc<str>, Held>,
+    withheld: HashMap<Arc<str>, Withheld>,
 }
 
 fn op_id(op: &Op) -> &Arc<str> {
@@ -124,44 +124,42 @@ fn op_id(op: &Op) -> &Arc<str> {
 }
 
 fn delays() -> backon::ExponentialBackoff {
-    backon::ExponentialBuilder::default()
-        .with_min_delay(MIN_HOLD)
-        .with_max_delay(MAX_HOLD)
-        .with_jitter()
-        .without_max_times()
-        .build()
+    super::jittered(MIN_RETRY_DELAY, MAX_RETRY_DELAY).build()
 }
 
 impl Quarantine {
     pub fn len(&self) -> usize {
-        self.held.len()
+        self.withheld.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.held.is_empty()
+        self.withheld.is_empty()
     }
 
-    /// Whether `op` is held back at `now`: an equal operation was refused and its delay has
-    /// not run out. A changed operation (a fixed declaration) is never held.
-    pub fn holds(&self, op: &Op, now: Instant) -> bool {
-        self.held
+    /// Whether `op` is withheld at `now`: an equal operation was refused and its delay has
+    /// not run out. A changed operation (a fixed declaration) is never withheld.
+    pub fn withholds(&self, op: &Op, now: Instant) -> bool {
+        self.withheld
             .get(op_id(op))
             .is_some_and(|h| h.op == *op && now < h.retry_at)
     }
 
-    /// Records a refusal of `op` for the reason `what`; returns how long it is held and how
+    /// Records a refusal of `op` for the reason `what`; returns how long it is withheld and how
     /// often it was refused in a row. The delay grows only while the same operation keeps
     /// being refused.
     pub fn refuse(&mut self, op: &Op, what: &str, now: Instant) -> (Duration, u32) {
-        let held = self.held.entry(op_id(op).clone()).or_insert_with(|| Held {
-            op: op.clone(),
-            what: String::new(),
-            retry_at: now,
-            refusals: 0,
-            delays: delays(),
-        });
-        if held.op != *op {
-            *held = Held {
+        let withheld = self
+            .withheld
+            .entry(op_id(op).clone())
+            .or_insert_with(|| Withheld {
+                op: op.clone(),
+                what: String::new(),
+                retry_at: now,
+                refusals: 0,
+                delays: delays(),
+            });
+        if withheld.op != *op {
+            *withheld = Withheld {
                 op: op.clone(),
                 what: String::new(),
                 retry_at: now,
@@ -169,36 +167,36 @@ impl Quarantine {
                 delays: delays(),
             };
         }
-        let delay = held.delays.next().unwrap_or(MAX_HOLD);
-        held.refusals += 1;
-        held.retry_at = now + delay;
-        what.clone_into(&mut held.what);
-        (delay, held.refusals)
+        let delay = withheld.delays.next().unwrap_or(MAX_RETRY_DELAY);
+        withheld.refusals += 1;
+        withheld.retry_at = now + delay;
+        what.clone_into(&mut withheld.what);
+        (delay, withheld.refusals)
     }
 
-    /// `op` was applied: it is no longer held.
+    /// `op` was applied: it is no longer withheld.
     pub fn accepted(&mut self, op: &Op) {
-        if self.held.get(op_id(op)).is_some_and(|h| h.op == *op) {
-            self.held.remove(op_id(op));
+        if self.withheld.get(op_id(op)).is_some_and(|h| h.op == *op) {
+            self.withheld.remove(op_id(op));
         }
     }
 
     /// Forgets operations no longer planned as they were refused (the declaration changed or
     /// the target went away): `planned` are this pass's operations.
     pub fn retain_planned<'a>(&mut self, planned: impl IntoIterator<Item = &'a Op>) {
-        if self.held.is_empty() {
+        if self.withheld.is_empty() {
             return;
         }
         let planned: HashMap<&Arc<str>, &Op> =
             planned.into_iter().map(|op| (op_id(op), op)).collect();
-        self.held
+        self.withheld
             .retain(|id, h| planned.get(id).is_some_and(|op| **op == h.op));
     }
 
-    /// The entries held now, sorted by service ID.
+    /// The entries withheld now, sorted by service ID.
     pub fn entries(&self) -> Vec<Refused> {
         let mut entries: Vec<Refused> = self
-            .held
+            .withheld
             .values()
             .map(|h| Refused {
                 instance: match &h.op {
@@ -211,9 +209,9 @@ impl Quarantine {
         entries
     }
 
-    /// When the first held operation may be tried again.
+    /// When the first withheld operation may be tried again.
     pub fn next_retry(&self) -> Option<Instant> {
-        self.held.values().map(|h| h.retry_at).min()
+        self.withheld.values().map(|h| h.retry_at).min()
     }
 }
 
@@ -287,33 +285,39 @@ mod tests {
     }
 
     #[test]
-    fn refused_ops_are_held_with_growing_jittered_delays_until_they_change() {
+    fn refused_ops_are_withheld_with_growing_jittered_delays_until_they_change() {
         let now = Instant::now();
         let mut q = Quarantine::default();
         let bad = op("a", 1);
-        assert!(!q.holds(&bad, now));
+        assert!(!q.withholds(&bad, now));
         let (first, n) = q.refuse(&bad, "x", now);
         assert_eq!(n, 1);
-        assert!((MIN_HOLD..MIN_HOLD * 2).contains(&first), "{first:?}");
-        assert!(q.holds(&bad, now + first - Duration::from_millis(1)));
         assert!(
-            !q.holds(&bad, now + first),
+            (MIN_RETRY_DELAY..MIN_RETRY_DELAY * 2).contains(&first),
+            "{first:?}"
+        );
+        assert!(q.withholds(&bad, now + first - Duration::from_millis(1)));
+        assert!(
+            !q.withholds(&bad, now + first),
             "retried once the delay ran out"
         );
-        // The same op refused again waits longer; a changed op is not held at all.
+        // The same op refused again waits longer; a changed op is not withheld at all.
         let (second, n) = q.refuse(&bad, "x", now + first);
         assert_eq!(n, 2);
-        assert!((MIN_HOLD * 2..MIN_HOLD * 4).contains(&second), "{second:?}");
-        assert!(!q.holds(&op("a", 2), now));
+        assert!(
+            (MIN_RETRY_DELAY * 2..MIN_RETRY_DELAY * 4).contains(&second),
+            "{second:?}"
+        );
+        assert!(!q.withholds(&op("a", 2), now));
         assert_eq!(q.next_retry(), Some(now + first + second));
         // Refusing the changed op starts over.
         let (restart, n) = q.refuse(&op("a", 2), "x", now);
         assert_eq!(n, 1);
-        assert!(restart < MIN_HOLD * 2);
+        assert!(restart < MIN_RETRY_DELAY * 2);
         // Many refusals stay within the cap (plus jitter).
         for _ in 0..20 {
             let (d, _) = q.refuse(&op("a", 2), "x", now);
-            assert!(d < MAX_HOLD * 2, "{d:?}");
+            assert!(d < MAX_RETRY_DELAY * 2, "{d:?}");
         }
     }
 
@@ -330,13 +334,13 @@ mod tests {
         // `b` is still planned as refused, `c` changed: only `b` stays.
         q.retain_planned([&b, &op("c", 2)]);
         assert_eq!(q.len(), 1);
-        assert!(q.holds(&b, now));
+        assert!(q.withholds(&b, now));
         q.retain_planned([]);
         assert!(q.is_empty());
     }
 
     #[test]
-    fn entries_list_what_is_held_with_the_last_reason_sorted_until_it_leaves() {
+    fn entries_list_what_is_withheld_with_the_last_reason_sorted_until_it_leaves() {
         let now = Instant::now();
         let mut q = Quarantine::default();
         let (a, b) = (op("a", 1), op("b", 1));
