@@ -1,6 +1,24 @@
-//! workersd: gives every worker process of a multi-process web service its own Prometheus
-//! scrape target. Stages: `sources` → `probe` → `catalog` (pure) → `sinks`; `runtime` wires
-//! them together.
+//! workersd gives every worker process of a multi-process web service (gunicorn, uwsgi,
+//! puma, ...) its own Prometheus scrape target.
+//!
+//! ```text
+//!  sources ──snapshots──▶ probe ──live ports──▶ catalog ──desired state──▶ sinks
+//!  file, kubernetes       sweeps each          desired (pure)              consul, http_sd,
+//!  (declaration checks    target's range       plan (pure, per sink)       workermetrics_status,
+//!   every declared target)                                                  kubernetes_events
+//! ```
+//!
+//! - [`sources`] say where workers may live; every way of declaring a target goes through
+//!   [`declaration`], the one validator, into [`model::Target`]s.
+//! - [`probe`] finds which ports of each range are live metrics endpoints; its scheduling
+//!   policy (`probe::sweep`) is pure, its sockets are in `probe::connect` and `probe::http`.
+//! - [`catalog`] is the pure core: the desired catalog and the plan that reaches it without
+//!   touching entries workersd does not own. [`pipeline`] is the loop between them.
+//! - [`sinks`] publish: the Consul catalog (`sinks::consul`, with its pure `txn` sizing),
+//!   Prometheus HTTP SD, and on Kubernetes the WorkerMetrics status and Warning Events.
+//! - [`runtime`] assembles a controller for each mode (standalone, Kubernetes), with leader
+//!   election, the admin server (`/metrics`, `/healthz`, `/readyz`), limits and shutdown;
+//!   [`telemetry`] sets up logs, [`metrics`] holds workersd's own metrics.
 
 pub mod catalog;
 pub mod cli;

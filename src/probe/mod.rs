@@ -13,7 +13,7 @@
 //! are the only real saving (see BENCHMARKS.md).
 //!
 //! With holds on (the default), a live worker is not reconnected at all: workersd keeps one
-//! idle connection to it and hears at once when it closes ([`hold`]). A port whose hold ended
+//! idle connection to it and hears at once when it closes (`hold`). A port whose hold ended
 //! is reconnected each sweep until the next full sweep holds it again, so a worker server
 //! that drops idle connections costs no more than without holds.
 

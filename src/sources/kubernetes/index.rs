@@ -1,5 +1,5 @@
 //! The cluster as the watch keeps it: slim pods and compiled `WorkerMetrics`, by namespace
-//! and name. The [`Indexer`] applies each watch change to it, and replaces a scope's objects
+//! and name. The `Indexer` applies each watch change to it, and replaces a scope's objects
 //! only once its re-list completes, so deletions missed while a watch was down are never lost.
 //! Pure: `watch` feeds it.
 
