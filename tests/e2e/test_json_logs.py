@@ -1,13 +1,13 @@
 """`--log-format json`: every stderr line is one JSON object whose keys are unique at every
 level (a collector keeps one of two equal keys and loses the other), and a fatal error is
 reported once, as a JSON line like the rest. Loopback only (the Kubernetes case uses the fake
-API server of test_kubernetes_e2e.py), bounded waits."""
+API server, the `cluster` fixture), bounded waits."""
 import json
 import signal
 import subprocess
 
 from harness import Workersd, targets_yaml, wait_until
-from test_kubernetes_e2e import cluster, kube_workersd  # noqa: F401 - `cluster` is a fixture
+from test_kubernetes_e2e import kube_workersd
 
 
 def _unique_keys(pairs):
@@ -39,7 +39,7 @@ def parse_json_lines(stderr: str) -> list[dict]:
 def test_every_line_is_json_with_unique_keys(procs):
     targets = procs.path("targets.yaml")
     targets.write_text(targets_yaml([{"service": "web", "address": "127.0.0.2", "ports": "19921-19922"}]))
-    wd = Workersd(procs, targets_file=targets, extra_args=["--log-format", "json"]).start()
+    wd = Workersd(procs, targets=targets, log_format="json").start()
     wd.proc.send_signal(signal.SIGHUP)
     wait_until(lambda: "SIGHUP: re-reading the targets file" in wd.proc.stderr(),
                message="SIGHUP logged")
@@ -54,7 +54,7 @@ def test_every_line_is_json_with_unique_keys(procs):
 
 def test_a_fatal_error_is_reported_once_as_json(procs):
     missing = procs.path("no-such-targets.yaml")
-    wd = Workersd(procs, targets_file=missing, extra_args=["--log-format", "json"])
+    wd = Workersd(procs, targets=missing, log_format="json")
     result = subprocess.run(wd.argv(), stdin=subprocess.DEVNULL, capture_output=True, text=True,
                             timeout=20)
     assert result.returncode == 1, (result.returncode, result.stderr)
@@ -70,7 +70,7 @@ def test_kubernetes_mode_lines_carry_the_lease_span(procs, cluster):
     """Kubernetes mode (leader election against the fake API server): the lease's events
     carry its namespace, name and identity once, in their span, not as repeated fields."""
     fk, consul, _ = cluster
-    wd = kube_workersd(procs, fk, consul, "--log-format", "json", identity="wd-json").start()
+    wd = kube_workersd(procs, fk, consul, identity="wd-json", log_format="json").start()
     assert wd.proc.stop() == 0
     records = parse_json_lines(wd.proc.stderr())
     leader = [r for r in records if r["message"] == "became leader"]
