@@ -1,7 +1,7 @@
 //! Lease acquisition and renewal against a mocked API server.
 
 use super::{LeaseSettings, Observed, try_acquire_or_renew};
-use crate::kube_mock::{answer, api_status, bounded, client, no_more_requests};
+use crate::kube_mock::{answer, api_status, bounded, client, no_more_requests, no_request_for};
 use http::{Method, Response, StatusCode};
 use kube::client::Body;
 use serde_json::{Value, json};
@@ -255,6 +255,101 @@ async fn a_slow_acquisition_leaves_time_for_the_first_renewal() {
     assert!(
         !renewal.is_finished(),
         "still leading after a renewal in time"
+    );
+    renewal.abort();
+}
+
+/// Log lines written while the test runs, as text.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A standby says who leads once per holder, not once per attempt (one every retry period
+/// for as long as another instance leads).
+#[tokio::test(start_paused = true)]
+async fn a_standby_logs_each_new_holder_once() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _logging = tracing::subscriber::set_default(subscriber);
+    let settings = lease_settings();
+    let (kube_client, mut handle) = client();
+    let api = kube::Api::namespaced(kube_client, "ops");
+    let server = tokio::spawn(async move {
+        // The holder renews (a new resourceVersion each time), so its lease stays valid.
+        for (rv, holder) in ["other", "other", "other", "third"].iter().enumerate() {
+            let lease = json!({"metadata": {"name": "workersd", "namespace": "ops",
+                                            "resourceVersion": rv.to_string()},
+                               "spec": {"holderIdentity": holder, "leaseDurationSeconds": 15,
+                                        "renewTime": k8s_openapi::jiff::Timestamp::now().to_string()}});
+            let (method, ..) = answer(&mut handle, StatusCode::OK, lease).await;
+            assert_eq!(method, Method::GET, "a standby never writes a valid lease");
+        }
+        handle // kept open: later attempts time out instead of failing at once
+    });
+    let standing_by =
+        tokio::time::timeout(Duration::from_secs(30), super::acquire(&api, &settings)).await;
+    assert!(standing_by.is_err(), "never leader while others lead");
+    assert!(server.is_finished(), "four attempts were answered");
+    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let lines: Vec<&str> = text.lines().filter(|l| l.contains("standing by")).collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(
+        lines[0].contains("\"other\"") && lines[1].contains("\"third\""),
+        "{text}"
+    );
+}
+
+/// A leader renews every renew period, counted from its last successful attempt, and after a
+/// failed attempt retries a quarter period later: never sooner (it would hammer the API
+/// server), never later (the lease could run out before the renew deadline is noticed).
+#[tokio::test(start_paused = true)]
+async fn renewals_come_every_period_and_retries_a_quarter_period_after_a_failure() {
+    let settings = lease_settings(); // 15 s: renew every 5 s, renew deadline 10 s
+    let period = settings.renew_every();
+    let (kube_client, mut handle) = client();
+    let api = kube::Api::namespaced(kube_client, "ops");
+    let acquired = tokio::time::Instant::now();
+    let renewal = tokio::spawn(async move {
+        crate::runtime::leader::renew_while_leading(&api, &settings, acquired).await
+    });
+    let tick = Duration::from_millis(1);
+    let mine = json!({"metadata": {"name": "workersd", "namespace": "ops", "resourceVersion": "4"},
+                      "spec": {"holderIdentity": "me", "leaseDurationSeconds": 15}});
+    // The first renewal is a period after the acquisition, the next a period after that.
+    for _ in 0..2 {
+        no_request_for(&mut handle, period - tick).await;
+        let (method, ..) = answer(&mut handle, StatusCode::OK, mine.clone()).await;
+        assert_eq!(method, Method::GET);
+        let (method, ..) = answer(&mut handle, StatusCode::OK, mine.clone()).await;
+        assert_eq!(method, Method::PUT);
+    }
+    // A failed attempt is retried a quarter period later.
+    no_request_for(&mut handle, period - tick).await;
+    let failed = api_status(500, "InternalError", "etcd timeout");
+    let (method, ..) = answer(&mut handle, StatusCode::INTERNAL_SERVER_ERROR, failed).await;
+    assert_eq!(method, Method::GET);
+    no_request_for(&mut handle, period / 4 - tick).await;
+    let retried = tokio::time::Instant::now();
+    let (method, ..) = answer(&mut handle, StatusCode::OK, mine.clone()).await;
+    assert_eq!(method, Method::GET);
+    assert!(
+        retried.elapsed() <= 2 * tick,
+        "retried {:?} late",
+        retried.elapsed()
     );
     renewal.abort();
 }
