@@ -924,6 +924,55 @@ async fn an_entry_taken_over_meanwhile_is_not_deleted() {
     assert_eq!(kept["ServiceMeta"], json!({"team": "ops"}));
 }
 
+/// Writes are conditional on what the sink read, as deletes are: an ID someone else took
+/// since the read (a new one, or one of ours they re-registered) is refused by Consul
+/// ("index is stale") instead of being overwritten, and left alone after the re-read.
+#[tokio::test]
+async fn an_entry_registered_meanwhile_by_someone_else_is_not_overwritten() {
+    let double = start().await;
+    let mut sink = sink(&double, None);
+    let before = desired(1, 1, true);
+    sink.sync(&before).await.unwrap();
+    // The worker on the next port starts, but someone else registers that ID first.
+    let changed = desired_with_meta(1, 2, true, BTreeMap::from([("team".into(), "new".into())]));
+    let new_id = changed
+        .catalog
+        .keys()
+        .find(|id| !before.catalog.contains_key(*id))
+        .unwrap()
+        .to_string();
+    put(&double, "/v1/catalog/register", json!({
+        "Node": NODE, "Address": "127.0.0.1", "SkipNodeUpdate": true,
+        "Service": {"ID": new_id, "Service": "clever", "Address": "10.9.9.9", "Port": 1, "Meta": {"team": "ops"}}
+    }))
+    .await;
+    // An entry of ours re-registered by someone else since the read, while our copy changes.
+    let ours = instances(&double, "clever").await;
+    let retaken = ours.iter().find(|i| i["ServiceID"] != *new_id).unwrap()["ServiceID"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    put(&double, "/v1/catalog/register", json!({
+        "Node": NODE, "Address": "127.0.0.1", "SkipNodeUpdate": true,
+        "Service": {"ID": retaken, "Service": "clever", "Address": "10.9.9.8", "Port": 2, "Meta": {"team": "ops"}}
+    }))
+    .await;
+    let first = sink.sync(&changed).await;
+    assert!(
+        first
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("index is stale")),
+        "{first:?}"
+    );
+    // After the re-read both are someone else's: conflicts, never overwritten.
+    sink.sync(&changed).await.unwrap();
+    let listed = instances(&double, "clever").await;
+    for id in [&new_id, &retaken] {
+        let kept = listed.iter().find(|i| i["ServiceID"] == **id).unwrap();
+        assert_eq!(kept["ServiceMeta"], json!({"team": "ops"}), "{id}");
+    }
+}
+
 /// Consul's rate limiter (enforcing mode) refuses writes over the limit with 503 on the
 /// leader and 429 elsewhere: the running sink backs off (jittered) and converges without
 /// hammering Consul.

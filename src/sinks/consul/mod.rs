@@ -238,15 +238,14 @@ impl ConsulSink {
                 continue;
             }
             for op in sendable.into_iter().map(|i| &ops[i]) {
-                let modify_index = match op {
-                    Op::Deregister(i) => self
-                        .known
-                        .as_ref()
-                        .and_then(|k| k.modify_index.get(&i.id).copied())
-                        // Unknown: refused as stale, and the re-read learns it.
-                        .unwrap_or(0),
-                    Op::Register(_) => 0,
-                };
+                let (Op::Register(i) | Op::Deregister(i)) = op;
+                // The index read (0: absent when read). Unknown for an entry that exists:
+                // refused as stale, and the re-read learns it.
+                let modify_index = self
+                    .known
+                    .as_ref()
+                    .and_then(|k| k.modify_index.get(&i.id).copied())
+                    .unwrap_or(0);
                 let encoded = encode(&txn::service_op(&settings.node, op, modify_index));
                 if !batch.ops.is_empty() && !self.txn_limits.fit(&batch, encoded.len()) {
                     self.send(std::mem::take(&mut batch), &mut outcome).await?;

@@ -149,6 +149,8 @@ struct ServiceBody<'a> {
     tags: &'a [String],
     #[serde(rename = "Meta")]
     meta: BTreeMap<String, String>,
+    #[serde(rename = "ModifyIndex")]
+    modify_index: u64,
 }
 
 /// The operation that creates our node. Sent only when the read found no node: `cas` at
@@ -167,15 +169,19 @@ pub(super) fn node_op(node: &str, address: &str, datacenter: Option<&str>) -> se
     json!({ "Node": { "Verb": "cas", "Node": body } })
 }
 
-/// The operation for `op` on `node`; `modify_index` is the entry's known ModifyIndex (used
-/// by deletes).
+/// The operation for `op` on `node`; `modify_index` is the entry's ModifyIndex as last read
+/// (0: absent then). Both verbs are conditional on it, so nothing someone else wrote since
+/// the read is overwritten or deleted: Consul refuses the op ("index is stale") and the sink
+/// re-reads.
 pub(super) fn service_op(node: &str, op: &Op, modify_index: u64) -> serde_json::Value {
     match op {
+        // Consul's ensureServiceCASTxn: at index 0 only if still absent, else only if unchanged.
         Op::Register(i) => json!({ "Service": {
-            "Verb": "set",
+            "Verb": "cas",
             "Node": node,
             "Service": ServiceBody {
                 id: &i.id, service: &i.service, address: &i.address, port: i.port, tags: &i.tags, meta: i.published_meta(),
+                modify_index,
             },
         }}),
         // Only if unchanged since read (Consul's deleteServiceCASTxn): an entry someone

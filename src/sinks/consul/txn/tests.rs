@@ -234,13 +234,18 @@ fn the_node_is_created_only_if_still_absent() {
 }
 
 #[test]
-fn entries_are_set_with_their_published_meta_and_deleted_at_their_index() {
+fn entries_are_set_and_deleted_only_at_the_index_read() {
     assert_eq!(
         service_op("n", &Op::Register(instance()), 7),
-        json!({ "Service": { "Verb": "set", "Node": "n", "Service": {
+        json!({ "Service": { "Verb": "cas", "Node": "n", "Service": {
             "ID": "o:web:10.0.0.1:9011", "Service": "web", "Address": "10.0.0.1", "Port": 9011,
-            "Tags": ["t"], "Meta": { "team": "a", "worker-port": "9011" },
+            "Tags": ["t"], "Meta": { "team": "a", "worker-port": "9011" }, "ModifyIndex": 7,
         }}})
+    );
+    assert_eq!(
+        service_op("n", &Op::Register(instance()), 0)["Service"]["Service"]["ModifyIndex"],
+        0,
+        "a new entry is created only if still absent"
     );
     assert_eq!(
         service_op("n", &Op::Deregister(instance()), 7),
