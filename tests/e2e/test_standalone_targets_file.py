@@ -252,6 +252,6 @@ def test_port_range_edit_keeps_live_entries_in_place(procs):
     gaps += [
         t for t, v in narrowing.samples if isinstance(v, BaseException) or not kept_narrow <= v
     ]
-    assert widen_stats == {"Service.set": 1}, f"widening rewrote live entries: {widen_stats}"
+    assert widen_stats == {"Service.cas": 1}, f"widening rewrote live entries: {widen_stats}"
     assert narrow_stats == {"Service.delete-cas": 2}, f"narrowing touched kept entries: {narrow_stats}"
     assert not gaps, f"{len(gaps)} catalog samples lacked entries of workers still in range"
