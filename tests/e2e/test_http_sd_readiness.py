@@ -52,6 +52,9 @@ def test_targets_answers_503_until_the_first_complete_probe(procs):
         refused = 0
         while True:
             try:
+                # Readiness only ever turns on: read before /targets, it must still have been
+                # off whenever /targets refuses (read after, it may have just turned on).
+                ready_before = wd.readyz()
                 r = http_get(wd.http_sd_url, timeout=2)
             except Exception:
                 time.sleep(0.1)  # not listening yet
@@ -62,7 +65,7 @@ def test_targets_answers_503_until_the_first_complete_probe(procs):
                 break
             assert r.status_code == 503, (r.status_code, r.text)
             assert "not yet probed" in r.text, r.text
-            assert wd.readyz() == 503
+            assert ready_before == 503, "/readyz said ready, then /targets refused"
             refused += 1
             assert time.monotonic() - started < 30, "workersd never became ready"
             time.sleep(0.2)
