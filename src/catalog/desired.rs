@@ -301,6 +301,16 @@ mod tests {
     }
 
     #[test]
+    fn the_prober_gets_every_target_of_the_snapshot() {
+        let mut desired = DesiredCatalog::new("o");
+        desired.apply_snapshot(&[target("a", "10-12", "x"), target("b", "20-22", "x")]);
+        let mut ids: Vec<String> = desired.targets().map(|t| t.id.to_string()).collect();
+        ids.sort();
+        assert_eq!(ids, ["a", "b"]);
+        assert_eq!(desired.target_count(), 2);
+    }
+
+    #[test]
     fn complete_only_when_every_target_swept() {
         let mut view = DesiredCatalog::new("o");
         view.apply_snapshot(&[target("a", "10-12", "x"), target("b", "20-22", "x")]);
