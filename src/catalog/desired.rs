@@ -311,6 +311,20 @@ mod tests {
     }
 
     #[test]
+    fn a_change_is_taken_once_and_an_unchanged_report_gives_nothing() {
+        let mut desired = DesiredCatalog::new("o");
+        desired.apply_snapshot(&[target("a", "10-12", "x")]);
+        desired.set_live(TargetId::new("a"), BTreeSet::from([10]));
+        let taken = desired.take_changed().expect("a change to publish");
+        assert_eq!(taken, desired.desired());
+        assert_eq!(taken.catalog.len(), 1);
+        assert!(taken.complete);
+        assert_eq!(desired.take_changed(), None, "taken once");
+        desired.set_live(TargetId::new("a"), BTreeSet::from([10]));
+        assert_eq!(desired.take_changed(), None, "an unchanged report");
+    }
+
+    #[test]
     fn complete_only_when_every_target_swept() {
         let mut view = DesiredCatalog::new("o");
         view.apply_snapshot(&[target("a", "10-12", "x"), target("b", "20-22", "x")]);
