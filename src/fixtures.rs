@@ -83,3 +83,37 @@ pub fn instance(owner: Option<&str>, service: &str, port: u16) -> ServiceInstanc
         meta: Arc::new(meta),
     }
 }
+
+/// Log output captured for a test to read: a `Write` (for `with_writer(move || logs.clone())`)
+/// and a `MakeWriter` (for a layer that takes one).
+#[derive(Clone, Default)]
+pub struct CapturedLogs(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl CapturedLogs {
+    pub fn text(&self) -> String {
+        String::from_utf8(self.0.lock().expect("not poisoned").clone()).expect("UTF-8 logs")
+    }
+
+    pub fn lines(&self) -> Vec<String> {
+        self.text().lines().map(str::to_string).collect()
+    }
+}
+
+impl std::io::Write for CapturedLogs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("not poisoned").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'w> tracing_subscriber::fmt::MakeWriter<'w> for CapturedLogs {
+    type Writer = CapturedLogs;
+
+    fn make_writer(&'w self) -> Self::Writer {
+        self.clone()
+    }
+}

@@ -207,24 +207,9 @@ async fn a_server_that_handles_one_connection_at_a_time_is_not_held() {
     );
 }
 
-/// Log lines as the JSON format writes them, for a test to read.
-#[derive(Clone, Default)]
-struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test(flavor = "current_thread")]
 async fn events_of_a_sweep_carry_the_target_id_from_the_sweepers_span() {
-    let captured = Captured::default();
+    let captured = crate::fixtures::CapturedLogs::default();
     let writer = captured.clone();
     let subscriber = tracing_subscriber::fmt()
         .json()
@@ -242,7 +227,7 @@ async fn events_of_a_sweep_carry_the_target_id_from_the_sweepers_span() {
     );
     prober.sync(&[Arc::new(target.clone())]);
     next_report(&mut rx, Duration::from_secs(5)).await;
-    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let logs = captured.text();
     let line = logs
         .lines()
         .find(|line| line.contains("answered only once"))

@@ -1,40 +1,7 @@
 use super::*;
+use crate::fixtures::CapturedLogs;
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
-use std::sync::{Arc, Mutex};
-
-/// What the layer wrote, shared with the test.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'w> MakeWriter<'w> for Captured {
-    type Writer = Captured;
-
-    fn make_writer(&'w self) -> Self::Writer {
-        self.clone()
-    }
-}
-
-impl Captured {
-    fn lines(&self) -> Vec<String> {
-        String::from_utf8(self.0.lock().unwrap().clone())
-            .unwrap()
-            .lines()
-            .map(str::to_string)
-            .collect()
-    }
-}
 
 /// A JSON value parsed so that a repeated key at any depth is an error (serde_json alone
 /// keeps the last one silently, as most collectors do).
@@ -99,7 +66,7 @@ fn parse(line: &str) -> Value {
 
 /// Runs `emit` under a JSON subscriber; returns every line, parsed strictly.
 fn json_lines(emit: impl FnOnce()) -> Vec<Value> {
-    let captured = Captured::default();
+    let captured = CapturedLogs::default();
     let subscriber =
         tracing_subscriber::registry().with(layer(LogFormat::Json, captured.clone(), false));
     tracing::subscriber::with_default(subscriber, emit);

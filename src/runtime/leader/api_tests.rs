@@ -259,26 +259,11 @@ async fn a_slow_acquisition_leaves_time_for_the_first_renewal() {
     renewal.abort();
 }
 
-/// Log lines written while the test runs, as text.
-#[derive(Clone, Default)]
-struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// A standby says who leads once per holder, not once per attempt (one every retry period
 /// for as long as another instance leads).
 #[tokio::test(start_paused = true)]
 async fn a_standby_logs_each_new_holder_once() {
-    let captured = Captured::default();
+    let captured = crate::fixtures::CapturedLogs::default();
     let writer = captured.clone();
     let subscriber = tracing_subscriber::fmt()
         .with_ansi(false)
@@ -304,7 +289,7 @@ async fn a_standby_logs_each_new_holder_once() {
         tokio::time::timeout(Duration::from_secs(30), super::acquire(&api, &settings)).await;
     assert!(standing_by.is_err(), "never leader while others lead");
     assert!(server.is_finished(), "four attempts were answered");
-    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let text = captured.text();
     let lines: Vec<&str> = text.lines().filter(|l| l.contains("standing by")).collect();
     assert_eq!(lines.len(), 2, "{text}");
     assert!(

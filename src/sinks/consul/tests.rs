@@ -2,7 +2,6 @@
 
 use super::*;
 use crate::pipeline::DesiredState;
-use std::io::Write;
 
 #[test]
 fn normalizes_addresses_like_consul_http_addr() {
@@ -49,20 +48,6 @@ fn retries_are_jittered_and_capped() {
     assert!((RETRY_MIN..RETRY_MIN * 2).contains(&first), "{first:?}");
 }
 
-/// Log lines written by a test subscriber.
-#[derive(Clone, Default)]
-struct Lines(Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl Write for Lines {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// Tests that create sinks take turns: tracing caches whether a span is wanted per callsite,
 /// so a sink made on another test thread without a subscriber races the one that logs.
 static SINKS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -70,7 +55,7 @@ static SINKS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 #[tokio::test]
 async fn sink_events_carry_the_node_once_in_their_span() {
     let _turn = SINKS.lock().await;
-    let lines = Lines::default();
+    let lines = crate::fixtures::CapturedLogs::default();
     let writer = lines.clone();
     // As `--log-format json` logs.
     let subscriber = tracing_subscriber::fmt()
@@ -99,7 +84,7 @@ async fn sink_events_carry_the_node_once_in_their_span() {
     }));
     sink.run_until(desired, tokio::time::sleep(Duration::from_millis(300)))
         .await;
-    let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+    let text = lines.text();
     let failures: Vec<serde_json::Value> = text
         .lines()
         .map(|line| serde_json::from_str(line).unwrap())
