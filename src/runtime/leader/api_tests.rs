@@ -23,6 +23,13 @@ fn held_by_other(renew_time: k8s_openapi::jiff::Timestamp, duration: i64, rv: &s
                     "renewTime": renew_time.to_string()}})
 }
 
+/// A 15 s Lease held by `holder`, renewed now, at resourceVersion `rv`.
+fn held_by(holder: &str, rv: &str) -> Value {
+    let mut lease = held_by_other(k8s_openapi::jiff::Timestamp::now(), 15, rv);
+    lease["spec"]["holderIdentity"] = json!(holder);
+    lease
+}
+
 #[tokio::test]
 async fn lease_is_created_when_missing_and_not_taken_while_held() {
     let settings = lease_settings();
@@ -240,8 +247,7 @@ async fn a_slow_acquisition_leaves_time_for_the_first_renewal() {
             .expect("the first renewal is due at once, not a renew period from now");
         let (request, send) = request.expect("service called");
         assert_eq!(request.method(), Method::GET);
-        let mine = json!({"metadata": {"name": "workersd", "namespace": "ops", "resourceVersion": "4"},
-                          "spec": {"holderIdentity": "me", "leaseDurationSeconds": 15}});
+        let mine = held_by("me", "4");
         send.send_response(
             Response::builder()
                 .status(StatusCode::OK)
@@ -276,10 +282,7 @@ async fn a_standby_logs_each_new_holder_once() {
     let server = tokio::spawn(async move {
         // The holder renews (a new resourceVersion each time), so its lease stays valid.
         for (rv, holder) in ["other", "other", "other", "third"].iter().enumerate() {
-            let lease = json!({"metadata": {"name": "workersd", "namespace": "ops",
-                                            "resourceVersion": rv.to_string()},
-                               "spec": {"holderIdentity": holder, "leaseDurationSeconds": 15,
-                                        "renewTime": k8s_openapi::jiff::Timestamp::now().to_string()}});
+            let lease = held_by(holder, &rv.to_string());
             let (method, ..) = answer(&mut handle, StatusCode::OK, lease).await;
             assert_eq!(method, Method::GET, "a standby never writes a valid lease");
         }
@@ -312,8 +315,7 @@ async fn renewals_come_every_period_and_retries_a_quarter_period_after_a_failure
         crate::runtime::leader::renew_while_leading(&api, &settings, acquired).await
     });
     let tick = Duration::from_millis(1);
-    let mine = json!({"metadata": {"name": "workersd", "namespace": "ops", "resourceVersion": "4"},
-                      "spec": {"holderIdentity": "me", "leaseDurationSeconds": 15}});
+    let mine = held_by("me", "4");
     // The first renewal is a period after the acquisition, the next a period after that.
     for _ in 0..2 {
         no_request_for(&mut handle, period - tick).await;
