@@ -86,6 +86,12 @@ pub struct KubernetesArgs {
     /// the API server's --event-ttl (1 h by default) so the Event never expires meanwhile.
     #[arg(long, env = "WORKERSD_EVENT_REFRESH_INTERVAL", default_value = "30m", value_parser = parse_duration)]
     pub event_refresh_interval: Duration,
+    /// Node-local mode (one instance per node, a DaemonSet): watch and probe only the pods of
+    /// this Kubernetes node and publish them under the Consul node `workersd-<cluster>_<node>`.
+    /// The Lease then elects no prober, only the janitor that removes the entries of deleted
+    /// nodes (it needs nodes list and watch).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
     /// This instance's identity in the Lease and in Events [default: the hostname].
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,

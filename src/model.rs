@@ -225,6 +225,10 @@ pub mod meta_keys {
     pub const METRICS_PATH: &str = "metrics-path";
     pub const METRICS_SCHEME: &str = "metrics-scheme";
     pub const WORKER_PORT: &str = "worker-port";
+    /// Node meta in node-local mode: the cluster (`--cluster-name`) and the Kubernetes node
+    /// whose workers the Consul node holds.
+    pub const CLUSTER: &str = "workersd-cluster";
+    pub const KUBERNETES_NODE: &str = "workersd-k8s-node";
 
     pub const RESERVED: [&str; 5] = [
         EXTERNAL_SOURCE,

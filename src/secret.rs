@@ -61,6 +61,7 @@ impl fmt::Display for Secret {
 
 /// Where a token comes from. A file is re-read when it changes (a rotated Kubernetes Secret
 /// swaps the mounted file), so rotation needs no restart.
+#[derive(Clone)]
 pub enum TokenSource {
     None,
     Fixed(Secret),
@@ -100,6 +101,23 @@ pub struct FileSecret {
 struct FileState {
     stamp: Option<(SystemTime, u64)>,
     secret: Secret,
+}
+
+/// A copy follows the same file on its own from the value read so far.
+impl Clone for FileSecret {
+    fn clone(&self) -> Self {
+        let state = self
+            .state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        Self {
+            path: self.path.clone(),
+            state: Mutex::new(FileState {
+                stamp: state.stamp,
+                secret: state.secret.clone(),
+            }),
+        }
+    }
 }
 
 fn stamp(path: &Path) -> Option<(SystemTime, u64)> {

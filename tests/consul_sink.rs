@@ -25,6 +25,7 @@ fn settings(double: &ConsulDouble, token: Option<&str>) -> ConsulSettings {
         datacenter: None,
         node: NODE.into(),
         node_address: "127.0.0.1".into(),
+        node_meta: Default::default(),
         owner: OWNER.into(),
         resync_interval: Duration::from_secs(60),
         request_timeout: Duration::from_secs(2),
@@ -1020,4 +1021,82 @@ async fn a_rate_limited_consul_is_backed_off_from() {
         stop_tx.send(()).unwrap();
         running.await.unwrap();
     }
+}
+
+/// Node-local mode's janitor: it finds a cluster's nodes by their meta, and retiring one
+/// removes our entries and then the node; an entry of anyone else keeps the node and stays.
+#[tokio::test]
+async fn a_retired_node_loses_our_entries_then_itself_unless_someone_else_is_on_it() {
+    let double = start().await;
+    let metrics = Arc::new(Metrics::new());
+    for k8s_node in ["n1", "n2"] {
+        let node = format!("workersd-prod_{k8s_node}");
+        let settings = ConsulSettings {
+            node: node.clone(),
+            owner: node.clone(),
+            node_meta: BTreeMap::from([
+                ("workersd-cluster".into(), "prod".into()),
+                ("workersd-k8s-node".into(), k8s_node.into()),
+            ]),
+            ..settings(&double, None)
+        };
+        let mut sink = ConsulSink::new(ConsulClient::new(settings).unwrap(), metrics.clone());
+        let entries = desired_of("clever", &node, 2, 2, true, BTreeMap::new());
+        assert_eq!(sink.sync(&entries).await.unwrap().registered, 4);
+    }
+    put(&double, "/v1/catalog/register", json!({
+        "Node": "workersd-prod_n2", "Address": "127.0.0.1",
+        "NodeMeta": {"external-source": "workersd", "workersd-cluster": "prod", "workersd-k8s-node": "n2"},
+        "Service": {"ID": "hand-made", "Service": "clever", "Address": "10.9.9.8", "Port": 1}
+    }))
+    .await;
+    // Deployment mode's node of the same cluster, and another cluster's node.
+    sink(&double, None)
+        .sync(&desired(1, 1, true))
+        .await
+        .unwrap();
+
+    let base = ConsulClient::new(settings(&double, None)).unwrap();
+    let found = base
+        .nodes_with_meta(&[
+            ("external-source", "workersd"),
+            ("workersd-cluster", "prod"),
+        ])
+        .await
+        .unwrap();
+    let names: Vec<&str> = found.iter().map(|n| n.name.as_str()).collect();
+    assert_eq!(names, ["workersd-prod_n1", "workersd-prod_n2"]);
+    assert_eq!(found[1].meta["workersd-k8s-node"], "n2");
+
+    let mut n1 = ConsulSink::new(base.for_node("workersd-prod_n1"), metrics.clone());
+    let retired = n1.retire().await.unwrap();
+    assert_eq!(
+        (retired.deregistered, retired.node_removed, retired.others),
+        (4, true, 0)
+    );
+    let mut n2 = ConsulSink::new(base.for_node("workersd-prod_n2"), metrics.clone());
+    let retired = n2.retire().await.unwrap();
+    assert_eq!(
+        (retired.deregistered, retired.node_removed, retired.others),
+        (4, false, 1)
+    );
+
+    let nodes: BTreeSet<String> = get(&double, "/v1/catalog/nodes")
+        .await
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["Node"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        nodes,
+        BTreeSet::from([NODE.to_string(), "workersd-prod_n2".into()])
+    );
+    let left: BTreeSet<String> = instances(&double, "clever")
+        .await
+        .iter()
+        .map(|i| i["ServiceID"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(left.len(), 2, "{left:?}");
+    assert!(left.contains("hand-made"), "{left:?}");
 }

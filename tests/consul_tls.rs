@@ -149,6 +149,7 @@ async fn sync(address: String, tls: TlsSettings) -> Result<usize, ConsulError> {
         datacenter: None,
         node: "workersd-tls".into(),
         node_address: "127.0.0.1".into(),
+        node_meta: Default::default(),
         owner: "o".into(),
         resync_interval: Duration::from_secs(60),
         request_timeout: Duration::from_secs(3),

@@ -1,7 +1,7 @@
 //! A controller: validated and bound (`Controller`), then probing and publishing (`Started`).
 
 use super::admin_server::{self as server, Readiness};
-use super::settings::consul_settings;
+use super::settings::{ConsulNode, consul_settings};
 use super::{limits, shutdown};
 use crate::cli::RunArgs;
 use crate::declaration;
@@ -21,6 +21,8 @@ pub struct Controller {
     /// Descriptors left for held worker connections once probes and the rest have theirs.
     hold_capacity: usize,
     sink: Option<consul::ConsulSink>,
+    /// The Consul sink's settings, for other writers of the same Consul (the janitor).
+    consul: Option<consul::ConsulSettings>,
     desired_tx: watch::Sender<Arc<pipeline::DesiredState>>,
     desired_rx: DesiredRx,
     pub metrics: Arc<Metrics>,
@@ -30,21 +32,26 @@ pub struct Controller {
 impl Controller {
     pub async fn prepare(
         run: RunArgs,
-        default_node: String,
+        default_node: ConsulNode,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Self> {
         run.validate()?;
         let fds = limits::raise_for(run.probe_concurrency)?;
         tracing::debug!(soft = fds.soft, hard = fds.hard, "file-descriptor limit");
-        let node = run.consul_node.clone().unwrap_or(default_node);
-        let owner = run.owner_id.clone().unwrap_or_else(|| node.clone());
+        let node = match &run.consul_node {
+            Some(name) => ConsulNode::named(name.clone()),
+            None => default_node,
+        };
+        let owner = run.owner_id.clone().unwrap_or_else(|| node.name.clone());
         declaration::owner_id(&owner).context("--owner-id")?;
-        declaration::owner_id(&node).context("--consul-node")?;
+        declaration::owner_id(&node.name).context("--consul-node")?;
 
         let mut readiness = Readiness::default();
+        let mut consul = None;
         let sink = match &run.consul_addr {
             Some(addr) => {
                 let settings = consul_settings(&run, addr, node.clone(), owner.clone())?;
+                consul = Some(settings.clone());
                 tracing::info!(
                     consul = %settings.address,
                     node = %settings.node,
@@ -89,11 +96,16 @@ impl Controller {
             run,
             owner,
             sink,
+            consul,
             desired_tx,
             desired_rx,
             metrics,
             readiness,
         })
+    }
+
+    pub fn consul_settings(&self) -> Option<&consul::ConsulSettings> {
+        self.consul.as_ref()
     }
 
     /// The catalog entries Consul refused and the sink holds back; `None` without a Consul sink.

@@ -3,6 +3,7 @@
 
 pub mod admin_server;
 mod controller;
+pub mod janitor;
 pub mod leader;
 pub mod limits;
 mod settings;
@@ -10,10 +11,12 @@ pub mod shutdown;
 
 pub use self::controller::{Controller, Started};
 use self::leader::LeaseSettings;
-use self::settings::{default_node_name, hostname_or_localhost};
+use self::settings::{ConsulNode, default_node, hostname_or_localhost};
 use crate::cli::{KubernetesArgs, StandaloneArgs};
 use crate::declaration;
 use crate::metrics::Metrics;
+use crate::model::meta_keys;
+use crate::sinks::consul::ConsulClient;
 use crate::sinks::workermetrics_status as status;
 use crate::sources::kubernetes::pod::NamePolicy;
 use crate::sources::kubernetes::resolve::ResolveSettings;
@@ -45,7 +48,7 @@ pub async fn run_standalone(args: StandaloneArgs) -> anyhow::Result<()> {
     };
     tracing::info!(file = %args.targets.display(), targets = targets.len(), "targets file loaded");
     let controller =
-        Controller::prepare(args.run, default_node_name(), Arc::new(Metrics::new())).await?;
+        Controller::prepare(args.run, default_node(), Arc::new(Metrics::new())).await?;
     let (targets_tx, targets_rx) =
         watch::channel::<TargetSnapshot>(sources::share_unchanged(targets, &[]));
     tokio::spawn(file::watch_targets_file(
@@ -64,29 +67,32 @@ pub async fn run_standalone(args: StandaloneArgs) -> anyhow::Result<()> {
 pub async fn run_kubernetes(args: KubernetesArgs) -> anyhow::Result<()> {
     declaration::owner_id(&args.cluster_name).context("--cluster-name")?;
     let names = NamePolicy::new(&args.service_name_template).context("--service-name-template")?;
+    let node_local = match &args.node_name {
+        Some(node) => Some(node_local_consul_node(&args, node)?),
+        None => None,
+    };
     let client = kube::Client::try_default().await.context(
         "cannot configure the Kubernetes client (in-cluster service account or KUBECONFIG)",
     )?;
-    let controller = Controller::prepare(
-        args.run,
-        format!("workersd-{}", args.cluster_name),
-        Arc::new(Metrics::new()),
-    )
-    .await?;
+    let consul_node = node_local
+        .clone()
+        .unwrap_or_else(|| ConsulNode::named(format!("workersd-{}", args.cluster_name)));
+    let controller = Controller::prepare(args.run, consul_node, Arc::new(Metrics::new())).await?;
     let identity = args.identity.clone().unwrap_or_else(hostname_or_localhost);
+    let lease = LeaseSettings {
+        namespace: args
+            .lease_namespace
+            .clone()
+            .unwrap_or_else(|| client.default_namespace().to_string()),
+        name: args.lease_name.clone(),
+        identity: identity.clone(),
+        duration: args.lease_duration,
+    };
     // Renewal runs on its own task from the moment this instance leads: the initial sync below
     // can take longer than the whole lease on a big cluster, and nothing the rest of the
     // process awaits may keep the lease from being renewed.
-    let mut lost = if args.leader_election {
-        let settings = LeaseSettings {
-            namespace: args
-                .lease_namespace
-                .clone()
-                .unwrap_or_else(|| client.default_namespace().to_string()),
-            name: args.lease_name.clone(),
-            identity: identity.clone(),
-            duration: args.lease_duration,
-        };
+    let mut lost = if args.leader_election && node_local.is_none() {
+        let settings = lease.clone();
         let api = kube::Api::namespaced(client.clone(), &settings.namespace);
         controller.readiness.standby.store(true, Ordering::Relaxed);
         let acquired = tokio::select! {
@@ -109,6 +115,7 @@ pub async fn run_kubernetes(args: KubernetesArgs) -> anyhow::Result<()> {
     };
     let watch_settings = kube_watch::WatchSettings {
         namespaces: args.namespaces.clone(),
+        node: args.node_name.clone(),
         resolve: ResolveSettings {
             names,
             allow_host_network: args.allow_host_network,
@@ -126,12 +133,39 @@ pub async fn run_kubernetes(args: KubernetesArgs) -> anyhow::Result<()> {
         lease = &mut lost => bail!("lost leadership of lease {lease} during the initial sync; exiting so a standby takes over"),
         _ = shutdown::signal() => return Ok(()),
     };
+    let janitor = match (
+        node_local.is_some() && args.leader_election,
+        controller.consul_settings(),
+    ) {
+        (true, Some(consul)) => Some(janitor::Janitor {
+            client: client.clone(),
+            lease,
+            consul: ConsulClient::new(consul.clone())?,
+            cluster: args.cluster_name.clone(),
+            metrics: controller.metrics.clone(),
+        }),
+        (true, None) => {
+            tracing::info!(
+                "no Consul sink: node-local mode runs no janitor (HTTP SD entries die with their instance)"
+            );
+            None
+        }
+        (false, _) => None,
+    };
     let started = controller.start(outputs.targets);
-    tokio::spawn(status::run(
-        client,
-        outputs.resources,
-        started.desired.clone(),
-    ));
+    if let Some(janitor) = janitor {
+        tokio::spawn(janitor.run());
+    }
+    if node_local.is_none() {
+        tokio::spawn(status::run(
+            client,
+            outputs.resources,
+            started.desired.clone(),
+        ));
+    } else {
+        // Its counts are cluster-wide, and each instance sees one node.
+        tracing::info!("node-local mode: WorkerMetrics status is not written");
+    }
     tokio::select! {
         lease = &mut lost => {
             bail!("lost leadership of lease {lease}; exiting so a standby takes over")
@@ -140,4 +174,108 @@ pub async fn run_kubernetes(args: KubernetesArgs) -> anyhow::Result<()> {
     }
     started.stop().await;
     Ok(())
+}
+
+/// Node-local mode's Consul node: one per Kubernetes node, `workersd-<cluster>_<node>`, owned
+/// under its own name. `_` never occurs in a Kubernetes node name (a DNS subdomain), so no
+/// two (cluster, node) pairs share a Consul node.
+fn node_local_consul_node(args: &KubernetesArgs, node: &str) -> anyhow::Result<ConsulNode> {
+    if args.run.consul_node.is_some() {
+        bail!(
+            "--consul-node cannot be set with --node-name: each node-local instance publishes under its own Consul node, workersd-<cluster>_<node>"
+        );
+    }
+    if args.run.owner_id.is_some() {
+        bail!(
+            "--owner-id cannot be set with --node-name: each node-local instance owns its entries under its Consul node's name"
+        );
+    }
+    if !is_dns_subdomain(node) {
+        bail!("--node-name {node:?} is not a Kubernetes node name (a DNS subdomain)");
+    }
+    let name = format!("workersd-{}_{node}", args.cluster_name);
+    declaration::owner_id(&name)
+        .context("--node-name: the Consul node workersd-<cluster>_<node> is too long")?;
+    Ok(ConsulNode {
+        name,
+        meta: [
+            (meta_keys::CLUSTER.to_string(), args.cluster_name.clone()),
+            (meta_keys::KUBERNETES_NODE.to_string(), node.to_string()),
+        ]
+        .into(),
+    })
+}
+
+/// Kubernetes' DNS-1123 subdomain: at most 253 characters of lowercase letters, digits, '-'
+/// and '.', each label starting and ending with a letter or digit.
+fn is_dns_subdomain(name: &str) -> bool {
+    name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{Cli, Command};
+    use clap::Parser;
+
+    fn kubernetes_args(flags: &[&str]) -> KubernetesArgs {
+        let argv = ["workersd", "kubernetes"].iter().chain(flags);
+        match Cli::try_parse_from(argv).expect("flags parse").command {
+            Command::Kubernetes(args) => *args,
+            _ => unreachable!(),
+        }
+    }
+
+    fn consul_node(flags: &[&str]) -> anyhow::Result<ConsulNode> {
+        let args = kubernetes_args(flags);
+        let node = args.node_name.clone().expect("--node-name given");
+        node_local_consul_node(&args, &node)
+    }
+
+    #[test]
+    fn each_kubernetes_node_gets_its_own_consul_node_naming_cluster_and_node() {
+        let node = consul_node(&[
+            "--cluster-name=prod",
+            "--node-name=ip-10-0-1-7.ec2.internal",
+        ])
+        .unwrap();
+        assert_eq!(node.name, "workersd-prod_ip-10-0-1-7.ec2.internal");
+        assert_eq!(node.meta["workersd-cluster"], "prod");
+        assert_eq!(node.meta["workersd-k8s-node"], "ip-10-0-1-7.ec2.internal");
+        // The separator cannot occur in a node name, so two clusters never share a node.
+        let a = consul_node(&["--cluster-name=a", "--node-name=b-c"]).unwrap();
+        let b = consul_node(&["--cluster-name=a-b", "--node-name=c"]).unwrap();
+        assert_ne!(a.name, b.name);
+    }
+
+    #[test]
+    fn node_local_mode_refuses_what_would_share_or_break_a_node() {
+        for (flags, named) in [
+            (
+                &["--node-name=n1", "--consul-node=shared"][..],
+                "--consul-node",
+            ),
+            (&["--node-name=n1", "--owner-id=me"][..], "--owner-id"),
+            (&["--node-name=N1"][..], "--node-name"),
+            (&["--node-name=n_1"][..], "--node-name"),
+            (&["--node-name=-n1"][..], "--node-name"),
+        ] {
+            let error = format!("{:#}", consul_node(flags).unwrap_err());
+            assert!(error.contains(named), "{flags:?}: {error}");
+        }
+        let long = format!("--node-name={}", "n".repeat(120));
+        let error = format!("{:#}", consul_node(&[&long]).unwrap_err());
+        assert!(
+            error.contains("--node-name") && error.contains("too long"),
+            "{error}"
+        );
+    }
 }

@@ -4,11 +4,29 @@ use crate::cli::RunArgs;
 use crate::secret::{FileSecret, Secret, TokenSource};
 use crate::sinks::consul;
 use anyhow::Context;
+use std::collections::BTreeMap;
+
+/// The synthetic Consul node a mode publishes under, unless `--consul-node` names another.
+#[derive(Clone, Debug)]
+pub struct ConsulNode {
+    pub name: String,
+    /// Written on the node beside `external-source` when workersd creates it.
+    pub meta: BTreeMap<String, String>,
+}
+
+impl ConsulNode {
+    pub fn named(name: String) -> Self {
+        Self {
+            name,
+            meta: BTreeMap::new(),
+        }
+    }
+}
 
 pub(super) fn consul_settings(
     run: &RunArgs,
     addr: &str,
-    node: String,
+    node: ConsulNode,
     owner: String,
 ) -> anyhow::Result<consul::ConsulSettings> {
     let address = consul::normalize_address(addr).context("--consul-addr")?;
@@ -23,8 +41,9 @@ pub(super) fn consul_settings(
         address,
         token,
         datacenter: run.consul_datacenter.clone(),
-        node,
+        node: node.name,
         node_address: run.consul_node_address.clone(),
+        node_meta: node.meta,
         owner,
         resync_interval: run.consul_resync_interval,
         request_timeout: run.consul_timeout,
@@ -44,7 +63,11 @@ pub(super) fn hostname_or_localhost() -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
-pub(super) fn default_node_name() -> String {
+pub(super) fn default_node() -> ConsulNode {
+    ConsulNode::named(default_node_name())
+}
+
+fn default_node_name() -> String {
     let host: String = hostname_or_localhost()
         .chars()
         .map(|c| {

@@ -29,6 +29,71 @@ impl ConsulClient {
         Ok(Self { http, settings })
     }
 
+    /// The same Consul, token and settings, writing under `node` as its owner: node-local
+    /// mode's convention, where a node's entries are owned by the node's name.
+    pub fn for_node(&self, node: &str) -> Self {
+        let mut settings = self.settings.clone();
+        settings.node = node.to_string();
+        settings.owner = node.to_string();
+        Self {
+            http: self.http.clone(),
+            settings,
+        }
+    }
+
+    /// The nodes carrying every `meta` pair (Consul's `?node-meta=key:value`, all of which
+    /// must match: agent/catalog_endpoint.go `ListNodes`, state `NodesByMeta`).
+    pub async fn nodes_with_meta(
+        &self,
+        meta: &[(&str, &str)],
+    ) -> Result<Vec<CatalogNode>, ConsulError> {
+        let filters: Vec<(&str, String)> = meta
+            .iter()
+            .map(|(key, value)| ("node-meta", format!("{key}:{value}")))
+            .collect();
+        let request = self
+            .request(reqwest::Method::GET, "/v1/catalog/nodes")
+            .query(&filters);
+        let (status, body) = send(request).await?;
+        match status {
+            200 => serde_json::from_str(&body).map_err(|e| ConsulError::Decode {
+                what: "catalog nodes",
+                source: e.into(),
+            }),
+            403 => Err(ConsulError::Forbidden(format!(
+                "HTTP 403: {}",
+                truncate(&body)
+            ))),
+            _ => Err(ConsulError::Status {
+                what: "catalog nodes",
+                status,
+                body: truncate(&body),
+            }),
+        }
+    }
+
+    /// Removes this client's node (and with it whatever is still registered on it:
+    /// agent/consul/catalog_endpoint.go `Deregister` with only a node).
+    pub async fn deregister_node(&self) -> Result<(), ConsulError> {
+        let body = serde_json::json!({ "Node": self.settings.node });
+        let request = self
+            .request(reqwest::Method::PUT, "/v1/catalog/deregister")
+            .json(&body);
+        let (status, body) = send(request).await?;
+        match status {
+            200 => Ok(()),
+            403 => Err(ConsulError::Forbidden(format!(
+                "HTTP 403: {}",
+                truncate(&body)
+            ))),
+            _ => Err(ConsulError::Status {
+                what: "catalog deregister",
+                status,
+                body: truncate(&body),
+            }),
+        }
+    }
+
     fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
         let mut builder = self
             .http
@@ -232,6 +297,22 @@ fn consul_index(response: &reqwest::Response) -> u64 {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
+}
+
+/// One node of a `/v1/catalog/nodes` reply.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
+pub struct CatalogNode {
+    #[serde(rename = "Node")]
+    pub name: String,
+    #[serde(rename = "Meta", default, deserialize_with = "null_as_empty")]
+    pub meta: BTreeMap<String, String>,
+}
+
+fn null_as_empty<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<String, String>, D::Error> {
+    let meta: Option<BTreeMap<String, String>> = serde::Deserialize::deserialize(d)?;
+    Ok(meta.unwrap_or_default())
 }
 
 /// What a change watch saw.

@@ -17,7 +17,7 @@ pub mod quarantine;
 mod txn;
 mod watch;
 
-pub use self::client::{ConsulClient, Watched};
+pub use self::client::{CatalogNode, ConsulClient, Watched};
 pub use self::decode::{ModifyIndexes, NodeRead, decode_node_services, decode_owned_node_services};
 pub use self::error::{AddressError, ClientError, ConsulError};
 pub use self::txn::{LEGACY_MAX_TXN_OPS, MAX_TXN_BYTES, MAX_TXN_OPS};
@@ -42,7 +42,7 @@ use tracing::Instrument;
 
 const SINK: &str = "consul";
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct ConsulSettings {
     /// Base URL, e.g. `http://127.0.0.1:8500`.
     pub address: String,
@@ -50,6 +50,9 @@ pub struct ConsulSettings {
     pub datacenter: Option<String>,
     pub node: String,
     pub node_address: String,
+    /// Written on the node when workersd creates it, beside `external-source`: in node-local
+    /// mode it names the cluster and the Kubernetes node, for the janitor.
+    pub node_meta: BTreeMap<String, String>,
     pub owner: String,
     pub resync_interval: Duration,
     pub request_timeout: Duration,
@@ -111,6 +114,15 @@ pub struct SyncOutcome {
     pub deferred: usize,
     /// Operations Consul refused, withheld and retried later.
     pub quarantined: usize,
+}
+
+/// What retiring a node did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Retired {
+    pub deregistered: usize,
+    pub node_removed: bool,
+    /// Entries of other owners left on the node (they keep it).
+    pub others: usize,
 }
 
 /// The sink's memory of Consul between passes: `None` means "re-read before writing".
@@ -228,6 +240,7 @@ impl ConsulSink {
                 encode(&txn::node_op(
                     &settings.node,
                     &settings.node_address,
+                    &settings.node_meta,
                     settings.datacenter.as_deref(),
                 )),
                 None,
@@ -366,10 +379,12 @@ impl ConsulSink {
         for (_, op) in batch.ops {
             match op {
                 None => {
-                    known.node_meta = Some(BTreeMap::from([(
+                    let mut meta = self.client.settings.node_meta.clone();
+                    meta.insert(
                         meta_keys::EXTERNAL_SOURCE.to_string(),
                         EXTERNAL_SOURCE.to_string(),
-                    )]));
+                    );
+                    known.node_meta = Some(meta);
                 }
                 Some(op) => {
                     self.quarantine.accepted(op);
@@ -422,6 +437,32 @@ impl ConsulSink {
     /// The entries Consul refused and the sink withholds, updated whenever that set changes.
     pub fn refused(&self) -> tokio::sync::watch::Receiver<quarantine::RefusedEntries> {
         self.refused.subscribe()
+    }
+
+    /// Removes every entry this owner has on the node, then the node itself once nothing is
+    /// left on it (an entry of anyone else keeps it). For a node whose workers are known
+    /// gone: the janitor retires the node of a deleted Kubernetes node.
+    pub async fn retire(&mut self) -> Result<Retired, ConsulError> {
+        self.invalidate();
+        let nothing = DesiredState {
+            catalog: Default::default(),
+            complete: true,
+        };
+        let outcome = self.sync(&nothing).await?;
+        let known = self
+            .known
+            .as_ref()
+            .expect("a successful pass read the node");
+        let exists = known.node_meta.is_some();
+        let others = known.services.len();
+        if exists && others == 0 {
+            self.client.deregister_node().await?;
+        }
+        Ok(Retired {
+            deregistered: outcome.deregistered,
+            node_removed: exists && others == 0,
+            others,
+        })
     }
 
     /// Forget the known state so the next pass re-reads Consul.

@@ -156,11 +156,21 @@ struct ServiceBody<'a> {
 /// The operation that creates our node. Sent only when the read found no node: `cas` at
 /// ModifyIndex 0 creates it only if still absent (Consul's ensureNodeCASTxn), so a node
 /// someone else registered since is refused ("index is stale") instead of taken over.
-pub(super) fn node_op(node: &str, address: &str, datacenter: Option<&str>) -> serde_json::Value {
+pub(super) fn node_op(
+    node: &str,
+    address: &str,
+    meta: &BTreeMap<String, String>,
+    datacenter: Option<&str>,
+) -> serde_json::Value {
+    let mut meta = meta.clone();
+    meta.insert(
+        meta_keys::EXTERNAL_SOURCE.to_string(),
+        EXTERNAL_SOURCE.to_string(),
+    );
     let mut body = json!({
         "Node": node,
         "Address": address,
-        "Meta": { meta_keys::EXTERNAL_SOURCE: EXTERNAL_SOURCE },
+        "Meta": meta,
         "ModifyIndex": 0,
     });
     if let Some(dc) = datacenter {

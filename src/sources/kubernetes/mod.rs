@@ -8,6 +8,7 @@
 pub mod annotations;
 pub mod crd;
 pub mod index;
+pub mod nodes;
 pub mod pod;
 pub mod problems;
 pub mod resolve;

@@ -49,6 +49,8 @@ pub type ResourceReport = BTreeMap<ObjectKey, ResourceState>;
 pub struct WatchSettings {
     /// Empty: all namespaces.
     pub namespaces: Vec<String>,
+    /// Node-local mode: only the pods of this node (a server-side field selector).
+    pub node: Option<String>,
     pub resolve: ResolveSettings,
     pub identity: String,
     /// Set while the WorkerMetrics CRD is absent (read by `/readyz`).
@@ -114,9 +116,18 @@ fn resource_changes(
     .boxed()
 }
 
+/// Pods of `node` only, when set; the API server filters them.
+fn pods_config(node: Option<&str>) -> watcher::Config {
+    match node {
+        Some(node) => watcher_config().fields(&format!("spec.nodeName={node}")),
+        None => watcher_config(),
+    }
+}
+
 fn streams(
     client: &Client,
     namespaces: &[String],
+    node: Option<&str>,
 ) -> (Vec<Scope>, SelectAll<BoxStream<'static, Change>>) {
     let scopes: Vec<Option<String>> = if namespaces.is_empty() {
         vec![None]
@@ -134,7 +145,7 @@ fn streams(
         };
         let config = watcher_config();
         all.push(
-            watcher::watcher(pods, config.clone())
+            watcher::watcher(pods, pods_config(node))
                 .default_backoff()
                 .filter_map(move |r| {
                     futures::future::ready(match r {
@@ -196,7 +207,7 @@ async fn run(
     ready: oneshot::Sender<()>,
     refused: Option<watch::Receiver<RefusedEntries>>,
 ) {
-    let (scopes, mut changes) = streams(&client, &settings.namespaces);
+    let (scopes, mut changes) = streams(&client, &settings.namespaces, settings.node.as_deref());
     let mut indexer = Indexer::new(scopes);
     let mut crd_missing = false;
     // Events are written by their own task: a slow or failing API server never delays the
@@ -340,5 +351,14 @@ mod tests {
             watcher_config().initial_list_strategy,
             watcher::InitialListStrategy::ListWatch
         ));
+    }
+
+    #[test]
+    fn node_local_mode_asks_the_api_server_for_its_node_s_pods_only() {
+        assert_eq!(
+            pods_config(Some("n1")).field_selector.as_deref(),
+            Some("spec.nodeName=n1")
+        );
+        assert_eq!(pods_config(None).field_selector, None);
     }
 }

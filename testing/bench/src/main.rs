@@ -711,6 +711,7 @@ fn consul_sink(double: &ConsulDouble, metrics: Arc<Metrics>) -> anyhow::Result<C
         datacenter: None,
         node: OWNER.into(),
         node_address: "127.0.0.1".into(),
+        node_meta: Default::default(),
         owner: OWNER.into(),
         resync_interval: Duration::from_secs(10),
         request_timeout: Duration::from_secs(30),

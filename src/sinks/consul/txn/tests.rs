@@ -223,14 +223,27 @@ fn instance() -> Arc<ServiceInstance> {
 #[test]
 fn the_node_is_created_only_if_still_absent() {
     assert_eq!(
-        node_op("n", "127.0.0.1", None),
+        node_op("n", "127.0.0.1", &BTreeMap::new(), None),
         json!({ "Node": { "Verb": "cas", "Node": {
             "Node": "n", "Address": "127.0.0.1", "ModifyIndex": 0,
             "Meta": { "external-source": "workersd" },
         }}})
     );
-    let in_dc = node_op("n", "127.0.0.1", Some("dc2"));
+    let in_dc = node_op("n", "127.0.0.1", &BTreeMap::new(), Some("dc2"));
     assert_eq!(in_dc["Node"]["Node"]["Datacenter"], "dc2");
+}
+
+#[test]
+fn the_node_carries_the_extra_meta_and_is_always_marked_as_ours() {
+    let meta = BTreeMap::from([
+        ("workersd-cluster".to_string(), "prod".to_string()),
+        ("external-source".to_string(), "someone-else".to_string()),
+    ]);
+    let op = node_op("n", "127.0.0.1", &meta, None);
+    assert_eq!(
+        op["Node"]["Node"]["Meta"],
+        json!({ "workersd-cluster": "prod", "external-source": "workersd" })
+    );
 }
 
 #[test]

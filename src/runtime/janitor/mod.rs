@@ -1,0 +1,105 @@
+//! The janitor of node-local mode. Each instance owns its own node's entries; when a
+//! Kubernetes node is deleted, nobody is left to remove its entries, so one instance at a
+//! time, elected through the Lease, does: it follows the cluster's Node objects and retires
+//! the Consul node of every Kubernetes node that no longer exists. A node that is only
+//! NotReady keeps its entries (its workers may still run and be scraped) until its Node
+//! object is deleted.
+
+mod orphans;
+
+use super::leader::{self, LeaseSettings};
+use crate::metrics::Metrics;
+use crate::model::{EXTERNAL_SOURCE, meta_keys};
+use crate::sinks::consul::{ConsulClient, ConsulError, ConsulSink};
+use crate::sources::kubernetes::nodes;
+use k8s_openapi::api::coordination::v1::Lease;
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use self::orphans::orphans;
+
+/// Consul is checked again this often even without a Node change: a node registered after
+/// the last sweep (an instance that wrote just before its Node was deleted) is caught.
+const RESWEEP: Duration = Duration::from_secs(60);
+
+pub struct Janitor {
+    pub client: kube::Client,
+    pub lease: LeaseSettings,
+    /// Writes under any node of the cluster (`for_node`).
+    pub consul: ConsulClient,
+    pub cluster: String,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Janitor {
+    /// Stands by for the Lease, sweeps while holding it, stands by again when it is lost.
+    #[tracing::instrument(name = "janitor", skip_all, fields(cluster = %self.cluster))]
+    pub async fn run(self) {
+        let api: kube::Api<Lease> =
+            kube::Api::namespaced(self.client.clone(), &self.lease.namespace);
+        loop {
+            let acquired = leader::acquire(&api, &self.lease).await;
+            tracing::info!("this instance is the janitor: it removes the entries of deleted nodes");
+            tokio::select! {
+                () = leader::renew_while_leading(&api, &self.lease, acquired) => {
+                    tracing::warn!("no longer the janitor; standing by");
+                }
+                () = self.sweep_while_leading() => {}
+            }
+        }
+    }
+
+    async fn sweep_while_leading(&self) {
+        let mut names = nodes::watch_names(self.client.clone());
+        loop {
+            let current = names.borrow_and_update().clone();
+            if let Some(nodes) = current
+                && let Err(e) = self.sweep(&nodes).await
+            {
+                tracing::warn!(error = %e, retry_in = ?RESWEEP, "janitor sweep failed");
+            }
+            tokio::select! {
+                changed = names.changed() => {
+                    if changed.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                }
+                () = tokio::time::sleep(RESWEEP) => {}
+            }
+        }
+    }
+
+    /// Retires every orphaned node; one failing node does not stop the others.
+    async fn sweep(&self, nodes: &BTreeSet<String>) -> Result<(), ConsulError> {
+        let filter = [
+            (meta_keys::EXTERNAL_SOURCE, EXTERNAL_SOURCE),
+            (meta_keys::CLUSTER, self.cluster.as_str()),
+        ];
+        let consul_nodes = self.consul.nodes_with_meta(&filter).await?;
+        for node in orphans(&consul_nodes, &self.cluster, nodes) {
+            let kubernetes_node = node
+                .meta
+                .get(meta_keys::KUBERNETES_NODE)
+                .map_or("", String::as_str);
+            let mut sink = ConsulSink::new(self.consul.for_node(&node.name), self.metrics.clone());
+            match sink.retire().await {
+                Ok(retired) => tracing::info!(
+                    consul_node = %node.name,
+                    kubernetes_node,
+                    deregistered = retired.deregistered,
+                    node_removed = retired.node_removed,
+                    left_for_other_owners = retired.others,
+                    "retired the Consul node of a deleted Kubernetes node"
+                ),
+                Err(e) => tracing::warn!(
+                    consul_node = %node.name,
+                    kubernetes_node,
+                    error = %e,
+                    "could not retire the Consul node of a deleted Kubernetes node; retrying at the next sweep"
+                ),
+            }
+        }
+        Ok(())
+    }
+}
