@@ -113,9 +113,14 @@ pub async fn run_kubernetes(args: KubernetesArgs) -> anyhow::Result<()> {
     } else {
         std::future::pending::<String>().boxed()
     };
+    // Deployment mode: the leader reports everything. Node-local mode: the janitor, once
+    // it holds the Lease (every instance, without leader election).
+    let (janitor_leading, reports_resources) =
+        watch::channel(node_local.is_none() || !args.leader_election);
     let watch_settings = kube_watch::WatchSettings {
         namespaces: args.namespaces.clone(),
         node: args.node_name.clone(),
+        reports_resources,
         resolve: ResolveSettings {
             names,
             allow_host_network: args.allow_host_network,
@@ -133,24 +138,26 @@ pub async fn run_kubernetes(args: KubernetesArgs) -> anyhow::Result<()> {
         lease = &mut lost => bail!("lost leadership of lease {lease} during the initial sync; exiting so a standby takes over"),
         _ = shutdown::signal() => return Ok(()),
     };
-    let janitor = match (
-        node_local.is_some() && args.leader_election,
-        controller.consul_settings(),
-    ) {
-        (true, Some(consul)) => Some(janitor::Janitor {
+    let janitor = if node_local.is_some() && args.leader_election {
+        let consul = match controller.consul_settings() {
+            Some(settings) => Some(ConsulClient::new(settings.clone())?),
+            None => {
+                tracing::info!(
+                    "no Consul sink: the janitor has nothing to retire (HTTP SD entries die with their instance)"
+                );
+                None
+            }
+        };
+        Some(janitor::Janitor {
             client: client.clone(),
             lease,
-            consul: ConsulClient::new(consul.clone())?,
+            consul,
             cluster: args.cluster_name.clone(),
             metrics: controller.metrics.clone(),
-        }),
-        (true, None) => {
-            tracing::info!(
-                "no Consul sink: node-local mode runs no janitor (HTTP SD entries die with their instance)"
-            );
-            None
-        }
-        (false, _) => None,
+            leading: janitor_leading,
+        })
+    } else {
+        None
     };
     let started = controller.start(outputs.targets);
     if let Some(janitor) = janitor {

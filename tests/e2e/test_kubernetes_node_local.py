@@ -8,14 +8,18 @@ Consul node of a deleted Node. Helpers are those of test_kubernetes_e2e.py.
 
 from __future__ import annotations
 
+import time
+
 from harness import Gunicorn, VictoriaMetrics, wait_until
 from test_kubernetes_e2e import (
     CLUSTER,
     COUNT,
+    LEASE_PATH,
     SERVICE,
     deregistrations,
     expected,
     kube_workersd,
+    metric,
     ports_annotations,
     readme_consul_job,
 )
@@ -122,3 +126,36 @@ def test_node_local_instances_publish_their_node_and_the_janitor_retires_deleted
         == sorted(f"http://{a}:{p}/metrics" for n in ("n1", "n3") for _, a, p in want[n]),
         timeout=30, what="only the workers of n1 and n3",
     )
+
+
+def test_node_local_instances_report_an_invalid_workermetrics_once_through_the_janitor(procs, cluster):
+    """Every instance sees every WorkerMetrics; only the janitor writes its Events, so N
+    instances never write N Events about one object."""
+    fk, consul, kube = cluster
+    for node in NODES:
+        add_node(fk, node)
+    wds = [
+        kube_workersd(procs, fk, consul, identity=f"wd-{node}", node_name=node,
+                      lease_duration=f"{LEASE}s").start()
+        for node in NODES
+    ]
+    kube.add_wm("bad", {
+        "selector": {"matchLabels": {"app": "bad"}},
+        "service": "Bad_Name",
+        "containers": [{"name": "web", "ports": "9020-9011"}],
+    })
+    # Every instance has resolved it as invalid...
+    wait_until(lambda: all(metric(w, "workersd_invalid_objects", {"kind": "workermetrics"}) == 1
+                           for w in wds), timeout=15, interval=0.1,
+               message="all three instances found the WorkerMetrics invalid")
+
+    def invalid_spec_events():
+        return [e for e in kube.events("bad") if e.get("reason") == "InvalidSpec"]
+
+    (event,) = wait_until(invalid_spec_events, timeout=15, message="the InvalidSpec Event")
+    # ...and the others' Event tasks, which write at once after a resolution, had time to.
+    time.sleep(2)
+    assert len(invalid_spec_events()) == 1, invalid_spec_events()
+    janitor = fk.ok("GET", LEASE_PATH)["spec"]["holderIdentity"]
+    assert event["reportingInstance"] == janitor, (event, janitor)
+    assert "spec.service" in event["message"], event["message"]

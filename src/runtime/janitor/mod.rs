@@ -26,10 +26,13 @@ const RESWEEP: Duration = Duration::from_secs(60);
 pub struct Janitor {
     pub client: kube::Client,
     pub lease: LeaseSettings,
-    /// Writes under any node of the cluster (`for_node`).
-    pub consul: ConsulClient,
+    /// Writes under any node of the cluster (`for_node`). Without a Consul sink there is
+    /// nothing to retire, and the Lease only elects the reporter of WorkerMetrics problems.
+    pub consul: Option<ConsulClient>,
     pub cluster: String,
     pub metrics: Arc<Metrics>,
+    /// True while this instance is the janitor: it then also reports WorkerMetrics problems.
+    pub leading: tokio::sync::watch::Sender<bool>,
 }
 
 impl Janitor {
@@ -41,21 +44,26 @@ impl Janitor {
         loop {
             let acquired = leader::acquire(&api, &self.lease).await;
             tracing::info!("this instance is the janitor: it removes the entries of deleted nodes");
+            self.leading.send_replace(true);
             tokio::select! {
                 () = leader::renew_while_leading(&api, &self.lease, acquired) => {
                     tracing::warn!("no longer the janitor; standing by");
                 }
                 () = self.sweep_while_leading() => {}
             }
+            self.leading.send_replace(false);
         }
     }
 
     async fn sweep_while_leading(&self) {
+        let Some(consul) = &self.consul else {
+            return std::future::pending().await;
+        };
         let mut names = nodes::watch_names(self.client.clone());
         loop {
             let current = names.borrow_and_update().clone();
             if let Some(nodes) = current
-                && let Err(e) = self.sweep(&nodes).await
+                && let Err(e) = self.sweep(consul, &nodes).await
             {
                 tracing::warn!(error = %e, retry_in = ?RESWEEP, "janitor sweep failed");
             }
@@ -71,18 +79,22 @@ impl Janitor {
     }
 
     /// Retires every orphaned node; one failing node does not stop the others.
-    async fn sweep(&self, nodes: &BTreeSet<String>) -> Result<(), ConsulError> {
+    async fn sweep(
+        &self,
+        consul: &ConsulClient,
+        nodes: &BTreeSet<String>,
+    ) -> Result<(), ConsulError> {
         let filter = [
             (meta_keys::EXTERNAL_SOURCE, EXTERNAL_SOURCE),
             (meta_keys::CLUSTER, self.cluster.as_str()),
         ];
-        let consul_nodes = self.consul.nodes_with_meta(&filter).await?;
+        let consul_nodes = consul.nodes_with_meta(&filter).await?;
         for node in orphans(&consul_nodes, &self.cluster, nodes) {
             let kubernetes_node = node
                 .meta
                 .get(meta_keys::KUBERNETES_NODE)
                 .map_or("", String::as_str);
-            let mut sink = ConsulSink::new(self.consul.for_node(&node.name), self.metrics.clone());
+            let mut sink = ConsulSink::new(consul.for_node(&node.name), self.metrics.clone());
             match sink.retire().await {
                 Ok(retired) => tracing::info!(
                     consul_node = %node.name,

@@ -25,6 +25,7 @@ fn invalid_pod(note: &str) -> Arc<Problems> {
         )]),
         &Default::default(),
         &Default::default(),
+        true,
     );
     Arc::new(problems)
 }

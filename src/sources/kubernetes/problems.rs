@@ -17,11 +17,12 @@ fn describe(errors: &[DeclarationError]) -> String {
     )
 }
 
-/// The current problems of pods and `WorkerMetrics`, for Events.
+/// The current problems of pods and, with `resources`, of `WorkerMetrics`, for Events.
 pub(crate) fn problems(
     invalid_pods: &BTreeMap<ObjectKey, (String, Vec<DeclarationError>)>,
     unknown_containers: &BTreeMap<ObjectKey, (String, Vec<DeclarationError>)>,
     index: &ClusterIndex,
+    resources: bool,
 ) -> Problems {
     let pods = invalid_pods.iter().map(|(key, (uid, errors))| {
         pod_problem(
@@ -32,22 +33,24 @@ pub(crate) fn problems(
             describe(errors),
         )
     });
-    let resources = index
-        .resources
-        .iter()
-        .filter_map(|((namespace, name), entry)| {
-            let errors = entry.compiled.as_ref().err()?;
-            Some(Problem {
-                api_version: "workersd.io/v1alpha1",
-                kind: "WorkerMetrics",
-                namespace: namespace.clone(),
-                name: name.clone(),
-                uid: entry.uid.clone(),
-                reason: "InvalidSpec",
-                action: "Validate",
-                note: describe(errors),
-            })
-        });
+    let resources =
+        index
+            .resources
+            .iter()
+            .filter(|_| resources)
+            .filter_map(|((namespace, name), entry)| {
+                let errors = entry.compiled.as_ref().err()?;
+                Some(Problem {
+                    api_version: "workersd.io/v1alpha1",
+                    kind: "WorkerMetrics",
+                    namespace: namespace.clone(),
+                    name: name.clone(),
+                    uid: entry.uid.clone(),
+                    reason: "InvalidSpec",
+                    action: "Validate",
+                    note: describe(errors),
+                })
+            });
     // A declared name that matches no container or native sidecar: the pod's other ranges
     // are still probed, so this is its own problem beside any other on the same pod.
     let unknown = unknown_containers
@@ -147,7 +150,7 @@ mod tests {
         )]);
         let unknown =
             BTreeMap::from([(key, errors("metadata.annotations[workersd.io/ports.side]"))]);
-        let problems = problems(&invalid, &unknown, &ClusterIndex::default());
+        let problems = problems(&invalid, &unknown, &ClusterIndex::default(), true);
         let reasons: Vec<_> = problems
             .values()
             .map(|p| (p.uid.as_str(), p.reason))
@@ -161,6 +164,29 @@ mod tests {
                 .values()
                 .all(|p| p.kind == "Pod" && p.name == "web-1")
         );
+    }
+
+    #[test]
+    fn workermetrics_problems_only_from_the_instance_that_reports_them() {
+        let mut index = ClusterIndex::default();
+        let invalid = crate::sources::kubernetes::index::CustomResourceEntry {
+            uid: "wm-1".into(),
+            generation: Some(1),
+            created: String::new(),
+            compiled: Err(vec![DeclarationError::new(
+                crate::declaration::FieldPath::new("spec.service"),
+                crate::declaration::ErrorKind::HostNetwork,
+            )]),
+            status: None,
+        };
+        index
+            .resources
+            .insert(("shop".into(), "web".into()), invalid);
+        let none = BTreeMap::new();
+        let reported = problems(&none, &none, &index, true);
+        let kinds: Vec<_> = reported.values().map(|p| (p.kind, p.reason)).collect();
+        assert_eq!(kinds, [("WorkerMetrics", "InvalidSpec")]);
+        assert!(problems(&none, &none, &index, false).is_empty());
     }
 
     fn refused(id: &str, ns: &str, pod: &str, error: &str) -> Refused {

@@ -51,6 +51,10 @@ pub struct WatchSettings {
     pub namespaces: Vec<String>,
     /// Node-local mode: only the pods of this node (a server-side field selector).
     pub node: Option<String>,
+    /// Whether this instance reports `WorkerMetrics` problems as Events: always in
+    /// deployment mode; in node-local mode only while it is the janitor, so a thousand
+    /// instances never write a thousand Events about one object.
+    pub reports_resources: watch::Receiver<bool>,
     pub resolve: ResolveSettings,
     pub identity: String,
     /// Set while the WorkerMetrics CRD is absent (read by `/readyz`).
@@ -223,6 +227,8 @@ async fn run(
     // Problems of the cluster's objects, kept so a change of the refused entries alone
     // merges with them without resolving again.
     let mut cluster_problems = Problems::new();
+    let mut reporting = settings.reports_resources.clone();
+    let mut reporting_open = true;
     let (mut refused, mut refused_open) = match refused {
         Some(rx) => (rx, true),
         None => (watch::channel(RefusedEntries::default()).1, false),
@@ -253,6 +259,12 @@ async fn run(
                     send_problems(&cluster_problems, &entries, &indexer.index);
                 }
                 continue;
+            }
+            // Becoming (or ceasing to be) the reporter of WorkerMetrics problems: resolve again.
+            seen = reporting.changed(), if reporting_open => {
+                if seen.is_err() {
+                    reporting_open = false;
+                }
             }
         }
         // Coalesce what is already queued into one resolution.
@@ -295,6 +307,7 @@ async fn run(
             &resolution.invalid_pods,
             &resolution.unknown_containers,
             &indexer.index,
+            *reporting.borrow_and_update(),
         );
         let entries = refused.borrow_and_update().clone();
         send_problems(&cluster_problems, &entries, &indexer.index);
