@@ -9,6 +9,9 @@
         fk.bulk_pods("demo", 100, annotations={"workersd.io/service": "web"})
         fk.set_pod_status("demo", "pod-0", podIP="127.0.0.2", phase="Running", ready=True)
         fk.wait_for_watch("pods")          # until a client (the controller) watches pods
+        fk.create_node("n1", internal_ip="127.0.1.1")            # a Ready core/v1 Node
+        fk.create_pod("demo", "web-0", node_name="n1", ip="127.0.1.2")   # bound to it, Running
+        fk.delete_node("n1"); fk.podgc()   # the pod GC controller's orphan pass, on demand
         fk.compact(); fk.drop_watches(); fk.requests()
 
 Every wait is bounded; stop() (or leaving the with block) kills the process.
@@ -226,6 +229,28 @@ class FakeKube:
     def finalize_pod(self, namespace, name):
         return self.ok("POST", f"/_control/pods/{namespace}/{name}/finalize")
 
+    def create_node(self, name, **kw):
+        """POST a Node (make_node keywords); a Node keeps the status it is created with."""
+        return self.ok("POST", "/api/v1/nodes", make_node(name, **kw))
+
+    def delete_node(self, name):
+        """Delete a Node; its pods stay until podgc() (no controller runs on its own)."""
+        return self.ok("DELETE", f"/api/v1/nodes/{name}")
+
+    def podgc(self):
+        """One orphan pass of the pod GC controller: pods bound to a missing Node are marked
+        Failed, then deleted. Returns their "namespace/name"s."""
+        return self.ok("POST", "/_control/podgc")["deleted"]
+
+    def create_pod(self, namespace, name, *, ip=None, running=True, ready=True, **kw):
+        """POST a pod (make_pod keywords, e.g. node_name=) and, with `ip`, give it a Running
+        status with that podIP through the control API (a create drops the status)."""
+        pod = self.ok("POST", f"/api/v1/namespaces/{namespace}/pods", make_pod(name, namespace, **kw))
+        if ip is not None:
+            st = pod_status(ip, running=running, ready=ready, pod=pod)
+            pod = self.set_pod_status(namespace, name, status=st)
+        return pod
+
     def bulk(self, objects, upsert=False, create_namespaces=True, timeout=120.0):
         return self.ok("POST", "/_control/bulk", {"objects": objects, "upsert": upsert,
                                                   "createNamespaces": create_namespaces}, timeout=timeout)
@@ -259,6 +284,27 @@ def make_pod(name, namespace="default", *, labels=None, annotations=None, contai
     if annotations:
         meta["annotations"] = dict(annotations)
     return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec}
+
+
+def make_node(name, *, ready=True, labels=None, internal_ip=None, unschedulable=False, taints=None,
+              pod_cidr=None, kubelet_version="v1.30.0"):
+    """A core/v1 Node as a kubelet registers it: a Ready condition (True/False), nodeInfo and
+    an InternalIP address."""
+    meta = {"name": name, "labels": {"kubernetes.io/hostname": name, **(labels or {})}}
+    spec = {}
+    if unschedulable:
+        spec["unschedulable"] = True
+    if taints:
+        spec["taints"] = list(taints)
+    if pod_cidr:
+        spec["podCIDR"] = pod_cidr
+    t = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    status = {"conditions": [{"type": "Ready", "status": "True" if ready else "False", "lastHeartbeatTime": t,
+                              "lastTransitionTime": t, "reason": "KubeletReady" if ready else "KubeletNotReady"}],
+              "nodeInfo": {"kubeletVersion": kubelet_version}}
+    if internal_ip:
+        status["addresses"] = [{"type": "InternalIP", "address": internal_ip}, {"type": "Hostname", "address": name}]
+    return {"apiVersion": "v1", "kind": "Node", "metadata": meta, "spec": spec, "status": status}
 
 
 def pod_status(ip, *, running=True, ready=True, pod=None, restart_count=0):

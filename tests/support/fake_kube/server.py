@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """fake_kube: a small, faithful fake Kubernetes API server for black-box tests.
 
-Plain HTTP on loopback, JSON only, no auth. Serves core/v1 pods, namespaces and
+Plain HTTP on loopback, JSON only, no auth. Serves core/v1 pods, nodes, namespaces and
 events, events.k8s.io/v1 events, coordination.k8s.io/v1 leases,
 apiextensions.k8s.io/v1 customresourcedefinitions and the workersd.io/v1alpha1
 WorkerMetrics custom resource (plus any CRD created at run time), with list,
@@ -35,6 +35,11 @@ import traceback
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
+
+try:  # a package (tests.support.fake_kube, fake_kube) or a script next to nodes.py
+    from . import nodes as node_rules
+except ImportError:
+    import nodes as node_rules  # type: ignore
 
 try:  # optional: YAML seeds and application/apply-patch+yaml bodies
     import yaml  # type: ignore
@@ -583,6 +588,8 @@ def builtin_defs() -> list:
         ResourceDef("", "v1", "namespaces", "Namespace", False, short_names=["ns"],
                     verbs=["create", "delete", "get", "list", "patch", "update", "watch"], status=True,
                     field_labels={"status.phase": ("status", "phase")}),
+        ResourceDef("", "v1", "nodes", "Node", False, short_names=["no"], status=True,
+                    field_labels=node_rules.NODE_FIELD_LABELS),
         ResourceDef("", "v1", "events", "Event", True, short_names=["ev"], storage="core/events",
                     field_labels=EVENT_FIELD_LABELS, builtin_view=(_core_events_view, _core_events_from)),
         ResourceDef("events.k8s.io", "v1", "events", "Event", True, short_names=["ev"], storage="core/events",
@@ -851,6 +858,8 @@ def _split_unescaped(s, sep):
 
 
 def field_value(obj, path):
+    if callable(path):  # a field whose selectable value is computed (nodes' spec.unschedulable)
+        return path(obj)
     cur = obj
     for p in path:
         if not isinstance(cur, dict):
@@ -1375,6 +1384,8 @@ class State:
             obj["status"] = {"phase": "Active"}
             labels = obj["metadata"].setdefault("labels", {})
             labels["kubernetes.io/metadata.name"] = obj["metadata"]["name"]
+        elif _is_node(rd):
+            pass  # strategy.go PrepareForCreate: a Node keeps the status it is created with
         elif rd.status and not bypass:
             obj.pop("status", None)
 
@@ -1433,6 +1444,10 @@ class State:
             self._validate_meta(rd, obj, name)
             if rd.group == "events.k8s.io":
                 _validate_events_v1(rd, obj, name, None)
+            if _is_node(rd):
+                node_rules.normalize(obj)
+                node_rules.prepare_for_create(obj)
+                _raise_causes(rd, name, node_rules.validate(obj, None))
             if rd.namespaced:
                 self._ensure_namespace(ns, bypass)
             st = self.store(rd.storage)
@@ -1612,7 +1627,7 @@ class State:
     def _commit_update(self, rd, st, key, cur: Entry, new: dict, subresource, bypass, dry_run):
         old = cur.obj
         name = old["metadata"]["name"]
-        if subresource == "status":
+        if subresource == "status" and not _is_node(rd):
             result = cur.copy()
             if "status" in new:
                 result["status"] = new["status"]
@@ -1620,6 +1635,13 @@ class State:
                 result.pop("status", None)
             new = result
         else:
+            if subresource == "status":
+                # node strategy.go nodeStatusStrategy.PrepareForUpdate: the old spec is kept,
+                # metadata and status are taken from the request (the kubelet labels its Node)
+                if "spec" in old:
+                    new["spec"] = deep_copy(old["spec"])
+                else:
+                    new.pop("spec", None)
             nmeta = new.setdefault("metadata", {})
             ometa = old["metadata"]
             for f in ("name", "namespace", "uid", "creationTimestamp", "deletionTimestamp",
@@ -1628,7 +1650,7 @@ class State:
                     nmeta[f] = ometa[f]
                 else:
                     nmeta.pop(f, None)
-            if rd.status and not bypass:
+            if rd.status and not bypass and subresource is None:
                 if "status" in old:
                     new["status"] = deep_copy(old["status"])
                 else:
@@ -1640,6 +1662,9 @@ class State:
                 _check_pod_spec_update(rd, name, old.get("spec") or {}, new.get("spec") or {})
             if rd.plural == "namespaces" and rd.group == "":
                 new["metadata"].setdefault("labels", {})["kubernetes.io/metadata.name"] = name
+            if _is_node(rd):
+                node_rules.normalize(new)
+                _raise_causes(rd, name, node_rules.validate(new, old))
         new["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"]
         new["apiVersion"], new["kind"] = old.get("apiVersion"), old.get("kind")
         if rd.custom:
@@ -2422,6 +2447,8 @@ class Handler(BaseHTTPRequestHandler):
         accept = (self.headers.get("Accept") or "").replace(" ", "")
         table_version = "v1" if "as=Table;v=v1;g=meta.k8s.io" in accept else "v1beta1"
         cols = [{"name": "Name", "type": "string", "format": "name", "description": "Name", "priority": 0}]
+        if _is_node(rd):
+            return self._node_table(table_version, items, meta)
         if rd.group == "" and rd.plural == "pods":
             cols += [{"name": n, "type": t, "format": "", "description": n, "priority": 0}
                      for n, t in (("Ready", "string"), ("Status", "string"), ("Restarts", "integer"))]
@@ -2469,6 +2496,15 @@ class Handler(BaseHTTPRequestHandler):
                 cells.append(_age(m.get("creationTimestamp")))
             partial = {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": m}
             rows.append({"cells": cells, "object": partial})
+        return {"kind": "Table", "apiVersion": f"meta.k8s.io/{table_version}", "metadata": meta,
+                "columnDefinitions": cols, "rows": rows}
+
+    def _node_table(self, table_version, items, meta):
+        cols = [{"name": n, "type": "string", "format": "name" if n == "Name" else "", "description": n, "priority": p}
+                for n, p in node_rules.TABLE_COLUMNS]
+        rows = [{"cells": node_rules.table_cells(e.obj, _age((e.obj.get("metadata") or {}).get("creationTimestamp"))),
+                 "object": {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1",
+                            "metadata": e.obj.get("metadata") or {}}} for e in items]
         return {"kind": "Table", "apiVersion": f"meta.k8s.io/{table_version}", "metadata": meta,
                 "columnDefinitions": cols, "rows": rows}
 
@@ -2856,6 +2892,8 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(200, dumps({"writes": out}))
         if segs == ["bulk"] and method == "POST":
             return self._send_json(200, self._bulk(data))
+        if segs == ["podgc"] and method == "POST":
+            return self._send_json(200, {"deleted": self._podgc_orphans()})
         if len(segs) == 4 and segs[0] == "pods" and method in ("POST", "PATCH", "PUT"):
             ns, name, action = segs[1], segs[2], segs[3]
             rd = st.rd("", "v1", "pods")
@@ -2958,6 +2996,30 @@ class Handler(BaseHTTPRequestHandler):
             key = obj_key(True, ns, name)
             return st._commit_update(rd, store, key, cur, obj, None, True, False)
 
+    def _podgc_orphans(self):
+        """One pass of the pod GC controller's gcOrphaned (pkg/controller/podgc/gc_controller.go),
+        without its 40 s quarantine: every pod bound to a Node that does not exist is marked
+        Failed with a DisruptionTarget condition (MODIFIED), then deleted with grace 0."""
+        st = self.state
+        rd = st.rd("", "v1", "pods")
+        deleted = []
+        with st.cond:
+            nodes = {e.obj["metadata"]["name"] for e in st.store("/nodes").objects.values()}
+            store = st.store(rd.storage)
+            for key, cur in sorted(store.objects.items()):
+                node = (cur.obj.get("spec") or {}).get("nodeName")
+                if not node or node in nodes:
+                    continue
+                ns, name = cur.obj["metadata"].get("namespace"), cur.obj["metadata"]["name"]
+                failed = node_rules.orphan_status(cur.obj.get("status") or {}, now_ts())
+                if failed is not None:
+                    obj = cur.copy()
+                    obj["status"] = failed
+                    st._commit_update(rd, store, key, cur, obj, None, True, False)
+                st.delete(rd, ns, name, {"gracePeriodSeconds": 0})
+                deleted.append(f"{ns}/{name}")
+        return deleted
+
     def _bulk(self, data):
         st = self.state
         objs = data.get("objects") or []
@@ -3010,6 +3072,15 @@ def _validate_events_v1(rd, obj, name, old):
             causes.append(("series.count", "FieldValueInvalid", 'Invalid value: "": should be at least 2'))
         if not isinstance(series, dict) or not series.get("lastObservedTime"):
             causes.append(("series.lastObservedTime", "FieldValueRequired", "Required value"))
+    if causes:
+        raise err_invalid(rd, name, causes)
+
+
+def _is_node(rd):
+    return rd.group == "" and rd.plural == "nodes"
+
+
+def _raise_causes(rd, name, causes):
     if causes:
         raise err_invalid(rd, name, causes)
 
