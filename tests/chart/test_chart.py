@@ -6,15 +6,14 @@
 Lint and render go through Helm itself; the rendered objects are then checked against what
 workersd needs and accepts: the hardened pod, the probes, RBAC exactly as the code calls the
 API (tests/chart/expected_rbac.yaml, also checked against README.md), the Consul token as a
-mounted file, and every flag against the real binary (`target/debug/workersd`).
+mounted file. Every flag against the real binary: test_chart_flags.py; mode: daemonset:
+test_chart_daemonset.py.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -127,30 +126,6 @@ def lookup(values: dict, path: str):
         assert isinstance(node, dict) and part in node, f"{path} missing"
         node = node[part]
     return node
-
-
-def workersd_binary() -> Path:
-    """target/debug/workersd (WORKERSD_BIN overrides); built in debug mode when missing."""
-    explicit = os.environ.get("WORKERSD_BIN")
-    if explicit:
-        return Path(explicit)
-    binary = REPO / "target" / "debug" / "workersd"
-    if not binary.is_file():
-        # Cargo's own lock serializes this with any concurrent build of the workspace.
-        subprocess.run(["cargo", "build", "--bin", "workersd"], cwd=REPO, check=True)
-    assert binary.is_file(), f"{binary} missing after cargo build"
-    return binary
-
-
-@pytest.fixture(scope="module")
-def kubernetes_flags() -> set[str]:
-    out = subprocess.run(
-        [str(workersd_binary()), "kubernetes", "--help"],
-        capture_output=True, text=True, timeout=60, check=True,
-    ).stdout
-    flags = set(re.findall(r"(?m)^\s+(?:-\w, )?(--[a-z][a-z0-9-]*)", out))
-    assert {"--consul-token-file", "--leader-election", "--listen"} <= flags, out
-    return flags
 
 
 # Value sets every structural test runs over.
@@ -501,49 +476,6 @@ def test_consul_tls_secrets_mounted_and_passed(rendered, helm):
     only_ca = render(helm, {"consul": {"address": "127.0.0.1:8500", "tls": {"caSecret": "ca"}}})
     pod = only_ca.one("Deployment")["spec"]["template"]["spec"]
     assert [v["name"] for v in pod["volumes"]] == ["consul-ca"]
-
-
-# -- flags against the binary ------------------------------------------------------------------
-
-
-def needs_node_mode(scenario, kubernetes_flags):
-    """mode: daemonset passes --node-name, which the binary gains with issue 16's node-local
-    mode; until the binary under test has it, its two flag tests cannot run."""
-    if SCENARIOS[scenario] and SCENARIOS[scenario].get("mode") == "daemonset" and "--node-name" not in kubernetes_flags:
-        pytest.skip("the workersd binary under test has no --node-name yet (issue 16)")
-
-
-@pytest.mark.parametrize("scenario", SCENARIOS)
-def test_every_flag_exists(rendered, kubernetes_flags, scenario):
-    needs_node_mode(scenario, kubernetes_flags)
-    args = args_of(rendered[scenario])
-    used = {a.split("=", 1)[0] for a in args if a.startswith("--")}
-    assert used, args
-    unknown = used - kubernetes_flags
-    assert not unknown, f"flags not in `workersd kubernetes --help`: {sorted(unknown)}"
-
-
-@pytest.mark.parametrize("scenario", SCENARIOS)
-def test_binary_accepts_rendered_args(rendered, kubernetes_flags, scenario, tmp_path):
-    """The real argument parser accepts the rendered command line and values: workersd gets as
-    far as configuring the Kubernetes client (absent here) instead of a usage error."""
-    needs_node_mode(scenario, kubernetes_flags)
-    c = container(rendered[scenario])
-    # what the kubelet gives the downward API variables
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path), "POD_NAME": "p-0",
-           "NODE_NAME": "node-a"}
-    for e in c.get("env", []):
-        if "value" in e:
-            env[e["name"]] = str(e["value"])
-    # the kubelet expands $(VAR) in args from the container's env
-    args = [re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), a) for a in args_of(rendered[scenario])]
-    run = subprocess.run(
-        [str(workersd_binary()), *args],
-        env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path,
-    )
-    output = run.stdout + run.stderr
-    assert run.returncode == 1, output
-    assert "cannot configure the Kubernetes client" in output, output
 
 
 # -- NOTES -------------------------------------------------------------------------------------
