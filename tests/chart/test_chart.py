@@ -6,15 +6,14 @@
 Lint and render go through Helm itself; the rendered objects are then checked against what
 workersd needs and accepts: the hardened pod, the probes, RBAC exactly as the code calls the
 API (tests/chart/expected_rbac.yaml, also checked against README.md), the Consul token as a
-mounted file, and every flag against the real binary (`target/debug/workersd`).
+mounted file. Every flag against the real binary: test_chart_flags.py; mode: daemonset:
+test_chart_daemonset.py.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -43,8 +42,15 @@ def render(helm, values=None) -> helm_lib.Rendered:
     return helm.render(CHART, values, release=RELEASE, namespace=NAMESPACE)
 
 
+def workload(rendered: helm_lib.Rendered) -> dict:
+    """The Deployment (mode: deployment) or the DaemonSet (mode: daemonset): exactly one."""
+    found = rendered.of_kind("Deployment") + rendered.of_kind("DaemonSet")
+    assert len(found) == 1, [o["kind"] for o in found]
+    return found[0]
+
+
 def container(rendered: helm_lib.Rendered) -> dict:
-    pod = rendered.one("Deployment")["spec"]["template"]["spec"]
+    pod = workload(rendered)["spec"]["template"]["spec"]
     assert [c["name"] for c in pod["containers"]] == ["workersd"]
     return pod["containers"][0]
 
@@ -77,7 +83,8 @@ def triples(rules: list[dict]) -> set[tuple[str, str, str]]:
 
 WATCH = triples(EXPECTED_RBAC["watch"])
 LEASES = triples(EXPECTED_RBAC["leaderElection"])
-ALLOWED = WATCH | LEASES
+NODES = triples(EXPECTED_RBAC["nodes"])
+ALLOWED = WATCH | LEASES | NODES
 
 
 def rbac_rules(rendered) -> dict[tuple[str, str | None, str], list[dict]]:
@@ -121,30 +128,6 @@ def lookup(values: dict, path: str):
     return node
 
 
-def workersd_binary() -> Path:
-    """target/debug/workersd (WORKERSD_BIN overrides); built in debug mode when missing."""
-    explicit = os.environ.get("WORKERSD_BIN")
-    if explicit:
-        return Path(explicit)
-    binary = REPO / "target" / "debug" / "workersd"
-    if not binary.is_file():
-        # Cargo's own lock serializes this with any concurrent build of the workspace.
-        subprocess.run(["cargo", "build", "--bin", "workersd"], cwd=REPO, check=True)
-    assert binary.is_file(), f"{binary} missing after cargo build"
-    return binary
-
-
-@pytest.fixture(scope="module")
-def kubernetes_flags() -> set[str]:
-    out = subprocess.run(
-        [str(workersd_binary()), "kubernetes", "--help"],
-        capture_output=True, text=True, timeout=60, check=True,
-    ).stdout
-    flags = set(re.findall(r"(?m)^\s+(?:-\w, )?(--[a-z][a-z0-9-]*)", out))
-    assert {"--consul-token-file", "--leader-election", "--listen"} <= flags, out
-    return flags
-
-
 # Value sets every structural test runs over.
 SCENARIOS = {
     "defaults": None,
@@ -155,6 +138,7 @@ SCENARIOS = {
         "httpSd": {"enabled": False},
     },
     "one-namespace": {"watchNamespaces": ["shop"]},
+    "daemonset": {"mode": "daemonset", "tolerations": [{"operator": "Exists"}]},
 }
 
 
@@ -210,6 +194,8 @@ def test_lint_values_all(helm):
         ({"watchNamespaces": ["Shop"]}, "/watchNamespaces/0"),
         ({"httpSd": {"port": 70000}}, "/httpSd/port"),
         ({"clusterName": "prod eu"}, "/clusterName"),
+        ({"mode": "statefulset"}, "/mode"),
+        ({"mode": "daemonset", "daemonset": {"maxUnavailable": 0}}, "/daemonset/maxUnavailable"),
     ],
 )
 def test_schema_rejects_bad_values(helm, bad, pointer):
@@ -239,8 +225,7 @@ def test_guard_rails(helm, values, message):
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_pod_is_hardened(rendered, scenario):
-    deployment = rendered[scenario].one("Deployment")
-    pod = deployment["spec"]["template"]["spec"]
+    pod = workload(rendered[scenario])["spec"]["template"]["spec"]
     psc = pod["securityContext"]
     assert psc["runAsNonRoot"] is True and psc["runAsUser"] == 65532
     assert psc["seccompProfile"] == {"type": "RuntimeDefault"}
@@ -285,9 +270,7 @@ def test_probes_and_ports(rendered, scenario):
         assert flag_value(args, "--http-sd-listen") == "off"
         assert "http-sd" not in ports
         assert service_ports == {"metrics": (values["metrics"]["port"], "metrics")}
-    assert service["spec"]["selector"] == (
-        rendered[scenario].one("Deployment")["spec"]["selector"]["matchLabels"]
-    )
+    assert service["spec"]["selector"] == workload(rendered[scenario])["spec"]["selector"]["matchLabels"]
 
 
 def test_leader_election(rendered):
@@ -397,9 +380,10 @@ def test_rbac_rules_are_allowed_and_exact(rendered, scenario):
         assert got <= ALLOWED, f"{key} grants more than workersd calls: {got - ALLOWED}"
         union |= got
     expected = WATCH | (LEASES if values["leaderElection"]["enabled"] else set())
+    expected |= NODES if values["mode"] == "daemonset" else set()
     assert union == expected, f"missing {expected - union}, extra {union - expected}"
     # Every role is bound to the chart's ServiceAccount, and only to it.
-    sa = r.one("Deployment")["spec"]["template"]["spec"]["serviceAccountName"]
+    sa = workload(r)["spec"]["template"]["spec"]["serviceAccountName"]
     bindings = [o for o in r.objects if o["kind"] in ("ClusterRoleBinding", "RoleBinding")]
     bound = {
         (b["roleRef"]["kind"], b["metadata"].get("namespace") if b["roleRef"]["kind"] == "Role" else None,
@@ -494,36 +478,6 @@ def test_consul_tls_secrets_mounted_and_passed(rendered, helm):
     assert [v["name"] for v in pod["volumes"]] == ["consul-ca"]
 
 
-# -- flags against the binary ------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("scenario", SCENARIOS)
-def test_every_flag_exists(rendered, kubernetes_flags, scenario):
-    args = args_of(rendered[scenario])
-    used = {a.split("=", 1)[0] for a in args if a.startswith("--")}
-    assert used, args
-    unknown = used - kubernetes_flags
-    assert not unknown, f"flags not in `workersd kubernetes --help`: {sorted(unknown)}"
-
-
-@pytest.mark.parametrize("scenario", SCENARIOS)
-def test_binary_accepts_rendered_args(rendered, scenario, tmp_path):
-    """The real argument parser accepts the rendered command line and values: workersd gets as
-    far as configuring the Kubernetes client (absent here) instead of a usage error."""
-    c = container(rendered[scenario])
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path), "POD_NAME": "p-0"}
-    for e in c.get("env", []):
-        if "value" in e:
-            env[e["name"]] = str(e["value"])
-    run = subprocess.run(
-        [str(workersd_binary()), *args_of(rendered[scenario])],
-        env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path,
-    )
-    output = run.stdout + run.stderr
-    assert run.returncode == 1, output
-    assert "cannot configure the Kubernetes client" in output, output
-
-
 # -- NOTES -------------------------------------------------------------------------------------
 
 
@@ -563,6 +517,9 @@ def test_schema_values_readme_values_all_in_step():
             assert value != lookup(DEFAULTS, path) or path in (
                 "serviceAccount.create", "leaderElection.enabled", "httpSd.enabled",
                 "podDisruptionBudget.minAvailable",
+                # values-all exercises mode: deployment (watchNamespaces, consul.node and the
+                # PDB are refused in mode: daemonset); tests/chart/test_chart_daemonset.py
+                "mode",
             ), f"values-all.yaml keeps the default of {path}"
     assert documented == set(leaves), (
         f"chart README: undocumented {sorted(set(leaves) - documented)}, "

@@ -115,13 +115,26 @@ def test_kubectl_nodes_discovery_apply_tables_cordon_and_delete(kubectl, tmp_pat
 
 def test_kubectl_watches_nodes(kubectl, fk, tmp_path):
     w = Watcher(kubectl, tmp_path, fk, "nodes")
+    table_path = tmp_path / "nodes-table.out"
+    with open(table_path, "w") as out:  # the human form: `kubectl get nodes -w`
+        table = subprocess.Popen(kubectl.base + ["get", "nodes", "-w", "--request-timeout=60s"], stdout=out,
+                                 stderr=subprocess.STDOUT, text=True)
     try:
+        fk.wait_for_watch("nodes", count=2)
         apply_node(kubectl, tmp_path, "n1")
         kubectl("label", "node", "n1", "workersd.io/probe=yes")
         kubectl("delete", "node", "n1")
         evs = w.wait(lambda evs: any(e["type"] == "DELETED" for e in evs))
+        deadline = time.time() + 10
+        while time.time() < deadline and table_path.read_text().count("\nn1 ") < 3:
+            time.sleep(0.1)
     finally:
         w.stop()
+        table.terminate()
+        table.wait(timeout=10)
+    lines = table_path.read_text().splitlines()
+    assert lines[0].split() == ["NAME", "STATUS", "ROLES", "AGE", "VERSION"], lines
+    assert [l.split()[:3] for l in lines[1:]] == [["n1", "Ready", "worker"]] * 3, lines
     assert summary(evs) == [("ADDED", "n1"), ("MODIFIED", "n1"), ("DELETED", "n1")]
     rvs = [int(e["object"]["metadata"]["resourceVersion"]) for e in evs]
     assert rvs == sorted(rvs) and len(set(rvs)) == 3

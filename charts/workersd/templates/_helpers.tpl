@@ -65,9 +65,33 @@ invalid objects get deduplicated events.k8s.io Events (created, then patched).
   verbs: [create, patch]
 {{- end }}
 
+{{/*
+mode: daemonset only: the janitor lists and watches Nodes to remove the Consul entries of
+deleted nodes (README, "Node-local mode"). Nodes are cluster-scoped: a ClusterRole rule.
+*/}}
+{{- define "workersd.nodeRules" -}}
+- apiGroups: [""]
+  resources: [nodes]
+  verbs: [get, list, watch]
+{{- end }}
+
 {{/* Checks of relations the JSON schema cannot express. */}}
 {{- define "workersd.validate" -}}
-{{- if and (not .Values.leaderElection.enabled) (gt (int .Values.replicaCount) 1) }}
+{{- if eq .Values.mode "daemonset" }}
+{{- if not .Values.leaderElection.enabled }}
+{{- fail "mode=daemonset needs leaderElection.enabled=true: the janitor that removes the entries of deleted nodes is elected through the Lease" }}
+{{- end }}
+{{- if .Values.watchNamespaces }}
+{{- fail "mode=daemonset watches pods in all namespaces: unset watchNamespaces (its janitor needs a ClusterRole for nodes anyway, and per-namespace watches would cost nodes x namespaces watches)" }}
+{{- end }}
+{{- if .Values.consul.node }}
+{{- fail "mode=daemonset publishes each node under its own Consul node workersd-<clusterName>_<node>: unset consul.node" }}
+{{- end }}
+{{- if .Values.podDisruptionBudget.enabled }}
+{{- fail "mode=daemonset has no PodDisruptionBudget (kubectl drain skips DaemonSet pods): set podDisruptionBudget.enabled=false" }}
+{{- end }}
+{{- end }}
+{{- if and (eq .Values.mode "deployment") (not .Values.leaderElection.enabled) (gt (int .Values.replicaCount) 1) }}
 {{- fail "replicaCount > 1 needs leaderElection.enabled=true: without a leader every replica probes and writes" }}
 {{- end }}
 {{- if and (not .Values.consul.address) (not .Values.httpSd.enabled) }}

@@ -604,6 +604,8 @@ def builtin_defs() -> list:
         ResourceDef("", "v1", "serviceaccounts", "ServiceAccount", True, short_names=["sa"]),
         ResourceDef("apps", "v1", "deployments", "Deployment", True, short_names=["deploy"], categories=["all"],
                     status=True, generation=True),
+        ResourceDef("apps", "v1", "daemonsets", "DaemonSet", True, short_names=["ds"], categories=["all"],
+                    status=True, generation=True),
         ResourceDef("rbac.authorization.k8s.io", "v1", "roles", "Role", True),
         ResourceDef("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding", True),
         ResourceDef("rbac.authorization.k8s.io", "v1", "clusterroles", "ClusterRole", False),
