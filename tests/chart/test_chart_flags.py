@@ -63,12 +63,15 @@ def test_binary_accepts_rendered_args(rendered, kubernetes_flags, scenario, tmp_
     far as configuring the Kubernetes client (absent here) instead of a usage error."""
     needs_node_mode(scenario, kubernetes_flags)
     c = container(rendered[scenario])
-    # what the kubelet gives the downward API variables
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path), "POD_NAME": "p-0",
-           "NODE_NAME": "node-a"}
+    # what the kubelet gives the container: its declared env only, downward API fields resolved
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path)}
+    downward = {"metadata.name": "p-0", "metadata.namespace": "workersd", "spec.nodeName": "node-a"}
     for e in c.get("env", []):
         if "value" in e:
             env[e["name"]] = str(e["value"])
+        field = ((e.get("valueFrom") or {}).get("fieldRef") or {}).get("fieldPath")
+        if field in downward:
+            env[e["name"]] = downward[field]
     # the kubelet expands $(VAR) in args from the container's env
     args = [re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), a) for a in args_of(rendered[scenario])]
     run = subprocess.run(
