@@ -423,12 +423,13 @@ def test_rbac_per_namespace_with_watch_namespaces(rendered, scenario):
 def test_readme_rbac_block_matches_expected():
     readme = (REPO / "README.md").read_text()
     section = readme.split("### RBAC", 1)[1]
-    block = re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
-    docs = [d for d in yaml.safe_load_all(block) if d]
+    roles, node_local = re.findall(r"```yaml\n(.*?)```", section.split("\n### ", 1)[0], re.S)
+    docs = [d for d in yaml.safe_load_all(roles) if d]
     by_kind = {d["kind"]: d["rules"] for d in docs}
     assert set(by_kind) == {"ClusterRole", "Role"}
     assert by_kind["ClusterRole"] == EXPECTED_RBAC["watch"]
     assert by_kind["Role"] == EXPECTED_RBAC["leaderElection"]
+    assert yaml.safe_load(node_local) == EXPECTED_RBAC["nodes"]
 
 
 # -- Consul token and TLS ----------------------------------------------------------------------
