@@ -84,18 +84,7 @@ impl<'de> serde::de::Visitor<'de> for ServicesSeed<'_> {
     fn visit_seq<S: serde::de::SeqAccess<'de>>(self, mut seq: S) -> Result<Catalog, S::Error> {
         let mut services = Catalog::new();
         while let Some(mut s) = seq.next_element::<ServiceReply>()? {
-            if let Port::Odd(odd) = &s.port {
-                // Consul stores any int as a port (agent/structs NodeService.Port is an `int`,
-                // never range-checked), so someone else's entry may hold -1 or 70000. It is
-                // never ours to touch; only its ID matters (conflicts). Our own must be exact.
-                if s.is_owned_by(self.1) {
-                    return Err(serde::de::Error::custom(format!(
-                        "service {:?}, which workersd owns, has Port {odd}, not a port number",
-                        s.id
-                    )));
-                }
-                s.port = Port::Valid(0);
-            }
+            s.check_port(self.1).map_err(serde::de::Error::custom)?;
             let modify_index = s.modify_index;
             let (id, instance) = match self.0.get(s.id.as_str()) {
                 // Shares the desired instance instead of a decoded copy.
@@ -241,6 +230,22 @@ impl Pairs {
 }
 
 impl ServiceReply {
+    /// Consul stores any int as a port (agent/structs NodeService.Port is an `int`, never
+    /// range-checked), so someone else's entry may hold -1 or 70000. It is never ours to
+    /// touch; only its ID matters (conflicts), and its port reads as 0. Our own must be exact.
+    fn check_port(&mut self, owner: &str) -> Result<(), String> {
+        if let Port::Odd(odd) = &self.port {
+            if self.is_owned_by(owner) {
+                return Err(format!(
+                    "service {:?}, which workersd owns, has Port {odd}, not a port number",
+                    self.id
+                ));
+            }
+            self.port = Port::Valid(0);
+        }
+        Ok(())
+    }
+
     /// Our marker and our owner id, as [`reconcile::is_owned_by`] decides it.
     fn is_owned_by(&self, owner: &str) -> bool {
         let meta = self.meta.as_ref();
@@ -291,6 +296,24 @@ impl ServiceReply {
             meta: Arc::new(meta),
         }
     }
+}
+
+/// A `/v1/agent/services` reply: the local agent's services by ID (agent/agent_endpoint.go
+/// `AgentServices`, an object of `api.AgentService`), foreign ones included, as a catalog.
+pub fn decode_agent_services(body: &[u8], owner: &str) -> Result<Catalog, ConsulError> {
+    let decode_error = |e: String| ConsulError::Decode {
+        what: "agent services",
+        source: e.into(),
+    };
+    let reply: BTreeMap<String, Option<ServiceReply>> =
+        serde_json::from_slice(body).map_err(|e| decode_error(e.to_string()))?;
+    let mut services = Catalog::new();
+    for mut s in reply.into_values().flatten() {
+        s.check_port(owner).map_err(decode_error)?;
+        let instance = s.into_instance();
+        services.insert(instance.id.clone(), Arc::new(instance));
+    }
+    Ok(services)
 }
 
 /// The ModifyIndex of each service a committed txn wrote, by ID, from its reply; an
@@ -511,5 +534,25 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn agent_services_decode_ours_like_the_catalog_and_keep_foreign_ones() {
+        let body = br#"{
+            "a": {"ID": "a", "Service": "s", "Address": "10.0.0.1", "Port": 9011, "Tags": ["t"],
+                  "Meta": {"external-source": "workersd", "workersd-owner": "me", "worker-port": "9011"},
+                  "Weights": {"Passing": 1, "Warning": 1}, "Datacenter": "dc1"},
+            "nomad-x": {"ID": "nomad-x", "Service": "api", "Port": -1, "Meta": null, "Tags": null}
+        }"#;
+        let services = decode_agent_services(body, "me").unwrap();
+        let a = &services["a"];
+        assert_eq!((a.port, a.address.as_str(), a.tags.as_slice()), (9011, "10.0.0.1", &["t".to_string()][..]));
+        assert!(!a.meta.contains_key("worker-port"), "stored as the port, like a catalog read");
+        assert_eq!(services["nomad-x"].port, 0);
+        // Ours with a port that is none is an error, not an entry to overwrite blindly.
+        let ours_odd = br#"{"a": {"ID": "a", "Service": "s", "Port": 70000,
+            "Meta": {"external-source": "workersd", "workersd-owner": "me"}}}"#;
+        assert!(decode_agent_services(ours_odd, "me").is_err());
+        assert!(decode_agent_services(b"[]", "me").is_err());
     }
 }
