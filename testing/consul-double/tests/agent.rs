@@ -311,3 +311,77 @@ async fn reregistration_keeps_check_state_and_can_replace_checks() {
     assert_eq!(check_status(checks, "a"), "passing");
     double.shutdown().await;
 }
+
+/// The CLI wires `--agent` and its settings, and the control API drives the agent.
+#[tokio::test]
+async fn the_binary_runs_an_agent_with_the_configured_minimum() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_consul-double"))
+        .args(["--listen", "127.0.0.1:0", "--control-listen", "127.0.0.1:0"])
+        .args([
+            "--agent",
+            "--node-name",
+            "host-7",
+            "--agent-address",
+            "10.1.2.3",
+        ])
+        .args(["--agent-check-deregister-interval-min", "5s"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn consul-double");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url_after = |key: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .unwrap()
+            .to_string()
+    };
+    let (api, control) = (url_after("api="), url_after("control="));
+    let http = client();
+    let body = json!({"ID": "w1", "Name": "web", "Check": {"TTL": "30s",
+                      "DeregisterCriticalServiceAfter": "1s"}});
+    let response = http
+        .put(format!("{api}/v1/agent/service/register"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let catalog: Value = http
+        .get(format!("{api}/v1/catalog/service/web"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(catalog[0]["Node"], "host-7");
+    assert_eq!(catalog[0]["Address"], "10.1.2.3");
+    let state: Value = http
+        .post(format!("{control}/control/agent/fail"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(state["failed"], true);
+    assert_eq!(
+        state["checks"][0]["DeregisterCriticalServiceAfterSeconds"],
+        5.0
+    );
+    let restarted = http
+        .post(format!("{control}/control/agent/restart?dev=true"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(restarted.status(), StatusCode::OK);
+    let _ = child.kill();
+    let _ = child.wait();
+}
