@@ -96,7 +96,10 @@ pub(crate) async fn run(shared: Arc<Shared>) {
             return;
         };
         let full = agent.run_timers(Instant::now());
-        push(&shared, &mut agent, full);
+        // Most ticks change nothing: leave the catalog lock to the readers then.
+        if full || agent.has_changes() {
+            push(&shared, &mut agent, full);
+        }
     }
 }
 

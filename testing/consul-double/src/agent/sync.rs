@@ -69,6 +69,16 @@ impl LocalAgent {
         tx.commit()
     }
 
+    /// Whether a change sync would write anything.
+    pub fn has_changes(&self) -> bool {
+        !self.failed
+            && (!self.node_in_sync
+                || !self.deleted_services.is_empty()
+                || !self.deleted_checks.is_empty()
+                || self.services.values().any(|s| !s.in_sync)
+                || self.checks.values().any(|c| !c.in_sync))
+    }
+
     /// `SyncChanges`: pushes what is out of sync or deleted. Nothing reaches the servers
     /// while the node is failed (the RPCs fail; anti-entropy retries later).
     pub fn sync_changes(&mut self, catalog: &mut Catalog) -> Option<u64> {
