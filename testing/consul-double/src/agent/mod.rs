@@ -321,8 +321,9 @@ impl LocalAgent {
         if !interval.is_zero() && check.record.status == status {
             check.record.output = output.to_string();
             if check.deferred_until.is_none() {
-                check.deferred_until =
-                    Some(now + interval / 2 + crate::query::jitter(interval * 16));
+                // `lib.RandomStagger(interval)`: below `interval` (jitter gives up to 1/16).
+                let stagger = crate::query::jitter(interval * 16);
+                check.deferred_until = Some(now + interval / 2 + stagger);
             }
             return;
         }
