@@ -30,10 +30,15 @@ use crate::store::{Catalog, NodeEntry};
 
 /// Generous cap for other bodies; Consul sets none, but unbounded reads are
 /// a hazard even in a test double.
-const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
+pub(crate) const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
 
 pub fn router(shared: Arc<Shared>) -> Router {
+    let agent_routes = match shared.agent {
+        Some(_) => crate::agent::endpoints::routes(),
+        None => Router::new(),
+    };
     Router::new()
+        .merge(agent_routes)
         .route("/v1/agent/self", with_405(get(agent_self)))
         .route("/v1/status/leader", with_405(get(status_leader)))
         .route("/v1/status/peers", with_405(get(status_peers)))
@@ -70,7 +75,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
 }
 
 /// Consul answers a known path with the wrong method with 405 and a body.
-fn with_405(route: MethodRouter<Arc<Shared>>) -> MethodRouter<Arc<Shared>> {
+pub(crate) fn with_405(route: MethodRouter<Arc<Shared>>) -> MethodRouter<Arc<Shared>> {
     route.fallback(method_not_allowed)
 }
 
@@ -170,7 +175,7 @@ fn presented_token(headers: &HeaderMap, params: &QueryParams) -> (Option<String>
 // Response helpers
 // ---------------------------------------------------------------------------
 
-fn text(status: StatusCode, body: impl Into<String>) -> Response {
+pub(crate) fn text(status: StatusCode, body: impl Into<String>) -> Response {
     (
         status,
         [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
@@ -194,7 +199,7 @@ fn encode<T: Serialize + ?Sized>(value: &T, pretty: bool) -> Vec<u8> {
     encoded.unwrap_or_default()
 }
 
-fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
+pub(crate) fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
     (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
@@ -316,7 +321,7 @@ fn service_has_tags(service: &ServiceRecord, wanted: &[&str]) -> bool {
 // ---------------------------------------------------------------------------
 
 /// Deterministic UUID-shaped ID for the agent's node.
-fn agent_node_id(name: &str) -> String {
+pub(crate) fn agent_node_id(name: &str) -> String {
     let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
     });
@@ -740,7 +745,7 @@ async fn health_service(
 // Writes
 // ---------------------------------------------------------------------------
 
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, Response> {
+pub(crate) async fn read_body(body: Body, limit: usize) -> Result<Bytes, Response> {
     axum::body::to_bytes(body, limit).await.map_err(|_| {
         text(
             StatusCode::PAYLOAD_TOO_LARGE,

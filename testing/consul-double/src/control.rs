@@ -29,6 +29,11 @@ pub fn router(shared: Arc<Shared>) -> Router {
             "/control/refuse-service-writes",
             post(refuse_service_writes),
         )
+        .route("/control/agent", get(agent_show))
+        .route("/control/agent/restart", post(agent_restart))
+        .route("/control/agent/fail", post(agent_fail))
+        .route("/control/agent/recover", post(agent_recover))
+        .route("/control/agent/full-sync", post(agent_full_sync))
         .with_state(shared)
 }
 
@@ -130,4 +135,78 @@ async fn set_token_rules(
     } else {
         (StatusCode::NOT_FOUND, "no token with that secret").into_response()
     }
+}
+
+/// What the control API can do to the local agent.
+pub(crate) enum AgentAction {
+    Show,
+    /// An agent restart; `dev`: one run with `-dev` (nothing persisted).
+    Restart {
+        dev: bool,
+    },
+    /// Serf marks the node failed.
+    Fail,
+    /// Serf sees the node alive again.
+    Recover,
+    /// The periodic anti-entropy run, now.
+    FullSync,
+}
+
+/// Applies `action` and returns the agent's state; `None` without an agent.
+pub(crate) fn agent_action(shared: &Shared, action: AgentAction) -> Option<serde_json::Value> {
+    use crate::agent::endpoints::{lock, push, set_member_failed};
+    let mut agent = lock(shared)?;
+    let now = tokio::time::Instant::now();
+    match action {
+        AgentAction::Show => {}
+        AgentAction::Restart { dev } => {
+            agent.restart(dev, now);
+            push(shared, &mut agent, true);
+        }
+        AgentAction::Fail => set_member_failed(shared, &mut agent, true),
+        AgentAction::Recover => set_member_failed(shared, &mut agent, false),
+        AgentAction::FullSync => push(shared, &mut agent, true),
+    }
+    Some(agent.dump(now))
+}
+
+fn agent_response(shared: &Shared, action: AgentAction) -> Response {
+    match agent_action(shared, action) {
+        Some(state) => Json(state).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            "no local agent: start the double with --agent",
+        )
+            .into_response(),
+    }
+}
+
+async fn agent_show(State(shared): State<Arc<Shared>>) -> Response {
+    agent_response(&shared, AgentAction::Show)
+}
+
+/// `?dev=true`: the agent ran with `-dev` and comes back empty.
+async fn agent_restart(State(shared): State<Arc<Shared>>, RawQuery(raw): RawQuery) -> Response {
+    let params = QueryParams::parse(raw.as_deref());
+    let dev = match params.get("dev") {
+        None => false,
+        Some("") => true,
+        Some(value) => match parse_go_bool(value) {
+            Some(flag) => flag,
+            None => return (StatusCode::BAD_REQUEST, "dev must be a boolean").into_response(),
+        },
+    };
+    agent_response(&shared, AgentAction::Restart { dev })
+}
+
+async fn agent_fail(State(shared): State<Arc<Shared>>) -> Response {
+    agent_response(&shared, AgentAction::Fail)
+}
+
+async fn agent_recover(State(shared): State<Arc<Shared>>) -> Response {
+    agent_response(&shared, AgentAction::Recover)
+}
+
+async fn agent_full_sync(State(shared): State<Arc<Shared>>) -> Response {
+    agent_response(&shared, AgentAction::FullSync)
 }

@@ -18,6 +18,7 @@
 //! ```
 
 pub mod acl;
+pub mod agent;
 mod api;
 mod control;
 pub mod model;
@@ -37,6 +38,7 @@ use serde_json::json;
 use tokio::sync::watch;
 
 pub use acl::{Access, AclConfig, DefaultPolicy, Resource, Rules, Token};
+pub use agent::AgentConfig;
 pub use stats::{Stats, TxnStats};
 use store::Catalog;
 
@@ -53,8 +55,12 @@ pub struct Config {
     /// [`ConsulDouble`] still work in-process).
     pub control_listen: Option<SocketAddr>,
     pub datacenter: String,
-    /// Agent node name reported by `/v1/agent/self`.
+    /// Agent node name reported by `/v1/agent/self`; with [`Config::agent`], the node
+    /// the local agent syncs its services to.
     pub node_name: String,
+    /// A local agent serving `/v1/agent/service/*` and `/v1/agent/check/*` on this
+    /// listener; `None` (the default): those paths are unmatched.
+    pub agent: Option<AgentConfig>,
     /// Shorthand for [`Config::acl`]: ACLs on, default deny, this one
     /// management token. Ignored when `acl` is set.
     pub acl_token: Option<String>,
@@ -97,6 +103,7 @@ impl Default for Config {
             control_listen: None,
             datacenter: "dc1".into(),
             node_name: "consul-double".into(),
+            agent: None,
             acl_token: None,
             acl: None,
             max_txn_ops: DEFAULT_MAX_TXN_OPS,
@@ -117,6 +124,7 @@ impl fmt::Debug for Config {
             .field("control_listen", &self.control_listen)
             .field("datacenter", &self.datacenter)
             .field("node_name", &self.node_name)
+            .field("agent", &self.agent)
             .field("acl_token", &self.acl_token.as_ref().map(|_| "<redacted>"))
             .field("acl", &self.acl)
             .field("max_txn_ops", &self.max_txn_ops)
@@ -148,6 +156,8 @@ pub(crate) struct Shared {
     refused_services: Mutex<Vec<String>>,
     /// Write rate-limit bucket: (tokens, last refill).
     write_tokens: Mutex<(f64, tokio::time::Instant)>,
+    /// The local agent, if configured. Lock order: the agent, then the catalog.
+    agent: Option<Mutex<agent::LocalAgent>>,
 }
 
 impl Shared {
@@ -289,6 +299,8 @@ pub struct ConsulDouble {
     shared: Arc<Shared>,
     control_addr: Option<SocketAddr>,
     control: Option<server::RunningListener>,
+    /// The local agent's clock loop.
+    agent_task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl ConsulDouble {
@@ -311,7 +323,17 @@ impl ConsulDouble {
             config.write_rate_limit.map_or(0.0, |l| l.burst.max(1.0)),
             tokio::time::Instant::now(),
         ));
+        let agent = config.agent.clone().map(|agent_config| {
+            Mutex::new(agent::LocalAgent::new(
+                &config.node_name,
+                api::agent_node_id(&config.node_name),
+                &config.datacenter,
+                agent_config,
+                tokio::time::Instant::now(),
+            ))
+        });
         let shared = Arc::new(Shared {
+            agent,
             config,
             catalog: RwLock::new(initial),
             index_tx,
@@ -323,6 +345,11 @@ impl ConsulDouble {
             api_listener: tokio::sync::Mutex::new(None),
             refused_services: Mutex::new(Vec::new()),
             write_tokens,
+        });
+        let agent_task = agent::endpoints::lock(&shared).map(|mut local| {
+            // The leader registers the joining member, then the agent's first full sync runs.
+            agent::endpoints::set_member_failed(&shared, &mut local, false);
+            tokio::spawn(agent::endpoints::run(shared.clone()))
         });
         *shared.api_listener.lock().await =
             Some(server::spawn_api(api_listener, api::router(shared.clone())));
@@ -338,6 +365,7 @@ impl ConsulDouble {
             shared,
             control_addr,
             control,
+            agent_task,
         })
     }
 
@@ -414,8 +442,37 @@ impl ConsulDouble {
         *self.shared.stats() = Stats::default();
     }
 
+    /// The local agent's state (`GET /control/agent`); `None` without an agent.
+    pub fn agent_state(&self) -> Option<serde_json::Value> {
+        control::agent_action(&self.shared, control::AgentAction::Show)
+    }
+
+    /// Restarts the local agent (`POST /control/agent/restart`): services registered
+    /// through the API come back from its data directory, or with `dev` nothing does.
+    pub fn agent_restart(&self, dev: bool) -> Option<serde_json::Value> {
+        control::agent_action(&self.shared, control::AgentAction::Restart { dev })
+    }
+
+    /// Serf marks the agent's node failed (`true`) or alive again (`false`).
+    pub fn agent_node_failed(&self, failed: bool) -> Option<serde_json::Value> {
+        let action = if failed {
+            control::AgentAction::Fail
+        } else {
+            control::AgentAction::Recover
+        };
+        control::agent_action(&self.shared, action)
+    }
+
+    /// Runs the agent's periodic full anti-entropy sync now.
+    pub fn agent_full_sync(&self) -> Option<serde_json::Value> {
+        control::agent_action(&self.shared, control::AgentAction::FullSync)
+    }
+
     /// Stops both listeners and drops open connections.
     pub async fn shutdown(mut self) {
+        if let Some(task) = self.agent_task.take() {
+            task.abort();
+        }
         self.shared.down().await;
         if let Some(control) = self.control.take() {
             control.stop().await;
@@ -425,6 +482,9 @@ impl ConsulDouble {
 
 impl Drop for ConsulDouble {
     fn drop(&mut self) {
+        if let Some(task) = self.agent_task.take() {
+            task.abort();
+        }
         if let Some(control) = self.control.take() {
             control.abort();
         }

@@ -3,10 +3,12 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
+use consul_double::query::parse_go_duration;
 use consul_double::{
-    AclConfig, Config, ConsulDouble, DEFAULT_MAX_TXN_OPS, DEFAULT_TXN_MAX_REQ_LEN,
+    AclConfig, AgentConfig, Config, ConsulDouble, DEFAULT_MAX_TXN_OPS, DEFAULT_TXN_MAX_REQ_LEN,
 };
 
 #[derive(Parser, Debug)]
@@ -80,9 +82,43 @@ struct Args {
     #[arg(long, env = "CONSUL_DOUBLE_REJECT_TXN_SERVICE_RENAME")]
     reject_txn_service_rename: bool,
 
+    /// Run a local agent on node --node-name: /v1/agent/service/*, /v1/agent/check/*,
+    /// anti-entropy to the catalog, TTL checks and the critical-service reaper.
+    #[arg(long, env = "CONSUL_DOUBLE_AGENT")]
+    agent: bool,
+
+    /// The agent node's address in the catalog.
+    #[arg(long, env = "CONSUL_DOUBLE_AGENT_ADDRESS", default_value = "127.0.0.1")]
+    agent_address: String,
+
+    /// Period of the agent's full anti-entropy sync (Go duration; Consul: 1m).
+    #[arg(long, env = "CONSUL_DOUBLE_AGENT_AE_INTERVAL", value_parser = go_duration,
+          default_value = "1m")]
+    agent_ae_interval: Duration,
+
+    /// Period of the critical-service reaper (Consul: 30s).
+    #[arg(long, env = "CONSUL_DOUBLE_AGENT_CHECK_REAP_INTERVAL", value_parser = go_duration,
+          default_value = "30s")]
+    agent_check_reap_interval: Duration,
+
+    /// TEST-ONLY deviation: the floor of DeregisterCriticalServiceAfter (Consul: 1m, fixed).
+    #[arg(long, env = "CONSUL_DOUBLE_AGENT_CHECK_DEREGISTER_INTERVAL_MIN", value_parser = go_duration,
+          default_value = "1m")]
+    agent_check_deregister_interval_min: Duration,
+
+    /// How late an output-only check change is synced (Consul's check_update_interval: 5m;
+    /// 0s syncs every change).
+    #[arg(long, env = "CONSUL_DOUBLE_AGENT_CHECK_UPDATE_INTERVAL", value_parser = go_duration,
+          default_value = "5m")]
+    agent_check_update_interval: Duration,
+
     /// Write the bound addresses here as JSON once listening.
     #[arg(long, env = "CONSUL_DOUBLE_READY_FILE")]
     ready_file: Option<PathBuf>,
+}
+
+fn go_duration(text: &str) -> Result<Duration, String> {
+    parse_go_duration(text).ok_or_else(|| format!("invalid duration {text:?}"))
 }
 
 fn acl_token(args: &Args) -> Result<Option<String>, String> {
@@ -165,6 +201,13 @@ async fn main() -> ExitCode {
         control_listen: Some(args.control_listen),
         datacenter: args.datacenter.clone(),
         node_name: args.node_name.clone(),
+        agent: args.agent.then(|| AgentConfig {
+            address: args.agent_address.clone(),
+            ae_interval: args.agent_ae_interval,
+            check_reap_interval: args.agent_check_reap_interval,
+            check_deregister_interval_min: args.agent_check_deregister_interval_min,
+            check_update_interval: args.agent_check_update_interval,
+        }),
         acl_token,
         max_txn_ops: args.max_txn_ops,
         txn_max_req_len: args.txn_max_req_len,
@@ -202,4 +245,29 @@ async fn main() -> ExitCode {
     wait_for_termination().await;
     double.shutdown().await;
     ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use consul_double::agent::{
+        DEFAULT_AE_INTERVAL, DEFAULT_CHECK_DEREGISTER_INTERVAL_MIN, DEFAULT_CHECK_REAP_INTERVAL,
+        DEFAULT_CHECK_UPDATE_INTERVAL,
+    };
+
+    #[test]
+    fn agent_flag_defaults_are_consuls() {
+        let args = Args::parse_from(["consul-double", "--agent"]);
+        assert!(args.agent);
+        assert_eq!(args.agent_ae_interval, DEFAULT_AE_INTERVAL);
+        assert_eq!(args.agent_check_reap_interval, DEFAULT_CHECK_REAP_INTERVAL);
+        assert_eq!(
+            args.agent_check_deregister_interval_min,
+            DEFAULT_CHECK_DEREGISTER_INTERVAL_MIN
+        );
+        assert_eq!(
+            args.agent_check_update_interval,
+            DEFAULT_CHECK_UPDATE_INTERVAL
+        );
+    }
 }

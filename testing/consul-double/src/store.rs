@@ -530,16 +530,21 @@ fn validate_service_meta(node: &str, service: &ServiceRecord) -> Result<(), Stri
     let Some(meta) = &service.meta else {
         return Ok(());
     };
-    let wrap = |detail: String| {
+    validate_meta(meta).map_err(|detail| {
         format!(
             "Invalid Service Meta for node {} and serviceID {}: {}",
             node, service.id, detail
         )
-    };
+    })
+}
+
+/// Consul's `structs.validateMetadata` for service meta: its error text, unwrapped (the
+/// catalog and the agent endpoint each add their own prefix).
+pub fn validate_meta(meta: &Meta) -> Result<(), String> {
     if meta.len() > META_MAX_PAIRS {
-        return Err(wrap(format!(
+        return Err(format!(
             "Node metadata cannot contain more than {META_MAX_PAIRS} key/value pairs"
-        )));
+        ));
     }
     for (k, v) in meta {
         let problem = if k.is_empty() {
@@ -565,9 +570,9 @@ fn validate_service_meta(node: &str, service: &ServiceRecord) -> Result<(), Stri
             None
         };
         if let Some(problem) = problem {
-            return Err(wrap(format!(
+            return Err(format!(
                 "Couldn't load metadata pair ('{k}', '{v}'): {problem}"
-            )));
+            ));
         }
     }
     Ok(())

@@ -3,94 +3,16 @@
 //! would through Consul. Requires `victoria-metrics` on PATH (Debian package
 //! `victoria-metrics`); a missing binary fails the test on purpose.
 
+mod vm_support;
+
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{SocketAddr, TcpListener as StdTcpListener};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use consul_double::{Config, ConsulDouble};
 use serde_json::{Value, json};
+use vm_support::*;
 
 const NODE: &str = "workersd-synthetic";
-const POLL_STEP: Duration = Duration::from_millis(200);
-const DISCOVERY_DEADLINE: Duration = Duration::from_secs(30);
-
-fn find_on_path(program: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join(program))
-            .find(|candidate| candidate.is_file())
-    })
-}
-
-/// A scratch directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(label: &str) -> TempDir {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or_default();
-        let path = std::env::temp_dir().join(format!("{label}-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&path).expect("create temp dir");
-        TempDir(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// The VictoriaMetrics child process; killed (and its log shown on failure)
-/// on drop.
-struct VictoriaMetrics {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Drop for VictoriaMetrics {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(40).collect();
-            eprintln!("--- victoria-metrics log (last lines) ---");
-            for line in tail.iter().rev() {
-                eprintln!("{line}");
-            }
-        }
-    }
-}
-
-fn free_port() -> u16 {
-    StdTcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free loopback port")
-}
-
-/// Serves Prometheus text on `/metrics`, standing in for a worker.
-async fn start_scrape_target(worker: &'static str) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind target");
-    let addr = listener.local_addr().expect("target addr");
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || async move {
-            format!("# TYPE worker_up gauge\nworker_up{{worker=\"{worker}\"}} 1\n")
-        }),
-    );
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    addr
-}
 
 fn service_op(verb: &str, id: &str, name: &str, port: u16, pid: &str) -> Value {
     json!({"Service": {"Verb": verb, "Node": NODE, "Service": {
@@ -114,63 +36,8 @@ async fn put_txn(http: &reqwest::Client, double: &ConsulDouble, ops: Value) {
     assert_eq!(status, reqwest::StatusCode::OK, "txn failed: {body}");
 }
 
-/// Discovered Consul targets by `__address__`, as VM reports them.
-async fn consul_targets(http: &reqwest::Client, vm: &str) -> Option<BTreeMap<String, Value>> {
-    let response = http.get(format!("{vm}/api/v1/targets")).send().await.ok()?;
-    let body: Value = response.json().await.ok()?;
-    let active = body["data"]["activeTargets"].as_array()?;
-    Some(
-        active
-            .iter()
-            .filter(|t| t["discoveredLabels"]["__meta_consul_node"] == json!(NODE))
-            .filter_map(|t| {
-                let address = t["discoveredLabels"]["__address__"].as_str()?.to_string();
-                Some((address, t.clone()))
-            })
-            .collect(),
-    )
-}
-
-/// Polls VM until `accept` holds for the discovered targets or the deadline
-/// passes; returns the last observation either way.
-async fn poll_targets(
-    http: &reqwest::Client,
-    vm: &str,
-    accept: impl Fn(&BTreeMap<String, Value>) -> bool,
-) -> (bool, BTreeMap<String, Value>) {
-    let started = Instant::now();
-    let mut last = BTreeMap::new();
-    while started.elapsed() < DISCOVERY_DEADLINE {
-        if let Some(targets) = consul_targets(http, vm).await {
-            if accept(&targets) {
-                return (true, targets);
-            }
-            last = targets;
-        }
-        tokio::time::sleep(POLL_STEP).await;
-    }
-    (false, last)
-}
-
-fn write_scrape_config(dir: &Path, consul: SocketAddr) -> PathBuf {
-    // No `datacenter`: VM must learn it from /v1/agent/self, as in production.
-    let config = format!(
-        "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: workers\n    consul_sd_configs:\n      - server: \"{consul}\"\n"
-    );
-    let path = dir.join("promscrape.yml");
-    std::fs::write(&path, config).expect("write scrape config");
-    path
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn victoria_metrics_discovers_workers_through_the_double() {
-    let binary = find_on_path("victoria-metrics").unwrap_or_else(|| {
-        panic!(
-            "`victoria-metrics` is not on PATH. This fidelity test needs a real Consul client; \
-             install it with `apt-get install -y victoria-metrics` (CI must)."
-        )
-    });
-
     let double = ConsulDouble::start(Config::default())
         .await
         .expect("start double");
@@ -198,26 +65,7 @@ async fn victoria_metrics_discovers_workers_through_the_double() {
     .await;
 
     let scratch = TempDir::new("consul-double-vm");
-    let config = write_scrape_config(&scratch.0, double.api_addr());
-    let vm_port = free_port();
-    let log = scratch.0.join("victoria-metrics.log");
-    let log_file = std::fs::File::create(&log).expect("log file");
-    let child = Command::new(&binary)
-        .arg(format!(
-            "-storageDataPath={}",
-            scratch.0.join("data").display()
-        ))
-        .arg(format!("-httpListenAddr=127.0.0.1:{vm_port}"))
-        .arg(format!("-promscrape.config={}", config.display()))
-        .arg("-promscrape.consulSDCheckInterval=1s")
-        .arg("-loggerLevel=INFO")
-        .stdin(Stdio::null())
-        .stdout(log_file.try_clone().expect("log handle"))
-        .stderr(log_file)
-        .spawn()
-        .expect("spawn victoria-metrics");
-    let _vm = VictoriaMetrics { child, log };
-    let vm = format!("http://127.0.0.1:{vm_port}");
+    let (_vm, vm) = start_victoria_metrics(&scratch, double.api_addr(), "");
 
     let expected: BTreeMap<String, (&str, &str, &str)> = [
         (gunicorn_1, "gunicorn-1", "gunicorn", "101"),
@@ -245,7 +93,7 @@ async fn victoria_metrics_discovers_workers_through_the_double() {
                 })
             })
     };
-    let (ok, seen) = poll_targets(&http, &vm, all_discovered).await;
+    let (ok, seen) = poll_targets(&http, &vm, NODE, all_discovered).await;
     assert!(
         ok,
         "VictoriaMetrics did not discover and scrape all workers via the double within {DISCOVERY_DEADLINE:?}; last seen: {seen:#?}\nstats: {:#?}",
@@ -263,7 +111,7 @@ async fn victoria_metrics_discovers_workers_through_the_double() {
     )
     .await;
     let remaining = gunicorn_1.to_string();
-    let (ok, seen) = poll_targets(&http, &vm, |targets| {
+    let (ok, seen) = poll_targets(&http, &vm, NODE, |targets| {
         targets.len() == 1 && targets.contains_key(&remaining)
     })
     .await;

@@ -205,3 +205,38 @@ class ConsulDouble(Runner):
     def owned_ports(self, service: str, owner: str) -> list[int]:
         """Sorted ServicePorts of owned_entries (duplicates kept, so they show)."""
         return sorted(e["ServicePort"] for e in self.owned_entries(service, owner))
+
+    # -- the local agent (start with extra_args=["--agent", "--node-name", "node-1", ...]) --
+
+    def _agent_control(self, method: str, action: str) -> Any:
+        r = http_request(method, f"{self.control_url}/control/agent{action}", timeout=5)
+        if r.status_code // 100 != 2:
+            raise RuntimeError(f"consul-double /control/agent{action}: {r.status_code} {r.text}")
+        return r.json()
+
+    def agent_state(self) -> Any:
+        """The local agent's services and checks (GET /control/agent)."""
+        return self._agent_control("GET", "")
+
+    def agent_restart(self, dev: bool = False) -> Any:
+        """Restart the agent: API registrations restored; dev=True: an agent run with -dev,
+        everything lost (its first full sync then deletes its catalog entries)."""
+        return self._agent_control("POST", "/restart?dev=true" if dev else "/restart")
+
+    def agent_fail(self) -> Any:
+        """Serf marks the agent's node failed: every service of the node is critical."""
+        return self._agent_control("POST", "/fail")
+
+    def agent_recover(self) -> Any:
+        """Serf sees the agent's node alive again; the agent runs a full sync."""
+        return self._agent_control("POST", "/recover")
+
+    def agent_full_sync(self) -> Any:
+        """Run the agent's periodic anti-entropy full sync now."""
+        return self._agent_control("POST", "/full-sync")
+
+    def health_service(self, name: str, passing: bool = False) -> list[dict]:
+        """GET /v1/health/service/<name> (optionally ?passing)."""
+        r = self.api_get(f"/v1/health/service/{name}", **({"passing": "true"} if passing else {}))
+        r.raise_for_status()
+        return r.json()
