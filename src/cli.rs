@@ -106,6 +106,12 @@ pub enum LogFormat {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Registration {
+    Catalog,
+    Agent,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Liveness {
     Hold,
     Connect,
@@ -149,6 +155,25 @@ pub struct RunArgs {
     /// [default: the Consul node name].
     #[arg(long, env = "WORKERSD_OWNER_ID")]
     pub owner_id: Option<String>,
+    /// How workers are registered. catalog: under a synthetic node workersd owns (Kubernetes,
+    /// hosts without a Consul agent). agent: as services of the local Consul agent, each with
+    /// a TTL check workersd passes while the worker lives, so they die with the host (hosts,
+    /// VMs and Nomad clients running an agent; --consul-addr is then that agent).
+    #[arg(
+        long,
+        env = "WORKERSD_CONSUL_REGISTRATION",
+        value_enum,
+        default_value = "catalog"
+    )]
+    pub consul_registration: Registration,
+    /// Agent registration: a worker's check goes critical when workersd has not passed it for
+    /// this long (workersd gone or stuck); passed every third of it.
+    #[arg(long, env = "WORKERSD_CONSUL_CHECK_TTL", default_value = "30s", value_parser = parse_duration)]
+    pub consul_check_ttl: Duration,
+    /// Agent registration: the agent removes a worker whose check stayed critical this long
+    /// (Consul raises anything below 1m to 1m).
+    #[arg(long, env = "WORKERSD_CONSUL_DEREGISTER_CRITICAL_AFTER", default_value = "1m", value_parser = parse_duration)]
+    pub consul_deregister_critical_after: Duration,
     /// Consul is re-read and corrected when a blocking query on the node sees a change, at
     /// most once per interval; the query waits at most this long (a wiped Consul is noticed
     /// within about one interval).

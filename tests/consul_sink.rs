@@ -1,6 +1,9 @@
 //! The Consul sink against the in-repo Consul double (in process): batching, minimal writes,
 //! ownership, restart safety, outages, ACL.
 
+mod common;
+
+use common::desired_of;
 use consul_double::{
     Access, AclConfig, Config, ConsulDouble, DefaultPolicy, Resource, Rules, Token,
 };
@@ -8,9 +11,7 @@ use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
-use workersd::catalog::desired_catalog;
 use workersd::metrics::Metrics;
-use workersd::model::{PortRange, Scheme, Target, TargetId};
 use workersd::pipeline::DesiredState;
 use workersd::secret::{FileSecret, Secret, TokenSource};
 use workersd::sinks::consul::{ConsulClient, ConsulError, ConsulSettings, ConsulSink};
@@ -53,35 +54,6 @@ fn desired_with_meta(
     meta: BTreeMap<String, String>,
 ) -> DesiredState {
     desired_of("clever", OWNER, pods, live, complete, meta)
-}
-
-fn desired_of(
-    service: &str,
-    owner: &str,
-    pods: usize,
-    live: u16,
-    complete: bool,
-    meta: BTreeMap<String, String>,
-) -> DesiredState {
-    let targets: Vec<Target> = (0..pods)
-        .map(|i| Target {
-            id: TargetId::new(format!("pod-{i}")),
-            service: service.into(),
-            address: format!("10.1.{}.{}", i / 250, i % 250 + 1).parse().unwrap(),
-            ports: PortRange::new(9011, 9020).unwrap(),
-            path: "/metrics".into(),
-            scheme: Scheme::Http,
-            tags: vec!["gunicorn".into()],
-            meta: meta.clone(),
-            revision: 0,
-            probe_interval: None,
-        })
-        .collect();
-    let ports: BTreeSet<u16> = (9011..9011 + live).collect();
-    DesiredState {
-        catalog: desired_catalog(owner, targets.iter().map(|t| (t, &ports))),
-        complete,
-    }
 }
 
 async fn get(double: &ConsulDouble, path: &str) -> Value {

@@ -3,10 +3,12 @@
 use super::admin_server::{self as server, Readiness};
 use super::settings::{ConsulNode, consul_settings};
 use super::{limits, shutdown};
-use crate::cli::RunArgs;
+use crate::cli::{Registration, RunArgs};
 use crate::declaration;
 use crate::metrics::Metrics;
 use crate::pipeline::{self, DesiredRx, desired_channel};
+use crate::sinks::consul::agent::AgentSink;
+use crate::sinks::consul::agent::registration::CheckSettings;
 use crate::sinks::{consul, http_sd};
 use crate::sources::TargetSnapshot;
 use anyhow::Context;
@@ -20,7 +22,7 @@ pub struct Controller {
     owner: String,
     /// Descriptors left for held worker connections once probes and the rest have theirs.
     hold_capacity: usize,
-    sink: Option<consul::ConsulSink>,
+    sink: Option<consul::Sink>,
     /// The Consul sink's settings, for other writers of the same Consul (the janitor).
     consul: Option<consul::ConsulSettings>,
     desired_tx: watch::Sender<Arc<pipeline::DesiredState>>,
@@ -54,14 +56,26 @@ impl Controller {
                 consul = Some(settings.clone());
                 tracing::info!(
                     consul = %settings.address,
+                    registration = ?run.consul_registration,
                     node = %settings.node,
                     owner = %settings.owner,
                     token = settings.token.is_some(),
                     "consul sink enabled"
                 );
                 let client = consul::ConsulClient::new(settings)?;
-                let sink = consul::ConsulSink::new(client, metrics.clone());
-                readiness.consul_synced = Some(sink.synced.clone());
+                let sink = match run.consul_registration {
+                    Registration::Catalog => {
+                        consul::Sink::Catalog(consul::ConsulSink::new(client, metrics.clone()))
+                    }
+                    Registration::Agent => {
+                        let check = CheckSettings {
+                            ttl: run.consul_check_ttl,
+                            deregister_after: run.consul_deregister_critical_after,
+                        };
+                        consul::Sink::Agent(AgentSink::new(client, check, metrics.clone()))
+                    }
+                };
+                readiness.consul_synced = Some(sink.synced());
                 Some(sink)
             }
             None => {
@@ -112,7 +126,7 @@ impl Controller {
     pub fn refused(
         &self,
     ) -> Option<watch::Receiver<crate::sinks::consul::quarantine::RefusedEntries>> {
-        self.sink.as_ref().map(consul::ConsulSink::refused)
+        self.sink.as_ref().and_then(consul::Sink::refused)
     }
 
     /// Starts probing, publishing and serving HTTP SD for the targets on `targets`.
@@ -146,7 +160,7 @@ impl Controller {
 /// A started controller.
 pub struct Started {
     pub desired: DesiredRx,
-    sink_task: Option<tokio::task::JoinHandle<consul::ConsulSink>>,
+    sink_task: Option<tokio::task::JoinHandle<consul::Sink>>,
     stop_sink: tokio::sync::oneshot::Sender<()>,
     deregister_on_exit: bool,
 }

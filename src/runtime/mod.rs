@@ -12,7 +12,7 @@ pub mod shutdown;
 pub use self::controller::{Controller, Started};
 use self::leader::LeaseSettings;
 use self::settings::{ConsulNode, default_node, hostname_or_localhost};
-use crate::cli::{KubernetesArgs, StandaloneArgs};
+use crate::cli::{KubernetesArgs, Registration, StandaloneArgs};
 use crate::declaration;
 use crate::metrics::Metrics;
 use crate::model::meta_keys;
@@ -66,6 +66,7 @@ pub async fn run_standalone(args: StandaloneArgs) -> anyhow::Result<()> {
 
 pub async fn run_kubernetes(args: KubernetesArgs) -> anyhow::Result<()> {
     declaration::owner_id(&args.cluster_name).context("--cluster-name")?;
+    refuse_agent_registration(&args)?;
     let names = NamePolicy::new(&args.service_name_template).context("--service-name-template")?;
     let node_local = match &args.node_name {
         Some(node) => Some(node_local_consul_node(&args, node)?),
@@ -183,6 +184,17 @@ pub async fn run_kubernetes(args: KubernetesArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A pod's workers are not the services of any one host's agent, and pods move between
+/// hosts: Kubernetes mode registers in the catalog.
+fn refuse_agent_registration(args: &KubernetesArgs) -> anyhow::Result<()> {
+    if args.run.consul_registration == Registration::Agent {
+        bail!(
+            "--consul-registration agent is for hosts running a Consul agent (workersd standalone); in Kubernetes mode workers are registered in the catalog (--consul-registration catalog)"
+        );
+    }
+    Ok(())
+}
+
 /// Node-local mode's Consul node: one per Kubernetes node, `workersd-<cluster>_<node>`, owned
 /// under its own name. `_` never occurs in a Kubernetes node name (a DNS subdomain), so no
 /// two (cluster, node) pairs share a Consul node.
@@ -261,6 +273,14 @@ mod tests {
         let a = consul_node(&["--cluster-name=a", "--node-name=b-c"]).unwrap();
         let b = consul_node(&["--cluster-name=a-b", "--node-name=c"]).unwrap();
         assert_ne!(a.name, b.name);
+    }
+
+    #[test]
+    fn kubernetes_mode_refuses_agent_registration() {
+        let agent = kubernetes_args(&["--consul-registration=agent"]);
+        let error = format!("{:#}", refuse_agent_registration(&agent).unwrap_err());
+        assert!(error.contains("--consul-registration agent"), "{error}");
+        assert!(refuse_agent_registration(&kubernetes_args(&[])).is_ok());
     }
 
     #[test]

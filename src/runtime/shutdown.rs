@@ -22,7 +22,7 @@ pub async fn signal() {
 /// Stops the Consul sink (if any). With `deregister_on_exit` it finishes its pass, then
 /// removes this owner's entries; otherwise they stay in place for the next instance.
 pub(super) async fn stop_sink(
-    sink_task: Option<tokio::task::JoinHandle<consul::ConsulSink>>,
+    sink_task: Option<tokio::task::JoinHandle<consul::Sink>>,
     stop_sink: tokio::sync::oneshot::Sender<()>,
     deregister_on_exit: bool,
 ) {

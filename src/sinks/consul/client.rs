@@ -95,16 +95,26 @@ impl ConsulClient {
     }
 
     fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        let mut builder = self
+        let builder = self.local_request(method, path);
+        match &self.settings.datacenter {
+            Some(dc) => builder.query(&[("dc", dc)]),
+            None => builder,
+        }
+    }
+
+    /// A request to the agent itself (`/v1/agent/...`), which serves its own datacenter only.
+    pub(super) fn local_request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+    ) -> reqwest::RequestBuilder {
+        let builder = self
             .http
             .request(method, format!("{}{path}", self.settings.address));
-        if let Some(dc) = &self.settings.datacenter {
-            builder = builder.query(&[("dc", dc)]);
+        match self.settings.token.current() {
+            Some(token) => builder.header("X-Consul-Token", token.expose()),
+            None => builder,
         }
-        if let Some(token) = self.settings.token.current() {
-            builder = builder.header("X-Consul-Token", token.expose());
-        }
-        builder
     }
 
     /// Everything under our node; an absent node is an empty read. Entries equal to `desired`
@@ -323,7 +333,7 @@ pub enum Watched {
 }
 
 /// Sends a request and reads the whole reply as text.
-async fn send(request: reqwest::RequestBuilder) -> Result<(u16, String), ConsulError> {
+pub(super) async fn send(request: reqwest::RequestBuilder) -> Result<(u16, String), ConsulError> {
     let response = request.send().await.map_err(ConsulError::Unreachable)?;
     let status = response.status().as_u16();
     let body = response.text().await.map_err(ConsulError::Unreachable)?;

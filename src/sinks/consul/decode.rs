@@ -546,8 +546,14 @@ mod tests {
         }"#;
         let services = decode_agent_services(body, "me").unwrap();
         let a = &services["a"];
-        assert_eq!((a.port, a.address.as_str(), a.tags.as_slice()), (9011, "10.0.0.1", &["t".to_string()][..]));
-        assert!(!a.meta.contains_key("worker-port"), "stored as the port, like a catalog read");
+        assert_eq!(
+            (a.port, a.address.as_str(), a.tags.as_slice()),
+            (9011, "10.0.0.1", &["t".to_string()][..])
+        );
+        assert!(
+            !a.meta.contains_key("worker-port"),
+            "stored as the port, like a catalog read"
+        );
         assert_eq!(services["nomad-x"].port, 0);
         // Ours with a port that is none is an error, not an entry to overwrite blindly.
         let ours_odd = br#"{"a": {"ID": "a", "Service": "s", "Port": 70000,

@@ -9,6 +9,7 @@
 //! `quarantine` (refused entries), `permission` (ACL refusals), `decode` (Consul's replies).
 //! I/O: `client` (HTTP) and `watch` (the blocking query that says when to re-read).
 
+pub mod agent;
 mod client;
 mod decode;
 mod error;
@@ -580,6 +581,57 @@ async fn sleep_until_some(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+/// The Consul sink of either registration: the catalog under a synthetic node, or the local
+/// agent's services.
+pub enum Sink {
+    Catalog(ConsulSink),
+    Agent(agent::AgentSink),
+}
+
+impl Sink {
+    /// Set once a complete desired state was published.
+    pub fn synced(&self) -> Arc<AtomicBool> {
+        match self {
+            Sink::Catalog(sink) => sink.synced.clone(),
+            Sink::Agent(sink) => sink.synced.clone(),
+        }
+    }
+
+    /// The entries Consul refused on their own; only a catalog transaction refuses one entry
+    /// and commits the others.
+    pub fn refused(&self) -> Option<tokio::sync::watch::Receiver<quarantine::RefusedEntries>> {
+        match self {
+            Sink::Catalog(sink) => Some(sink.refused()),
+            Sink::Agent(_) => None,
+        }
+    }
+
+    pub async fn run_until(
+        self,
+        desired: DesiredRx,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Self {
+        match self {
+            Sink::Catalog(sink) => Sink::Catalog(sink.run_until(desired, stop).await),
+            Sink::Agent(sink) => Sink::Agent(sink.run_until(desired, stop).await),
+        }
+    }
+
+    pub fn invalidate(&mut self) {
+        match self {
+            Sink::Catalog(sink) => sink.invalidate(),
+            Sink::Agent(sink) => sink.invalidate(),
+        }
+    }
+
+    pub async fn sync(&mut self, desired: &DesiredState) -> Result<SyncOutcome, ConsulError> {
+        match self {
+            Sink::Catalog(sink) => sink.sync(desired).await,
+            Sink::Agent(sink) => sink.sync(desired).await,
+        }
     }
 }
 
