@@ -44,6 +44,11 @@ def health(consul: ConsulDouble) -> dict[int, str]:
     return out
 
 
+def agent_ports(consul: ConsulDouble) -> set[int]:
+    """Ports of the local agent's own services (its local state, not the catalog)."""
+    return {s["Port"] for s in consul.api_get("/v1/agent/services").json().values() if s["Service"] == SERVICE}
+
+
 def scraped_up(vm: VictoriaMetrics) -> set[int]:
     return {int(t["scrapeUrl"].split(":")[2].split("/")[0]) for t in vm.targets() if t.get("health") == "up"}
 
@@ -120,6 +125,19 @@ def test_agent_registration_follows_workers_and_dies_with_workersd_or_the_host(p
     assert monitor.samples > 10 and not monitor.bad, monitor.bad[:3]
     requests = consul.stats()["requests"]
     assert not [r for r in requests if "deregister" in r], requests
+    assert health(consul) == {p: "passing" for p in live}
+
+    # The agent restarts: API registrations are restored (critical until passed again, or
+    # kept passing if their TTL had not run out); restarted with -dev it has lost them all
+    # and workersd registers them again within a resync interval (1 s).
+    consul.agent_restart()
+    wait_until(lambda: health(consul) == {p: "passing" for p in live}, timeout=TTL + 5, interval=0.1,
+               message=lambda: f"health after an agent restart {health(consul)}")
+    consul.agent_restart(dev=True)
+    assert agent_ports(consul) == set()
+    wait_until(lambda: agent_ports(consul) == live, timeout=10, interval=0.1,
+               message=lambda: f"the agent's services after a -dev restart: {agent_ports(consul)}")
+    consul.agent_full_sync()  # the catalog follows the agent's local state
     assert health(consul) == {p: "passing" for p in live}
 
     # workersd killed for good: critical after the TTL (VictoriaMetrics drops them), gone
