@@ -331,6 +331,7 @@ mod tests {
         }
         q.accepted(&a);
         assert_eq!(q.len(), 2);
+        assert!(!q.is_empty());
         // `b` is still planned as refused, `c` changed: only `b` stays.
         q.retain_planned([&b, &op("c", 2)]);
         assert_eq!(q.len(), 1);
