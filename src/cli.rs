@@ -10,7 +10,7 @@ use std::time::Duration;
 #[derive(Debug, Parser)]
 #[command(
     name = "workersd",
-    version,
+    version = env!("WORKERSD_VERSION"),
     about = "Gives every worker process of a multi-process web service its own Prometheus scrape target"
 )]
 pub struct Cli {

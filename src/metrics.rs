@@ -53,6 +53,13 @@ pub struct SinkLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+    /// Empty when not built from a git checkout.
+    commit: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabel {
     pub kind: &'static str,
 }
@@ -66,6 +73,18 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("workersd");
+        let build_info = Family::<BuildLabels, Gauge>::default();
+        build_info
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+                commit: env!("WORKERSD_COMMIT"),
+            })
+            .set(1);
+        registry.register(
+            "build_info",
+            "Always 1; the labels say which build runs",
+            build_info,
+        );
         let probes = Family::<ResultLabel, Counter>::default();
         registry.register("probes", "Port probes by result", probes.clone());
         let targets = Gauge::default();
@@ -220,6 +239,17 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn build_info_names_the_version_and_commit() {
+        let text = Metrics::new().encode();
+        let line = format!(
+            "workersd_build_info{{version=\"{}\",commit=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION"),
+            env!("WORKERSD_COMMIT")
+        );
+        assert!(text.contains(&line), "{line} not in {text}");
+    }
 
     #[test]
     fn encodes_counters_with_labels() {

@@ -1,5 +1,7 @@
 //! Logging to stderr: human-readable text, or one JSON object per line for collectors.
 
+pub mod summary;
+
 use crate::cli::LogFormat;
 use serde::Serialize;
 use serde_json::{Map, Value};

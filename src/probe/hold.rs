@@ -10,6 +10,7 @@
 //! One thread waits on all held sockets. A held connection is a descriptor plus a map entry;
 //! there is no task, buffer or timer per connection.
 
+use crate::telemetry::summary::Summary;
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Registry, Token, Waker};
 use socket2::{SockRef, TcpKeepalive};
@@ -72,6 +73,9 @@ pub struct Holds {
     capacity: usize,
     keepalive: TcpKeepalive,
     full_warned: AtomicBool,
+    /// Targets whose holds were paused (their workers answered only once a held connection
+    /// closed), logged as one line for the first of a minute and one for the rest.
+    pub(super) paused: Mutex<Summary>,
 }
 
 impl Holds {
@@ -101,6 +105,7 @@ impl Holds {
             capacity,
             keepalive,
             full_warned: AtomicBool::new(false),
+            paused: Mutex::new(Summary::new(Duration::from_secs(60))),
         }))
     }
 

@@ -6,7 +6,8 @@ use super::sweep::{
 };
 use super::{Ended, HoldId, Holds, ProbeReport, ProbeSettings, RangeState, SweepKind};
 use crate::metrics::Metrics;
-use crate::model::Target;
+use crate::model::{Target, TargetId};
+use crate::telemetry::summary::Line;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,7 +55,7 @@ impl Sweeper {
                 Box::pin(self.sweep(previous.as_ref().unwrap_or(&fresh), kind, holding.as_ref()))
                     .await;
             let now = match holds.as_mut() {
-                Some(holds) => holds.adopt(swept, &self.metrics),
+                Some(holds) => holds.adopt(swept, &self.target.id, &self.metrics),
                 None => swept.state,
             };
             let took = started.elapsed();
@@ -162,21 +163,30 @@ impl TargetHolds {
     }
 
     /// Keeps the sweep's new holds and lets go of any port that is no longer live.
-    pub(super) fn adopt(&mut self, swept: Swept, metrics: &Metrics) -> RangeState {
+    pub(super) fn adopt(
+        &mut self,
+        swept: Swept,
+        target: &TargetId,
+        metrics: &Metrics,
+    ) -> RangeState {
         for (port, id) in swept.held {
             if let Some(old) = self.held.insert(port, id) {
                 self.holds.release(old);
             }
         }
-        if swept.blocked_by_hold {
-            self.strikes += 1;
-            self.paused_sweeps = hold_pause(self.strikes);
-            tracing::info!(
-                full_sweeps = self.paused_sweeps,
-                "a worker answered only once its idle connection was closed (a metrics server \
-                 that handles one connection at a time, or a slow one); reconnecting to this \
-                 target's workers instead of holding them for a while"
-            );
+        let now = Instant::now();
+        let lines = {
+            let mut summary = self.holds.paused.lock().unwrap_or_else(|e| e.into_inner());
+            if swept.blocked_by_hold {
+                self.strikes += 1;
+                self.paused_sweeps = hold_pause(self.strikes);
+                summary.note(target.as_str(), now)
+            } else {
+                summary.due(now).into_iter().collect()
+            }
+        };
+        for line in lines {
+            log_reconnecting(line, self.paused_sweeps);
         }
         let holds = &self.holds;
         let paused = self.paused_sweeps > 0;
@@ -197,6 +207,26 @@ impl Drop for TargetHolds {
         for id in self.held.values() {
             self.holds.release(*id);
         }
+    }
+}
+
+fn log_reconnecting(line: Line, full_sweeps: u32) {
+    match line {
+        Line::First(_) => tracing::info!(
+            full_sweeps,
+            "a worker answered only once its idle connection was closed (a metrics server \
+             that handles one connection at a time, or a slow one); reconnecting to this \
+             target's workers instead of holding them for a while (more such targets within \
+             a minute are summarized in one line)"
+        ),
+        // Not in the current sweeper's span: the line is about other targets.
+        Line::More { count, examples } => tracing::info!(
+            parent: None,
+            targets = count,
+            examples = ?examples,
+            "more targets' workers answered only once their idle connection was closed; \
+             reconnecting to them instead of holding them for a while"
+        ),
     }
 }
 

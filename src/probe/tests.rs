@@ -241,6 +241,47 @@ async fn events_of_a_sweep_carry_the_target_id_from_the_sweepers_span() {
     );
 }
 
+#[tokio::test(flavor = "current_thread")]
+async fn targets_whose_holds_pause_together_are_logged_once_not_once_each() {
+    let captured = crate::fixtures::CapturedLogs::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .json()
+        .flatten_event(true)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _default = tracing::subscriber::set_default(subscriber);
+    let mut workers = Vec::new();
+    let mut targets = Vec::new();
+    for host in 30..35 {
+        let target = Target {
+            id: TargetId::new(format!("t{host}")),
+            ..six_ports(host)
+        };
+        workers.push(serve_worker(SocketAddr::new(target.address, 9011), one_at_a_time()).await);
+        targets.push(Arc::new(target));
+    }
+    let (tx, mut rx) = mpsc::channel(16);
+    let mut prober = Prober::new(
+        holding_settings(Duration::from_secs(5)),
+        Arc::new(Metrics::new()),
+        tx,
+    );
+    prober.sync(&targets);
+    for _ in &targets {
+        next_report(&mut rx, Duration::from_secs(5)).await;
+    }
+    let logs = captured.text();
+    let paused = logs
+        .lines()
+        .filter(|l| l.contains("answered only once"))
+        .count();
+    assert_eq!(
+        paused, 1,
+        "one line for the first, the others summarized later: {logs}"
+    );
+}
+
 #[tokio::test]
 async fn a_port_whose_hold_ended_is_reconnected_until_the_next_full_sweep() {
     let target = six_ports(7);
@@ -349,7 +390,7 @@ async fn sweep_holding(
         &metrics,
     )
     .await;
-    let state = holding.adopt(swept, &metrics);
+    let state = holding.adopt(swept, &target.id, &metrics);
     (state, holding.held.len())
 }
 

@@ -150,7 +150,10 @@ mod tests {
                 .due([&a, &b], t0 + Duration::from_secs(9), every)
                 .is_empty()
         );
-        assert_eq!(passes.due([&a, &b], t0 + every, every), std::slice::from_ref(&a));
+        assert_eq!(
+            passes.due([&a, &b], t0 + every, every),
+            std::slice::from_ref(&a)
+        );
         passes.retain(|id| id == "b");
         assert_eq!(passes.next_due(every), Some(t0 + Duration::from_secs(14)));
         passes.clear();
