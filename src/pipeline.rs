@@ -4,6 +4,7 @@
 use crate::catalog::DesiredCatalog;
 pub use crate::catalog::{DesiredRx, DesiredState, desired_channel};
 use crate::metrics::Metrics;
+use crate::probe::results::ProbeResults;
 use crate::probe::{ProbeReport, ProbeSettings, Prober};
 use crate::sources::TargetSnapshot;
 use std::sync::Arc;
@@ -12,13 +13,28 @@ use tokio::sync::{mpsc, watch};
 /// Runs until the targets channel closes.
 pub async fn run(
     owner: String,
-    mut targets: watch::Receiver<TargetSnapshot>,
+    targets: watch::Receiver<TargetSnapshot>,
     settings: ProbeSettings,
     metrics: Arc<Metrics>,
     out: watch::Sender<Arc<DesiredState>>,
 ) {
+    run_recording(owner, targets, settings, metrics, out, None).await;
+}
+
+/// As [`run`], recording every port's last probe result in `results` (the status page).
+pub async fn run_recording(
+    owner: String,
+    mut targets: watch::Receiver<TargetSnapshot>,
+    settings: ProbeSettings,
+    metrics: Arc<Metrics>,
+    out: watch::Sender<Arc<DesiredState>>,
+    results: Option<Arc<ProbeResults>>,
+) {
     let (report_tx, mut reports) = mpsc::channel::<ProbeReport>(4096);
     let mut prober = Prober::new(settings, metrics.clone(), report_tx);
+    if let Some(results) = results {
+        prober = prober.recording(results);
+    }
     let mut desired = DesiredCatalog::new(&owner);
     let snapshot = targets.borrow_and_update().clone();
     desired.apply_snapshot(&snapshot);

@@ -21,6 +21,7 @@ mod connect;
 mod hold;
 mod http;
 mod probing;
+pub mod results;
 mod sweep;
 mod sweeper;
 #[cfg(test)]
@@ -33,6 +34,7 @@ pub use probing::{Holding, Swept, sweep_target};
 
 use crate::metrics::Metrics;
 use crate::model::{Target, TargetId};
+use results::ProbeResults;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
@@ -159,6 +161,7 @@ pub struct Prober {
     holds: Option<Arc<Holds>>,
     sweepers: HashMap<TargetId, SweeperHandle>,
     next_generation: u64,
+    results: Option<Arc<ProbeResults>>,
 }
 
 impl Prober {
@@ -186,7 +189,14 @@ impl Prober {
             holds,
             sweepers: HashMap::new(),
             next_generation: 1,
+            results: None,
         }
+    }
+
+    /// Records every port's last result in `results` (the status page reads them).
+    pub fn recording(mut self, results: Arc<ProbeResults>) -> Self {
+        self.results = Some(results);
+        self
     }
 
     /// Starts loops for new targets, restarts changed ones (probed at once, then fast) and
@@ -198,6 +208,9 @@ impl Prober {
             let keep = wanted.get(id).is_some_and(|t| **t == sweeper.target);
             if !keep {
                 sweeper.task.abort();
+                if let Some(results) = &self.results {
+                    results.forget(id);
+                }
             }
             keep
         });
@@ -215,6 +228,7 @@ impl Prober {
                 metrics: self.metrics.clone(),
                 reports: self.reports.clone(),
                 holds: self.holds.clone(),
+                results: self.results.clone(),
             };
             // Events of the sweep carry its target from the span.
             let span = tracing::info_span!("sweeper", target_id = %id, generation);

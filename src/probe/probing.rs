@@ -36,6 +36,8 @@ pub struct Swept {
     /// A worker answered only once its held connection was let go: its server handles one
     /// connection at a time, and holding would block its scrapes.
     pub blocked_by_hold: bool,
+    /// Every probe of this sweep and its result (held ports are not probed).
+    pub probed: Vec<(u16, PortStatus)>,
 }
 
 /// One sweep of `target`'s range under the shared `limiter`, starting from what the previous
@@ -70,6 +72,7 @@ pub async fn sweep_target(
         .live
         .extend(target.ports.ports().filter(|port| held(*port)));
     for probed in results {
+        swept.probed.push((probed.port, probed.status));
         swept.state.record(probed.port, probed.status);
         swept.held.extend(probed.hold.map(|id| (probed.port, id)));
         swept.blocked_by_hold |= probed.blocked_by_hold;

@@ -22,6 +22,7 @@ pub(super) struct Sweeper {
     pub(super) metrics: Arc<Metrics>,
     pub(super) reports: mpsc::Sender<ProbeReport>,
     pub(super) holds: Option<Arc<Holds>>,
+    pub(super) results: Option<Arc<super::results::ProbeResults>>,
 }
 
 impl Sweeper {
@@ -54,6 +55,10 @@ impl Sweeper {
             let swept =
                 Box::pin(self.sweep(previous.as_ref().unwrap_or(&fresh), kind, holding.as_ref()))
                     .await;
+            if let Some(results) = &self.results {
+                let held = holds.iter().flat_map(|h| h.held.keys().copied());
+                results.record(&self.target, &swept.probed, held, std::time::SystemTime::now());
+            }
             let now = match holds.as_mut() {
                 Some(holds) => holds.adopt(swept, &self.target.id, &self.metrics),
                 None => swept.state,

@@ -1,5 +1,7 @@
-//! The controller's own HTTP endpoints: `/metrics`, `/healthz`, `/readyz`.
+//! The controller's own HTTP endpoints: `/metrics`, `/healthz`, `/readyz`, and the status
+//! page (`/`, `/status`).
 
+use super::status_page;
 use crate::metrics::Metrics;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
@@ -55,6 +57,16 @@ impl Readiness {
 struct AppState {
     metrics: Arc<Metrics>,
     readiness: Arc<Readiness>,
+    status: status_page::Sources,
+}
+
+async fn status_html(State(state): State<AppState>) -> impl IntoResponse {
+    let page = status_page::html(&status_page::status(&state.status));
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], page)
+}
+
+async fn status_json(State(state): State<AppState>) -> impl IntoResponse {
+    axum::Json(status_page::status(&state.status))
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
@@ -89,14 +101,17 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, String) {
     }
 }
 
-pub fn router(metrics_: Arc<Metrics>, readiness: Arc<Readiness>) -> axum::Router {
+pub fn router(metrics_: Arc<Metrics>, status: status_page::Sources) -> axum::Router {
     axum::Router::new()
+        .route("/", get(status_html))
+        .route("/status", get(status_json))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(AppState {
             metrics: metrics_,
-            readiness,
+            readiness: status.readiness.clone(),
+            status,
         })
 }
 

@@ -2,7 +2,8 @@
 
 use super::admin_server::{self as server, Readiness};
 use super::settings::{ConsulNode, consul_settings};
-use super::{limits, shutdown};
+use super::{limits, shutdown, status_page};
+use crate::probe::results::ProbeResults;
 use crate::cli::{Registration, RunArgs};
 use crate::declaration;
 use crate::metrics::Metrics;
@@ -23,6 +24,8 @@ pub struct Controller {
     /// Descriptors left for held worker connections once probes and the rest have theirs.
     hold_capacity: usize,
     sink: Option<consul::Sink>,
+    /// Every port's last probe result, for the status page.
+    results: Arc<ProbeResults>,
     /// The Consul sink's settings, for other writers of the same Consul (the janitor).
     consul: Option<consul::ConsulSettings>,
     desired_tx: watch::Sender<Arc<pipeline::DesiredState>>,
@@ -90,11 +93,15 @@ impl Controller {
             Some(addr) => Some(server::bind(addr, "--http-sd-listen").await?),
             None => None,
         };
-        tracing::info!(listen = %run.listen, "serving /metrics, /healthz and /readyz");
-        tokio::spawn(server::serve(
-            own,
-            server::router(metrics.clone(), readiness.clone()),
-        ));
+        tracing::info!(listen = %run.listen, "serving the status page (/, /status), /metrics, /healthz and /readyz");
+        let results = Arc::new(ProbeResults::default());
+        let status = status_page::Sources {
+            results: results.clone(),
+            readiness: readiness.clone(),
+            consul: sink.as_ref().map(consul::Sink::status),
+            refused: sink.as_ref().and_then(consul::Sink::refused),
+        };
+        tokio::spawn(server::serve(own, server::router(metrics.clone(), status)));
         // HTTP SD answers from the start: a standby says so (503) rather than leaving
         // Prometheus hanging.
         let (desired_tx, desired_rx) = desired_channel();
@@ -107,6 +114,7 @@ impl Controller {
         }
         Ok(Self {
             hold_capacity: limits::hold_capacity(fds, run.probe_concurrency),
+            results,
             run,
             owner,
             sink,
@@ -133,12 +141,13 @@ impl Controller {
     pub fn start(self, targets: watch::Receiver<TargetSnapshot>) -> Started {
         let (desired_tx, desired_rx) = (self.desired_tx, self.desired_rx);
         let settings = self.run.probe_settings(self.hold_capacity);
-        tokio::spawn(pipeline::run(
+        tokio::spawn(pipeline::run_recording(
             self.owner,
             targets,
             settings,
             self.metrics.clone(),
             desired_tx,
+            Some(self.results),
         ));
         let (stop_sink, sink_stopped) = tokio::sync::oneshot::channel::<()>();
         let sink_task = self.sink.map(|sink| {

@@ -8,6 +8,7 @@ pub mod leader;
 pub mod limits;
 mod settings;
 pub mod shutdown;
+pub mod status_page;
 
 pub use self::controller::{Controller, Started};
 use self::leader::LeaseSettings;

@@ -117,6 +117,40 @@ pub struct SyncOutcome {
     pub quarantined: usize,
 }
 
+/// What the sink did last, for the status page.
+#[derive(Clone, Debug, Default)]
+pub struct SinkStatus {
+    /// The last pass that succeeded.
+    pub last_sync: Option<std::time::SystemTime>,
+    /// The last pass that changed anything.
+    pub last_write: Option<std::time::SystemTime>,
+    /// The last failure and when; `failing` while no pass succeeded since.
+    pub last_error: Option<(String, std::time::SystemTime)>,
+    pub failing: bool,
+}
+
+/// Shared between a sink's loop and the status page.
+pub type SharedSinkStatus = Arc<std::sync::Mutex<SinkStatus>>;
+
+/// Records a pass's result.
+pub(crate) fn note_pass(status: &SharedSinkStatus, result: Result<&SyncOutcome, &ConsulError>) {
+    let now = std::time::SystemTime::now();
+    let mut status = status.lock().unwrap_or_else(|e| e.into_inner());
+    match result {
+        Ok(outcome) => {
+            status.last_sync = Some(now);
+            if outcome.registered + outcome.deregistered > 0 {
+                status.last_write = Some(now);
+            }
+            status.failing = false;
+        }
+        Err(e) => {
+            status.last_error = Some((e.to_string(), now));
+            status.failing = true;
+        }
+    }
+}
+
 /// What retiring a node did.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Retired {
@@ -146,6 +180,7 @@ pub struct ConsulSink {
     /// own retry, so a fixed policy takes effect within seconds.
     denied: Vec<(usize, String)>,
     pub synced: Arc<AtomicBool>,
+    pub status: SharedSinkStatus,
     /// Every event of the sink and its watch is inside it, so none repeats the node.
     span: tracing::Span,
 }
@@ -167,6 +202,7 @@ impl ConsulSink {
             refused: tokio::sync::watch::Sender::new(Arc::new(Vec::new())),
             denied: Vec::new(),
             synced: Arc::new(AtomicBool::new(false)),
+            status: SharedSinkStatus::default(),
         }
     }
 
@@ -517,7 +553,9 @@ impl ConsulSink {
         loop {
             let state = desired.borrow_and_update().clone();
             let started = std::time::Instant::now();
-            let retry_in = match self.sync(&state).await {
+            let result = self.sync(&state).await;
+            note_pass(&self.status, result.as_ref());
+            let retry_in = match result {
                 Ok(outcome) => {
                     self.metrics.reconcile_duration(started.elapsed());
                     if outcome.registered + outcome.deregistered > 0 {
@@ -592,6 +630,13 @@ pub enum Sink {
 }
 
 impl Sink {
+    pub fn status(&self) -> SharedSinkStatus {
+        match self {
+            Sink::Catalog(sink) => sink.status.clone(),
+            Sink::Agent(sink) => sink.status.clone(),
+        }
+    }
+
     /// Set once a complete desired state was published.
     pub fn synced(&self) -> Arc<AtomicBool> {
         match self {

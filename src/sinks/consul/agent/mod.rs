@@ -12,7 +12,10 @@ mod client;
 pub mod registration;
 
 use self::registration::{CheckSettings, Passes, check_id};
-use super::{ConsulClient, ConsulError, RETRY_MAX, RETRY_MIN, SyncOutcome, jittered};
+use super::{
+    ConsulClient, ConsulError, RETRY_MAX, RETRY_MIN, SharedSinkStatus, SyncOutcome, jittered,
+    note_pass,
+};
 use crate::catalog::plan::{self as reconcile, Op};
 use crate::metrics::Metrics;
 use crate::model::Catalog;
@@ -36,6 +39,7 @@ pub struct AgentSink {
     passes: Passes,
     reported_conflicts: Vec<String>,
     pub synced: Arc<AtomicBool>,
+    pub status: SharedSinkStatus,
     span: tracing::Span,
 }
 
@@ -52,6 +56,7 @@ impl AgentSink {
             passes: Passes::default(),
             reported_conflicts: Vec::new(),
             synced: Arc::new(AtomicBool::new(false)),
+            status: SharedSinkStatus::default(),
         }
     }
 
@@ -153,7 +158,9 @@ impl AgentSink {
         let mut backoff = retries.build();
         loop {
             let state = desired.borrow_and_update().clone();
-            let retry_in = match self.sync(&state).await {
+            let result = self.sync(&state).await;
+            note_pass(&self.status, result.as_ref());
+            let retry_in = match result {
                 Ok(outcome) => {
                     if outcome.registered + outcome.deregistered > 0 {
                         tracing::info!(
