@@ -180,6 +180,8 @@ class Api:
             return 404, {}, b""
         fn, args = route
         # Every endpoint here is GET only; the method is checked before the query is parsed.
+        if method != "GET":
+            raise HttpError(405, "Invalid method")
         return fn(Query(raw_query, headers), *args, path)
 
     def _match(self, path):
