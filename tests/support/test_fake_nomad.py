@@ -140,6 +140,24 @@ def test_client_status_transitions_and_stop(fn):
     assert (x["DesiredStatus"], x["ClientStatus"]) == ("stop", "lost")
 
 
+def test_job_update_bumps_version_and_alloc_modify_index_and_unknown_node_is_empty(fn):
+    n = client(fn)
+    a = fn.run_alloc("j", "g", "t", meta={"workersd_service": "a"})
+    before = n.allocation.get_allocation(a["ID"])
+    fn.set_meta(a["ID"], meta={"workersd_service": "b"}, task_meta={"t": {"workersd_ports": "8000-8003"}})
+    x = n.allocation.get_allocation(a["ID"])
+    assert x["Job"]["Meta"] == {"workersd_service": "b"} and x["Job"]["Version"] == before["Job"]["Version"] + 1
+    assert x["Job"]["TaskGroups"][0]["Tasks"][0]["Meta"] == {"workersd_ports": "8000-8003"}
+    assert x["AllocModifyIndex"] > before["AllocModifyIndex"] and x["ModifyIndex"] > before["ModifyIndex"]
+    # A client-side update moves ModifyIndex only.
+    fn.set_task_state(a["ID"], "t", "dead")
+    y = n.allocation.get_allocation(a["ID"])
+    assert y["ModifyIndex"] > x["ModifyIndex"] and y["AllocModifyIndex"] == x["AllocModifyIndex"]
+    # Node.GetAllocs has no "node not found": an unknown node has no allocations.
+    r = node_allocs_raw(n, "00000000-0000-0000-0000-000000000000")
+    assert r.status_code == 200 and r.json() == []
+
+
 def test_unknown_allocation_is_404_alloc_not_found(fn):
     with pytest.raises(nexc.URLNotFoundNomadException) as e:
         client(fn).allocation.get_allocation("7d2c1a4e-0000-0000-0000-000000000000")
@@ -217,7 +235,9 @@ def test_empty_node_answers_the_allocs_table_index_and_gc_of_the_last_alloc_wake
 
 def test_bad_wait_and_index_are_400_with_nomads_text(fn):
     n = client(fn)
-    for params, text in (({"wait": "5"}, "Invalid wait time"), ({"index": "x"}, "Invalid index")):
+    for params, text in (({"wait": "5"}, "Invalid wait time"), ({"index": "x"}, "Invalid index"),
+                         ({"stale": "maybe", "wait": "5"}, "Expect `true` or `false` for `stale` query string parameter"),
+                         ({"per_page": "many"}, "Expect a number for `per_page` query string parameter")):
         with pytest.raises(nexc.BadRequestNomadException) as e:
             node_allocs_raw(n, fn.node_id, **params)
         assert e.value.nomad_resp.text == text

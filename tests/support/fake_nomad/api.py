@@ -69,6 +69,17 @@ class Query:
         self.token = parse_token(headers)
         self.min_index = 0
         self.wait = 0.0
+        # parse() order (command/agent/http.go): stale, then per_page, then wait and index.
+        if self.q.get("stale"):
+            try:
+                parse_go_bool("stale", self.q["stale"])
+            except HttpError:
+                raise HttpError(400, "Expect `true` or `false` for `stale` query string parameter") from None
+        if self.q.get("per_page"):
+            try:
+                int(self.q["per_page"])
+            except ValueError:
+                raise HttpError(400, "Expect a number for `per_page` query string parameter") from None
         # parseWait (command/agent/http.go): wait first, then index; both 400 on a bad value.
         if self.q.get("wait"):
             try:
