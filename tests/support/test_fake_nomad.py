@@ -376,3 +376,45 @@ def test_latency_and_request_log(fn):
     reqs = fn.requests("/v1/node/")
     assert [r["status"] for r in reqs] == [200, 200]
     assert "index=1" in reqs[-1]["query"] and "wait=1s" in reqs[-1]["query"]
+
+
+# ---------------------------------------------------------------------------
+# TLS (tls { http = true, verify_https_client = true })
+# ---------------------------------------------------------------------------
+
+
+def _openssl(*args, cwd):
+    import subprocess
+
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def make_pki(d: Path):
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, all signed by the CA."""
+    d.mkdir(parents=True, exist_ok=True)
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+             "-days", "2", "-subj", "/CN=fake-nomad-ca", cwd=d)
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:client.global.nomad\n")
+    for name, cn in (("server", "server.global.nomad"), ("client", "cli.global.nomad")):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                 "-subj", f"/CN={cn}", cwd=d)
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                 "-out", f"{name}.pem", "-days", "2", "-extfile", "san.ext", cwd=d)
+    return {k: str(d / v) for k, v in (("ca", "ca.pem"), ("cert", "server.pem"), ("key", "server.key"),
+                                        ("client_cert", "client.pem"), ("client_key", "client.key"))}
+
+
+def test_https_with_client_certificates(tmp_path):
+    pki = make_pki(tmp_path / "pki")
+    with FakeNomad(tmp_path / "tls", tls_cert=pki["cert"], tls_key=pki["key"], tls_client_ca=pki["ca"]) as fn:
+        assert fn.url.startswith("https://127.0.0.1:")
+        fn.run_alloc("j", "g", "t")
+        n = nomad.Nomad(address=fn.url, verify=pki["ca"], cert=(pki["client_cert"], pki["client_key"]))
+        assert n.agent.get_agent()["stats"]["client"]["node_id"] == fn.node_id
+        assert len(n.node.get_allocations(fn.node_id)) == 1
+        # verify_https_client: no client certificate, no answer.
+        with pytest.raises(nexc.BaseNomadException):
+            nomad.Nomad(address=fn.url, verify=pki["ca"]).agent.get_agent()
+        # And the server certificate is checked against the CA by the client.
+        with pytest.raises(nexc.BaseNomadException):
+            nomad.Nomad(address=fn.url, verify=True, cert=(pki["client_cert"], pki["client_key"])).agent.get_agent()

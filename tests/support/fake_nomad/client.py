@@ -41,7 +41,8 @@ def port_range(prefix: str, first: int, count: int, *, to=0) -> list:
 class FakeNomad:
     def __init__(self, workdir=None, *, acl=False, management_tokens=(), region="global",
                  datacenter="dc1", node_id=None, node_name="fake-node", node_ip="127.0.0.1",
-                 log_requests=False, python=sys.executable, host="127.0.0.1", port=0):
+                 log_requests=False, python=sys.executable, host="127.0.0.1", port=0,
+                 tls_cert=None, tls_key=None, tls_client_ca=None):
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="fake-nomad-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.ready_file = self.workdir / "fake-nomad.url"
@@ -57,6 +58,10 @@ class FakeNomad:
             args += ["--management-token", t]
         if log_requests:
             args.append("--log-requests")
+        if tls_cert:
+            args += ["--tls-cert", str(tls_cert), "--tls-key", str(tls_key)]
+        if tls_client_ca:
+            args += ["--tls-client-ca", str(tls_client_ca)]
         self.args = args
         self.proc = None
         self.url = None

@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -45,6 +46,11 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "fake-nomad"
 
     def setup(self):
+        if isinstance(self.request, ssl.SSLSocket):
+            # The TLS handshake runs here, on the connection's thread, not in the accept loop.
+            self.request.settimeout(10)
+            self.request.do_handshake()
+            self.request.settimeout(None)
         super().setup()
         with self.server.conns_lock:
             self.server.conns.add(self.connection)
@@ -91,12 +97,25 @@ class App:
         self.port = args.port
         self.api_server = None
         self.api_thread = None
+        self.tls = None
+        if args.tls_cert:
+            # tls { http = true } (and verify_https_client with a client CA): TLS 1.2 at least,
+            # a client certificate signed by the CA required (helper/tlsutil/config.go).
+            self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self.tls.minimum_version = ssl.TLSVersion.TLSv1_2
+            self.tls.load_cert_chain(args.tls_cert, args.tls_key)
+            if args.tls_client_ca:
+                self.tls.verify_mode = ssl.CERT_REQUIRED
+                self.tls.load_verify_locations(args.tls_client_ca)
         self.lifecycle = threading.Lock()
 
     # -- API listener -------------------------------------------------------------
 
     def start_api(self):
         self.api_server = _Server((self.host, self.port), _Handler, self)
+        if self.tls is not None:
+            self.api_server.socket = self.tls.wrap_socket(self.api_server.socket, server_side=True,
+                                                          do_handshake_on_connect=False)
         self.port = self.api_server.server_address[1]
         self.api_thread = threading.Thread(target=self.api_server.serve_forever, daemon=True)
         self.api_thread.start()
@@ -226,7 +245,7 @@ class App:
             if mode not in ("up", "no-servers", "down"):
                 raise ValueError(f"mode must be up, no-servers or down, not {mode!r}")
             self.set_mode(mode)
-            return 200, {"mode": mode, "api_url": f"http://{self.host}:{self.port}"}
+            return 200, {"mode": mode}
         if head == "latency" and method == "POST":
             with s.cond:
                 if float(body.get("seconds", 0)) > 0:
@@ -265,6 +284,9 @@ def main(argv=None):
     p.add_argument("--node-ip", default="127.0.0.1")
     p.add_argument("--acl", action="store_true", help="enable ACLs (tokens via --management-token, /_control/acl/tokens)")
     p.add_argument("--management-token", action="append", default=[], help="a management token's secret (repeatable)")
+    p.add_argument("--tls-cert", help="serve the API over HTTPS with this certificate (PEM)")
+    p.add_argument("--tls-key", help="its private key (PEM)")
+    p.add_argument("--tls-client-ca", help="verify_https_client: require client certificates signed by this CA")
     p.add_argument("--log-requests", action="store_true", help="access log on stderr")
     args = p.parse_args(argv)
     host, _, port = args.listen.rpartition(":")
@@ -277,7 +299,7 @@ def main(argv=None):
     chost, _, cport = (args.control_listen or f"{args.host}:0").rpartition(":")
     control = _Server((chost, int(cport)), _Handler, app)
     threading.Thread(target=control.serve_forever, daemon=True).start()
-    api_url = f"http://{args.host}:{app.port}"
+    api_url = f"{'https' if app.tls else 'http'}://{args.host}:{app.port}"
     control_url = f"http://{chost}:{control.server_address[1]}"
     if args.ready_file:
         _write_atomic(args.ready_file, f"{api_url}\n{control_url}\n")
