@@ -244,6 +244,18 @@ def test_bad_wait_and_index_are_400_with_nomads_text(fn):
         assert e.value.nomad_resp.headers["Content-Type"] == "text/plain; charset=utf-8"
 
 
+def test_gzip_when_the_client_accepts_it(fn):
+    fn.run_alloc("j", "g", "t")
+    r = node_allocs_raw(client(fn), fn.node_id)  # python-nomad (requests) sends Accept-Encoding: gzip
+    assert r.headers["Content-Encoding"] == "gzip" and r.json()[0]["JobID"] == "j"
+    r = requests.get(f"{fn.url}/v1/node/{fn.node_id}/allocations", proxies=NO_PROXY, timeout=5,
+                     headers={"Accept-Encoding": "identity"})
+    assert "Content-Encoding" not in r.headers and r.json()[0]["JobID"] == "j"
+    r = requests.get(f"{fn.url}/v1/node/{fn.node_id}/allocations", proxies=NO_PROXY, timeout=5,
+                     headers={"Accept-Encoding": "deflate, gzip"})
+    assert r.headers["Content-Encoding"] == "deflate" and r.json()[0]["JobID"] == "j"
+
+
 def test_method_region_and_unknown_paths(fn):
     r = requests.post(f"{fn.url}/v1/node/{fn.node_id}/allocations", proxies=NO_PROXY, timeout=5)
     assert (r.status_code, r.text) == (405, "Invalid method")

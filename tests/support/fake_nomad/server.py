@@ -11,6 +11,7 @@ the control listener stays up.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import signal
@@ -20,6 +21,7 @@ import sys
 import threading
 import time
 import uuid
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
@@ -177,6 +179,13 @@ class App:
         status, headers, body = result
         rec.update(status=status, duration=time.monotonic() - start)
         self._record(rec)
+        # handlers.CompressHandler wraps the whole mux (command/agent/http.go NewHTTPServers):
+        # Vary always, the body compressed when the client lists gzip or deflate.
+        headers = dict(headers, Vary="Accept-Encoding")
+        encoding = _pick_encoding(h.headers.get("Accept-Encoding", ""))
+        if encoding:
+            headers["Content-Encoding"] = encoding
+            body = _compress(encoding, body)
         h._send(status, headers, body)
 
     def _record(self, rec):
@@ -263,6 +272,23 @@ class App:
             with s.cond:
                 return 200, {k: v for k, v in s.waiters.items() if v}
         return 404, {"error": f"no control route {method} /_control/{'/'.join(parts)}"}
+
+
+def _pick_encoding(accept_encoding: str):
+    """gorilla/handlers CompressHandler: the first of the listed tokens that is exactly "gzip"
+    or "deflate" (no q-values parsed)."""
+    for part in accept_encoding.split(","):
+        token = part.strip()
+        if token in ("gzip", "deflate"):
+            return token
+    return None
+
+
+def _compress(encoding, body):
+    if encoding == "gzip":
+        return gzip.compress(body)
+    c = zlib.compressobj(wbits=-15)  # compress/flate: raw deflate
+    return c.compress(body) + c.flush()
 
 
 def _write_atomic(path, text):
