@@ -139,6 +139,13 @@ def test_client_status_transitions_and_stop(fn):
     x = n.allocation.get_allocation(c["ID"])
     assert (x["DesiredStatus"], x["ClientStatus"]) == ("stop", "lost")
 
+    # The node's list: live allocs first, then terminal ones, each by ID (the "node" index).
+    # (IDs sorting after every random one, so an ID-only order would put them last.)
+    live = [fn.run_alloc("j", "g", "t", index=i, alloc_id=f"ffffffff-ffff-4fff-8fff-fffffffffff{i}")["ID"]
+            for i in (3, 4)]
+    done = sorted([a["ID"], b["ID"], c["ID"]])
+    assert [x["ID"] for x in n.node.get_allocations(fn.node_id)] == sorted(live) + done
+
 
 def test_job_update_bumps_version_and_alloc_modify_index_and_unknown_node_is_empty(fn):
     n = client(fn)

@@ -180,7 +180,10 @@ class Store:
 
     def node_allocs(self, node_id):
         """Node.GetAllocs: the node's allocs by ID and the reply index (nomad/node_endpoint.go)."""
-        allocs = sorted((a for a in self.allocs.values() if a["node_id"] == node_id), key=lambda a: a["id"])
+        # The allocs "node" index is (NodeID, TerminalStatus()): live allocs first, each part by ID
+        # (nomad/state/schema.go).
+        allocs = sorted((a for a in self.allocs.values() if a["node_id"] == node_id),
+                        key=lambda a: (terminal(a), a["id"]))
         if allocs:
             return allocs, max(a["modify_index"] for a in allocs)
         return [], self.table["allocs"] or 1
@@ -188,6 +191,11 @@ class Store:
     def node_name(self, node_id):
         n = self.nodes.get(node_id)
         return n["name"] if n else ""
+
+
+def terminal(a) -> bool:
+    """Allocation.TerminalStatus (nomad/structs/alloc.go): desired stop/evict or client terminal."""
+    return a["desired_status"] in ("stop", "evict") or a["client_status"] in TERMINAL_CLIENT
 
 
 def _task_state_for(client_status):
