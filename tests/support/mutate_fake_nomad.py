@@ -14,6 +14,8 @@ from pathlib import Path
 D = Path(__file__).resolve().parent / "fake_nomad"
 TESTS = Path(__file__).resolve().parent / "test_fake_nomad.py"
 MUTANTS = [
+    ("state.py", "if status not in CLIENT_REPORTED:", "if False:", "test_control_api_rejects_states_a_client_never_reports"),
+    ("server.py", 'and body.get("client_status") == "lost":', 'and False:', "test_control_api_rejects_states_a_client_never_reports"),
     ("api.py", '"node_id": s.agent_node_id', '"node_id": s.agent_node_id[::-1]', "test_agent_self_carries_the_node_id_in_stats_client"),
     ("shapes.py", '"HostIP": net.get("ip", "")', '"HostIP": ""', "test_node_allocations_host_mode_shape_meta_ports_and_task_states"),
     ("shapes.py", "return dict(m) if m else None", "return dict(m or {})", "test_meta_absent_is_null_and_allocation_get_is_the_same_object"),

@@ -168,6 +168,16 @@ def test_job_update_bumps_version_and_alloc_modify_index_and_unknown_node_is_emp
     assert r.status_code == 200 and r.json() == []
 
 
+def test_control_api_rejects_states_a_client_never_reports(fn):
+    a = fn.run_alloc("j", "g", "t")
+    with pytest.raises(RuntimeError, match="400"):
+        fn.update_alloc(a["ID"], client_status="unknown")
+    with pytest.raises(RuntimeError, match="400"):
+        fn.set_task_state(a["ID"], "t", "exited")
+    x = fn.update_alloc(a["ID"], client_status="lost")  # the servers' verdict, routed as such
+    assert (x["DesiredStatus"], x["ClientStatus"], x["TaskStates"]["t"]["State"]) == ("stop", "lost", "running")
+
+
 def test_unknown_allocation_is_404_alloc_not_found(fn):
     with pytest.raises(nexc.URLNotFoundNomadException) as e:
         client(fn).allocation.get_allocation("7d2c1a4e-0000-0000-0000-000000000000")

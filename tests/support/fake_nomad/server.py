@@ -229,6 +229,8 @@ class App:
                 return 200, self._alloc_out(s.stop_alloc(alloc_id, body.get("client_status", "complete")))
             if method == "POST" and action == "lost":
                 return 200, self._alloc_out(s.lose_alloc(alloc_id))
+            if method == "POST" and not action and body.get("client_status") == "lost":
+                return 200, self._alloc_out(s.lose_alloc(alloc_id))
             if method == "POST" and not action:
                 a = s.update_alloc(alloc_id, client_status=body.get("client_status"),
                                    task_states=body.get("task_states"),

@@ -12,6 +12,7 @@ import time
 import uuid
 
 TERMINAL_CLIENT = ("complete", "failed", "lost")
+CLIENT_REPORTED = ("pending", "running", "complete", "failed")
 
 
 def now_ns() -> int:
@@ -98,6 +99,12 @@ class Store:
 
     def _client_update(self, a, status, task_states=None):
         """What a client's Node.UpdateAlloc does: ClientStatus and TaskStates, a new ModifyIndex."""
+        if status not in CLIENT_REPORTED:
+            # "lost" and "unknown" are set by the servers, not reported by a client.
+            raise ValueError(f"client status must be one of {CLIENT_REPORTED}, not {status!r}")
+        bad = {t: st for t, st in (task_states or {}).items() if st not in ("pending", "running", "dead")}
+        if bad:
+            raise ValueError(f"task states must be pending, running or dead: {bad}")
         t = now_ns()
         states = {}
         for task in a["tasks"]:
