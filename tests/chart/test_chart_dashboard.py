@@ -4,8 +4,8 @@ chart as a ConfigMap for Grafana's dashboard sidecar (grafanaDashboard.enabled).
     python3 -m pytest tests/chart/test_chart_dashboard.py
 
 Every panel's PromQL parses (promtool checks it as a recording rule, with the dashboard's
-variables replaced by sample values) and names only metrics workersd or the example app
-(examples/gunicorn) exports.
+variables replaced by sample values) and names only metrics workersd (src/metrics.rs, or a
+scrape of the binary) or the example app (examples/gunicorn) exports.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from test_chart import CHART, NAMESPACE, REPO, VALUES_ALL, render
-from test_chart_alerts import exported_by_workersd, metric_names, promtool
+from test_chart_alerts import exported_by_workersd, metric_names, promtool  # noqa: F401 (a fixture)
 
 DASHBOARD_FILE = CHART / "files" / "workersd-dashboard.json"
 DASHBOARD = json.loads(DASHBOARD_FILE.read_text())
@@ -91,8 +91,8 @@ def test_a_broken_query_fails_the_check(tmp_path):
     assert out.returncode != 0, out.stdout
 
 
-def test_every_metric_is_exported():
-    exported = exported_by_workersd() | example_app_metrics() | {"up"}
+def test_every_metric_is_exported(exported_by_workersd):
+    exported = exported_by_workersd | example_app_metrics() | {"up"}
     for title, expr in exprs():
         names = metric_names(substitute(expr))
         assert names, f"{title}: no metric in {expr}"
