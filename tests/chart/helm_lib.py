@@ -277,33 +277,40 @@ class Helm:
 # Lint never talks to a cluster; the kubeconfig only has to parse (port 9 on loopback).
 OFFLINE_KUBECONFIG = fake_kube.kubeconfig_text("http://127.0.0.1:9")
 
-# prometheus-operator's ServiceMonitor, as a cluster running it serves it: a CRD (schema
-# left open here; the chart's objects are checked by the tests, not by this schema).
-SERVICE_MONITOR_CRD = {
-    "apiVersion": "apiextensions.k8s.io/v1",
-    "kind": "CustomResourceDefinition",
-    "metadata": {"name": "servicemonitors.monitoring.coreos.com"},
-    "spec": {
-        "group": "monitoring.coreos.com",
-        "scope": "Namespaced",
-        "names": {"plural": "servicemonitors", "singular": "servicemonitor",
-                  "kind": "ServiceMonitor", "listKind": "ServiceMonitorList"},
-        "versions": [{
-            "name": "v1", "served": True, "storage": True,
-            "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}},
-        }],
-    },
-}
+def _operator_crd(plural: str, kind: str) -> dict:
+    """A prometheus-operator CRD (monitoring.coreos.com/v1), as a cluster running it serves
+    it (schema left open here; the chart's objects are checked by the tests, not by this
+    schema)."""
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{plural}.monitoring.coreos.com"},
+        "spec": {
+            "group": "monitoring.coreos.com",
+            "scope": "Namespaced",
+            "names": {"plural": plural, "singular": kind.lower(),
+                      "kind": kind, "listKind": f"{kind}List"},
+            "versions": [{
+                "name": "v1", "served": True, "storage": True,
+                "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}},
+            }],
+        },
+    }
+
+
+SERVICE_MONITOR_CRD = _operator_crd("servicemonitors", "ServiceMonitor")
+PROMETHEUS_RULE_CRD = _operator_crd("prometheusrules", "PrometheusRule")
 
 
 @contextlib.contextmanager
 def fake_cluster() -> Iterator[tuple[str, Any]]:
     """A fresh fake_kube API server in a thread: (url, its State). Like a new cluster: no
-    WorkerMetrics CRD yet (the chart installs it), ServiceMonitor served, and namespaces
-    exist when used (Helm's install does not create them)."""
+    WorkerMetrics CRD yet (the chart installs it), ServiceMonitor and PrometheusRule served,
+    and namespaces exist when used (Helm's install does not create them)."""
     state = fake_kube.State(workermetrics_crd=False, auto_create_namespaces=True)
     crds = state.rd("apiextensions.k8s.io", "v1", "customresourcedefinitions")
     state.create(crds, None, SERVICE_MONITOR_CRD, bypass=True)
+    state.create(crds, None, PROMETHEUS_RULE_CRD, bypass=True)
     server = fake_kube.FakeKubeServer(("127.0.0.1", 0), state)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
     thread.start()
