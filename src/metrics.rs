@@ -27,6 +27,13 @@ pub struct SinkErrorLabels {
 
 pub struct Metrics {
     registry: Registry,
+    /// 1 while /readyz answers 200; set when scraped.
+    pub ready: Gauge,
+    leading: Family<RoleLabel, Gauge>,
+    /// The process' open file descriptors and its soft limit, by their conventional names
+    /// (no prefix); set when scraped.
+    pub open_fds: Gauge,
+    pub max_fds: Gauge,
     probes: Family<ResultLabel, Counter>,
     pub targets: Gauge,
     pub live_endpoints: Gauge,
@@ -53,6 +60,11 @@ pub struct SinkLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RoleLabel {
+    pub role: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: &'static str,
     /// Empty when not built from a git checkout.
@@ -72,7 +84,33 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("workersd");
+        let mut root = Registry::default();
+        let open_fds = Gauge::default();
+        root.register(
+            "process_open_fds",
+            "Open file descriptors",
+            open_fds.clone(),
+        );
+        let max_fds = Gauge::default();
+        root.register(
+            "process_max_fds",
+            "The soft limit of open file descriptors",
+            max_fds.clone(),
+        );
+        let registry = root.sub_registry_with_prefix("workersd");
+        let ready = Gauge::default();
+        registry.register(
+            "ready",
+            "1 while /readyz answers 200 (targets probed, Consul synced, not standing by)",
+            ready.clone(),
+        );
+        // Only set in Kubernetes mode, so the sample is absent elsewhere.
+        let leading = Family::<RoleLabel, Gauge>::default();
+        registry.register(
+            "leading",
+            "1 while this instance holds the Lease, by role: leader (deployment mode's prober) or janitor (node-local mode)",
+            leading.clone(),
+        );
         let build_info = Family::<BuildLabels, Gauge>::default();
         build_info
             .get_or_create(&BuildLabels {
@@ -83,7 +121,7 @@ impl Metrics {
         registry.register(
             "build_info",
             "Always 1; the labels say which build runs",
-            build_info,
+            build_info.clone(),
         );
         let probes = Family::<ResultLabel, Counter>::default();
         registry.register("probes", "Port probes by result", probes.clone());
@@ -164,7 +202,11 @@ impl Metrics {
             invalid_objects,
             crd_installed,
             sink_quarantined,
-            registry,
+            registry: root,
+            ready,
+            leading,
+            open_fds,
+            max_fds,
             probes,
             targets,
             live_endpoints,
@@ -216,6 +258,12 @@ impl Metrics {
             .set(count as i64);
     }
 
+    pub fn leading(&self, role: &'static str, leading: bool) {
+        self.leading
+            .get_or_create(&RoleLabel { role })
+            .set(i64::from(leading));
+    }
+
     pub fn crd_installed(&self, crd: &'static str, installed: bool) {
         self.crd_installed
             .get_or_create(&CrdLabel { crd })
@@ -239,6 +287,23 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn process_metrics_carry_their_conventional_names_and_roles_appear_once_set() {
+        let m = Metrics::new();
+        m.open_fds.set(12);
+        m.max_fds.set(1024);
+        let text = m.encode();
+        assert!(text.contains("\nprocess_open_fds 12\n"), "{text}");
+        assert!(text.contains("\nprocess_max_fds 1024\n"), "{text}");
+        assert!(text.contains("\nworkersd_ready 0\n"), "{text}");
+        assert!(
+            !text.contains("workersd_leading{"),
+            "absent until a Lease is in play: {text}"
+        );
+        m.leading("janitor", true);
+        assert!(m.encode().contains("workersd_leading{role=\"janitor\"} 1"));
+    }
 
     #[test]
     fn build_info_names_the_version_and_commit() {

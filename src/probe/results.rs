@@ -105,7 +105,10 @@ mod tests {
         );
         // Next sweep: 9011 held (not probed), 9012 skipped, 9013 timed out.
         results.record(&t, &[(9013, PortStatus::Timeout)], [9011], t1);
-        let (only,) = <[_; 1]>::try_from(results.snapshot()).ok().map(|[a]| (a,)).unwrap();
+        let (only,) = <[_; 1]>::try_from(results.snapshot())
+            .ok()
+            .map(|[a]| (a,))
+            .unwrap();
         assert_eq!(only.swept_at, t1);
         let seen: Vec<_> = only
             .ports

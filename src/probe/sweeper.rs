@@ -57,7 +57,12 @@ impl Sweeper {
                     .await;
             if let Some(results) = &self.results {
                 let held = holds.iter().flat_map(|h| h.held.keys().copied());
-                results.record(&self.target, &swept.probed, held, std::time::SystemTime::now());
+                results.record(
+                    &self.target,
+                    &swept.probed,
+                    held,
+                    std::time::SystemTime::now(),
+                );
             }
             let now = match holds.as_mut() {
                 Some(holds) => holds.adopt(swept, &self.target.id, &self.metrics),

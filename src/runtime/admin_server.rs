@@ -1,7 +1,7 @@
 //! The controller's own HTTP endpoints: `/metrics`, `/healthz`, `/readyz`, and the status
 //! page (`/`, `/status`).
 
-use super::status_page;
+use super::{limits, status_page};
 use crate::metrics::Metrics;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
@@ -70,6 +70,16 @@ async fn status_json(State(state): State<AppState>) -> impl IntoResponse {
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    // Gauges of state kept elsewhere, read when scraped.
+    let m = &state.metrics;
+    m.ready
+        .set(i64::from(state.readiness.problems().is_empty()));
+    if let Some(open) = limits::open_fds() {
+        m.open_fds.set(open as i64);
+    }
+    if let Ok(limit) = limits::current() {
+        m.max_fds.set(i64::try_from(limit.soft).unwrap_or(i64::MAX));
+    }
     (
         [(
             header::CONTENT_TYPE,

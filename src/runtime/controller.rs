@@ -3,11 +3,11 @@
 use super::admin_server::{self as server, Readiness};
 use super::settings::{ConsulNode, consul_settings};
 use super::{limits, shutdown, status_page};
-use crate::probe::results::ProbeResults;
 use crate::cli::{Registration, RunArgs};
 use crate::declaration;
 use crate::metrics::Metrics;
 use crate::pipeline::{self, DesiredRx, desired_channel};
+use crate::probe::results::ProbeResults;
 use crate::sinks::consul::agent::AgentSink;
 use crate::sinks::consul::agent::registration::CheckSettings;
 use crate::sinks::{consul, http_sd};

@@ -68,7 +68,7 @@ pub fn check(limit: FdLimit, concurrency: usize) -> Result<(), LimitError> {
     })
 }
 
-fn current() -> Result<FdLimit, LimitError> {
+pub fn current() -> Result<FdLimit, LimitError> {
     let mut raw = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -81,6 +81,12 @@ fn current() -> Result<FdLimit, LimitError> {
         soft: raw.rlim_cur,
         hard: raw.rlim_max,
     })
+}
+
+/// File descriptors open now (the entries of /proc/self/fd, less the one reading it).
+pub fn open_fds() -> Option<u64> {
+    let entries = std::fs::read_dir("/proc/self/fd").ok()?.count() as u64;
+    Some(entries.saturating_sub(1))
 }
 
 /// Raises the soft limit as far as allowed, then checks it fits `concurrency`.

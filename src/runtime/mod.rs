@@ -97,11 +97,13 @@ pub async fn run_kubernetes(args: KubernetesArgs) -> anyhow::Result<()> {
         let settings = lease.clone();
         let api = kube::Api::namespaced(client.clone(), &settings.namespace);
         controller.readiness.standby.store(true, Ordering::Relaxed);
+        controller.metrics.leading("leader", false);
         let acquired = tokio::select! {
             acquired = leader::acquire(&api, &settings) => acquired,
             _ = shutdown::signal() => return Ok(()),
         };
         controller.readiness.standby.store(false, Ordering::Relaxed);
+        controller.metrics.leading("leader", true);
         let lease = format!("{}/{}", settings.namespace, settings.name);
         let renewal =
             tokio::spawn(

@@ -197,16 +197,23 @@ pub fn html(status: &Status) -> String {
             if consul.failing { "failing" } else { "ok" },
             escape(&consul.last_sync.clone().unwrap_or_else(never)),
             escape(&consul.last_write.clone().unwrap_or_else(never)),
-            consul
-                .last_error
-                .as_ref()
-                .map_or_else(|| "none".to_string(), |e| escape(&format!("{} ({})", e.message, e.at))),
+            consul.last_error.as_ref().map_or_else(
+                || "none".to_string(),
+                |e| escape(&format!("{} ({})", e.message, e.at))
+            ),
             consul.withheld.len(),
         );
         if !consul.withheld.is_empty() {
-            page.push_str("<table id=\"withheld\"><tr><th>service ID</th><th>Consul's error</th></tr>\n");
+            page.push_str(
+                "<table id=\"withheld\"><tr><th>service ID</th><th>Consul's error</th></tr>\n",
+            );
             for w in &consul.withheld {
-                let _ = writeln!(page, "<tr><td>{}</td><td>{}</td></tr>", escape(&w.id), escape(&w.error));
+                let _ = writeln!(
+                    page,
+                    "<tr><td>{}</td><td>{}</td></tr>",
+                    escape(&w.id),
+                    escape(&w.error)
+                );
             }
             page.push_str("</table>\n");
         }
@@ -230,22 +237,32 @@ pub fn html(status: &Status) -> String {
             escape(&t.ports),
             escape(&t.path),
             escape(&source.join(", ")),
-            t.live.iter().map(u16::to_string).collect::<Vec<_>>().join(" "),
+            t.live
+                .iter()
+                .map(u16::to_string)
+                .collect::<Vec<_>>()
+                .join(" "),
             escape(&t.swept_at),
         );
-        page.push_str("<table class=\"ports\"><tr><th>port</th><th>last result</th><th>at</th></tr>\n");
+        page.push_str(
+            "<table class=\"ports\"><tr><th>port</th><th>last result</th><th>at</th></tr>\n",
+        );
         for p in &t.results {
             let class = if p.result == "live" { "live" } else { "bad" };
             let held = if p.held { " (held)" } else { "" };
             let _ = writeln!(
                 page,
                 "<tr><td>{}</td><td class=\"{class}\">{}{held}</td><td>{}</td></tr>",
-                p.port, p.result, escape(&p.at)
+                p.port,
+                p.result,
+                escape(&p.at)
             );
         }
         page.push_str("</table>\n");
     }
-    page.push_str("<p><a href=\"/status\">JSON</a> · <a href=\"/metrics\">metrics</a></p>\n</body></html>\n");
+    page.push_str(
+        "<p><a href=\"/status\">JSON</a> · <a href=\"/metrics\">metrics</a></p>\n</body></html>\n",
+    );
     page
 }
 
@@ -274,7 +291,9 @@ mod tests {
         let consul = SharedSinkStatus::default();
         crate::sinks::consul::note_pass(
             &consul,
-            Err(&crate::sinks::consul::ConsulError::Forbidden("ACL not found <x>".into())),
+            Err(&crate::sinks::consul::ConsulError::Forbidden(
+                "ACL not found <x>".into(),
+            )),
         );
         Sources {
             results,
@@ -288,9 +307,14 @@ mod tests {
     fn the_status_lists_targets_ports_and_the_sink() {
         let status = status(&sources());
         assert!(!status.ready);
-        let (t,) = <[TargetStatus; 1]>::try_from(status.targets).map(|[t]| (t,)).unwrap();
+        let (t,) = <[TargetStatus; 1]>::try_from(status.targets)
+            .map(|[t]| (t,))
+            .unwrap();
         assert_eq!(t.live, [9011]);
-        assert_eq!(t.source, BTreeMap::from([("k8s-pod".into(), "web-1".into())]));
+        assert_eq!(
+            t.source,
+            BTreeMap::from([("k8s-pod".into(), "web-1".into())])
+        );
         let results: Vec<_> = t.results.iter().map(|p| (p.port, p.result)).collect();
         assert_eq!(results, [(9011, "live"), (9012, "http_status")]);
         assert_eq!(t.swept_at, "2027-01-15T08:00:00Z");
@@ -302,10 +326,19 @@ mod tests {
     #[test]
     fn the_page_escapes_every_value_and_carries_ids_for_scripts() {
         let page = html(&status(&sources()));
-        assert!(page.contains("id=\"target-shop/web-1/web\" data-live=\"1\""), "{page}");
+        assert!(
+            page.contains("id=\"target-shop/web-1/web\" data-live=\"1\""),
+            "{page}"
+        );
         assert!(page.contains("ACL not found &lt;x&gt;"), "{page}");
         assert!(!page.contains("<x>"));
-        assert!(!page.contains("<script"), "no script, even from a value: {page}");
-        assert!(page.contains("<td class=\"bad\">http_status</td>"), "{page}");
+        assert!(
+            !page.contains("<script"),
+            "no script, even from a value: {page}"
+        );
+        assert!(
+            page.contains("<td class=\"bad\">http_status</td>"),
+            "{page}"
+        );
     }
 }

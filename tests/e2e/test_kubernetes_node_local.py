@@ -158,4 +158,7 @@ def test_node_local_instances_report_an_invalid_workermetrics_once_through_the_j
     assert len(invalid_spec_events()) == 1, invalid_spec_events()
     janitor = fk.ok("GET", LEASE_PATH)["spec"]["holderIdentity"]
     assert event["reportingInstance"] == janitor, (event, janitor)
+    # workersd_leading says the same (what the WorkersdNoLeader alert reads).
+    leading = {node: metric(w, "workersd_leading", {"role": "janitor"}) for node, w in zip(NODES, wds)}
+    assert leading == {node: 1.0 if f"wd-{node}" == janitor else 0.0 for node in NODES}, leading
     assert "spec.service" in event["message"], event["message"]

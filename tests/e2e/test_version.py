@@ -16,4 +16,7 @@ def test_version_and_build_info_name_the_checkout_commit(procs):
     targets = procs.path("targets.yaml")
     write_atomic(targets, targets_yaml([{"service": "clever", "address": "127.0.0.2", "ports": (19011, 19012)}]))
     w = Workersd(procs, targets=targets).start()
-    assert parse_metric(w.metrics_text(), "workersd_build_info", {"commit": commit}) == 1.0
+    text = w.metrics_text()
+    assert parse_metric(text, "workersd_build_info", {"commit": commit}) == 1.0
+    assert parse_metric(text, "workersd_ready") == 1.0
+    assert parse_metric(text, "process_open_fds") > 0

@@ -41,8 +41,10 @@ impl Janitor {
     pub async fn run(self) {
         let api: kube::Api<Lease> =
             kube::Api::namespaced(self.client.clone(), &self.lease.namespace);
+        self.metrics.leading("janitor", false);
         loop {
             let acquired = leader::acquire(&api, &self.lease).await;
+            self.metrics.leading("janitor", true);
             tracing::info!("this instance is the janitor: it removes the entries of deleted nodes");
             self.leading.send_replace(true);
             tokio::select! {
@@ -52,6 +54,7 @@ impl Janitor {
                 () = self.sweep_while_leading() => {}
             }
             self.leading.send_replace(false);
+            self.metrics.leading("janitor", false);
         }
     }
 
