@@ -347,9 +347,22 @@ async fn serve(first: usize, count: usize) -> anyhow::Result<()> {
             );
         }
     }
+    static ACCEPT_FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     for listener in listeners {
         tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
+            loop {
+                let mut stream = match listener.accept().await {
+                    Ok((stream, _)) => stream,
+                    // Out of descriptors (EMFILE) with many held connections: keep the port
+                    // served, as a real server does, instead of leaving it to time out.
+                    Err(e) => {
+                        if !ACCEPT_FAILED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                            eprintln!("pod server {first}..: accept failed ({e}); retrying");
+                        }
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                };
                 tokio::spawn(async move {
                     let mut buf = [0u8; 1024];
                     // A connect-only probe closes at once (read 0); an HTTP probe sends a request.
@@ -372,10 +385,15 @@ async fn serve(first: usize, count: usize) -> anyhow::Result<()> {
 
 /// Spawns serving children for pods 0..n and waits until every listener is bound.
 fn start_pods(n: usize) -> anyhow::Result<Children> {
+    start_pods_by(n, PODS_PER_CHILD)
+}
+
+/// `start_pods` with `per_child` pods per serving child.
+fn start_pods_by(n: usize, per_child: usize) -> anyhow::Result<Children> {
     let exe = std::env::current_exe()?;
     let mut children = Children::default();
-    for first in (0..n).step_by(PODS_PER_CHILD) {
-        let count = PODS_PER_CHILD.min(n - first);
+    for first in (0..n).step_by(per_child) {
+        let count = per_child.min(n - first);
         let mut child = child_command(&exe)
             .args([
                 "serve",

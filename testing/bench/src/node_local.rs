@@ -8,7 +8,7 @@ use crate::kube::{
     FakeKube, free_port, http_get, http_json, load_average, metric, proc_cpu_secs, proc_mb,
     wait_synced, workersd_binary, workersd_kubernetes,
 };
-use crate::{Args, Children, live_per_pod, start_pods};
+use crate::{Args, Children, live_per_pod, start_pods_by};
 use anyhow::Context;
 use consul_double::{Config as DoubleConfig, ConsulDouble};
 use std::collections::BTreeMap;
@@ -66,6 +66,15 @@ async fn lease_holder(kube: &FakeKube) -> anyhow::Result<Option<String>> {
         .and_then(|lease| lease["spec"]["holderIdentity"].as_str())
         .map(str::to_string);
     Ok(holder)
+}
+
+/// Every instance's /metrics.
+async fn scrape(instances: &[Instance]) -> anyhow::Result<Vec<String>> {
+    let mut bodies = Vec::with_capacity(instances.len());
+    for instance in instances {
+        bodies.push(http_get(instance.listen, "/metrics").await?.1);
+    }
+    Ok(bodies)
 }
 
 fn total(counts: &BTreeMap<String, u64>) -> u64 {
@@ -126,7 +135,9 @@ async fn run(
 ) -> anyhow::Result<String> {
     let n = nodes * args.pods_per_node;
     println!("## {nodes} nodes, {n} pods");
-    let pods = start_pods(n)?;
+    // One pod server per node: fewer descriptors per process than `start_pods`' 2,000 pods
+    // (listeners, held connections and every instance's probes in flight at the start).
+    let pods = start_pods_by(n, args.pods_per_node)?;
     let double = ConsulDouble::start(DoubleConfig::default()).await?;
     let mut children = Children::default();
     let loading = Instant::now();
@@ -165,7 +176,14 @@ async fn run(
     .await?;
     let startup = api_requests(&kube).await?;
     let startup_consul = double.stats();
-    println!("  synced in {sync:.1} s: every instance ready, Consul holds {expected} entries");
+    let at_sync = scrape(&instances).await?;
+    let timed_out: f64 = at_sync
+        .iter()
+        .map(|m| metric(m, "workersd_probes_total{result=\"timeout\"}").unwrap_or(0.0))
+        .sum();
+    println!(
+        "  synced in {sync:.1} s: every instance ready, Consul holds {expected} entries; {timed_out} probes timed out meanwhile"
+    );
     println!("  API requests at start-up: {}", breakdown(&startup));
     println!(
         "  Consul requests at start-up: {}",
@@ -175,10 +193,7 @@ async fn run(
     // Out of the fast cadence and the first phase-offset slow sleep before measuring.
     tokio::time::sleep(Duration::from_secs(settle)).await;
     let load_before = load_average();
-    let mut before = Vec::with_capacity(nodes);
-    for instance in &instances {
-        before.push(http_get(instance.listen, "/metrics").await?.1);
-    }
+    let before = scrape(&instances).await?;
     http_json(kube.addr, "POST", "/_control/requests/reset").await?;
     double.reset_stats();
     let cpu0: Vec<f64> = instances
@@ -203,15 +218,20 @@ async fn run(
 
     let mut live = 0.0;
     let mut held = 0.0;
-    let mut refused = 0.0;
+    let (mut refused, mut timeouts) = (0.0, 0.0);
     let (mut cpu, mut hwm, mut rss) = (Vec::new(), Vec::new(), Vec::new());
     let mut janitor_cell = ("-".to_string(), "-".to_string());
+    let after = scrape(&instances).await?;
     for (k, instance) in instances.iter().enumerate() {
-        let (_, after) = http_get(instance.listen, "/metrics").await?;
-        live += metric(&after, "workersd_live_endpoints").unwrap_or(0.0);
-        held += metric(&after, "workersd_held_connections").unwrap_or(0.0);
-        let name = "workersd_probes_total{result=\"refused\"}";
-        refused += metric(&after, name).unwrap_or(0.0) - metric(&before[k], name).unwrap_or(0.0);
+        let after = &after[k];
+        live += metric(after, "workersd_live_endpoints").unwrap_or(0.0);
+        held += metric(after, "workersd_held_connections").unwrap_or(0.0);
+        let probes = |result: &str| {
+            let name = format!("workersd_probes_total{{result=\"{result}\"}}");
+            metric(after, &name).unwrap_or(0.0) - metric(&before[k], &name).unwrap_or(0.0)
+        };
+        refused += probes("refused");
+        timeouts += probes("timeout");
         let pct = 100.0 * (cpu1[k] - cpu0[k]) / window;
         let (h, r) = (
             proc_mb(instance.pid, "VmHWM:"),
@@ -232,7 +252,7 @@ async fn run(
     }
     let per_minute = 60.0 / window;
     println!(
-        "  in the window ({window:.0} s): {live} live endpoints, {held} held connections, {refused} refused probes over all instances; Lease held by {}",
+        "  in the window ({window:.0} s): {live} live endpoints, {held} held connections, {refused} refused and {timeouts} timed-out probes over all instances; Lease held by {}",
         holder.as_deref().unwrap_or("nobody")
     );
     println!("  API requests in the window: {}", breakdown(&steady));
