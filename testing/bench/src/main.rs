@@ -6,9 +6,15 @@
 //!   no-change sync and a re-read resync.
 //! - `latency`: port opened → entry visible in the Consul double, fast cadence and steady state.
 //! - `kube-memory`: `target/release/workersd kubernetes` against the fake API server with N pods.
+//! - `node-local`: N `workersd kubernetes --node-name` instances, one per fake node, with
+//!   `--pods-per-node` pods each; per-instance CPU and memory, API server and Consul requests.
 //!
 //! Everything is loopback only; every wait is bounded; children die with the harness
 //! (PR_SET_PDEATHSIG plus an explicit kill on exit).
+
+mod kube;
+mod kube_memory;
+mod node_local;
 
 use anyhow::{Context, bail};
 use consul_double::{Config as DoubleConfig, ConsulDouble};
@@ -88,13 +94,29 @@ struct Args {
     /// Seconds between sync and the CPU window; default: the fast period plus 12 s.
     kube_settle: Option<u64>,
     workersd: Option<std::path::PathBuf>,
+    /// node-local: the node counts to run, and pods per node.
+    nodes: Vec<usize>,
+    pods_per_node: usize,
+}
+
+/// A comma-separated list of counts, each 1 to `max`.
+fn counts(flag: &str, value: &str, max: usize) -> anyhow::Result<Vec<usize>> {
+    let counts = value
+        .split(',')
+        .map(|s| s.trim().parse::<usize>())
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| flag.to_string())?;
+    if counts.iter().any(|&n| n == 0 || n > max) {
+        bail!("{flag}: 1 to {max}");
+    }
+    Ok(counts)
 }
 
 fn parse_args() -> anyhow::Result<Args> {
     let mut it = std::env::args().skip(1);
     let scenario = it.next().context(
-        "usage: workersd-bench <sweep|consul|latency|kube-memory> [--pods N[,N..]] [--concurrency C] \
-         [--live K] [--samples S] [--steady-samples S] [--steady-interval SECS] [--measure SECS] [--kube-fast-period SECS] [--kube-settle SECS] [--workersd BINARY] [--no-nmap]",
+        "usage: workersd-bench <sweep|consul|latency|kube-memory|node-local> [--pods N[,N..]] [--concurrency C] \
+         [--nodes N[,N..]] [--pods-per-node P] [--live K] [--samples S] [--steady-samples S] [--steady-interval SECS] [--measure SECS] [--kube-fast-period SECS] [--kube-settle SECS] [--workersd BINARY] [--no-nmap]",
     )?;
     let mut args = Args {
         scenario,
@@ -110,18 +132,18 @@ fn parse_args() -> anyhow::Result<Args> {
         kube_fast_period: 30,
         kube_settle: None,
         workersd: None,
+        nodes: vec![1, 10],
+        pods_per_node: 110,
     };
     while let Some(flag) = it.next() {
         let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
         match flag.as_str() {
-            "--pods" => {
-                args.pods = value()?
-                    .split(',')
-                    .map(|s| s.trim().parse::<usize>())
-                    .collect::<Result<_, _>>()
-                    .context("--pods")?;
-                if args.pods.iter().any(|&n| n == 0 || n > 50_000) {
-                    bail!("--pods: 1 to 50000");
+            "--pods" => args.pods = counts(&flag, &value()?, 50_000)?,
+            "--nodes" => args.nodes = counts(&flag, &value()?, 100)?,
+            "--pods-per-node" => {
+                args.pods_per_node = value()?.parse().context("--pods-per-node")?;
+                if !(1..=1000).contains(&args.pods_per_node) {
+                    bail!("--pods-per-node: 1 to 1000");
                 }
             }
             "--concurrency" => args.concurrency = value()?.parse()?,
@@ -170,7 +192,8 @@ fn main() -> anyhow::Result<()> {
         "sweep" => runtime.block_on(sweep_scenario(&args)),
         "consul" => runtime.block_on(consul_scenario(&args)),
         "latency" => runtime.block_on(latency_scenario(&args)),
-        "kube-memory" => runtime.block_on(kube_scenario(&args)),
+        "kube-memory" => runtime.block_on(kube_memory::kube_scenario(&args)),
+        "node-local" => runtime.block_on(node_local::node_local_scenario(&args)),
         other => bail!("unknown scenario {other}"),
     }
 }
@@ -324,9 +347,22 @@ async fn serve(first: usize, count: usize) -> anyhow::Result<()> {
             );
         }
     }
+    static ACCEPT_FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     for listener in listeners {
         tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
+            loop {
+                let mut stream = match listener.accept().await {
+                    Ok((stream, _)) => stream,
+                    // Out of descriptors (EMFILE) with many held connections: keep the port
+                    // served, as a real server does, instead of leaving it to time out.
+                    Err(e) => {
+                        if !ACCEPT_FAILED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                            eprintln!("pod server {first}..: accept failed ({e}); retrying");
+                        }
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                };
                 tokio::spawn(async move {
                     let mut buf = [0u8; 1024];
                     // A connect-only probe closes at once (read 0); an HTTP probe sends a request.
@@ -349,10 +385,15 @@ async fn serve(first: usize, count: usize) -> anyhow::Result<()> {
 
 /// Spawns serving children for pods 0..n and waits until every listener is bound.
 fn start_pods(n: usize) -> anyhow::Result<Children> {
+    start_pods_by(n, PODS_PER_CHILD)
+}
+
+/// `start_pods` with `per_child` pods per serving child.
+fn start_pods_by(n: usize, per_child: usize) -> anyhow::Result<Children> {
     let exe = std::env::current_exe()?;
     let mut children = Children::default();
-    for first in (0..n).step_by(PODS_PER_CHILD) {
-        let count = PODS_PER_CHILD.min(n - first);
+    for first in (0..n).step_by(per_child) {
+        let count = per_child.min(n - first);
         let mut child = child_command(&exe)
             .args([
                 "serve",
@@ -957,184 +998,3 @@ async fn latency_scenario(args: &Args) -> anyhow::Result<()> {
     report("steady, first-free port", &steady, &lat, missed);
     Ok(())
 }
-
-// ---------------------------------------------------------------------------------------------
-// kube-memory
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
-    let mut stream =
-        tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr)).await??;
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await?;
-    let mut body = String::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut body)).await??;
-    let status = body
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    Ok((status, body))
-}
-
-fn metric(body: &str, name: &str) -> Option<f64> {
-    body.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
-fn proc_cpu_secs(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of /proc/PID/stat (index 11, 12 after the comm).
-    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Some(ticks / hz)
-}
-
-async fn kube_scenario(args: &Args) -> anyhow::Result<()> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let binary = args
-        .workersd
-        .clone()
-        .unwrap_or_else(|| root.join("target/release/workersd"));
-    if !binary.exists() {
-        bail!(
-            "{} missing: cargo build --release --bin workersd",
-            binary.display()
-        );
-    }
-    println!(
-        "|pods|namespaces|live endpoints|held connections|sync s|VmHWM MB|VmRSS MB after sync|VmRSS MB end|CPU % of a core ({:?}, interval 10s)|in that window: probes live / refused|Consul node reads / blocking watches / txns|",
-        args.measure
-    );
-    for &n in &args.pods {
-        let per_ns = 1000;
-        let pods = start_pods(n)?;
-        let double = ConsulDouble::start(DoubleConfig::default()).await?;
-        let mut children = Children::default();
-        let workdir =
-            std::env::temp_dir().join(format!("workersd-bench-kube-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&workdir)?;
-        let mut loader = child_command("python3")
-            .arg(root.join("testing/bench/kube_load.py"))
-            .arg(&workdir)
-            .arg(n.to_string())
-            .arg(per_ns.to_string())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()?;
-        let stdout = loader.stdout.take().expect("piped");
-        children.0.push(loader);
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line)?;
-        let kubeconfig = line
-            .split("\"kubeconfig\": \"")
-            .nth(1)
-            .and_then(|s| s.split('"').next())
-            .context("fake_kube did not start")?
-            .to_string();
-        let listen = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-        let started = Instant::now();
-        let workersd = child_command(&binary)
-            .args([
-                "kubernetes",
-                "--leader-election",
-                "false",
-                "--max-ports-per-namespace",
-                &(per_ns * RANGE_PORTS as usize).to_string(),
-                "--probe-interval",
-                "10s",
-                "--fast-period",
-                &format!("{}s", args.kube_fast_period),
-                "--http-sd-listen",
-                "off",
-                "--listen",
-                &listen.to_string(),
-                "--consul-addr",
-                &double.api_url(),
-            ])
-            .env("KUBECONFIG", &kubeconfig)
-            .env("WORKERSD_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()?;
-        let pid = workersd.id();
-        children.0.push(workersd);
-        let expected = n * live_per_pod() as usize;
-        // Synced: every pod is a target, probed once, and Consul holds every endpoint.
-        let deadline = Instant::now() + Duration::from_secs(300);
-        loop {
-            if Instant::now() > deadline {
-                bail!("workersd did not sync {n} pods within 300 s");
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            let ready = matches!(http_get(listen, "/readyz").await, Ok((200, _)));
-            let in_consul = double.with_catalog(|c| c.service_count());
-            if ready && in_consul >= expected {
-                break;
-            }
-        }
-        let sync = started.elapsed().as_secs_f64();
-        let pid_s = pid.to_string();
-        let rss_sync = proc_status_kb(&pid_s, "VmRSS:").unwrap_or(0) as f64 / 1024.0;
-        let (_, body) = http_get(listen, "/metrics").await?;
-        let live = metric(&body, "workersd_live_endpoints").unwrap_or(-1.0);
-        // Leave the fast cadence (--fast-period after each target's start) and the first
-        // phase-offset slow sleep (up to one interval) behind before measuring.
-        let settle = args.kube_settle.unwrap_or(args.kube_fast_period + 12);
-        tokio::time::sleep(Duration::from_secs(settle)).await;
-        let (_, before) = http_get(listen, "/metrics").await?;
-        double.reset_stats();
-        let cpu0 = proc_cpu_secs(pid).context("workersd exited")?;
-        let t0 = Instant::now();
-        tokio::time::sleep(args.measure).await;
-        let cpu1 = proc_cpu_secs(pid).context("workersd exited")?;
-        let consul = double.stats();
-        let (_, after) = http_get(listen, "/metrics").await?;
-        let probes = |result: &str| {
-            let name = format!("workersd_probes_total{{result=\"{result}\"}}");
-            metric(&after, &name).unwrap_or(0.0) - metric(&before, &name).unwrap_or(0.0)
-        };
-        let reads_all = consul.requests_matching("GET /v1/catalog/node-services");
-        let window = format!(
-            "{} / {} | {} / {} / {}",
-            probes("live"),
-            probes("refused"),
-            reads_all - consul.blocking_queries,
-            consul.blocking_queries,
-            consul.requests_matching("PUT /v1/txn"),
-        );
-        let cpu_pct = 100.0 * (cpu1 - cpu0) / t0.elapsed().as_secs_f64();
-        let hwm = proc_status_kb(&pid_s, "VmHWM:").unwrap_or(0) as f64 / 1024.0;
-        let rss_end = proc_status_kb(&pid_s, "VmRSS:").unwrap_or(0) as f64 / 1024.0;
-        let (_, body) = http_get(listen, "/metrics").await?;
-        let held = metric(&body, "workersd_held_connections").unwrap_or(-1.0);
-        println!(
-            "|{n}|{}|{live}|{held}|{sync:.1}|{hwm:.1}|{rss_sync:.1}|{rss_end:.1}|{cpu_pct:.1}|{window}|",
-            n.div_ceil(per_ns)
-        );
-        drop(children);
-        drop(pods);
-        double.shutdown().await;
-        let _ = std::fs::remove_dir_all(&workdir);
-    }
-    Ok(())
-}
-
-use std::path::Path;
