@@ -15,6 +15,8 @@ pub struct LeaseSettings {
     pub name: String,
     pub identity: String,
     pub duration: Duration,
+    /// How often a standby reads the lease, when not [`Self::retry_every`]'s default.
+    pub standby_poll: Option<Duration>,
 }
 
 impl LeaseSettings {
@@ -26,8 +28,10 @@ impl LeaseSettings {
     /// How often a standby reads the lease. It takes over one lease duration after it last saw
     /// the lease change, so polling more often than the holder renews keeps takeover close to
     /// that (client-go's RetryPeriod, 2 s for a 15 s lease, plays this part).
+    /// A role that may wait to be taken over (node-local mode's janitor, with one standby
+    /// per node) polls less often: every standby's read is an API request.
     pub fn retry_every(&self) -> Duration {
-        self.duration / 6
+        self.standby_poll.unwrap_or(self.duration / 6)
     }
 
     /// A leader that has not renewed for this long steps down, a third of the lease before a
@@ -308,6 +312,7 @@ mod tests {
             name: "workersd".into(),
             identity: "me".into(),
             duration: Duration::from_secs(15),
+            standby_poll: None,
         };
         assert_eq!(settings.renew_every(), Duration::from_secs(5));
         assert_eq!(settings.retry_every(), Duration::from_millis(2500));
@@ -317,6 +322,16 @@ mod tests {
         assert!(settings.retry_every() < settings.renew_every());
         assert!(settings.renew_every() < settings.renew_deadline());
         assert!(settings.renew_deadline() < settings.duration);
+        let slow = LeaseSettings {
+            standby_poll: Some(Duration::from_secs(60)),
+            ..settings
+        };
+        assert_eq!(slow.retry_every(), Duration::from_secs(60));
+        assert_eq!(
+            slow.renew_every(),
+            Duration::from_secs(5),
+            "the holder renews as often"
+        );
     }
 
     #[test]
@@ -420,6 +435,7 @@ mod tests {
             name: "l".into(),
             identity: "me".into(),
             duration: Duration::from_secs(15),
+            standby_poll: None,
         };
         let now = Timestamp::now();
         let previous = lease("other", 30, 15).spec.unwrap();

@@ -89,6 +89,7 @@ pub async fn run_kubernetes(args: KubernetesArgs) -> anyhow::Result<()> {
         name: args.lease_name.clone(),
         identity: identity.clone(),
         duration: args.lease_duration,
+        standby_poll: None,
     };
     // Renewal runs on its own task from the moment this instance leads: the initial sync below
     // can take longer than the whole lease on a big cluster, and nothing the rest of the
@@ -154,7 +155,7 @@ pub async fn run_kubernetes(args: KubernetesArgs) -> anyhow::Result<()> {
         };
         Some(janitor::Janitor {
             client: client.clone(),
-            lease,
+            lease: janitor::lease_settings(lease),
             consul,
             cluster: args.cluster_name.clone(),
             metrics: controller.metrics.clone(),

@@ -25,7 +25,8 @@ from test_kubernetes_e2e import (
 )
 
 NODES = {"n1": "127.0.1.2", "n2": "127.0.2.2", "n3": "127.0.3.2"}
-LEASE = 3  # seconds: a killed janitor is replaced within about this
+LEASE = 3  # seconds; a standby janitor reads the Lease every 2 leases: a killed one is replaced within ~4
+TAKEOVER = 5 * LEASE + 10  # bound on a janitor sweep after a change, a takeover included
 
 
 def consul_node(node: str) -> str:
@@ -59,7 +60,7 @@ def janitor_sweeps_once_more(fk, consul, trigger_node: str) -> None:
     """A Node change makes the janitor sweep; wait until it did."""
     before = node_lists(consul)
     add_node(fk, trigger_node)
-    wait_until(lambda: node_lists(consul) > before, timeout=3 * LEASE + 10, interval=0.1,
+    wait_until(lambda: node_lists(consul) > before, timeout=TAKEOVER, interval=0.1,
                message="a janitor sweep after a Node change")
 
 
@@ -77,7 +78,12 @@ def test_node_local_instances_publish_their_node_and_the_janitor_retires_deleted
         return kube_workersd(procs, fk, consul, identity=f"wd-{node}", node_name=node,
                              lease_duration=f"{LEASE}s")
 
-    wds = {node: instance(node).start() for node in NODES}
+    # n2's instance starts first and becomes the janitor, so deleting n2 below (its instance
+    # dying with it) also exercises a janitor takeover.
+    wds = {"n2": instance("n2").start()}
+    wait_until(lambda: (fk.ok("GET", LEASE_PATH).get("spec") or {}).get("holderIdentity") == "wd-n2",
+               timeout=15, interval=0.1, message="wd-n2 holds the Lease")
+    wds.update({node: instance(node).start() for node in ("n1", "n3")})
     # /readyz 200: each instance probed its pods and Consul holds them, under its own node only.
     for node, w in wds.items():
         assert on_node(consul, node) == want[node], node
@@ -107,12 +113,13 @@ def test_node_local_instances_publish_their_node_and_the_janitor_retires_deleted
     assert on_node(consul, "n3") == want["n3"]
     assert deregistrations(consul.stats()) == {}
 
-    # n2's Node object is deleted (its instance goes with it): its entries and Consul node
-    # are removed, once, and nothing of n1 or n3 is touched.
+    # n2's Node object is deleted (its instance, the janitor, goes with it): a standby takes
+    # the Lease, and n2's entries and Consul node are removed, once; nothing of n1 or n3 is
+    # touched.
     wds["n2"].kill()
     consul.reset_stats()
     fk.ok("DELETE", "/api/v1/nodes/n2")
-    wait_until(lambda: consul_node("n2") not in consul_nodes(consul), timeout=3 * LEASE + 15,
+    wait_until(lambda: consul_node("n2") not in consul_nodes(consul), timeout=TAKEOVER,
                interval=0.1, message="n2's Consul node retired")
     assert on_node(consul, "n2") == set()
     removed = deregistrations(consul.stats())

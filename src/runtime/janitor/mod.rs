@@ -23,6 +23,17 @@ pub use self::orphans::orphans;
 /// the last sweep (an instance that wrote just before its Node was deleted) is caught.
 const RESWEEP: Duration = Duration::from_secs(60);
 
+/// The Lease settings of the janitor's election: a standby reads the Lease every two lease
+/// durations. With one standby per node, the default (a sixth of the lease) would be
+/// thousands of reads a second on a big cluster (BENCHMARKS.md), and a janitor taking over
+/// later only delays the removal of a deleted node's entries.
+pub fn lease_settings(lease: LeaseSettings) -> LeaseSettings {
+    LeaseSettings {
+        standby_poll: Some(lease.duration * 2),
+        ..lease
+    }
+}
+
 pub struct Janitor {
     pub client: kube::Client,
     pub lease: LeaseSettings,
@@ -116,5 +127,26 @@ impl Janitor {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn standby_janitors_read_the_lease_every_two_leases_and_the_holder_renews_as_usual() {
+        let lease = LeaseSettings {
+            namespace: "ops".into(),
+            name: "workersd".into(),
+            identity: "wd-n1".into(),
+            duration: Duration::from_secs(15),
+            standby_poll: None,
+        };
+        let janitor = lease_settings(lease.clone());
+        assert_eq!(janitor.retry_every(), Duration::from_secs(30));
+        assert_eq!(lease.retry_every(), Duration::from_millis(2500));
+        assert_eq!(janitor.renew_every(), lease.renew_every());
+        assert_eq!(janitor.renew_deadline(), lease.renew_deadline());
     }
 }

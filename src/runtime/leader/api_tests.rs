@@ -14,6 +14,7 @@ fn lease_settings() -> LeaseSettings {
         name: "workersd".into(),
         identity: "me".into(),
         duration: Duration::from_secs(15),
+        standby_poll: None,
     }
 }
 
