@@ -152,13 +152,11 @@ pub enum ErrorKind {
         other: usize,
     },
 
-    // Pod annotations.
+    // Key/value sources: pod annotations, Nomad meta.
     #[error("{bytes} bytes; at most {max}")]
-    AnnotationTooLong { bytes: usize, max: usize },
-    #[error(
-        "unknown workersd.io annotation (expected service, ports, ports.<container>, path, scheme, tags, meta.<key>)"
-    )]
-    UnknownAnnotation,
+    ValueTooLong { bytes: usize, max: usize },
+    #[error("{}", .0.unknown_key())]
+    UnknownKey(SourceKind),
 
     // `WorkerMetrics` resources.
     #[error(transparent)]

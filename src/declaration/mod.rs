@@ -5,6 +5,7 @@
 //! error type, [`DeclarationError`]. Pure: no I/O here.
 
 mod error;
+pub mod keyed;
 pub mod rules;
 
 pub use error::{DeclarationError, ErrorKind, FieldPath, Located};
@@ -28,12 +29,15 @@ pub enum SourceKind {
     TargetsFile,
     Annotations,
     WorkerMetrics,
+    /// A Nomad job's, group's or task's `workersd_*` meta.
+    NomadMeta,
 }
 
 impl SourceKind {
     fn required(self) -> &'static str {
         match self {
             SourceKind::Annotations => "required when other workersd.io annotations are set",
+            SourceKind::NomadMeta => "required when other workersd_ meta keys are set",
             SourceKind::TargetsFile | SourceKind::WorkerMetrics => "required",
         }
     }
@@ -43,6 +47,19 @@ impl SourceKind {
             SourceKind::TargetsFile => "e.g. \"9011-9020\"",
             SourceKind::Annotations => "workersd.io/ports or workersd.io/ports.<container>",
             SourceKind::WorkerMetrics => "at least one container with a port range is required",
+            SourceKind::NomadMeta => "workersd_ports or workersd_ports_<task>",
+        }
+    }
+
+    fn unknown_key(self) -> &'static str {
+        match self {
+            SourceKind::Annotations => {
+                "unknown workersd.io annotation (expected service, ports, ports.<container>, path, scheme, tags, meta.<key>)"
+            }
+            SourceKind::NomadMeta => {
+                "unknown workersd_ meta key (expected workersd_service, workersd_ports, workersd_ports_<task>, workersd_path, workersd_scheme, workersd_tags, workersd_meta_<key>)"
+            }
+            SourceKind::TargetsFile | SourceKind::WorkerMetrics => "unknown field",
         }
     }
 }

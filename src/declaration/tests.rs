@@ -160,3 +160,32 @@ fn the_three_sources_report_the_same_problem_at_their_own_field() {
         );
     }
 }
+
+/// Without any range, each source says how its users declare one.
+#[test]
+fn a_missing_range_is_reported_with_the_way_each_source_declares_one() {
+    for (source, hint) in [
+        (SourceKind::TargetsFile, "e.g. \"9011-9020\""),
+        (
+            SourceKind::Annotations,
+            "workersd.io/ports or workersd.io/ports.<container>",
+        ),
+        (
+            SourceKind::WorkerMetrics,
+            "at least one container with a port range is required",
+        ),
+    ] {
+        let mut none = RawDeclaration::empty(source, |name| FieldPath::new(format!("x.{name}")));
+        none.service = Input::given(FieldPath::new("x.service"), "web".to_string());
+        let errors: Vec<String> = validate(none)
+            .unwrap_err()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            errors,
+            [format!("x.ports: no port range declared ({hint})")],
+            "{source:?}"
+        );
+    }
+}

@@ -1,9 +1,6 @@
 //! A pod's `workersd.io/*` annotations, read into a declaration. Pure: no API calls here.
 
-use crate::declaration::{
-    self, Declaration, DeclarationError, ErrorKind, FieldPath, Input, Located, RawDeclaration,
-    RawMeta, RawRange, SourceKind,
-};
+use crate::declaration::{Declaration, DeclarationError, FieldPath, SourceKind, keyed};
 use std::collections::BTreeMap;
 
 pub const PREFIX: &str = "workersd.io/";
@@ -18,92 +15,21 @@ pub const META_PREFIX: &str = "workersd.io/meta.";
 /// Longest annotation value read; anything longer is an error, not parsed.
 pub const MAX_ANNOTATION_VALUE: usize = 4096;
 
+/// How annotations spell the keys of a declaration.
+const KEYS: keyed::Keys = keyed::Keys {
+    source: SourceKind::Annotations,
+    prefix: PREFIX,
+    ports_scoped: "ports.",
+    meta: "meta.",
+    max_value: MAX_ANNOTATION_VALUE,
+    field: annotation,
+};
+
 /// Parses a pod's `workersd.io/*` annotations. `Ok(None)`: the pod did not opt in.
 pub fn parse_annotations(
     annotations: &BTreeMap<String, String>,
 ) -> Result<Option<Declaration>, Vec<DeclarationError>> {
-    let ours: Vec<(&String, &String)> = annotations
-        .iter()
-        .filter(|(k, _)| k.starts_with(PREFIX))
-        .collect();
-    if ours.is_empty() {
-        return Ok(None);
-    }
-    let mut errors = Vec::new();
-    let mut raw = RawDeclaration {
-        meta_field: annotation(&format!("{META_PREFIX}*")),
-        ..RawDeclaration::empty(SourceKind::Annotations, |name| {
-            annotation(&format!("{PREFIX}{name}"))
-        })
-    };
-    for (key, value) in ours {
-        let field = annotation(key);
-        let too_long = value.len() > MAX_ANNOTATION_VALUE;
-        if too_long {
-            errors.push(DeclarationError::new(
-                field.clone(),
-                ErrorKind::AnnotationTooLong {
-                    bytes: value.len(),
-                    max: MAX_ANNOTATION_VALUE,
-                },
-            ));
-        }
-        let given = |value: &String| {
-            if too_long {
-                Input::Refused
-            } else {
-                Input::given(field.clone(), value.clone())
-            }
-        };
-        match key.as_str() {
-            SERVICE => raw.service = given(value),
-            PATH => raw.path = given(value),
-            SCHEME => raw.scheme = given(value),
-            TAGS => {
-                raw.tags = match given(value) {
-                    Input::Given(Located { field, value }) => {
-                        let tags = value
-                            .split(',')
-                            .map(str::trim)
-                            .filter(|t| !t.is_empty())
-                            .map(str::to_string)
-                            .collect();
-                        Input::given(field, tags)
-                    }
-                    _ => Input::Refused,
-                }
-            }
-            key if key == PORTS || key.starts_with(PORTS_PREFIX) => {
-                if too_long {
-                    raw.ranges_refused = true;
-                    continue;
-                }
-                let container = key
-                    .strip_prefix(PORTS_PREFIX)
-                    .map(|name| Located::new(field.clone(), name.to_string()));
-                raw.ranges.push(RawRange {
-                    container,
-                    ports: Located::new(field, value.clone()),
-                });
-            }
-            key => match key.strip_prefix(META_PREFIX) {
-                Some(_) if too_long => {}
-                Some(meta_key) => raw.meta.push(RawMeta {
-                    field,
-                    key: meta_key.to_string(),
-                    value: value.clone(),
-                }),
-                None => errors.push(DeclarationError::new(field, ErrorKind::UnknownAnnotation)),
-            },
-        }
-    }
-    match declaration::validate(raw) {
-        Ok(declared) if errors.is_empty() => Ok(Some(declared)),
-        result => {
-            errors.extend(result.err().unwrap_or_default());
-            Err(errors)
-        }
-    }
+    keyed::parse(&KEYS, annotations)
 }
 
 fn annotation(key: &str) -> FieldPath {
