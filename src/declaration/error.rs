@@ -158,6 +158,14 @@ pub enum ErrorKind {
     #[error("{}", .0.unknown_key())]
     UnknownKey(SourceKind),
 
+    // Nomad meta.
+    #[error(
+        "a task's meta may only declare its own range (workersd_ports); set the other workersd_ keys on the group or the job"
+    )]
+    TaskMetaKey,
+    #[error("no task named {0:?} in the allocation's group")]
+    UnknownTask(String),
+
     // `WorkerMetrics` resources.
     #[error(transparent)]
     Selector(Arc<kube::core::ParseExpressionError>),

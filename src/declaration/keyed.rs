@@ -18,8 +18,6 @@ pub struct Keys {
     pub meta: &'static str,
     /// Longest value read; a longer one is an error, not parsed.
     pub max_value: usize,
-    /// Where a key is, for errors.
-    pub field: fn(&str) -> FieldPath,
 }
 
 impl Keys {
@@ -28,10 +26,12 @@ impl Keys {
     }
 }
 
-/// Reads the pairs of `keys.prefix`. `Ok(None)`: nothing of ours is set (not opted in).
+/// Reads the pairs of `keys.prefix`; `field` says where a key was written, for errors.
+/// `Ok(None)`: nothing of ours is set (not opted in).
 pub fn parse<'a>(
     keys: &Keys,
     pairs: impl IntoIterator<Item = (&'a String, &'a String)>,
+    field: impl Fn(&str) -> FieldPath,
 ) -> Result<Option<Declaration>, Vec<DeclarationError>> {
     let ours: Vec<(&String, &String)> = pairs
         .into_iter()
@@ -51,11 +51,11 @@ pub fn parse<'a>(
     let meta_prefix = keys.key(keys.meta);
     let mut errors = Vec::new();
     let mut raw = RawDeclaration {
-        meta_field: (keys.field)(&format!("{meta_prefix}*")),
-        ..RawDeclaration::empty(keys.source, |name| (keys.field)(&keys.key(name)))
+        meta_field: field(&format!("{meta_prefix}*")),
+        ..RawDeclaration::empty(keys.source, |name| field(&keys.key(name)))
     };
     for (key, value) in ours {
-        let field = (keys.field)(key);
+        let field = field(key);
         let too_long = value.len() > keys.max_value;
         if too_long {
             errors.push(DeclarationError::new(

@@ -3,6 +3,7 @@
 
 pub mod file;
 pub mod kubernetes;
+pub mod nomad;
 
 use crate::model::Target;
 use std::sync::Arc;

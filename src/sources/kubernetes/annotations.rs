@@ -22,14 +22,13 @@ const KEYS: keyed::Keys = keyed::Keys {
     ports_scoped: "ports.",
     meta: "meta.",
     max_value: MAX_ANNOTATION_VALUE,
-    field: annotation,
 };
 
 /// Parses a pod's `workersd.io/*` annotations. `Ok(None)`: the pod did not opt in.
 pub fn parse_annotations(
     annotations: &BTreeMap<String, String>,
 ) -> Result<Option<Declaration>, Vec<DeclarationError>> {
-    keyed::parse(&KEYS, annotations)
+    keyed::parse(&KEYS, annotations, annotation)
 }
 
 fn annotation(key: &str) -> FieldPath {
