@@ -24,6 +24,9 @@ pub enum Command {
     Standalone(Box<StandaloneArgs>),
     /// Watch Kubernetes pods (annotations and WorkerMetrics resources) and publish live workers.
     Kubernetes(Box<KubernetesArgs>),
+    /// Follow this Nomad client's allocations (opted in by workersd_* meta) and publish live
+    /// workers; run it as a Nomad system job, one per client node.
+    Nomad(Box<NomadArgs>),
     /// Validate a targets file; print every error (entry, field, why) and exit 1 if any.
     Check {
         #[arg(long, env = "WORKERSD_TARGETS")]
@@ -95,6 +98,39 @@ pub struct KubernetesArgs {
     /// This instance's identity in the Lease and in Events [default: the hostname].
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct NomadArgs {
+    /// The local Nomad agent's HTTP API.
+    #[arg(long, env = "NOMAD_ADDR", default_value = "http://127.0.0.1:4646")]
+    pub nomad_addr: String,
+    /// File holding the Nomad ACL token (preferred; env NOMAD_TOKEN is the fallback). It
+    /// needs node:read and read-job on the namespaces to publish.
+    #[arg(long, env = "NOMAD_TOKEN_FILE")]
+    pub nomad_token_file: Option<PathBuf>,
+    /// PEM CA bundle verifying an https Nomad (default: the system roots).
+    #[arg(long, env = "NOMAD_CACERT")]
+    pub nomad_ca_file: Option<PathBuf>,
+    /// PEM client certificate for Nomad's verify_https_client (with --nomad-client-key).
+    #[arg(long, env = "NOMAD_CLIENT_CERT")]
+    pub nomad_client_cert: Option<PathBuf>,
+    #[arg(long, env = "NOMAD_CLIENT_KEY")]
+    pub nomad_client_key: Option<PathBuf>,
+    /// Verify Nomad's certificate against this name instead of the address' host.
+    #[arg(long, env = "NOMAD_TLS_SERVER_NAME")]
+    pub nomad_tls_server_name: Option<String>,
+    /// Nomad region (default: the agent's own).
+    #[arg(long, env = "NOMAD_REGION")]
+    pub nomad_region: Option<String>,
+    /// Only allocations of this namespace; "*": every namespace the token may read.
+    #[arg(long, env = "NOMAD_NAMESPACE", default_value = "*")]
+    pub nomad_namespace: String,
+    /// Longest wait of one blocking query on the allocations (Nomad caps it at 5m).
+    #[arg(long, env = "WORKERSD_NOMAD_WAIT", default_value = "5m", value_parser = parse_duration)]
+    pub nomad_wait: Duration,
     #[command(flatten)]
     pub run: RunArgs,
 }

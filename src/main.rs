@@ -28,6 +28,10 @@ fn main() -> ExitCode {
             telemetry::init(args.run.log_format);
             run_async(workersd::runtime::run_kubernetes(*args))
         }
+        Command::Nomad(args) => {
+            telemetry::init(args.run.log_format);
+            run_async(workersd::runtime::run_nomad(*args))
+        }
         Command::Standalone(args) => {
             telemetry::init(args.run.log_format);
             run_async(workersd::runtime::run_standalone(*args))

@@ -6,11 +6,13 @@ mod controller;
 pub mod janitor;
 pub mod leader;
 pub mod limits;
+mod nomad;
 mod settings;
 pub mod shutdown;
 pub mod status_page;
 
 pub use self::controller::{Controller, Started};
+pub use self::nomad::run_nomad;
 use self::leader::LeaseSettings;
 use self::settings::{ConsulNode, default_node, hostname_or_localhost};
 use crate::cli::{KubernetesArgs, Registration, StandaloneArgs};

@@ -1,4 +1,7 @@
-//! The Nomad source (in progress, issue 18): a node's allocations opted in by `workersd_*`
-//! meta. `alloc` reads one allocation as Nomad's API returns it into targets; pure.
+//! The Nomad source: this node's allocations, opted in by `workersd_*` meta, followed with
+//! blocking queries on the local agent. `alloc` reads one allocation into targets (pure);
+//! `client` is the only module talking to Nomad; `watch` is the loop.
 
 pub mod alloc;
+pub mod client;
+pub mod watch;
