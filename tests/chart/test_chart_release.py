@@ -1,5 +1,6 @@
-"""The packaged chart scripts/release ships: scripts/package-chart (Helm's own `helm package`
-through helm_lib.py), loaded back by Helm's chart loader and installed from the .tgz."""
+"""What a release ships of the chart: the package scripts/package-chart makes (Helm's own `helm
+package` through helm_lib.py), loaded back by Helm's chart loader and installed from the .tgz;
+and the NOTES warning while image.repository is still the unpublished default."""
 
 from __future__ import annotations
 
@@ -80,3 +81,32 @@ def test_install_from_the_package_sends_the_crd_first(helm, tgz):
 def test_package_is_reproducible(tgz, tmp_path):
     again = package(tmp_path)
     assert hashlib.sha256(again.read_bytes()).digest() == hashlib.sha256(tgz.read_bytes()).digest()
+
+
+# -- NOTES: the default repository --------------------------------------------------------------
+
+DEFAULT_REPOSITORY = "ghcr.io/workersd/workersd"
+WARNING = "WARNING: image.repository is the chart's default"
+
+
+def test_values_default_repository_is_the_one_notes_warn_about():
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert values["image"]["repository"] == DEFAULT_REPOSITORY
+
+
+@pytest.mark.parametrize(
+    "values, warned",
+    [
+        ({}, True),
+        ({"image": {"tag": "0.1.0-rc1"}}, True),
+        ({"image": {"repository": DEFAULT_REPOSITORY}}, True),
+        ({"image": {"repository": "registry.example/platform/workersd"}}, False),
+        ({"image": {"repository": "workersd", "tag": VERSION}}, False),
+    ],
+)
+def test_notes_warn_only_about_the_default_repository(helm, values, warned):
+    notes = helm.render(CHART, values).notes
+    assert (WARNING in notes) == warned, notes
+    if warned:
+        tag = (values.get("image") or {}).get("tag") or VERSION
+        assert f"--set image.repository=REGISTRY/workersd --set image.tag={tag}" in notes
