@@ -1,21 +1,25 @@
 # syntax=docker/dockerfile:1
-# workersd: a static (static-pie, glibc) binary on a distroless image, running as non-root.
+# workersd: the static (static-pie, glibc) binary on an empty base, running as non-root.
 #
 #   docker build -t workersd .
 #
-# The same static build runs in CI (scripts/build-static), so this file only packages what CI
-# already proves builds and runs.
+# CI builds the same image without Docker (scripts/build-image) from the same static build
+# (scripts/build-static) and root filesystem (scripts/image-rootfs: the binary, the CA bundle,
+# /etc/passwd and /etc/group with the user 65532, /tmp). tests/image/test_image.py checks that
+# this file declares what that image holds (user, entrypoint, environment, ports, labels).
 
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY . .
-RUN scripts/build-static /out/workersd
+RUN scripts/build-static /out/workersd && scripts/image-rootfs /out/workersd /rootfs
 
-# Distroless static: no shell, no package manager, CA certificates and /etc/passwd with the
-# `nonroot` user (uid 65532).
-FROM gcr.io/distroless/static-debian12:nonroot
-COPY --from=build /out/workersd /usr/local/bin/workersd
+FROM scratch
+COPY --from=build /rootfs/ /
 USER 65532:65532
-EXPOSE 9463 9464
+ENV PATH=/usr/local/bin:/usr/bin:/bin SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt
+EXPOSE 9463/tcp 9464/tcp
+LABEL org.opencontainers.image.title=workersd \
+      org.opencontainers.image.source=https://github.com/workersd/workersd \
+      org.opencontainers.image.licenses=Apache-2.0
 ENTRYPOINT ["/usr/local/bin/workersd"]
 CMD ["--help"]

@@ -15,6 +15,10 @@ message in helm_sdkpy_last_error(); result strings are malloc'ed and freed with 
     int  helm_sdkpy_install(helm_sdkpy_handle handle, const char *release_name,
                             const char *chart_path, const char *values_json,
                             const char *version, const char *options_json, char **result_json);
+    int  helm_sdkpy_package(helm_sdkpy_handle handle, const char *chart_path,
+                            const char *dest_dir, char **result_path);
+    int  helm_sdkpy_show_chart(helm_sdkpy_handle handle, const char *chart_path,
+                               char **result_yaml);
     const char *helm_sdkpy_last_error(void);   /* owned by the library: never freed */
     void helm_sdkpy_free(void *ptr);
     const char *helm_sdkpy_version_string(void);
@@ -67,6 +71,9 @@ int helm_sdkpy_lint(helm_sdkpy_handle handle, const char *chart_path, char **res
 int helm_sdkpy_install(helm_sdkpy_handle handle, const char *release_name, const char *chart_path,
                        const char *values_json, const char *version, const char *options_json,
                        char **result_json);
+int helm_sdkpy_package(helm_sdkpy_handle handle, const char *chart_path, const char *dest_dir,
+                       char **result_path);
+int helm_sdkpy_show_chart(helm_sdkpy_handle handle, const char *chart_path, char **result_yaml);
 const char *helm_sdkpy_last_error(void);
 void helm_sdkpy_free(void *ptr);
 const char *helm_sdkpy_version_string(void);
@@ -233,6 +240,30 @@ class Helm:
             error_count=len(raw.get("Errors") or []),
             raw=raw,
         )
+
+    def package(self, chart: Path, dest: Path) -> Path:
+        """`helm package CHART -d DEST`: Helm's <name>-<version>.tgz of the chart directory
+        (.helmignore applied, Chart.yaml first); returns its path. The entries carry the files'
+        modification times, so a reproducible package needs them fixed first."""
+        handle = self._config("default", OFFLINE_KUBECONFIG)
+        try:
+            out = self._ffi.new("char **")
+            rc = self._lib.helm_sdkpy_package(handle, str(chart).encode(), str(dest).encode(), out)
+            self._check(rc, f"package {chart}")
+            return Path(self._take_string(out))
+        finally:
+            self._lib.helm_sdkpy_config_destroy(handle)
+
+    def show_chart(self, chart: Path) -> dict:
+        """`helm show chart CHART` (a directory or a .tgz, loaded by Helm's chart loader)."""
+        handle = self._config("default", OFFLINE_KUBECONFIG)
+        try:
+            out = self._ffi.new("char **")
+            rc = self._lib.helm_sdkpy_show_chart(handle, str(chart).encode(), out)
+            self._check(rc, f"show chart {chart}")
+            return yaml.safe_load(self._take_string(out))
+        finally:
+            self._lib.helm_sdkpy_config_destroy(handle)
 
     def render(
         self,
