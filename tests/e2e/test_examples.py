@@ -71,3 +71,16 @@ def test_systemd_unit_runs_existing_flags():
 def test_quick_start_targets_file_is_valid(tmp_path, name):
     result = _check(tmp_path, (EXAMPLES / name).read_text())
     assert result.returncode == 0 and "OK, 1 target(s)" in result.stdout, result.stdout
+
+
+def test_nomad_system_job_flags_exist_and_the_meta_job_declares_a_range():
+    job = (EXAMPLES / "nomad" / "workersd.nomad.hcl").read_text()
+    assert 'type        = "system"' in job
+    args = re.findall(r'"(--[a-z-]+)"', job)
+    assert "--consul-registration" in args
+    assert set(args) <= _help_flags("nomad"), set(args) - _help_flags("nomad")
+    meta_job = (EXAMPLES / "nomad" / "clever-meta.nomad.hcl").read_text()
+    keys = dict(re.findall(r"^\s*(workersd_\w+)\s*=\s*\"([^\"]*)\"", meta_job, re.M))
+    assert keys == {"workersd_service": "clever", "workersd_tags": "gunicorn", "workersd_ports": "9011-9014"}
+    reserved = sorted(int(p) for p in re.findall(r"static = (\d+)", meta_job))
+    assert reserved == list(range(9011, 9015)), "the declared range is reserved on the host"
