@@ -3,9 +3,10 @@
 //!
 //! ```text
 //!  sources ──snapshots──▶ probe ──live ports──▶ catalog ──desired state──▶ sinks
-//!  file, kubernetes       sweeps each          desired (pure)              consul, http_sd,
-//!  (declaration checks    target's range       plan (pure, per sink)       workermetrics_status,
-//!   every declared target)                                                  kubernetes_events
+//!  file, kubernetes,      sweeps each          desired (pure)              consul (catalog or
+//!  nomad (declaration     target's range       plan (pure, per sink)       agent), http_sd,
+//!  checks every declared                                                   workermetrics_status,
+//!  target)                                                                 kubernetes_events
 //! ```
 //!
 //! - [`sources`] say where workers may live; every way of declaring a target goes through
@@ -14,10 +15,12 @@
 //!   policy (`probe::sweep`) is pure, its sockets are in `probe::connect` and `probe::http`.
 //! - [`catalog`] is the pure core: the desired catalog and the plan that reaches it without
 //!   touching entries workersd does not own. [`pipeline`] is the loop between them.
-//! - [`sinks`] publish: the Consul catalog (`sinks::consul`, with its pure `txn` sizing),
-//!   Prometheus HTTP SD, and on Kubernetes the WorkerMetrics status and Warning Events.
-//! - [`runtime`] assembles a controller for each mode (standalone, Kubernetes), with leader
-//!   election, the admin server (`/metrics`, `/healthz`, `/readyz`), limits and shutdown;
+//! - [`sinks`] publish: Consul (`sinks::consul`: the catalog with its pure `txn` sizing, or
+//!   the local agent's services), Prometheus HTTP SD, and on Kubernetes the WorkerMetrics
+//!   status and Warning Events.
+//! - [`runtime`] assembles a controller for each mode (standalone, Kubernetes, Nomad), with
+//!   leader election and the node-local janitor, the admin server (`/metrics`, `/healthz`,
+//!   `/readyz`, the status page), limits and shutdown;
 //!   [`telemetry`] sets up logs, [`metrics`] holds workersd's own metrics.
 
 pub mod catalog;

@@ -12,8 +12,8 @@ pub mod shutdown;
 pub mod status_page;
 
 pub use self::controller::{Controller, Started};
-pub use self::nomad::run_nomad;
 use self::leader::LeaseSettings;
+pub use self::nomad::run_nomad;
 use self::settings::{ConsulNode, default_node, hostname_or_localhost};
 use crate::cli::{KubernetesArgs, Registration, StandaloneArgs};
 use crate::declaration;

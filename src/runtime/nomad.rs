@@ -21,8 +21,8 @@ fn nomad_settings(args: &NomadArgs) -> anyhow::Result<NomadSettings> {
             _ => TokenSource::None,
         },
     };
-    let address = crate::sinks::consul::normalize_address(&args.nomad_addr)
-        .context("--nomad-addr")?;
+    let address =
+        crate::sinks::consul::normalize_address(&args.nomad_addr).context("--nomad-addr")?;
     Ok(NomadSettings {
         address,
         token,
@@ -42,7 +42,13 @@ fn nomad_settings(args: &NomadArgs) -> anyhow::Result<NomadSettings> {
 fn consul_node(node_name: &str) -> ConsulNode {
     let name: String = node_name
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
         .collect();
     ConsulNode::named(format!("workersd-{name}"))
 }

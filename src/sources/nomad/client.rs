@@ -25,7 +25,9 @@ pub struct NomadSettings {
 pub enum NomadError {
     #[error("Nomad unreachable: {0}")]
     Unreachable(#[source] reqwest::Error),
-    #[error("Nomad denied the request: check the token's policy (node:read, read-job): HTTP {status}: {body}")]
+    #[error(
+        "Nomad denied the request: check the token's policy (node:read, read-job): HTTP {status}: {body}"
+    )]
     Forbidden { status: u16, body: String },
     #[error("Nomad answered HTTP {status} to {what}: {body}")]
     Status {
@@ -98,9 +100,10 @@ impl NomadClient {
     }
 
     fn get(&self, path: &str) -> reqwest::RequestBuilder {
-        let mut builder = self
-            .http
-            .get(format!("{}{path}", self.settings.address.trim_end_matches('/')));
+        let mut builder = self.http.get(format!(
+            "{}{path}",
+            self.settings.address.trim_end_matches('/')
+        ));
         if let Some(region) = &self.settings.region {
             builder = builder.query(&[("region", region)]);
         }
@@ -145,10 +148,11 @@ impl NomadClient {
         let (body, _) = self
             .fetch("agent self", self.get("/v1/agent/self").timeout(timeout))
             .await?;
-        let agent: AgentSelf = serde_json::from_str(&body).map_err(|source| NomadError::Decode {
-            what: "agent self",
-            source,
-        })?;
+        let agent: AgentSelf =
+            serde_json::from_str(&body).map_err(|source| NomadError::Decode {
+                what: "agent self",
+                source,
+            })?;
         let id = agent
             .stats
             .and_then(|s| s.client)
