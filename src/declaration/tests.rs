@@ -77,6 +77,16 @@ fn every_problem_is_named_with_its_field() {
 
 #[test]
 fn per_pod_limits() {
+    // At the limits: accepted.
+    let sixteen: Vec<String> = (0..16).map(|i| (9000 + i).to_string()).collect();
+    let sixteen: Vec<&str> = sixteen.iter().map(String::as_str).collect();
+    assert!(validate(raw(&sixteen)).is_ok());
+    let full: Vec<String> = (0..4)
+        .map(|i| format!("{0}-{1}", 1 + i * 256, 256 + i * 256))
+        .collect();
+    let full: Vec<&str> = full.iter().map(String::as_str).collect();
+    assert!(validate(raw(&full)).is_ok(), "1024 ports");
+    // One more: refused.
     let many: Vec<String> = (0..17).map(|i| (9000 + i).to_string()).collect();
     let many: Vec<&str> = many.iter().map(String::as_str).collect();
     let errors = validate(raw(&many)).unwrap_err();
