@@ -108,7 +108,7 @@ pub struct NomadArgs {
     #[arg(long, env = "NOMAD_ADDR", default_value = "http://127.0.0.1:4646")]
     pub nomad_addr: String,
     /// File holding the Nomad ACL token (preferred; env NOMAD_TOKEN is the fallback). It
-    /// needs node:read and read-job on the namespaces to publish.
+    /// needs agent:read, node:read and read-job on the namespaces to publish.
     #[arg(long, env = "NOMAD_TOKEN_FILE")]
     pub nomad_token_file: Option<PathBuf>,
     /// PEM CA bundle verifying an https Nomad (default: the system roots).

@@ -102,3 +102,32 @@ def test_nomad_allocations_opted_in_by_meta_are_published_and_followed(procs, no
     del want["shop"]
     wait_until(lambda: published(consul) == want, timeout=45, interval=0.2,
                message=lambda: f"after the agent came back: {published(consul)} != {want}")
+
+
+def test_nomad_token_from_a_file_and_a_refused_token_is_a_clear_start_up_error(procs):
+    fake = FakeNomad(procs.path("fake-nomad-acl", "x").parent, node_name="client-1", acl=True).start()
+    try:
+        # What README says the token needs: agent:read, node:read, read-job.
+        fake.add_token("s3cret-nomad-token", {"agent": "read", "node": "read", "namespaces": {"default": "read"}})
+        g = Gunicorn(procs, address="127.0.0.5", workers=2).start()
+        host_alloc(fake, "shop", g, meta={"workersd_service": SERVICE,
+                                          "workersd_ports": f"{g.metrics_first}-{g.metrics_last}"})
+        consul = ConsulDouble(procs).start()
+        token = procs.path("nomad-token", "token")
+        token.write_text("s3cret-nomad-token\n")
+        w = Workersd(procs, "nomad", nomad_addr=fake.url, nomad_token_file=token, consul_addr=consul.url,
+                     nomad_wait="10s").start()
+        assert published(consul) == {"shop": set(g.listening_metrics_ports())}
+
+        wrong = procs.path("nomad-token-wrong", "token")
+        wrong.write_text("not-a-known-token\n")
+        refused = Workersd(procs, "nomad", nomad_addr=fake.url, nomad_token_file=wrong,
+                           consul_addr=consul.url).start(wait_ready=False)
+        wait_until(lambda: refused.proc.returncode is not None, timeout=30, message="workersd exits")
+        assert refused.proc.returncode == 1
+        logs = refused.proc.logs()
+        assert "cannot find this Nomad agent's node" in logs and "Nomad denied the request" in logs, logs
+        for text in (logs, w.proc.logs()):
+            assert "s3cret-nomad-token" not in text and "not-a-known-token" not in text
+    finally:
+        fake.stop()

@@ -26,7 +26,7 @@ pub enum NomadError {
     #[error("Nomad unreachable: {0}")]
     Unreachable(#[source] reqwest::Error),
     #[error(
-        "Nomad denied the request: check the token's policy (node:read, read-job): HTTP {status}: {body}"
+        "Nomad denied the request: check the token's policy (agent:read, node:read, read-job): HTTP {status}: {body}"
     )]
     Forbidden { status: u16, body: String },
     #[error("Nomad answered HTTP {status} to {what}: {body}")]
