@@ -233,4 +233,38 @@ mod tests {
         assert!(owner_id("").is_err());
         assert!(owner_id("a:b").is_err());
     }
+
+    /// Every limit accepts its maximum and refuses one more.
+    #[test]
+    fn every_limit_is_inclusive() {
+        let text = |n: usize| "a".repeat(n);
+        assert!(service_name(&text(MAX_SERVICE_NAME_LEN)).is_ok());
+        assert_eq!(
+            service_name(&text(MAX_SERVICE_NAME_LEN + 1)),
+            Err(ServiceNameError::TooLong(64))
+        );
+        assert!(owner_id(&text(MAX_OWNER_ID_LEN)).is_ok());
+        assert!(owner_id(&text(MAX_OWNER_ID_LEN + 1)).is_err());
+        assert!(meta_key(&text(MAX_META_KEY_LEN)).is_ok());
+        assert!(meta_key(&text(MAX_META_KEY_LEN + 1)).is_err());
+        assert!(meta_value("k", &text(MAX_META_VALUE_LEN)).is_ok());
+        assert!(meta_value("k", &text(MAX_META_VALUE_LEN + 1)).is_err());
+        assert!(tags(&vec!["t".to_string(); MAX_TAGS]).is_empty());
+        assert_eq!(
+            tags(&vec!["t".to_string(); MAX_TAGS + 1]),
+            [TagsError::TooMany(65)]
+        );
+        assert!(tags(&[text(MAX_TAG_LEN)]).is_empty());
+        assert_eq!(tags(&[text(MAX_TAG_LEN + 1)]).len(), 1);
+        let path = |n: usize| format!("/{}", text(n - 1));
+        assert!(metrics_path(&path(MAX_PATH_LEN)).is_ok());
+        assert!(metrics_path(&path(MAX_PATH_LEN + 1)).is_err());
+    }
+
+    /// Consul allows 64 meta pairs: the user's, ours and the source's must fit together.
+    #[test]
+    fn user_meta_leaves_room_for_ours_and_the_sources() {
+        assert_eq!(MAX_USER_META, 55);
+        assert_eq!(MAX_USER_META + meta_keys::RESERVED.len() + 4, 64);
+    }
 }
