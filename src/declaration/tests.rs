@@ -199,3 +199,31 @@ fn a_missing_range_is_reported_with_the_way_each_source_declares_one() {
         );
     }
 }
+
+/// Up to `MAX_USER_META` pairs are accepted; one more is refused, naming the count.
+#[test]
+fn user_meta_is_accepted_up_to_its_limit() {
+    let with_meta = |n: usize| {
+        let mut r = raw(&["9011"]);
+        r.meta = (0..n)
+            .map(|i| RawMeta {
+                field: FieldPath::new(format!("x.meta.k{i}")),
+                key: format!("k{i}"),
+                value: "v".into(),
+            })
+            .collect();
+        validate(r)
+    };
+    assert_eq!(with_meta(rules::MAX_USER_META).unwrap().meta.len(), 55);
+    let errors = with_meta(rules::MAX_USER_META + 1).unwrap_err();
+    assert!(
+        matches!(
+            errors[..],
+            [DeclarationError {
+                kind: ErrorKind::Meta(MetaError::TooMany(56)),
+                ..
+            }]
+        ),
+        "{errors:?}"
+    );
+}
