@@ -90,6 +90,18 @@ pub fn instance(owner: Option<&str>, service: &str, port: u16) -> ServiceInstanc
 pub struct CapturedLogs(Arc<std::sync::Mutex<Vec<u8>>>);
 
 impl CapturedLogs {
+    /// Captures this thread's events as flattened JSON lines until the guard drops.
+    pub fn json_default() -> (Self, tracing::subscriber::DefaultGuard) {
+        let captured = Self::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_writer(move || writer.clone())
+            .finish();
+        (captured, tracing::subscriber::set_default(subscriber))
+    }
+
     pub fn text(&self) -> String {
         String::from_utf8(self.0.lock().expect("not poisoned").clone()).expect("UTF-8 logs")
     }

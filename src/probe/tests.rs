@@ -209,14 +209,7 @@ async fn a_server_that_handles_one_connection_at_a_time_is_not_held() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn events_of_a_sweep_carry_the_target_id_from_the_sweepers_span() {
-    let captured = crate::fixtures::CapturedLogs::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .json()
-        .flatten_event(true)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _default = tracing::subscriber::set_default(subscriber);
+    let (captured, _default) = crate::fixtures::CapturedLogs::json_default();
     let target = six_ports(10);
     let _worker = serve_worker(SocketAddr::new(target.address, 9011), one_at_a_time()).await;
     let (tx, mut rx) = mpsc::channel(16);
@@ -243,14 +236,7 @@ async fn events_of_a_sweep_carry_the_target_id_from_the_sweepers_span() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn targets_whose_holds_pause_together_are_logged_once_not_once_each() {
-    let captured = crate::fixtures::CapturedLogs::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .json()
-        .flatten_event(true)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _default = tracing::subscriber::set_default(subscriber);
+    let (captured, _default) = crate::fixtures::CapturedLogs::json_default();
     let mut workers = Vec::new();
     let mut targets = Vec::new();
     for host in 30..35 {
